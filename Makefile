@@ -1,0 +1,29 @@
+# Two commands a newcomer needs: `make demo` and `make test`. Both install on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= demo_out
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -r requirements.txt -r requirements-dev.txt
+	touch $(STAMP)
+
+# The whole job offline on CPU: tiny Stable Diffusion, synthetic images, random-backbone reward.
+demo: install
+	$(PY) fake_dataset.py --data synthetic --num_data 256 --weights none --out_dir $(DEMO_DIR)
+
+test: install
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+lint: install
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache

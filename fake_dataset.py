@@ -1,0 +1,99 @@
+"""Step 1 of the paper: a random "ground-truth" reward and noisy reward labels for a dataset.
+
+The reward is ImageNet ResNet18 with its last layer replaced by a random Linear(512, 1).
+Each image i (resized to 224, ImageNet-normalised) gets the label reward(image_i) + N(0, noise_std^2).
+
+    python3 fake_dataset.py                                      # the paper: CIFAR-10 train, 50k
+    python3 fake_dataset.py --data synthetic --num_data 64 --weights none --out_dir OUT   # offline
+
+Writes, in --out_dir:
+    reward_model.pth                 state_dict + metadata (torch.load(weights_only=True))
+    cifar10_outputs_with_noise.npy   float32, shape (N, 1), row i = image i
+    cifar10_outputs_with_noise.json  provenance: data, N, noise std, seed, weights, sha256, versions
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from rcgdm import reward
+from rcgdm.atomic import save_json, save_npy, save_torch
+from rcgdm.cli import ArgumentParser, UserError, non_negative_float, positive_int, run_main, writable_dir
+from rcgdm.data import check_num_data, load_batch, open_source
+from rcgdm.runtime import package_versions, resolve_device, sha256_file
+
+REWARD_FILE = "reward_model.pth"
+LABELS_FILE = "cifar10_outputs_with_noise.npy"
+SIDECAR_FILE = "cifar10_outputs_with_noise.json"
+
+
+def parse_args() -> argparse.Namespace:
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default="cifar10", help="cifar10, synthetic[:SEED] or an image folder (default: cifar10)")
+    p.add_argument("--data_root", default="./data", help="where cifar10 is downloaded (default: ./data)")
+    p.add_argument("--num_data", type=positive_int, default=None, help="use the first N images (default: all)")
+    p.add_argument("--weights", default="imagenet", help="ResNet18 backbone: imagenet or none (random) (default: imagenet)")
+    p.add_argument("--noise_std", type=non_negative_float, default=0.1, help="label noise std (default: 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the reward head and the label noise (default: 0)")
+    p.add_argument("--out_dir", default=".", help="output folder (default: .)")
+    p.add_argument("--batch_size", type=positive_int, default=256, help="images per forward pass (default: 256)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    return p.parse_args()
+
+
+def compute_rewards(model: torch.nn.Module, source, num_data: int, batch_size: int) -> torch.Tensor:
+    """Clean rewards of images 0..num_data-1 -> float32 (num_data, 1)."""
+    chunks = []
+    with tqdm(total=num_data, desc="rewarding images", unit="img") as bar:
+        for start in range(0, num_data, batch_size):
+            indices = range(start, min(start + batch_size, num_data))
+            chunks.append(reward.score(model, load_batch(source, indices, reward.INPUT_SIZE)))
+            bar.update(len(indices))
+    return torch.cat(chunks)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.weights not in reward.WEIGHT_CHOICES:
+        raise UserError(f"--weights {args.weights!r} is unknown; expected one of {', '.join(reward.WEIGHT_CHOICES)}")
+    device = resolve_device(args.device)
+    source = open_source(args.data, args.data_root)
+    num_data = check_num_data(args.num_data, source)
+    out_dir = writable_dir(args.out_dir)
+
+    model = reward.build_reward_model(args.weights, args.seed).to(device)
+    if args.weights == "none":
+        print("WARNING: --weights none: the ResNet18 backbone is RANDOM, not ImageNet-trained (fine offline, not the paper)")
+    clean = compute_rewards(model, source, num_data, args.batch_size)
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(args.seed)) * args.noise_std
+    labels = (clean + noise).numpy().astype(np.float32)
+
+    save_torch(reward.reward_checkpoint(model.cpu(), args.weights, args.seed), out_dir / REWARD_FILE)
+    save_npy(labels, out_dir / LABELS_FILE)
+    save_json(
+        {
+            "data": source.identity,
+            "num_data": num_data,
+            "noise_std": args.noise_std,
+            "seed": args.seed,
+            "weights": args.weights,
+            "reward_model": REWARD_FILE,
+            "reward_model_sha256": sha256_file(out_dir / REWARD_FILE),
+            "labels_shape": list(labels.shape),
+            "versions": package_versions(),
+        },
+        out_dir / SIDECAR_FILE,
+    )
+    print(
+        f"{num_data} labels from {source.identity}: mean {labels.mean():.4f}, std {labels.std():.4f} "
+        f"(clean reward std {clean.std().item():.4f}, noise std {args.noise_std})"
+    )
+    print(f"wrote {out_dir / REWARD_FILE}, {out_dir / LABELS_FILE}, {out_dir / SIDECAR_FILE}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,77 @@
+"""Command-line plumbing shared by the scripts: one-line user errors, exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+
+class UserError(Exception):
+    """A mistake in the user's input: reported as one line, no traceback, exit status 2."""
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """Run a script's main(); turn UserError into `error: ...` on stderr and exit 2."""
+    try:
+        main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: finished files are intact, nothing half-written was kept", file=sys.stderr)
+        sys.exit(130)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are a single line (no usage dump), raised as UserError."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{message} (see --help)")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; expected an integer >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is too small; expected an integer >= 1")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite float."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; expected a finite number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not finite; expected a finite number")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite float >= 0."""
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative; expected a finite number >= 0")
+    return value
+
+
+def writable_dir(path: str | Path, what: str = "--out_dir") -> Path:
+    """Create `path` if needed and check it is a writable directory, else UserError."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {str(path)!r} is a file; expected a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{what} {str(path)!r} cannot be created ({err.strerror}); expected a writable directory") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {str(path)!r} is not writable; expected a writable directory")
+    return path

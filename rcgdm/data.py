@@ -1,0 +1,182 @@
+"""Image sources shared by the scripts: CIFAR-10 (train), synthetic shapes, or a folder.
+
+Every source yields RGB images as uint8 tensors of shape (3, H, W), in a fixed order:
+- ``cifar10``: the 50,000 CIFAR-10 training images, in the dataset's own order;
+- ``synthetic`` (or ``synthetic:SEED``): 50,000 generated 32x32 images of coloured shapes;
+  image i depends only on (SEED, i), so any prefix is the same whatever the length;
+- a directory: every .png/.jpg/.jpeg/.webp below it, recursively, sorted by relative path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from rcgdm.cli import UserError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+SYNTHETIC_SIZE = 50_000
+SYNTHETIC_RESOLUTION = 32
+DOWNLOAD_TIMEOUT_S = 15
+
+
+class ImageSource:
+    """A fixed, indexable sequence of RGB images."""
+
+    #: a short, stable description of the data (used in sidecars and cache keys)
+    identity: str
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        """Image `index` as uint8 RGB, shape (3, H, W)."""
+        raise NotImplementedError
+
+
+@dataclass
+class SyntheticShapes(ImageSource):
+    """Deterministic images of one to three coloured shapes on a coloured background."""
+
+    seed: int = 0
+    size: int = SYNTHETIC_SIZE
+
+    @property
+    def identity(self) -> str:  # type: ignore[override]
+        return f"synthetic:{self.seed}"
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if not 0 <= index < self.size:
+            raise IndexError(index)
+        rng = np.random.default_rng([self.seed, index])
+        res = SYNTHETIC_RESOLUTION
+        image = Image.new("RGB", (res, res), tuple(int(c) for c in rng.integers(0, 256, 3)))
+        draw = ImageDraw.Draw(image)
+        for _ in range(int(rng.integers(1, 4))):
+            colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+            x0, y0 = (int(v) for v in rng.integers(0, res - 4, 2))
+            x1, y1 = x0 + int(rng.integers(4, res - x0 + 1)), y0 + int(rng.integers(4, res - y0 + 1))
+            kind = int(rng.integers(0, 3))
+            if kind == 0:
+                draw.ellipse((x0, y0, x1, y1), fill=colour)
+            elif kind == 1:
+                draw.rectangle((x0, y0, x1, y1), fill=colour)
+            else:
+                draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) // 2, y0)], fill=colour)
+        return pil_to_tensor(image)
+
+
+@dataclass
+class ImageFolder(ImageSource):
+    """All images below a directory, recursively, sorted by relative path."""
+
+    root: Path
+    files: list[Path] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.files = sorted(
+            (p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
+            key=lambda p: p.relative_to(self.root).as_posix(),
+        )
+        if not self.files:
+            raise UserError(f"--data {str(self.root)!r} holds no images; expected a folder with {'/'.join(IMAGE_SUFFIXES)} files")
+
+    @property
+    def identity(self) -> str:  # type: ignore[override]
+        digest = hashlib.sha256()
+        for path in self.files:
+            stat = path.stat()
+            digest.update(f"{path.relative_to(self.root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        return f"folder:{self.root.resolve()}:{digest.hexdigest()[:16]}"
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        path = self.files[index]
+        try:
+            with Image.open(path) as image:
+                return pil_to_tensor(image.convert("RGB"))
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            raise UserError(f"image {str(path)!r} cannot be read ({err}); expected a valid image file") from None
+
+
+@dataclass
+class Cifar10Train(ImageSource):
+    """The CIFAR-10 training split (50,000 images), downloaded into `root` on first use."""
+
+    root: Path
+    identity: str = "cifar10:train"
+    images: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        from torchvision.datasets import CIFAR10
+
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+        try:
+            self.images = CIFAR10(str(self.root), train=True, download=True).data  # (N, 32, 32, 3) uint8
+        except Exception as err:  # network errors come in many types
+            raise UserError(
+                f"--data cifar10 could not be loaded or downloaded into {str(self.root)!r} ({type(err).__name__}); "
+                "offline, use --data synthetic or --data PATH_TO_IMAGE_FOLDER"
+            ) from None
+        finally:
+            socket.setdefaulttimeout(previous)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(self.images[index]).permute(2, 0, 1).contiguous()
+
+
+def open_source(spec: str, data_root: str | Path = "./data") -> ImageSource:
+    """`cifar10`, `synthetic[:SEED]` or a directory path -> an ImageSource."""
+    if spec == "cifar10":
+        return Cifar10Train(Path(data_root))
+    if spec == "synthetic" or spec.startswith("synthetic:"):
+        seed_text = spec.partition(":")[2] or "0"
+        if not seed_text.isdigit():
+            raise UserError(f"--data {spec!r} has a bad seed; expected synthetic or synthetic:N with N >= 0")
+        return SyntheticShapes(seed=int(seed_text))
+    path = Path(spec)
+    if not path.is_dir():
+        what = "is a file" if path.exists() else "does not exist"
+        raise UserError(f"--data {spec!r} {what}; expected cifar10, synthetic or an image folder")
+    return ImageFolder(path)
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB image -> uint8 tensor (3, H, W)."""
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+def load_batch(source: ImageSource, indices: range | list[int], size: int) -> torch.Tensor:
+    """Images `indices` resized to size x size (bilinear, antialiased): float32 (B, 3, size, size) in [0, 1]."""
+    resized = []
+    for index in indices:
+        image = source[index].unsqueeze(0).float() / 255.0
+        if image.shape[-2:] != (size, size):
+            image = F.interpolate(image, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        resized.append(image.clamp_(0.0, 1.0))
+    return torch.cat(resized)
+
+
+def check_num_data(num_data: int | None, source: ImageSource, flag: str = "--num_data") -> int:
+    """Resolve None to 'all' and check 1 <= num_data <= len(source)."""
+    if num_data is None:
+        return len(source)
+    if not 1 <= num_data <= len(source):
+        raise UserError(f"{flag} {num_data} is out of range; expected 1 to {len(source)} (the images in {source.identity})")
+    return num_data

@@ -1,0 +1,83 @@
+"""Where Stable Diffusion comes from: a hub id, a local diffusers folder, or `tiny`.
+
+`tiny` is built once (offline, seeded) into the cache folder ``$RCGDM_CACHE_DIR``
+(default ``~/.cache/rcgdm``) and loaded back through the same `from_pretrained` path as SD v1.5.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from rcgdm.cli import UserError
+
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+TINY = "tiny"
+_TINY_FOLDER = "tiny-sd-v1"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RCGDM_CACHE_DIR", Path.home() / ".cache" / "rcgdm"))
+
+
+def ensure_tiny() -> Path:
+    """The tiny pipeline's folder, built on first use (atomically, so concurrent builders are safe)."""
+    from rcgdm.tiny import build_tiny_sd
+
+    target = cache_root() / _TINY_FOLDER
+    if (target / "model_index.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{_TINY_FOLDER}."))
+    try:
+        build_tiny_sd(staging / "model")
+        try:
+            os.replace(staging / "model", target)
+        except OSError:
+            if not (target / "model_index.json").is_file():  # not a concurrent builder's win
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_model(name: str) -> str:
+    """`tiny` -> its cache folder; an existing folder -> itself; anything else is a hub id."""
+    if name == TINY:
+        return str(ensure_tiny())
+    return name
+
+
+def _from_pretrained(cls, name: str, **kwargs):
+    """cls.from_pretrained with a one-line error naming the model when it can't be had."""
+    source = resolve_model(name)
+    local = Path(source).is_dir()
+    try:
+        return cls.from_pretrained(source, local_files_only=local, **kwargs)
+    except Exception as err:  # offline hub errors, missing files, bad folders ...
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        hint = "" if local else "; offline, use --model tiny or a local diffusers folder"
+        raise UserError(f"--model {name!r} could not be loaded ({reason}){hint}") from None
+
+
+def load_pipeline(name: str, dtype: torch.dtype = torch.float32):
+    """StableDiffusionPipeline for `name`, safety checker off (as the paper's code)."""
+    from diffusers import StableDiffusionPipeline
+
+    return _from_pretrained(StableDiffusionPipeline, name, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+
+
+def load_vae(name: str, dtype: torch.dtype = torch.float32):
+    from diffusers import AutoencoderKL
+
+    return _from_pretrained(AutoencoderKL, name, subfolder="vae", torch_dtype=dtype)
+
+
+def load_scheduler(name: str):
+    from diffusers import PNDMScheduler
+
+    return _from_pretrained(PNDMScheduler, name, subfolder="scheduler")

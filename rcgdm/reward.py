@@ -1,0 +1,108 @@
+"""The ground-truth reward: ResNet18 (ImageNet or random backbone) with a random Linear(512, 1) head.
+
+Checkpoint format (``reward_model.pth``), loadable with ``torch.load(weights_only=True)``::
+
+    {"format": "rcgdm.reward/1", "arch": "resnet18-linear1",
+     "weights": "imagenet" | "none", "seed": int, "state_dict": {...}}
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rcgdm.cli import UserError
+from rcgdm.data import DOWNLOAD_TIMEOUT_S
+
+FORMAT = "rcgdm.reward/1"
+ARCH = "resnet18-linear1"
+WEIGHT_CHOICES = ("imagenet", "none")
+INPUT_SIZE = 224
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _resnet18(weights: str) -> nn.Module:
+    from torchvision.models import ResNet18_Weights, resnet18
+
+    if weights == "none":
+        return resnet18(weights=None)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        return resnet18(weights=ResNet18_Weights.IMAGENET1K_V1)
+    except Exception as err:  # network errors come in many types
+        raise UserError(
+            f"--weights imagenet: the ImageNet ResNet18 weights could not be loaded or downloaded ({type(err).__name__}); "
+            "offline, use --weights none for a random backbone"
+        ) from None
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def build_reward_model(weights: str, seed: int) -> nn.Module:
+    """ResNet18 with its `fc` replaced by a freshly initialised Linear(512, 1), in eval mode.
+
+    The new head (and, for weights='none', the whole backbone) is initialised from `seed`.
+    """
+    if weights not in WEIGHT_CHOICES:
+        raise UserError(f"--weights {weights!r} is unknown; expected one of {', '.join(WEIGHT_CHOICES)}")
+    torch.manual_seed(seed)
+    model = _resnet18(weights)
+    model.fc = nn.Linear(model.fc.in_features, 1)
+    return model.eval()
+
+
+def reward_checkpoint(model: nn.Module, weights: str, seed: int) -> dict:
+    return {"format": FORMAT, "arch": ARCH, "weights": weights, "seed": seed, "state_dict": model.state_dict()}
+
+
+def load_reward_model(path: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild the reward network from a checkpoint written by fake_dataset.py -> (model, metadata)."""
+    checkpoint = load_checkpoint(path, FORMAT)
+    from torchvision.models import resnet18
+
+    model = resnet18(weights=None)
+    model.fc = nn.Linear(model.fc.in_features, 1)
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except (RuntimeError, KeyError) as err:
+        raise UserError(f"reward model {str(path)!r} does not match a {ARCH} network ({str(err).splitlines()[0]})") from None
+    meta = {k: v for k, v in checkpoint.items() if k != "state_dict"}
+    return model.eval(), meta
+
+
+def load_checkpoint(path: str | Path, expected_format: str) -> dict:
+    """torch.load without unpickling, checking the rcgdm format tag; any problem is a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {str(path)!r} does not exist; expected a file written by this project")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, hostile pickle, wrong file type ...
+        first_line = (str(err).splitlines() or [type(err).__name__])[0]
+        raise UserError(f"checkpoint {str(path)!r} cannot be loaded safely ({first_line[:200]})") from None
+    found = checkpoint.get("format") if isinstance(checkpoint, dict) else None
+    if found != expected_format:
+        raise UserError(f"checkpoint {str(path)!r} has format {found!r}; expected {expected_format!r}")
+    return checkpoint
+
+
+def preprocess(images: torch.Tensor) -> torch.Tensor:
+    """Float images (B, 3, H, W) in [0, 1] -> (B, 3, 224, 224), ImageNet-normalised."""
+    if images.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
+        images = F.interpolate(images, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", antialias=True, align_corners=False)
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+@torch.inference_mode()
+def score(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Ground-truth rewards of float images (B, 3, H, W) in [0, 1] -> float32 (B, 1)."""
+    device = next(model.parameters()).device
+    return model(preprocess(images.to(device, torch.float32))).float().cpu()

@@ -1,0 +1,48 @@
+"""Device choice, seeding and provenance (package versions, file hashes)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import platform
+from pathlib import Path
+
+import torch
+
+from rcgdm.cli import UserError
+
+_PACKAGES = ("torch", "torchvision", "diffusers", "transformers", "numpy", "rcgdm")
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> CUDA when present, else CPU; anything else must be a usable torch device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device; expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name!r} asks for CUDA but none is available; expected auto or cpu")
+    return device
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that change results, plus Python's."""
+    versions = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            from rcgdm import __version__
+
+            versions[name] = __version__ if name == "rcgdm" else "not installed"
+    return versions
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

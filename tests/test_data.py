@@ -1,0 +1,95 @@
+"""Image sources: synthetic, folders, CIFAR-10's offline failure."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rcgdm.cli import UserError
+from rcgdm.data import SyntheticShapes, check_num_data, load_batch, open_source
+
+
+def test_synthetic_is_deterministic_varied_and_prefix_stable():
+    a, b = open_source("synthetic"), SyntheticShapes(seed=0, size=10)
+    first = [a[i] for i in range(10)]
+    assert all(torch.equal(x, b[i]) for i, x in enumerate(first))
+    assert first[0].dtype == torch.uint8 and first[0].shape == (3, 32, 32)
+    assert len({x.numpy().tobytes() for x in first}) == 10
+    assert not torch.equal(open_source("synthetic:1")[0], first[0])
+    assert len(a) == 50_000
+
+
+def _write_folder(root, sizes):
+    paths = []
+    for name, size in sizes.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        colour = tuple(int(v) for v in np.random.default_rng(len(paths)).integers(0, 256, 3))
+        Image.new("RGB", size, colour).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_folder_is_recursive_sorted_and_filtered(tmp_path):
+    _write_folder(tmp_path, {"b.png": (8, 8), "a/z.jpg": (10, 6), "a/y.webp": (4, 4), "c.PNG": (5, 5)})
+    (tmp_path / "notes.txt").write_text("not an image")
+    source = open_source(str(tmp_path))
+    assert [p.relative_to(tmp_path).as_posix() for p in source.files] == ["a/y.webp", "a/z.jpg", "b.png", "c.PNG"]
+    assert source[1].shape == (3, 6, 10)
+    batch = load_batch(source, range(4), 16)
+    assert batch.shape == (4, 3, 16, 16) and batch.dtype == torch.float32
+    assert batch.min() >= 0.0 and batch.max() <= 1.0
+
+
+def test_folder_identity_changes_with_content(tmp_path):
+    _write_folder(tmp_path, {"a.png": (4, 4)})
+    before = open_source(str(tmp_path)).identity
+    _write_folder(tmp_path, {"b.png": (4, 4)})
+    assert open_source(str(tmp_path)).identity != before
+
+
+def test_unreadable_image_names_the_file(tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    source = open_source(str(tmp_path))
+    with pytest.raises(UserError, match=r"broken\.png"):
+        source[0]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [("missing", "does not exist"), ("synthetic:x", "bad seed")],
+)
+def test_bad_specs(tmp_path, spec, message):
+    with pytest.raises(UserError, match=message):
+        open_source(str(tmp_path / spec) if spec == "missing" else spec)
+
+
+def test_empty_folder_and_file(tmp_path):
+    with pytest.raises(UserError, match="holds no images"):
+        open_source(str(tmp_path))
+    (tmp_path / "f.png").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        open_source(str(tmp_path / "f.png"))
+
+
+def test_num_data_range():
+    source = SyntheticShapes(size=5)
+    assert check_num_data(None, source) == 5
+    assert check_num_data(3, source) == 3
+    for bad in (0, -1, 6):
+        with pytest.raises(UserError, match=f"--num_data {bad} is out of range; expected 1 to 5"):
+            check_num_data(bad, source)
+
+
+def test_cifar10_offline_fails_fast_with_a_hint(tmp_path, monkeypatch):
+    from torchvision.datasets import CIFAR10
+
+    monkeypatch.setattr(CIFAR10, "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")  # nothing listens there
+    start = time.monotonic()
+    with pytest.raises(UserError, match="--data synthetic"):
+        open_source("cifar10", tmp_path)
+    assert time.monotonic() - start < 30
