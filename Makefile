@@ -17,6 +17,8 @@ $(STAMP): requirements.txt requirements-dev.txt
 # The whole job offline on CPU: tiny Stable Diffusion, synthetic images, random-backbone reward.
 demo: install
 	$(PY) fake_dataset.py --data synthetic --num_data 256 --weights none --out_dir $(DEMO_DIR)
+	$(PY) train.py --model=tiny --data=synthetic --num_data=256 --image_size=64 --num_epochs=5 --val_fraction=0.25 \
+		--labels_path=$(DEMO_DIR)/cifar10_outputs_with_noise.npy --out_path=$(DEMO_DIR)/convnet.pth --cache_dir=$(DEMO_DIR)/cache
 
 test: install
 	$(PY) -m ruff check .

@@ -17,7 +17,7 @@ from rcgdm.cli import UserError
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TINY = "tiny"
-_TINY_FOLDER = "tiny-sd-v1"
+_TINY_FOLDER = "tiny-sd-v2"
 
 
 def cache_root() -> Path:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rcgdm.checkpoint import load_checkpoint
 from rcgdm.cli import UserError
 from rcgdm.data import DOWNLOAD_TIMEOUT_S
 
@@ -74,22 +75,6 @@ def load_reward_model(path: str | Path) -> tuple[nn.Module, dict]:
         raise UserError(f"reward model {str(path)!r} does not match a {ARCH} network ({str(err).splitlines()[0]})") from None
     meta = {k: v for k, v in checkpoint.items() if k != "state_dict"}
     return model.eval(), meta
-
-
-def load_checkpoint(path: str | Path, expected_format: str) -> dict:
-    """torch.load without unpickling, checking the rcgdm format tag; any problem is a UserError."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {str(path)!r} does not exist; expected a file written by this project")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, hostile pickle, wrong file type ...
-        first_line = (str(err).splitlines() or [type(err).__name__])[0]
-        raise UserError(f"checkpoint {str(path)!r} cannot be loaded safely ({first_line[:200]})") from None
-    found = checkpoint.get("format") if isinstance(checkpoint, dict) else None
-    if found != expected_format:
-        raise UserError(f"checkpoint {str(path)!r} has format {found!r}; expected {expected_format!r}")
-    return checkpoint
 
 
 def preprocess(images: torch.Tensor) -> torch.Tensor:

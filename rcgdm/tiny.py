@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 TINY_SEED = 0
+_LATENT_GAIN = 18.0  # random encoder means have std ~0.3; 0.3 * 18 * 0.18215 ~ 1
 _SPECIALS = ("<|startoftext|>", "<|endoftext|>")
 
 
@@ -28,6 +29,19 @@ def _write_tokenizer(folder: Path) -> None:
     folder.mkdir(parents=True)
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
     (folder / "merges.txt").write_text("#version: 0.2\n")
+
+
+def _shape_like_a_trained_vae(vae) -> None:
+    """Give the random VAE a trained one's latent statistics: a narrow posterior (std ~ e^-6) and
+    latents of roughly unit std after the scaling factor. Left random, the posterior std is ~1 and a
+    latent sample is mostly sampling noise, which no reward predictor could learn from."""
+    channels = vae.config.latent_channels
+    with torch.no_grad():
+        vae.quant_conv.weight[:channels] *= _LATENT_GAIN
+        vae.quant_conv.bias[:channels] *= _LATENT_GAIN
+        vae.quant_conv.weight[channels:] = 0.0
+        vae.quant_conv.bias[channels:] = -12.0
+        vae.post_quant_conv.weight /= _LATENT_GAIN  # the decoder sees inputs of the scale it was initialised for
 
 
 def build_tiny_sd(out_dir: str | Path, seed: int = TINY_SEED) -> Path:
@@ -69,6 +83,7 @@ def build_tiny_sd(out_dir: str | Path, seed: int = TINY_SEED) -> Path:
         sample_size=64,
         scaling_factor=0.18215,
     )
+    _shape_like_a_trained_vae(vae)
     unet = UNet2DConditionModel(
         sample_size=8,
         in_channels=4,

@@ -1,0 +1,78 @@
+"""The reward predictor mu(x): a 3-layer residual ConvNet on (noisy) SD VAE latents.
+
+Checkpoint format (``convnet.pth``), loadable with ``torch.load(weights_only=True)``::
+
+    {"format": "rcgdm.predictor/1", "arch": "ThreeLayerConvNet", "latent_channels": 4,
+     "latent_size": [64, 64], "model": str, "label_mean": float, "label_std": float,
+     "epochs": int, "val_loss": float | None, "state_dict": {...}}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rcgdm.checkpoint import load_checkpoint
+from rcgdm.cli import UserError
+
+FORMAT = "rcgdm.predictor/1"
+ARCH = "ThreeLayerConvNet"
+
+
+class ResidualBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN plus a shortcut (1x1 conv + BN when the shape changes), then ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ThreeLayerConvNet(nn.Module):
+    """Latents (B, C, H, W), any H and W -> predicted rewards (B, 1)."""
+
+    def __init__(self, in_channels: int = 4) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(
+            ResidualBlock(in_channels, 64, stride=1),
+            ResidualBlock(64, 128, stride=2),
+            ResidualBlock(128, 256, stride=2),
+        )
+        self.head = nn.Linear(256, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.adaptive_avg_pool2d(self.blocks(x), 1).flatten(1))
+
+
+def predictor_checkpoint(model: ThreeLayerConvNet, meta: dict) -> dict:
+    return {"format": FORMAT, "arch": ARCH, **meta, "state_dict": model.state_dict()}
+
+
+def load_predictor(path: str | Path, latent_channels: int | None = None) -> tuple[ThreeLayerConvNet, dict]:
+    """Rebuild a trained predictor (eval mode) -> (model, metadata); checks the latent channels if given."""
+    checkpoint = load_checkpoint(path, FORMAT)
+    channels = checkpoint.get("latent_channels")
+    if latent_channels is not None and channels != latent_channels:
+        raise UserError(
+            f"predictor {str(path)!r} was trained on {channels}-channel latents; the model's VAE makes {latent_channels}"
+        )
+    model = ThreeLayerConvNet(in_channels=int(channels))
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except (RuntimeError, KeyError) as err:
+        raise UserError(f"predictor {str(path)!r} does not match a {ARCH} ({str(err).splitlines()[0]})") from None
+    return model.eval(), {k: v for k, v in checkpoint.items() if k != "state_dict"}

@@ -1,0 +1,101 @@
+"""Pieces of train.py's loop: labels, the split, noising, evaluation and the resumable state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rcgdm.atomic import save_torch
+from rcgdm.checkpoint import load_checkpoint
+from rcgdm.cli import UserError
+
+STATE_FORMAT = "rcgdm.train-state/1"
+
+
+def load_labels(path: str | Path, num_data: int) -> torch.Tensor:
+    """The first `num_data` rows of a labels .npy (float, (M, 1) or (M,), finite) -> float32 (num_data, 1)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"labels_path {str(path)!r} does not exist; expected the .npy written by fake_dataset.py")
+    try:
+        labels = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise UserError(f"labels_path {str(path)!r} is not a readable .npy file ({str(err)[:120]})") from None
+    if labels.ndim == 1:
+        labels = labels[:, None]
+    if labels.ndim != 2 or labels.shape[1] != 1 or labels.dtype.kind not in "fiu":
+        raise UserError(f"labels_path {str(path)!r} holds {labels.dtype} {labels.shape}; expected numbers of shape (N, 1)")
+    if labels.shape[0] < num_data:
+        raise UserError(f"labels_path {str(path)!r} has {labels.shape[0]} rows; num_data={num_data} needs at least that many")
+    labels = labels[:num_data].astype(np.float32)
+    bad = np.flatnonzero(~np.isfinite(labels[:, 0]))
+    if bad.size:
+        raise UserError(f"labels_path {str(path)!r} has non-finite labels (first at row {bad[0]}); expected finite numbers")
+    return torch.from_numpy(labels)
+
+
+def split(num_data: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, validation indices): a seeded random `val_fraction` of 0..num_data-1 is held out."""
+    num_val = round(num_data * val_fraction)
+    if val_fraction > 0 and not 1 <= num_val < num_data:
+        raise UserError(
+            f"val_fraction={val_fraction} holds out {num_val} of num_data={num_data} images; expected at least 1 on each side"
+        )
+    order = torch.randperm(num_data, generator=torch.Generator().manual_seed(seed))
+    val = order[:num_val].sort().values
+    train = order[num_val:].sort().values
+    return train, val
+
+
+def add_training_noise(scheduler, x0: torch.Tensor, timestep_pool: torch.Tensor, generator: torch.Generator):
+    """Noise each latent at a timestep drawn uniformly from `timestep_pool`, with fresh Gaussian noise.
+
+    x0 (B, C, h, w) -> (noisy latents (B, C, h, w), noise, timesteps (B,)); noisy = scheduler.add_noise(x0, noise, t).
+    """
+    picks = torch.randint(len(timestep_pool), (x0.shape[0],), generator=generator)
+    timesteps = timestep_pool[picks]
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    return scheduler.add_noise(x0, noise, timesteps.to(x0.device)), noise, timesteps
+
+
+@torch.no_grad()
+def mean_squared_error(net: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> float:
+    """MSE of net(inputs) against labels, in eval mode."""
+    was_training = net.training
+    net.eval()
+    total = sum(
+        F.mse_loss(net(inputs[i : i + batch_size]), labels[i : i + batch_size], reduction="sum").item()
+        for i in range(0, len(inputs), batch_size)
+    )
+    net.train(was_training)
+    return total / len(inputs)
+
+
+def save_state(path: Path, config: dict, epoch: int, net, optimizer, generator: torch.Generator, history: list) -> None:
+    save_torch(
+        {
+            "format": STATE_FORMAT,
+            "config": config,
+            "epoch": epoch,
+            "model": net.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "generator": generator.get_state(),
+            "history": history,
+        },
+        path,
+    )
+
+
+def load_state(path: Path, config: dict, must_match: tuple[str, ...]) -> dict:
+    """A saved training state whose config agrees with `config` on `must_match`."""
+    state = load_checkpoint(path, STATE_FORMAT)
+    for key in must_match:
+        if state["config"].get(key) != config[key]:
+            raise UserError(
+                f"resume=True: {str(path)!r} was trained with {key}={state['config'].get(key)!r}, not {config[key]!r}; "
+                "use the same settings or resume=False"
+            )
+    return state

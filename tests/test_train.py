@@ -1,0 +1,214 @@
+"""train.py: latent cache, real learning, exact resume, scheduler noising, errors, overrides."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import error_line, run_script
+
+from rcgdm.cli import UserError
+from rcgdm.config import parse_overrides
+from rcgdm.models import load_scheduler
+from rcgdm.predictor import ThreeLayerConvNet, load_predictor
+from rcgdm.training import add_training_noise
+
+
+@pytest.fixture(scope="module")
+def labels(tmp_path_factory):
+    out = tmp_path_factory.mktemp("labels")
+    args = ["--data", "synthetic", "--num_data", "256", "--weights", "none", "--out_dir", out, "--batch_size", "64"]
+    assert run_script("fake_dataset.py", *args) == 0
+    return out / "cifar10_outputs_with_noise.npy"
+
+
+def train(tmp_path, labels, name="run", **overrides):
+    config = {
+        "model": "tiny",
+        "data": "synthetic",
+        "num_data": 64,
+        "num_epochs": 2,
+        "batch_size": 16,
+        "image_size": 64,
+        "val_fraction": 0.25,
+        "labels_path": labels,
+        "cache_dir": tmp_path / "cache",
+        "out_path": tmp_path / name / "convnet.pth",
+        **overrides,
+    }
+    code = run_script("train.py", *[f"--{k}={v}" for k, v in config.items()])
+    summary = tmp_path / name / "train_summary.json"
+    return code, json.loads(summary.read_text()) if code == 0 else None
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def assert_same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+def test_cache_encodes_once_and_is_rebuilt_when_corrupt(tmp_path, labels, capsys):
+    code, first = train(tmp_path, labels, "a")
+    assert code == 0 and first["images_encoded"] == 64
+    code, second = train(tmp_path, labels, "b")
+    assert code == 0 and second["images_encoded"] == 0
+    assert_same_weights(tmp_path / "a/convnet.pth", tmp_path / "b/convnet.pth")
+
+    (cache_file,) = (tmp_path / "cache").glob("latents-*.safetensors")
+    cache_file.write_bytes(cache_file.read_bytes()[:-100])  # truncated
+    capsys.readouterr()
+    code, third = train(tmp_path, labels, "c")
+    assert code == 0 and third["images_encoded"] == 64
+    assert "unusable" in capsys.readouterr().out
+    assert_same_weights(tmp_path / "a/convnet.pth", tmp_path / "c/convnet.pth")
+
+    code, other = train(tmp_path, labels, "d", image_size=32)  # other settings, other cache entry
+    assert code == 0 and other["images_encoded"] == 64
+    assert len(list((tmp_path / "cache").glob("latents-*.safetensors"))) == 2
+
+
+def test_outputs_and_checkpoint_metadata(tmp_path, labels):
+    code, summary = train(tmp_path, labels)
+    assert code == 0
+    for key in ("images_encoded", "final_train_loss", "final_val_loss", "baseline_val_loss", "epochs", "seconds"):
+        assert key in summary
+    assert summary["epochs"] == 2
+    lines = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2]
+    assert lines[-1]["val_loss"] == summary["final_val_loss"]
+    assert (tmp_path / "run/loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    net, meta = load_predictor(tmp_path / "run/convnet.pth", latent_channels=4)
+    assert meta["latent_channels"] == 4 and meta["latent_size"] == [8, 8] and meta["model"] == "tiny"
+    assert meta["epochs"] == 2 and meta["val_loss"] == summary["final_val_loss"]
+    label_values = np.load(labels)[:64]
+    assert meta["label_mean"] == pytest.approx(float(label_values.mean()), abs=1e-5)
+    assert net(torch.zeros(3, 4, 8, 8)).shape == (3, 1)
+
+
+def latent_labels(path, num_data=1024):
+    """Labels that the tiny VAE's latents carry: a contrast of two latent channels' means, plus N(0, 0.1^2).
+
+    The tiny VAE has random weights, so its latents keep little of what a random ResNet18 sees;
+    learning must be shown on a signal the latents hold."""
+    from rcgdm.data import open_source
+    from rcgdm.latents import LatentSpec, encode
+    from rcgdm.models import load_vae
+
+    source = open_source("synthetic")
+    latents = encode(load_vae("tiny"), source, LatentSpec("-", source.identity, num_data, 64, 0), 64, torch.device("cpu"))
+    signal = latents[:, 0].mean((1, 2)) - latents[:, 1].mean((1, 2))
+    noise = torch.randn(num_data, generator=torch.Generator().manual_seed(0))
+    np.save(path, (0.3 * signal / signal.std() + 0.1 * noise)[:, None].numpy().astype(np.float32))
+    return path
+
+
+def test_learning_beats_the_mean_baseline(tmp_path):
+    labels = latent_labels(tmp_path / "latent_labels.npy")
+    code, summary = train(tmp_path, labels, num_data=1024, num_epochs=8, batch_size=32)
+    assert code == 0
+    # noise at the largest timesteps hides the signal, so the best possible loss is well above 0
+    assert summary["final_val_loss"] < 0.9 * summary["baseline_val_loss"], summary
+
+
+def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, labels):
+    assert train(tmp_path, labels, "full", num_epochs=3)[0] == 0
+    assert train(tmp_path, labels, "split", num_epochs=1)[0] == 0
+    code, resumed = train(tmp_path, labels, "split", num_epochs=3, resume=True)
+    assert code == 0 and resumed["epochs"] == 3
+    assert_same_weights(tmp_path / "full/convnet.pth", tmp_path / "split/convnet.pth")
+    history = [json.loads(line) for line in (tmp_path / "split/metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+
+
+def test_resume_refuses_other_settings(tmp_path, labels, capsys):
+    assert train(tmp_path, labels, num_epochs=1)[0] == 0
+    code, _ = train(tmp_path, labels, num_epochs=2, resume=True, lr=0.01)
+    assert code == 2 and "lr=0.001, not 0.01" in error_line(capsys.readouterr().err)
+
+
+def test_noising_matches_the_scheduler(tiny_model_dir):
+    scheduler = load_scheduler("tiny")
+    scheduler.set_timesteps(50)
+    pool = torch.unique(scheduler.timesteps)
+    assert len(pool) == 50 and pool.min() > 0 and pool.max() < 1000
+    x0 = torch.randn(6, 4, 8, 8)
+    noisy, noise, t = add_training_noise(scheduler, x0, pool, torch.Generator().manual_seed(3))
+    assert set(t.tolist()) <= set(pool.tolist())
+    torch.testing.assert_close(noisy, scheduler.add_noise(x0, noise, t))
+    a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(noisy, a.sqrt() * x0 + (1 - a).sqrt() * noise)
+    again = add_training_noise(scheduler, x0, pool, torch.Generator().manual_seed(3))
+    assert torch.equal(again[0], noisy)
+
+
+def test_convnet_accepts_any_latent_size():
+    net = ThreeLayerConvNet().eval()
+    for shape in ((2, 4, 8, 8), (1, 4, 64, 64), (3, 4, 13, 7)):
+        assert net(torch.randn(shape)).shape == (shape[0], 1)
+    blocks = [(b.conv1.in_channels, b.conv1.out_channels, b.conv1.stride[0]) for b in net.blocks]
+    assert blocks == [(4, 64, 1), (64, 128, 2), (128, 256, 2)]
+
+
+@pytest.mark.parametrize(
+    ("make_labels", "overrides", "expected"),
+    [
+        (None, {"labels_path": "MISSING"}, "does not exist; expected the .npy written by fake_dataset.py"),
+        (np.zeros((64, 2), np.float32), {}, "expected numbers of shape (N, 1)"),
+        (np.zeros((10, 1), np.float32), {}, "has 10 rows; num_data=64 needs at least that many"),
+        (np.array([[0.0]] * 63 + [[np.nan]], np.float32), {}, "non-finite labels (first at row 63)"),
+        (np.zeros((60000, 1), np.float32), {"num_data": 50001}, "num_data 50001 is out of range; expected 1 to 50000"),
+        (None, {"lr": "1e30", "num_epochs": 1}, "training loss became"),
+        (None, {"lr": "-1"}, "lr=-1.0 is out of range; expected a number > 0"),
+        (None, {"num_epochs": "1.5"}, "--num_epochs='1.5' is not an integer"),
+        (None, {"resume": "maybe"}, "--resume='maybe' is not True or False"),
+        (None, {"val_fraction": "0.001"}, "holds out 0 of num_data=64 images"),
+        (None, {"resume": "True"}, "resume=True but"),
+        (None, {"wandb": "True"}, "wandb=True but wandb is not installed"),
+        (None, {"bogus": "1"}, "unknown key 'bogus'; valid keys: lr, num_data, num_epochs"),
+    ],
+)
+def test_errors_are_one_line(tmp_path, labels, capsys, make_labels, overrides, expected):
+    path = labels
+    if make_labels is not None:
+        path = tmp_path / "labels.npy"
+        np.save(path, make_labels)
+    if overrides.get("labels_path") == "MISSING":
+        overrides["labels_path"] = tmp_path / "missing.npy"
+    code, _ = train(tmp_path, path, **overrides)
+    assert code == 2
+    assert expected in error_line(capsys.readouterr().err)
+    assert not (tmp_path / "run/convnet.pth").exists()
+
+
+def test_predictor_mismatch_and_foreign_files(tmp_path, labels):
+    assert train(tmp_path, labels, num_epochs=1)[0] == 0
+    with pytest.raises(UserError, match="trained on 4-channel latents; the model's VAE makes 8"):
+        load_predictor(tmp_path / "run/convnet.pth", latent_channels=8)
+    with pytest.raises(UserError, match=r"has format 'rcgdm\.reward/1'; expected 'rcgdm\.predictor/1'"):
+        load_predictor(labels.parent / "reward_model.pth")
+
+
+def test_override_parser():
+    defaults = {"lr": 0.001, "num_epochs": 100, "resume": False, "model": "sd"}
+    got = parse_overrides(defaults, ["--lr=3e-4", "--num_epochs", "5", "--resume=true", "--model=tiny"])
+    assert got == {"lr": 3e-4, "num_epochs": 5, "resume": True, "model": "tiny"}
+    assert type(got["num_epochs"]) is int and type(got["lr"]) is float
+    assert parse_overrides(defaults, ["--lr=1"]) == {"lr": 1.0}
+    for bad, message in [
+        (["--lr=fast"], "not a finite number"),
+        (["--lr=inf"], "not a finite number"),
+        (["--num_epochs=2.0"], "not an integer"),
+        (["--resume=2"], "not True or False"),
+        (["--nope=1"], "unknown key 'nope'"),
+        (["lr=1"], "is not --key=value"),
+        (["--lr"], "has no value"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            parse_overrides(defaults, bad)

@@ -1,0 +1,225 @@
+"""Step 2 of the paper: train the reward predictor mu(x) on noisy, frozen SD VAE latents.
+
+Each image is resized to `image_size`, scaled to [-1, 1] and encoded once by the VAE (one
+latent_dist sample times the scaling factor; cached in `cache_dir`). Every training step noises
+each latent with `scheduler.add_noise` at a timestep drawn uniformly from the `num_inference_steps`
+schedule, with fresh noise, and a 3-layer residual ConvNet learns to predict the image's reward
+label from the noisy latent (it is not told t). MSE loss, Adam.
+
+Edit the constants below, or override any of them:
+
+    python3 train.py --num_epochs=5 --lr=3e-4
+    python3 train.py --model=tiny --data=synthetic --num_data=256 --num_epochs=3   # offline
+
+Writes `out_path` (the predictor: state_dict + metadata), `<out_path stem>.resume.pth` (each
+epoch; `--resume=True` continues from it), `<stem>.best.pth` (best validation loss), and beside
+them metrics.jsonl, loss_curve.png and train_summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from rcgdm import plots
+from rcgdm.atomic import save_json, save_text, save_torch
+from rcgdm.cli import UserError, run_main
+from rcgdm.config import describe, parse_overrides
+from rcgdm.data import check_num_data, open_source
+from rcgdm.latents import LatentSpec, cached_latents, vae_fingerprint
+from rcgdm.models import load_scheduler, load_vae
+from rcgdm.predictor import ThreeLayerConvNet, predictor_checkpoint
+from rcgdm.runtime import package_versions, resolve_device
+from rcgdm.training import add_training_noise, load_labels, load_state, mean_squared_error, save_state, split
+
+# ----------------------------------------------------------------------------- config
+lr = 0.001
+num_data = 50000
+num_epochs = 100
+batch_size = 10
+model = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # hub id, local diffusers folder, or "tiny"
+data = "cifar10"  # cifar10, synthetic[:SEED], or an image folder
+data_root = "./data"
+labels_path = "cifar10_outputs_with_noise.npy"
+out_path = "convnet.pth"
+image_size = 512
+num_inference_steps = 50  # the timesteps training noise is drawn from
+val_fraction = 0.02  # held-out share for validation; 0 = train on everything, as the original
+seed = 0  # model init, split, noise, latent samples
+device = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
+cache_dir = "./cache"  # latent cache
+encode_batch_size = 32
+resume = False  # continue from <out_path stem>.resume.pth
+wandb = False  # log to Weights & Biases (needs `pip install wandb`)
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))]
+# a resumed run must agree with its checkpoint on everything but num_epochs, device, paths and logging
+RESUME_MUST_MATCH = ("lr", "num_data", "batch_size", "model", "data", "image_size", "num_inference_steps", "val_fraction", "seed")
+
+CHECKS = {
+    "lr": (lambda v: v > 0, "a number > 0"),
+    "num_data": (lambda v: v >= 1, "an integer >= 1"),
+    "num_epochs": (lambda v: v >= 1, "an integer >= 1"),
+    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "image_size": (lambda v: v >= 8 and v % 8 == 0, "a multiple of 8, >= 8"),
+    "num_inference_steps": (lambda v: 1 <= v <= 1000, "an integer from 1 to 1000"),
+    "val_fraction": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "seed": (lambda v: v >= 0, "an integer >= 0"),
+    "encode_batch_size": (lambda v: v >= 1, "an integer >= 1"),
+}
+
+
+def read_config(argv: list[str]) -> SimpleNamespace:
+    defaults = {k: globals()[k] for k in config_keys}
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__ + "\nconfig (defaults):\n" + describe(defaults))
+        sys.exit(0)
+    config = {**defaults, **parse_overrides(defaults, argv)}
+    for key, (ok, expected) in CHECKS.items():
+        if not ok(config[key]):
+            raise UserError(f"{key}={config[key]!r} is out of range; expected {expected}")
+    return SimpleNamespace(**config)
+
+
+def encode_dataset(cfg: SimpleNamespace, dev: torch.device) -> tuple[torch.Tensor, int, float]:
+    """(latents (N, C, h, w) float32 on the CPU, images encoded now, seconds spent)."""
+    source = open_source(cfg.data, cfg.data_root)
+    check_num_data(cfg.num_data, source, flag="num_data")
+    start = time.perf_counter()
+    vae = load_vae(cfg.model, torch.float16 if dev.type == "cuda" else torch.float32)
+    spec = LatentSpec(vae_fingerprint(vae), source.identity, cfg.num_data, cfg.image_size, cfg.seed)
+    latents, encoded = cached_latents(vae.to(dev), source, spec, cfg.cache_dir, cfg.encode_batch_size, dev)
+    return latents, encoded, time.perf_counter() - start
+
+
+def start_wandb(cfg: SimpleNamespace):
+    if not cfg.wandb:
+        return None
+    try:
+        import wandb as wandb_module
+    except ImportError:
+        raise UserError("wandb=True but wandb is not installed; pip install wandb, or use wandb=False") from None
+    return wandb_module.init(project="rcgdm", config=vars(cfg))
+
+
+def main() -> None:
+    cfg = read_config(sys.argv[1:])
+    start_time = time.perf_counter()
+    dev = resolve_device(cfg.device)
+    out_path = Path(cfg.out_path)
+    out_dir = out_path.parent
+    state_path, best_path = out_path.with_suffix(".resume.pth"), out_path.with_suffix(".best.pth")
+    if out_path.is_dir():
+        raise UserError(f"out_path {str(out_path)!r} is a directory; expected a file path like convnet.pth")
+    if cfg.resume and not state_path.is_file():
+        raise UserError(f"resume=True but {str(state_path)!r} does not exist; expected a run to continue")
+    labels = load_labels(cfg.labels_path, cfg.num_data)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    # --- data: cached VAE latents, a seeded train/validation split, the timestep pool
+    latents, images_encoded, encode_seconds = encode_dataset(cfg, dev)
+    train_idx, val_idx = split(cfg.num_data, cfg.val_fraction, cfg.seed)
+    x_train, y_train = latents[train_idx].to(dev), labels[train_idx].to(dev)  # GPU-resident on CUDA
+    x_val, y_val = latents[val_idx].to(dev), labels[val_idx].to(dev)
+    scheduler = load_scheduler(cfg.model)
+    scheduler.set_timesteps(cfg.num_inference_steps)
+    timestep_pool = torch.unique(scheduler.timesteps)
+
+    # validation sees the same noise and timesteps every epoch, so its loss is comparable across epochs
+    val_noisy = add_training_noise(scheduler, x_val, timestep_pool, torch.Generator().manual_seed(cfg.seed + 1))[0]
+    baseline_val = F.mse_loss(y_train.mean().expand_as(y_val), y_val).item() if len(val_idx) else None
+
+    # --- model, optimizer, RNG (restored on resume)
+    torch.manual_seed(cfg.seed)
+    net = ThreeLayerConvNet(in_channels=latents.shape[1]).to(dev)
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    history: list[dict] = []
+    if cfg.resume:
+        state = load_state(state_path, vars(cfg), RESUME_MUST_MATCH)
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        history = state["history"]
+        print(f"resuming from {state_path} after epoch {state['epoch']}")
+    run = start_wandb(cfg)
+
+    print(f"training on {len(train_idx)} latents {tuple(latents.shape[1:])}, validating on {len(val_idx)}, device {dev}")
+    for epoch in range(len(history) + 1, cfg.num_epochs + 1):
+        epoch_start = time.perf_counter()
+        net.train()
+        order = torch.randperm(len(train_idx), generator=generator).to(dev)
+        total, steps = 0.0, range(0, len(order), cfg.batch_size)
+        for step in tqdm(steps, desc=f"epoch {epoch}/{cfg.num_epochs}", leave=False, unit="step"):
+            batch = order[step : step + cfg.batch_size]
+            noisy, _, _ = add_training_noise(scheduler, x_train[batch], timestep_pool, generator)
+            loss = F.mse_loss(net(noisy), y_train[batch])
+            if not torch.isfinite(loss):
+                kept = f"the last good checkpoint {state_path} is kept" if history else "no checkpoint was written"
+                raise UserError(f"training loss became {loss.item()} at epoch {epoch}; {kept}; try a smaller lr (now {cfg.lr})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(batch)
+        val_loss = mean_squared_error(net, val_noisy, y_val) if len(val_idx) else None
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": total / len(train_idx),
+                "val_loss": val_loss,
+                "baseline_val_loss": baseline_val,
+                "seconds": time.perf_counter() - epoch_start,
+            }
+        )
+        val_text = f", val {val_loss:.4f} (baseline {baseline_val:.4f})" if val_loss is not None else ""
+        print(f"epoch {epoch}: train {history[-1]['train_loss']:.4f}{val_text}")
+        if run is not None:
+            run.log(history[-1])
+        meta = {
+            "latent_channels": latents.shape[1],
+            "latent_size": list(latents.shape[2:]),
+            "model": cfg.model,
+            "image_size": cfg.image_size,
+            "label_mean": labels.mean().item(),
+            "label_std": labels.std().item(),
+            "epochs": epoch,
+            "val_loss": val_loss,
+            "noised": True,
+        }
+        if val_loss is not None and val_loss <= min(h["val_loss"] for h in history):
+            save_torch(predictor_checkpoint(net, meta), best_path)
+        save_state(state_path, vars(cfg), epoch, net, optimizer, generator, history)
+        save_text("".join(json.dumps(h) + "\n" for h in history), out_dir / "metrics.jsonl")
+
+    # --- outputs
+    save_torch(predictor_checkpoint(net, meta), out_path)
+    plots.loss_curve(history, out_dir / "loss_curve.png")
+    last = history[-1]
+    summary = {
+        "images_encoded": images_encoded,
+        "encode_seconds": encode_seconds,
+        "final_train_loss": last["train_loss"],
+        "final_val_loss": last["val_loss"],
+        "baseline_val_loss": baseline_val,
+        "epochs": last["epoch"],
+        "seconds": time.perf_counter() - start_time,
+        "config": vars(cfg),
+        "versions": package_versions(),
+    }
+    save_json(summary, out_dir / "train_summary.json")
+    if run is not None:
+        run.finish()
+    val_text = f"; final val {last['val_loss']:.4f} vs predict-the-mean {baseline_val:.4f}" if baseline_val is not None else ""
+    print(f"latents ready in {encode_seconds:.1f}s ({images_encoded} images encoded){val_text}")
+    print(f"wrote {out_path}, {out_dir / 'metrics.jsonl'}, {out_dir / 'loss_curve.png'}, {out_dir / 'train_summary.json'}")
+
+
+if __name__ == "__main__":
+    run_main(main)
