@@ -14,7 +14,6 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -22,6 +21,7 @@ from tqdm import tqdm
 
 from rcgdm.atomic import atomic_path
 from rcgdm.data import ImageSource, load_batch
+from rcgdm.runtime import image_seed
 
 CACHE_FORMAT = "rcgdm.latents/1"
 
@@ -50,11 +50,6 @@ class LatentSpec:
 
     def path(self, cache_dir: str | Path) -> Path:
         return Path(cache_dir) / f"latents-{hashlib.sha256(self.describe().encode()).hexdigest()[:20]}.safetensors"
-
-
-def image_seed(seed: int, index: int) -> int:
-    """A torch seed for image `index` alone, so its latent sample does not depend on batching."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0])
 
 
 @torch.no_grad()

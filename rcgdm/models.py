@@ -17,7 +17,7 @@ from rcgdm.cli import UserError
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TINY = "tiny"
-_TINY_FOLDER = "tiny-sd-v2"
+_TINY_FOLDER = "tiny-sd-v3"
 
 
 def cache_root() -> Path:
@@ -64,17 +64,23 @@ def _from_pretrained(cls, name: str, **kwargs):
         raise UserError(f"--model {name!r} could not be loaded ({reason}){hint}") from None
 
 
+def _dtype_kwargs(dtype: torch.dtype) -> dict:
+    """float32 is what from_pretrained loads anyway; asking only for others keeps older and newer diffusers quiet."""
+    return {} if dtype == torch.float32 else {"torch_dtype": dtype}
+
+
 def load_pipeline(name: str, dtype: torch.dtype = torch.float32):
     """StableDiffusionPipeline for `name`, safety checker off (as the paper's code)."""
     from diffusers import StableDiffusionPipeline
 
-    return _from_pretrained(StableDiffusionPipeline, name, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    no_safety_checker = {"safety_checker": None, "requires_safety_checker": False}
+    return _from_pretrained(StableDiffusionPipeline, name, **no_safety_checker, **_dtype_kwargs(dtype))
 
 
 def load_vae(name: str, dtype: torch.dtype = torch.float32):
     from diffusers import AutoencoderKL
 
-    return _from_pretrained(AutoencoderKL, name, subfolder="vae", torch_dtype=dtype)
+    return _from_pretrained(AutoencoderKL, name, subfolder="vae", **_dtype_kwargs(dtype))
 
 
 def load_scheduler(name: str):

@@ -34,3 +34,48 @@ def loss_curve(history: list[dict], path: str | Path) -> None:
     ax.set_title("reward predictor training")
     ax.legend()
     save_figure(fig, path)
+
+
+def reward_vs_target(combos: list[dict], path: str | Path) -> None:
+    """Mean ground-truth (solid) and predicted (dashed) reward against target, std bars, one colour per guidance."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    targets = sorted({c["target"] for c in combos})
+    for k, guidance in enumerate(sorted({c["guidance"] for c in combos})):
+        rows = sorted((c for c in combos if c["guidance"] == guidance), key=lambda c: c["target"])
+        xs = [c["target"] for c in rows]
+        colour = f"C{k}"
+        for kind, style, marker in (("gt", "-", "o"), ("pred", "--", "x")):
+            ax.errorbar(
+                xs,
+                [c[f"{kind}_mean"] for c in rows],
+                yerr=[c[f"{kind}_std"] for c in rows],
+                linestyle=style,
+                marker=marker,
+                color=colour,
+                capsize=3,
+                label=f"guidance {guidance:g}, {'ground truth' if kind == 'gt' else 'predicted'}",
+            )
+    ax.plot([min(targets), max(targets)], [min(targets), max(targets)], color="grey", linestyle=":", label="y = target")
+    ax.set_xlabel("target reward")
+    ax.set_ylabel("reward of generated images (mean ± std)")
+    ax.set_title("reward-directed generation")
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def image_grid(rows: list[str], columns: list[str], images: list[list], captions: list[list[str]], path: str | Path) -> None:
+    """A rows x columns grid of images (float tensors (3, H, W) in [0, 1]) with row, column and per-image captions."""
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(2.2 * len(columns), 2.4 * len(rows)), squeeze=False)
+    for r, row_label in enumerate(rows):
+        for c, column_label in enumerate(columns):
+            ax = axes[r][c]
+            ax.imshow(images[r][c].permute(1, 2, 0).numpy())
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_xlabel(captions[r][c], fontsize=7)
+            if r == 0:
+                ax.set_title(column_label, fontsize=9)
+            if c == 0:
+                ax.set_ylabel(row_label, fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)

@@ -7,6 +7,7 @@ import importlib.metadata
 import platform
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from rcgdm.cli import UserError
@@ -38,6 +39,11 @@ def package_versions() -> dict[str, str]:
 
             versions[name] = __version__ if name == "rcgdm" else "not installed"
     return versions
+
+
+def image_seed(seed: int, index: int) -> int:
+    """A torch seed for item `index` of a run seeded `seed`, so that item never depends on batching."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0])
 
 
 def sha256_file(path: str | Path) -> str:

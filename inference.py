@@ -1,0 +1,268 @@
+"""Step 3 of the paper: reward-directed sampling from Stable Diffusion, scored and plotted.
+
+At every denoising step, after classifier-free guidance, the noise prediction gets the term
+    eps <- eps + sqrt(1 - alpha_bar_t) * guidance * grad_x 1/2 ||target - mu(x_t)||^2
+(rcgdm/guidance.py). Each image is then scored by the ground-truth reward (fake_dataset.py) and by
+the predictor on its VAE re-encoding (train.py).
+
+    python3 inference.py --target 1 --guidance 100 --num_images 100
+    python3 inference.py --target 2 4 6 8 10 --guidance 0 100 --prompt "a nice photo" "a dog"   # a sweep
+
+--target, --guidance and --prompt take several values: the run covers every combination. Image i
+always starts from the seed (--seed, i), whatever --bs, so columns of a sweep are comparable.
+Writes per combination `{idx}_gt_{gt:.4f}_pred_{pred:.4f}.png`, and for the run results.csv,
+summary.json, reward_vs_target.png and grid.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import itertools
+import secrets
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from rcgdm import plots
+from rcgdm.atomic import atomic_path, save_json, save_text
+from rcgdm.cli import ArgumentParser, UserError, finite_float, positive_int, run_main, writable_dir
+from rcgdm.evaluate import score_images
+from rcgdm.models import SD15, load_pipeline
+from rcgdm.predictor import load_predictor
+from rcgdm.reward import load_reward_model
+from rcgdm.runtime import image_seed, package_versions, resolve_device
+from rcgdm.sampler import SCHEDULERS, RewardGuidance, decode, make_scheduler, sample_latents
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+IMAGE_GLOB = "*_gt_*_pred_*.png"
+
+
+def parse_args() -> argparse.Namespace:
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--target", type=finite_float, nargs="+", default=[0.0], help="target reward(s) (default: 0)")
+    p.add_argument("--guidance", type=finite_float, nargs="+", default=[0.0], help="guidance strength(s) (default: 0)")
+    p.add_argument("--prompt", nargs="+", default=["a nice photo"], help='prompt(s) (default: "a nice photo")')
+    p.add_argument("--out_dir", default=None, help="default: imgs/target{target}guidance{guidance}, or imgs/sweep for a sweep")
+    p.add_argument("--num_images", type=positive_int, default=4, help="images per combination (default: 4)")
+    p.add_argument("--bs", type=positive_int, default=4, help="images per batch (default: 4)")
+    p.add_argument("--seed", type=int, default=-1, help="-1: a random seed, recorded; N >= 0: fixed (default: -1)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N (default: auto)")
+    p.add_argument("--model", default=SD15, help=f"hub id, local diffusers folder, or tiny (default: {SD15})")
+    p.add_argument("--reward_model", default="reward_model.pth", help="ground-truth reward from fake_dataset.py")
+    p.add_argument("--predictor", default="convnet.pth", help="reward predictor from train.py")
+    p.add_argument("--num_inference_steps", type=positive_int, default=50, help="denoising steps (default: 50)")
+    p.add_argument("--cfg", type=finite_float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
+    p.add_argument("--scheduler", default="pndm", help=f"{', '.join(SCHEDULERS)} or a diffusers class name (default: pndm)")
+    p.add_argument("--height", type=positive_int, default=None, help="image height, a multiple of 8 (default: the model's)")
+    p.add_argument("--width", type=positive_int, default=None, help="image width, a multiple of 8 (default: the model's)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--batch_mean_guidance", action="store_true", help="divide the term by the batch size, as the original code")
+    p.add_argument("--overwrite", action="store_true", help="replace images already in the output folders")
+    return p.parse_args()
+
+
+@dataclass(frozen=True)
+class Combo:
+    """One (prompt, target, guidance) of a run and the folder its images go to."""
+
+    prompt_index: int
+    prompt: str
+    target: float
+    guidance: float
+    folder: Path
+
+
+def plan(args: argparse.Namespace) -> tuple[Path, list[Combo]]:
+    """The run folder and its combinations; a single combination keeps the original's layout."""
+    single = len(args.prompt) == len(args.target) == len(args.guidance) == 1
+    out_dir = Path(args.out_dir or (f"imgs/target{args.target[0]}guidance{args.guidance[0]}" if single else "imgs/sweep"))
+    combos = []
+    for (k, prompt), target, guidance in itertools.product(enumerate(args.prompt), args.target, args.guidance):
+        prefix = f"prompt{k}_" if len(args.prompt) > 1 else ""
+        folder = out_dir if single else out_dir / f"{prefix}target{target}guidance{guidance}"
+        combos.append(Combo(k, prompt, target, guidance, folder))
+    return out_dir, combos
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for prompt in args.prompt:
+        if not prompt.strip():
+            raise UserError("--prompt '' is empty; expected some text")
+    for flag in ("height", "width"):
+        value = getattr(args, flag)
+        if value is not None and value % 8:
+            raise UserError(f"--{flag} {value} is not a multiple of 8; expected e.g. {value - value % 8 or 8}")
+    if args.seed < -1:
+        raise UserError(f"--seed {args.seed} is negative; expected -1 (random) or an integer >= 0")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name == "fp16" and device.type != "cuda":
+        raise UserError(f"--dtype fp16 on {device.type} is not supported; expected fp32 or bf16 there")
+    return DTYPES[name]
+
+
+def prepare_folders(out_dir: Path, combos: list[Combo], overwrite: bool) -> None:
+    """Create every folder; refuse (or with --overwrite, clear) folders that already hold images."""
+    writable_dir(out_dir)
+    for combo in combos:
+        writable_dir(combo.folder)
+        existing = sorted(combo.folder.glob(IMAGE_GLOB))
+        if existing and not overwrite:
+            raise UserError(
+                f"--out_dir {str(combo.folder)!r} already holds {len(existing)} images; use --overwrite or another --out_dir"
+            )
+        for path in existing:
+            path.unlink()
+
+
+def save_png(image: torch.Tensor, path: Path) -> None:
+    from PIL import Image
+
+    array = (image.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
+
+
+def summarise(combos: list[Combo], rows: list[dict], seconds: dict) -> list[dict]:
+    out = []
+    for combo in combos:
+        mine = [r for r in rows if (r["prompt"], r["target"], r["guidance"]) == (combo.prompt, combo.target, combo.guidance)]
+        gt, pred = torch.tensor([r["gt"] for r in mine]), torch.tensor([r["pred"] for r in mine])
+        out.append(
+            {
+                "prompt": combo.prompt,
+                "target": combo.target,
+                "guidance": combo.guidance,
+                "n": len(mine),
+                "gt_mean": gt.mean().item(),
+                "gt_std": gt.std(correction=0).item(),
+                "pred_mean": pred.mean().item(),
+                "pred_std": pred.std(correction=0).item(),
+                "folder": str(combo.folder),
+                "sampling_seconds": seconds[combo],
+            }
+        )
+    return out
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    save_text(buffer.getvalue(), path)
+
+
+def main() -> None:
+    args = parse_args()
+    check_args(args)
+    start = time.perf_counter()
+    seed = args.seed if args.seed >= 0 else secrets.randbelow(2**31)
+    if args.seed < 0:
+        print(f"--seed -1: using the random seed {seed} (recorded in summary.json)")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    out_dir, combos = plan(args)
+    make_scheduler(args.scheduler, {})  # an unknown name fails before anything loads
+
+    pipe = load_pipeline(args.model, dtype).to(device)
+    pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    reward_model, reward_meta = load_reward_model(args.reward_model)
+    predictor, predictor_meta = load_predictor(args.predictor, latent_channels=pipe.unet.config.in_channels)
+    reward_model, predictor = reward_model.to(device), predictor.to(device)
+    prepare_folders(out_dir, combos, args.overwrite)
+
+    rows, firsts, seconds = [], {}, {}
+    bar = tqdm(total=len(combos) * args.num_images, desc="images", unit="img")
+    for combo in combos:
+        combo_start = time.perf_counter()
+        guidance = RewardGuidance(predictor, combo.target, combo.guidance, args.batch_mean_guidance)
+        for first in range(0, args.num_images, args.bs):
+            indices = range(first, min(first + args.bs, args.num_images))
+            generators = [torch.Generator().manual_seed(image_seed(seed, i)) for i in indices]
+            latents = sample_latents(
+                pipe, combo.prompt, generators, guidance, args.num_inference_steps, args.cfg, args.height, args.width
+            )
+            images = decode(pipe, latents, generators)
+            gt, pred = score_images(images, reward_model, predictor, pipe.vae)
+            for j, i in enumerate(indices):
+                path = combo.folder / f"{i}_gt_{gt[j]:.4f}_pred_{pred[j]:.4f}.png"
+                save_png(images[j], path)
+                rows.append(
+                    {
+                        "prompt": combo.prompt,
+                        "target": combo.target,
+                        "guidance": combo.guidance,
+                        "image": i,
+                        "seed": seed,
+                        "image_seed": image_seed(seed, i),
+                        "gt": gt[j].item(),
+                        "pred": pred[j].item(),
+                        "file": path.relative_to(out_dir).as_posix(),
+                    }
+                )
+            firsts.setdefault(combo, (images[0], gt[0].item(), pred[0].item()))
+            bar.update(len(indices))
+        seconds[combo] = time.perf_counter() - combo_start
+    bar.close()
+
+    summary = summarise(combos, rows, seconds)
+    write_csv(rows, out_dir / "results.csv")
+    plots.reward_vs_target(summary, out_dir / "reward_vs_target.png")
+    write_grid(args, pipe, seed, combos, firsts, reward_model, predictor, out_dir / "grid.png")
+    settings = {**vars(args), "seed_used": seed, "out_dir": str(out_dir)}
+    save_json(
+        {
+            "settings": settings,
+            "combinations": summary,
+            "reward_model": reward_meta,
+            "predictor": predictor_meta,
+            "seconds": time.perf_counter() - start,
+            "versions": package_versions(),
+        },
+        out_dir / "summary.json",
+    )
+    for c in summary:
+        print(
+            f"target {c['target']:g}, guidance {c['guidance']:g}, {c['prompt']!r}: "
+            f"ground truth {c['gt_mean']:.4f} ± {c['gt_std']:.4f}, predicted {c['pred_mean']:.4f} ± {c['pred_std']:.4f}"
+        )
+    print(f"wrote {len(rows)} images and {out_dir / 'results.csv'}, summary.json, reward_vs_target.png, grid.png")
+
+
+def write_grid(args, pipe, seed, combos, firsts, reward_model, predictor, path: Path) -> None:
+    """The paper's Figure 6 layout: rows = prompts, an unguided column, then one column per target
+    at the run's strongest guidance; every cell is image 0, so every cell starts from the same noise."""
+    strongest = max(args.guidance, key=abs)
+    targets = sorted(set(args.target))
+    rows, captions = [], []
+    for k, prompt in enumerate(args.prompt):
+        unguided = next((v for c, v in firsts.items() if c.prompt_index == k and c.guidance == 0), None)
+        if unguided is None:  # the sweep has no guidance 0: sample the unguided cell alone
+            generators = [torch.Generator().manual_seed(image_seed(seed, 0))]
+            latents = sample_latents(pipe, prompt, generators, None, args.num_inference_steps, args.cfg, args.height, args.width)
+            image = decode(pipe, latents, generators)
+            gt, pred = score_images(image, reward_model, predictor, pipe.vae)
+            unguided = (image[0], gt.item(), pred.item())
+        guided = {c.target: v for c, v in firsts.items() if c.prompt_index == k and c.guidance == strongest}
+        cells = [unguided] + [guided[t] for t in targets]
+        rows.append([image for image, _, _ in cells])
+        captions.append([f"gt {gt:.3f} / pred {pred:.3f}" for _, gt, pred in cells])
+    column_labels = ["unguided"] + [f"target {t:g}" for t in targets]
+    row_labels = [textwrap.fill(prompt, 24) for prompt in args.prompt]
+    plots.image_grid(row_labels, column_labels, rows, captions, path)
+    print(f"grid.png: guidance {strongest:g}, image 0 of each combination")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,25 @@
+"""Scoring generated images, as the paper: the ground-truth reward on the decoded image, and the
+predictor on the VAE re-encoding of the decoded image."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rcgdm import reward
+
+
+@torch.no_grad()
+def predicted_reward(predictor: nn.Module, vae, images: torch.Tensor) -> torch.Tensor:
+    """Float images (B, 3, H, W) in [0, 1] -> mu(VAE latent) as float32 (B, 1) on the CPU.
+
+    The latent is the posterior mean (SD's posterior is narrow, so a sample differs negligibly)."""
+    param = next(vae.parameters())
+    latents = vae.encode((images * 2 - 1).to(param.device, param.dtype)).latent_dist.mode() * vae.config.scaling_factor
+    device = next(predictor.parameters()).device
+    return predictor(latents.to(device, torch.float32)).float().cpu()
+
+
+def score_images(images: torch.Tensor, reward_model: nn.Module, predictor: nn.Module, vae) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ground-truth rewards (B,), predicted rewards (B,)) of float images (B, 3, H, W) in [0, 1]."""
+    return reward.score(reward_model, images)[:, 0], predicted_reward(predictor, vae, images)[:, 0]
