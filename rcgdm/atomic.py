@@ -18,6 +18,16 @@ import numpy as np
 import torch
 
 
+def _default_mode() -> int:
+    """What open() would give a new file under this process's umask (mkstemp always gives 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_MODE = _default_mode()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it onto `path`, else delete it."""
@@ -26,6 +36,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, _MODE)
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):

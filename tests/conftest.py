@@ -9,7 +9,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RCGDM_CACHE_DIR", tempfile.mkdtemp(prefix="rcgdm-test-cache-"))
@@ -49,3 +51,42 @@ def error_line(stderr: str) -> str:
     lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, stderr
     return lines[0]
+
+
+def latent_labels(path, num_data=1024):
+    """Labels that the tiny VAE's latents carry: a contrast of two latent channels' means, plus N(0, 0.1^2).
+
+    The tiny VAE has random weights, so its latents keep little of what a random ResNet18 sees;
+    learning must be shown on a signal the latents hold."""
+    from rcgdm.data import open_source
+    from rcgdm.latents import LatentSpec, encode
+    from rcgdm.models import load_vae
+
+    source = open_source("synthetic")
+    latents = encode(load_vae("tiny"), source, LatentSpec("-", source.identity, num_data, 64, 0), 64, torch.device("cpu"))
+    signal = latents[:, 0].mean((1, 2)) - latents[:, 1].mean((1, 2))
+    noise = torch.randn(num_data, generator=torch.Generator().manual_seed(0))
+    np.save(path, (0.3 * signal / signal.std() + 0.1 * noise)[:, None].numpy().astype(np.float32))
+    return path
+
+
+@pytest.fixture(scope="session")
+def predictor_path(tmp_path_factory, tiny_model_dir) -> Path:
+    """A predictor trained by train.py on labels the tiny latents carry."""
+    root = tmp_path_factory.mktemp("predictor")
+    labels = latent_labels(root / "labels.npy", 512)
+    args = [
+        "--model=tiny", "--data=synthetic", "--num_data=512", "--image_size=64", "--num_epochs=5", "--batch_size=32",
+        "--val_fraction=0.25", f"--labels_path={labels}", f"--cache_dir={root / 'cache'}", f"--out_path={root / 'convnet.pth'}",
+    ]  # fmt: skip
+    assert run_script("train.py", *args) == 0
+    return root / "convnet.pth"
+
+
+@pytest.fixture(scope="session")
+def reward_model_path(tmp_path_factory) -> Path:
+    """The ground-truth reward of fake_dataset.py (random backbone)."""
+    root = tmp_path_factory.mktemp("reward")
+    args = ["--data", "synthetic", "--num_data", "4", "--weights", "none", "--out_dir", root]
+    assert run_script("fake_dataset.py", *args) == 0
+    return root / "reward_model.pth"

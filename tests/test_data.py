@@ -93,3 +93,18 @@ def test_cifar10_offline_fails_fast_with_a_hint(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="--data synthetic"):
         open_source("cifar10", tmp_path)
     assert time.monotonic() - start < 30
+
+
+def test_atomic_writes_leave_only_the_final_file_with_normal_permissions(tmp_path):
+    import os
+
+    from rcgdm.atomic import atomic_path, save_json
+
+    save_json({"a": 1}, tmp_path / "x.json")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "y.bin") as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]

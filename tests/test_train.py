@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import error_line, run_script
+from conftest import error_line, latent_labels, run_script
 
 from rcgdm.cli import UserError
 from rcgdm.config import parse_overrides
@@ -90,23 +90,6 @@ def test_outputs_and_checkpoint_metadata(tmp_path, labels):
     label_values = np.load(labels)[:64]
     assert meta["label_mean"] == pytest.approx(float(label_values.mean()), abs=1e-5)
     assert net(torch.zeros(3, 4, 8, 8)).shape == (3, 1)
-
-
-def latent_labels(path, num_data=1024):
-    """Labels that the tiny VAE's latents carry: a contrast of two latent channels' means, plus N(0, 0.1^2).
-
-    The tiny VAE has random weights, so its latents keep little of what a random ResNet18 sees;
-    learning must be shown on a signal the latents hold."""
-    from rcgdm.data import open_source
-    from rcgdm.latents import LatentSpec, encode
-    from rcgdm.models import load_vae
-
-    source = open_source("synthetic")
-    latents = encode(load_vae("tiny"), source, LatentSpec("-", source.identity, num_data, 64, 0), 64, torch.device("cpu"))
-    signal = latents[:, 0].mean((1, 2)) - latents[:, 1].mean((1, 2))
-    noise = torch.randn(num_data, generator=torch.Generator().manual_seed(0))
-    np.save(path, (0.3 * signal / signal.std() + 0.1 * noise)[:, None].numpy().astype(np.float32))
-    return path
 
 
 def test_learning_beats_the_mean_baseline(tmp_path):

@@ -1,0 +1,126 @@
+"""The guided sampler: stock-pipeline equality at guidance 0, the equation, batching, and the effect."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rcgdm.guidance import guide_eps, reward_gradient
+from rcgdm.models import load_pipeline
+from rcgdm.predictor import ThreeLayerConvNet, load_predictor
+from rcgdm.runtime import image_seed
+from rcgdm.sampler import RewardGuidance, decode, make_scheduler, sample_latents
+
+PROMPT = "a nice photo"
+
+
+def generators(indices, seed=0):
+    return [torch.Generator().manual_seed(image_seed(seed, i)) for i in indices]
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir):
+    pipe = load_pipeline("tiny")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def predictor(predictor_path):
+    return load_predictor(predictor_path, latent_channels=4)[0]
+
+
+@pytest.mark.parametrize("scheduler", ["pndm", "ddim", "euler_a"])
+def test_guidance_zero_is_the_stock_pipeline_bit_for_bit(pipe, predictor, scheduler):
+    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    stock = pipe(PROMPT, num_images_per_prompt=3, generator=generators(range(3)), num_inference_steps=6, output_type="pt").images
+    for guidance in (None, RewardGuidance(predictor, target=5.0, scale=0.0)):
+        gens = generators(range(3))
+        ours = decode(pipe, sample_latents(pipe, PROMPT, gens, guidance, num_inference_steps=6, progress=False), gens)
+        assert ours.shape == stock.shape == (3, 3, 64, 64) and ours.dtype == torch.float32
+        assert torch.equal(ours, stock.float().cpu())
+    pipe.scheduler = make_scheduler("pndm", pipe.scheduler.config)
+
+
+def test_the_term_equals_finite_differences_float64():
+    torch.manual_seed(0)
+    net = ThreeLayerConvNet().double().eval()
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    target, guidance, alpha_bar = 0.7, 5.0, 0.3
+    eps = torch.randn_like(x)
+    term = guide_eps(eps, x, alpha_bar, net, target, guidance) - eps
+
+    def objective(z):  # 1/2 ||target - mu(z)||^2, summed over images
+        with torch.no_grad():
+            return 0.5 * (target - net(z)).pow(2).sum().item()
+
+    h = 1e-6
+    scale = (1 - alpha_bar) ** 0.5 * guidance
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(5):  # directional derivatives along random directions
+        direction = torch.randn(x.shape, generator=generator, dtype=torch.float64)
+        numeric = (objective(x + h * direction) - objective(x - h * direction)) / (2 * h)
+        assert (term * direction).sum().item() == pytest.approx(scale * numeric, rel=1e-5)
+    for index in [(0, 0, 0, 0), (1, 3, 7, 2), (0, 2, 4, 5)]:  # and single coordinates
+        bump = torch.zeros_like(x)
+        bump[index] = h
+        numeric = (objective(x + bump) - objective(x - bump)) / (2 * h)
+        assert term[index].item() == pytest.approx(scale * numeric, rel=1e-4, abs=1e-9)
+
+
+def test_the_term_points_toward_the_target():
+    torch.manual_seed(0)
+    net = ThreeLayerConvNet().double().eval()
+    x = torch.randn(1, 4, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        mu = net(x).item()
+    for target in (mu - 1, mu + 1):
+        step = -1e-3 * guide_eps(torch.zeros_like(x), x, 0.5, net, target, 1.0)  # the sampler subtracts eps
+        with torch.no_grad():
+            assert abs(net(x + step).item() - target) < abs(mu - target)
+
+
+def test_batch_mean_divides_by_the_batch_size():
+    torch.manual_seed(0)
+    net = ThreeLayerConvNet().eval()
+    x = torch.randn(3, 4, 8, 8)
+    torch.testing.assert_close(reward_gradient(net, x, 1.0, batch_mean=True) * 3, reward_gradient(net, x, 1.0))
+    one = reward_gradient(net, x[1:2], 1.0)
+    torch.testing.assert_close(reward_gradient(net, x, 1.0)[1:2], one)  # each image's term is its own
+
+
+def test_images_do_not_depend_on_the_batch_size(pipe, predictor):
+    guidance = RewardGuidance(predictor, target=-3.0, scale=10.0)
+    together = sample_latents(pipe, PROMPT, generators(range(3)), guidance, num_inference_steps=6, progress=False)
+    apart = torch.cat(
+        [sample_latents(pipe, PROMPT, generators([i]), guidance, num_inference_steps=6, progress=False) for i in range(3)]
+    )
+    torch.testing.assert_close(together, apart, rtol=1e-4, atol=1e-4)
+
+
+def test_batch_mean_guidance_g_at_batch_b_equals_g_over_b(predictor):
+    import copy
+
+    pipe64 = load_pipeline("tiny", torch.float64)  # float64: sampling amplifies float32 rounding of 30/3 vs 10
+    predictor64 = copy.deepcopy(predictor).double()
+    original = RewardGuidance(predictor64, target=-3.0, scale=30.0, batch_mean=True)
+    ours = RewardGuidance(predictor64, target=-3.0, scale=10.0)
+    a = sample_latents(pipe64, PROMPT, generators(range(3)), original, num_inference_steps=6, progress=False)
+    b = sample_latents(pipe64, PROMPT, generators(range(3)), ours, num_inference_steps=6, progress=False)
+    assert a.dtype == torch.float64
+    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    c = sample_latents(pipe64, PROMPT, generators(range(3)), RewardGuidance(predictor64, -3.0, 30.0), 6, progress=False)
+    assert (c - b).abs().max() > 1e-3  # without batch_mean, 30 is not 10
+
+
+def test_guidance_moves_the_predicted_reward_toward_the_target(pipe, predictor):
+    def mean_reward(guidance):
+        latents = sample_latents(pipe, PROMPT, generators(range(8)), guidance, num_inference_steps=10, progress=False)
+        with torch.no_grad():
+            return predictor(latents).mean().item()
+
+    unguided = mean_reward(None)
+    for target in (unguided - 1.0, unguided + 1.0):
+        weak, strong = (mean_reward(RewardGuidance(predictor, target, g)) for g in (3.0, 30.0))
+        assert abs(strong - target) < abs(weak - target) < abs(unguided - target), (target, unguided, weak, strong)
+        assert abs(strong - target) < 0.5 * abs(unguided - target)
