@@ -19,6 +19,7 @@ them metrics.jsonl, loss_curve.png and train_summary.json.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -26,7 +27,6 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from rcgdm import plots
 from rcgdm.atomic import save_json, save_text, save_torch
@@ -37,7 +37,7 @@ from rcgdm.latents import LatentSpec, cached_latents, vae_fingerprint
 from rcgdm.models import load_scheduler, load_vae
 from rcgdm.predictor import ThreeLayerConvNet, predictor_checkpoint
 from rcgdm.runtime import package_versions, resolve_device
-from rcgdm.training import add_training_noise, load_labels, load_state, mean_squared_error, save_state, split
+from rcgdm.training import add_training_noise, load_labels, load_state, mean_squared_error, save_state, split, train_epoch
 
 # ----------------------------------------------------------------------------- config
 lr = 0.001
@@ -154,25 +154,16 @@ def main() -> None:
     print(f"training on {len(train_idx)} latents {tuple(latents.shape[1:])}, validating on {len(val_idx)}, device {dev}")
     for epoch in range(len(history) + 1, cfg.num_epochs + 1):
         epoch_start = time.perf_counter()
-        net.train()
-        order = torch.randperm(len(train_idx), generator=generator).to(dev)
-        total, steps = 0.0, range(0, len(order), cfg.batch_size)
-        for step in tqdm(steps, desc=f"epoch {epoch}/{cfg.num_epochs}", leave=False, unit="step"):
-            batch = order[step : step + cfg.batch_size]
-            noisy, _, _ = add_training_noise(scheduler, x_train[batch], timestep_pool, generator)
-            loss = F.mse_loss(net(noisy), y_train[batch])
-            if not torch.isfinite(loss):
-                kept = f"the last good checkpoint {state_path} is kept" if history else "no checkpoint was written"
-                raise UserError(f"training loss became {loss.item()} at epoch {epoch}; {kept}; try a smaller lr (now {cfg.lr})")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(batch)
+        desc = f"epoch {epoch}/{cfg.num_epochs}"
+        train_loss = train_epoch(net, optimizer, scheduler, x_train, y_train, timestep_pool, generator, cfg.batch_size, desc)
+        if not math.isfinite(train_loss):
+            kept = f"the last good checkpoint {state_path} is kept" if history else "no checkpoint was written"
+            raise UserError(f"training loss became {train_loss} in epoch {epoch}; {kept}; try a smaller lr (now {cfg.lr})")
         val_loss = mean_squared_error(net, val_noisy, y_val) if len(val_idx) else None
         history.append(
             {
                 "epoch": epoch,
-                "train_loss": total / len(train_idx),
+                "train_loss": train_loss,
                 "val_loss": val_loss,
                 "baseline_val_loss": baseline_val,
                 "seconds": time.perf_counter() - epoch_start,

@@ -1,7 +1,8 @@
-"""Where Stable Diffusion comes from: a hub id, a local diffusers folder, or `tiny`.
+"""Where Stable Diffusion comes from: a hub id, a local diffusers folder, `tiny` or `sd15-random`.
 
-`tiny` is built once (offline, seeded) into the cache folder ``$RCGDM_CACHE_DIR``
-(default ``~/.cache/rcgdm``) and loaded back through the same `from_pretrained` path as SD v1.5.
+`tiny` and `sd15-random` (SD v1.5's architecture with random weights, ~4 GB, for benchmarks) are
+built once (offline, seeded) into the cache folder ``$RCGDM_CACHE_DIR`` (default ``~/.cache/rcgdm``)
+and loaded back through the same `from_pretrained` path as SD v1.5.
 """
 
 from __future__ import annotations
@@ -17,24 +18,26 @@ from rcgdm.cli import UserError
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TINY = "tiny"
-_TINY_FOLDER = "tiny-sd-v3"
+SD15_RANDOM = "sd15-random"
+_BUILT_FOLDERS = {TINY: "tiny-sd-v3", SD15_RANDOM: "sd15-random-v1"}
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("RCGDM_CACHE_DIR", Path.home() / ".cache" / "rcgdm"))
 
 
-def ensure_tiny() -> Path:
-    """The tiny pipeline's folder, built on first use (atomically, so concurrent builders are safe)."""
-    from rcgdm.tiny import build_tiny_sd
+def ensure_built(name: str = TINY) -> Path:
+    """The folder of a locally built model (`tiny`, `sd15-random`), built on first use
+    (atomically, so concurrent builders are safe)."""
+    from rcgdm.tiny import build_random_sd
 
-    target = cache_root() / _TINY_FOLDER
+    target = cache_root() / _BUILT_FOLDERS[name]
     if (target / "model_index.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{_TINY_FOLDER}."))
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
-        build_tiny_sd(staging / "model")
+        build_random_sd(staging / "model", name)
         try:
             os.replace(staging / "model", target)
         except OSError:
@@ -46,9 +49,9 @@ def ensure_tiny() -> Path:
 
 
 def resolve_model(name: str) -> str:
-    """`tiny` -> its cache folder; an existing folder -> itself; anything else is a hub id."""
-    if name == TINY:
-        return str(ensure_tiny())
+    """`tiny`, `sd15-random` -> their cache folders; an existing folder -> itself; anything else is a hub id."""
+    if name in _BUILT_FOLDERS:
+        return str(ensure_built(name))
     return name
 
 

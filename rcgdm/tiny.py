@@ -10,7 +10,8 @@ steps of the usual epsilon loss on latents of synthetic images (`_fit_unet`). A 
 does not denoise: its samples end with latent std ~9 instead of ~1, where a reward predictor trained
 on real latents says nothing, and reward guidance can push the wrong way.
 
-    python -m rcgdm.tiny OUT_DIR
+    python -m rcgdm.tiny OUT_DIR                      # the tiny model
+    python -m rcgdm.tiny OUT_DIR --arch sd15-random   # SD v1.5's architecture, random weights (benchmarks)
 """
 
 from __future__ import annotations
@@ -77,11 +78,56 @@ def _fit_unet(pipe, seed: int) -> None:
     unet.eval()
 
 
-def build_tiny_sd(out_dir: str | Path, seed: int = TINY_SEED) -> Path:
-    """Write a tiny random-weight Stable Diffusion folder to `out_dir` (which must not exist)."""
+ARCHITECTURES = {
+    # the tiny model: 64x64 images, 4x8x8 latents, ~5 MB
+    "tiny": {
+        "text": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4},
+        "vae": {"block_out_channels": (16, 32, 32, 32), "layers_per_block": 1, "norm_num_groups": 8, "sample_size": 64},
+        "unet": {
+            "sample_size": 8,
+            "block_out_channels": (32, 64),
+            "layers_per_block": 1,
+            "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+            "cross_attention_dim": 32,
+            "attention_head_dim": 8,
+            "norm_num_groups": 8,
+        },
+    },
+    # Stable Diffusion v1.5's exact architecture (UNet 860M parameters), for speed benchmarks only
+    "sd15-random": {
+        "text": {
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "vocab_size": 49408,  # CLIP's embedding table; our small tokenizer uses its first ids
+        },
+        "vae": {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 512},
+        "unet": {
+            "sample_size": 64,
+            "block_out_channels": (320, 640, 1280, 1280),
+            "layers_per_block": 2,
+            "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            "cross_attention_dim": 768,
+            "attention_head_dim": 8,
+            "norm_num_groups": 32,
+        },
+    },
+}
+
+
+def build_random_sd(out_dir: str | Path, arch: str = "tiny", seed: int = TINY_SEED) -> Path:
+    """Write a random-weight Stable Diffusion folder of architecture `arch` to `out_dir` (which must not exist).
+
+    The tiny architecture also gets its VAE shaped and its UNet fitted (see the module docstring);
+    sd15-random stays purely random: only its speed matters.
+    """
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    sizes = ARCHITECTURES[arch]
     out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory() as tmp:
         _write_tokenizer(Path(tmp) / "tok")
@@ -92,43 +138,21 @@ def build_tiny_sd(out_dir: str | Path, seed: int = TINY_SEED) -> Path:
             model_max_length=77,
         )
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.convert_tokens_to_ids(_SPECIALS[0]),
-            eos_token_id=tokenizer.convert_tokens_to_ids(_SPECIALS[1]),
-            pad_token_id=tokenizer.convert_tokens_to_ids(_SPECIALS[1]),
-        )
-    )
+    special = {
+        "bos_token_id": tokenizer.convert_tokens_to_ids(_SPECIALS[0]),
+        "eos_token_id": tokenizer.convert_tokens_to_ids(_SPECIALS[1]),
+        "pad_token_id": tokenizer.convert_tokens_to_ids(_SPECIALS[1]),
+    }
+    text_config = {"vocab_size": len(tokenizer), "max_position_embeddings": 77, **special, **sizes["text"]}
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
     vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 32, 32, 32),
         latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
         scaling_factor=0.18215,
+        **sizes["vae"],
     )
-    _shape_like_a_trained_vae(vae)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
+    unet = UNet2DConditionModel(in_channels=4, out_channels=4, **sizes["unet"])
     scheduler = PNDMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -148,19 +172,23 @@ def build_tiny_sd(out_dir: str | Path, seed: int = TINY_SEED) -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    _fit_unet(pipe, seed)
+    if arch == "tiny":
+        _shape_like_a_trained_vae(vae)
+        _fit_unet(pipe, seed)
     pipe.save_pretrained(out_dir)
     return out_dir
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) != 1:
-        sys.exit("usage: python -m rcgdm.tiny OUT_DIR")
+    arch = argv.pop(argv.index("--arch") + 1) if "--arch" in argv[:-1] else "tiny"
+    argv = [a for a in argv if a != "--arch"]
+    if len(argv) != 1 or arch not in ARCHITECTURES:
+        sys.exit(f"usage: python -m rcgdm.tiny OUT_DIR [--arch {'|'.join(ARCHITECTURES)}]")
     out_dir = Path(argv[0])
     if out_dir.exists():
         sys.exit(f"error: {str(out_dir)!r} exists; expected a new folder")
-    build_tiny_sd(out_dir)
-    print(f"tiny Stable Diffusion written to {out_dir}")
+    build_random_sd(out_dir, arch)
+    print(f"{arch} Stable Diffusion written to {out_dir}")
 
 
 if __name__ == "__main__":

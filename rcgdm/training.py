@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from rcgdm.atomic import save_torch
 from rcgdm.checkpoint import load_checkpoint
@@ -59,6 +60,35 @@ def add_training_noise(scheduler, x0: torch.Tensor, timestep_pool: torch.Tensor,
     timesteps = timestep_pool[picks]
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
     return scheduler.add_noise(x0, noise, timesteps.to(x0.device)), noise, timesteps
+
+
+def train_epoch(
+    net: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    timestep_pool: torch.Tensor,
+    generator: torch.Generator,
+    batch_size: int,
+    desc: str = "epoch",
+) -> float:
+    """One pass over latents x (N, C, h, w) and labels y (N, 1), both on the training device, in a
+    random order; each step noises its latents afresh. -> mean training MSE (nan/inf once it diverges)."""
+    net.train()
+    order = torch.randperm(len(x), generator=generator).to(x.device)
+    total = torch.zeros((), device=x.device)  # summed on the device: no host sync per step
+    for number, start in enumerate(tqdm(range(0, len(order), batch_size), desc=desc, leave=False, unit="step")):
+        batch = order[start : start + batch_size]
+        noisy, _, _ = add_training_noise(scheduler, x[batch], timestep_pool, generator)
+        loss = F.mse_loss(net(noisy), y[batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach() * len(batch)
+        if number % 100 == 99 and not torch.isfinite(total):
+            break  # diverged: no use finishing the epoch
+    return total.item() / len(x)
 
 
 @torch.no_grad()

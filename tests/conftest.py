@@ -20,9 +20,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
-    from rcgdm.models import ensure_tiny
+    from rcgdm.models import ensure_built
 
-    return ensure_tiny()
+    return ensure_built("tiny")
 
 
 def run_script(script: str, *args: str, capsys=None) -> int:

@@ -46,8 +46,8 @@ def test_sd15_facts(tiny_model_dir):
 
 
 def test_build_is_deterministic(tmp_path, tiny_model_dir):
-    from rcgdm.tiny import build_tiny_sd
+    from rcgdm.tiny import build_random_sd
 
-    build_tiny_sd(tmp_path / "again")
+    build_random_sd(tmp_path / "again")
     for name in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
         assert (tmp_path / "again" / name).read_bytes() == (tiny_model_dir / name).read_bytes()
