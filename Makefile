@@ -26,5 +26,9 @@ test: install
 lint: install
 	$(PY) -m ruff check .
 
+# Performance figures as ratios measured in one run (benchmarks/results.md); not part of `make test`.
+bench: install
+	$(PY) benchmarks/run.py
+
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache

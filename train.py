@@ -89,11 +89,11 @@ def read_config(argv: list[str]) -> SimpleNamespace:
 
 
 def encode_dataset(cfg: SimpleNamespace, dev: torch.device) -> tuple[torch.Tensor, int, float]:
-    """(latents (N, C, h, w) float32 on the CPU, images encoded now, seconds spent)."""
+    """(latents (N, C, h, w) float32 on the CPU, images encoded now, seconds from the VAE's load to the latents)."""
     source = open_source(cfg.data, cfg.data_root)
     check_num_data(cfg.num_data, source, flag="num_data")
-    start = time.perf_counter()
     vae = load_vae(cfg.model, torch.float16 if dev.type == "cuda" else torch.float32)
+    start = time.perf_counter()
     spec = LatentSpec(vae_fingerprint(vae), source.identity, cfg.num_data, cfg.image_size, cfg.seed)
     latents, encoded = cached_latents(vae.to(dev), source, spec, cfg.cache_dir, cfg.encode_batch_size, dev)
     return latents, encoded, time.perf_counter() - start
