@@ -15,6 +15,7 @@ Writes, in --out_dir:
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ from rcgdm import reward
 from rcgdm.atomic import save_json, save_npy, save_torch
 from rcgdm.cli import ArgumentParser, UserError, non_negative_float, positive_int, run_main, writable_dir
 from rcgdm.data import check_num_data, load_batch, open_source
+from rcgdm.locking import locked
 from rcgdm.runtime import package_versions, resolve_device, sha256_file
 
 REWARD_FILE = "reward_model.pth"
@@ -65,6 +67,11 @@ def main() -> None:
     num_data = check_num_data(args.num_data, source)
     out_dir = writable_dir(args.out_dir)
 
+    with locked(out_dir / ".rcgdm.lock", f"--out_dir {str(out_dir)!r}"):
+        write_labels(args, device, source, num_data, out_dir)
+
+
+def write_labels(args: argparse.Namespace, device: torch.device, source, num_data: int, out_dir: Path) -> None:
     model = reward.build_reward_model(args.weights, args.seed).to(device)
     if args.weights == "none":
         print("WARNING: --weights none: the ResNet18 backbone is RANDOM, not ImageNet-trained (fine offline, not the paper)")

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -33,8 +34,10 @@ from rcgdm import plots
 from rcgdm.atomic import atomic_path, save_json, save_text
 from rcgdm.cli import ArgumentParser, UserError, finite_float, positive_int, run_main, writable_dir
 from rcgdm.evaluate import score_images
+from rcgdm.locking import locked
 from rcgdm.models import SD15, load_pipeline
 from rcgdm.predictor import load_predictor
+from rcgdm.progress import SweepProgress
 from rcgdm.reward import load_reward_model
 from rcgdm.runtime import image_seed, package_versions, resolve_device
 from rcgdm.sampler import SCHEDULERS, RewardGuidance, decode, make_scheduler, sample_latents
@@ -64,6 +67,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--batch_mean_guidance", action="store_true", help="divide the term by the batch size, as the original code")
     p.add_argument("--overwrite", action="store_true", help="replace images already in the output folders")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted run in --out_dir (same settings)")
     return p.parse_args()
 
 
@@ -110,18 +114,36 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def prepare_folders(out_dir: Path, combos: list[Combo], overwrite: bool) -> None:
-    """Create every folder; refuse (or with --overwrite, clear) folders that already hold images."""
-    writable_dir(out_dir)
+def prepare_folders(out_dir: Path, combos: list[Combo], overwrite: bool, progress: SweepProgress) -> None:
+    """Create every folder. Images already there are refused, or cleared with --overwrite; when
+    resuming, only the images of batches that did not finish are cleared (they are redone)."""
     for combo in combos:
         writable_dir(combo.folder)
         existing = sorted(combo.folder.glob(IMAGE_GLOB))
-        if existing and not overwrite:
+        if progress.rows:
+            kept = {out_dir / r["file"] for r in progress.rows}
+            existing = [p for p in existing if p not in kept]
+        elif existing and not overwrite:
             raise UserError(
                 f"--out_dir {str(combo.folder)!r} already holds {len(existing)} images; use --overwrite or another --out_dir"
             )
         for path in existing:
             path.unlink()
+
+
+def image_settings(args: argparse.Namespace, seed: int) -> dict:
+    """Everything that shapes the images: a resumed run must match it."""
+    keys = ("prompt", "target", "guidance", "num_images", "bs", "seed", "model", "reward_model", "predictor",
+            "num_inference_steps", "cfg", "scheduler", "height", "width", "dtype", "batch_mean_guidance")  # fmt: skip
+    return {**{key: getattr(args, key) for key in keys}, "seed_used": seed}
+
+
+def load_png(path: Path) -> torch.Tensor:
+    """A saved image -> float32 (3, H, W) in [0, 1]."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
 
 
 def save_png(image: torch.Tensor, path: Path) -> None:
@@ -166,35 +188,48 @@ def main() -> None:
     args = parse_args()
     check_args(args)
     start = time.perf_counter()
-    seed = args.seed if args.seed >= 0 else secrets.randbelow(2**31)
-    if args.seed < 0:
-        print(f"--seed -1: using the random seed {seed} (recorded in summary.json)")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     out_dir, combos = plan(args)
     make_scheduler(args.scheduler, {})  # an unknown name fails before anything loads
+    writable_dir(out_dir)
+    with locked(out_dir / ".rcgdm.lock", f"--out_dir {str(out_dir)!r}"):
+        seed = args.seed if args.seed >= 0 else secrets.randbelow(2**31)
+        progress = SweepProgress.open(out_dir, image_settings(args, seed), args.resume, args.overwrite)
+        if progress.rows:
+            print(f"--resume: {len(progress.rows)} images already done in {out_dir}")
+        elif args.seed < 0:
+            print(f"--seed -1: using the random seed {progress.seed} (recorded in summary.json)")
+        run_sweep(args, device, dtype, out_dir, combos, progress, start)
 
+
+def run_sweep(args, device, dtype, out_dir: Path, combos: list[Combo], progress: SweepProgress, start: float) -> None:
+    seed = progress.seed
     pipe = load_pipeline(args.model, dtype).to(device)
     pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     reward_model, reward_meta = load_reward_model(args.reward_model)
     predictor, predictor_meta = load_predictor(args.predictor, latent_channels=pipe.unet.config.in_channels)
     reward_model, predictor = reward_model.to(device), predictor.to(device)
-    prepare_folders(out_dir, combos, args.overwrite)
+    prepare_folders(out_dir, combos, args.overwrite, progress)
 
-    rows, firsts, seconds = [], {}, {}
+    seconds = {}
     bar = tqdm(total=len(combos) * args.num_images, desc="images", unit="img")
     for combo in combos:
         combo_start = time.perf_counter()
         guidance = RewardGuidance(predictor, combo.target, combo.guidance, args.batch_mean_guidance)
         for first in range(0, args.num_images, args.bs):
             indices = range(first, min(first + args.bs, args.num_images))
+            if progress.finished(combo.prompt, combo.target, combo.guidance, first):
+                bar.update(len(indices))
+                continue
             generators = [torch.Generator().manual_seed(image_seed(seed, i)) for i in indices]
             latents = sample_latents(
                 pipe, combo.prompt, generators, guidance, args.num_inference_steps, args.cfg, args.height, args.width
             )
             images = decode(pipe, latents, generators)
             gt, pred = score_images(images, reward_model, predictor, pipe.vae)
+            rows = []
             for j, i in enumerate(indices):
                 path = combo.folder / f"{i}_gt_{gt[j]:.4f}_pred_{pred[j]:.4f}.png"
                 save_png(images[j], path)
@@ -211,19 +246,19 @@ def main() -> None:
                         "file": path.relative_to(out_dir).as_posix(),
                     }
                 )
-            firsts.setdefault(combo, (images[0], gt[0].item(), pred[0].item()))
+            progress.add(rows)
             bar.update(len(indices))
         seconds[combo] = time.perf_counter() - combo_start
     bar.close()
 
+    rows = sorted(progress.rows, key=lambda r: (combos.index(combo_of(combos, r)), r["image"]))
     summary = summarise(combos, rows, seconds)
     write_csv(rows, out_dir / "results.csv")
     plots.reward_vs_target(summary, out_dir / "reward_vs_target.png")
-    write_grid(args, pipe, seed, combos, firsts, reward_model, predictor, out_dir / "grid.png")
-    settings = {**vars(args), "seed_used": seed, "out_dir": str(out_dir)}
+    write_grid(args, pipe, seed, out_dir, rows, reward_model, predictor, out_dir / "grid.png")
     save_json(
         {
-            "settings": settings,
+            "settings": {**vars(args), "seed_used": seed, "out_dir": str(out_dir)},
             "combinations": summary,
             "reward_model": reward_meta,
             "predictor": predictor_meta,
@@ -232,6 +267,7 @@ def main() -> None:
         },
         out_dir / "summary.json",
     )
+    progress.complete()
     for c in summary:
         print(
             f"target {c['target']:g}, guidance {c['guidance']:g}, {c['prompt']!r}: "
@@ -240,27 +276,35 @@ def main() -> None:
     print(f"wrote {len(rows)} images and {out_dir / 'results.csv'}, summary.json, reward_vs_target.png, grid.png")
 
 
-def write_grid(args, pipe, seed, combos, firsts, reward_model, predictor, path: Path) -> None:
+def combo_of(combos: list[Combo], row: dict) -> Combo:
+    return next(c for c in combos if (c.prompt, c.target, c.guidance) == (row["prompt"], row["target"], row["guidance"]))
+
+
+def write_grid(args, pipe, seed: int, out_dir: Path, rows: list[dict], reward_model, predictor, path: Path) -> None:
     """The paper's Figure 6 layout: rows = prompts, an unguided column, then one column per target
-    at the run's strongest guidance; every cell is image 0, so every cell starts from the same noise."""
+    at the run's strongest guidance; every cell is image 0 (as saved), so every cell starts from the same noise."""
     strongest = max(args.guidance, key=abs)
     targets = sorted(set(args.target))
-    rows, captions = [], []
-    for k, prompt in enumerate(args.prompt):
-        unguided = next((v for c, v in firsts.items() if c.prompt_index == k and c.guidance == 0), None)
+    first_images = {(r["prompt"], r["target"], r["guidance"]): r for r in rows if r["image"] == 0}
+
+    def cell(row: dict) -> tuple[torch.Tensor, float, float]:
+        return load_png(out_dir / row["file"]), row["gt"], row["pred"]
+
+    grid, captions = [], []
+    for prompt in args.prompt:
+        unguided = next((cell(r) for (p, _, g), r in first_images.items() if p == prompt and g == 0), None)
         if unguided is None:  # the sweep has no guidance 0: sample the unguided cell alone
             generators = [torch.Generator().manual_seed(image_seed(seed, 0))]
             latents = sample_latents(pipe, prompt, generators, None, args.num_inference_steps, args.cfg, args.height, args.width)
             image = decode(pipe, latents, generators)
             gt, pred = score_images(image, reward_model, predictor, pipe.vae)
             unguided = (image[0], gt.item(), pred.item())
-        guided = {c.target: v for c, v in firsts.items() if c.prompt_index == k and c.guidance == strongest}
-        cells = [unguided] + [guided[t] for t in targets]
-        rows.append([image for image, _, _ in cells])
+        cells = [unguided] + [cell(first_images[(prompt, t, strongest)]) for t in targets]
+        grid.append([image for image, _, _ in cells])
         captions.append([f"gt {gt:.3f} / pred {pred:.3f}" for _, gt, pred in cells])
     column_labels = ["unguided"] + [f"target {t:g}" for t in targets]
     row_labels = [textwrap.fill(prompt, 24) for prompt in args.prompt]
-    plots.image_grid(row_labels, column_labels, rows, captions, path)
+    plots.image_grid(row_labels, column_labels, grid, captions, path)
     print(f"grid.png: guidance {strongest:g}, image 0 of each combination")
 
 

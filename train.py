@@ -30,10 +30,11 @@ import torch.nn.functional as F
 
 from rcgdm import plots
 from rcgdm.atomic import save_json, save_text, save_torch
-from rcgdm.cli import UserError, run_main
+from rcgdm.cli import UserError, run_main, writable_dir
 from rcgdm.config import describe, parse_overrides
 from rcgdm.data import check_num_data, open_source
 from rcgdm.latents import LatentSpec, cached_latents, vae_fingerprint
+from rcgdm.locking import locked
 from rcgdm.models import load_scheduler, load_vae
 from rcgdm.predictor import ThreeLayerConvNet, predictor_checkpoint
 from rcgdm.runtime import package_versions, resolve_device
@@ -114,14 +115,21 @@ def main() -> None:
     start_time = time.perf_counter()
     dev = resolve_device(cfg.device)
     out_path = Path(cfg.out_path)
-    out_dir = out_path.parent
-    state_path, best_path = out_path.with_suffix(".resume.pth"), out_path.with_suffix(".best.pth")
+    state_path = out_path.with_suffix(".resume.pth")
     if out_path.is_dir():
         raise UserError(f"out_path {str(out_path)!r} is a directory; expected a file path like convnet.pth")
     if cfg.resume and not state_path.is_file():
         raise UserError(f"resume=True but {str(state_path)!r} does not exist; expected a run to continue")
     labels = load_labels(cfg.labels_path, cfg.num_data)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    writable_dir(out_path.parent, "out_path's folder")
+    writable_dir(cfg.cache_dir, "cache_dir")
+    with locked(out_path.parent / f".{out_path.name}.lock", f"out_path {str(out_path)!r}"):
+        train(cfg, dev, labels, out_path, start_time)
+
+
+def train(cfg: SimpleNamespace, dev: torch.device, labels: torch.Tensor, out_path: Path, start_time: float) -> None:
+    out_dir = out_path.parent
+    state_path, best_path = out_path.with_suffix(".resume.pth"), out_path.with_suffix(".best.pth")
 
     # --- data: cached VAE latents, a seeded train/validation split, the timestep pool
     latents, images_encoded, encode_seconds = encode_dataset(cfg, dev)

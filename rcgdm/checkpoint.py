@@ -13,7 +13,8 @@ def load_checkpoint(path: str | Path, expected_format: str) -> dict:
     """torch.load without unpickling, checking the rcgdm format tag; any problem is a UserError."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint {str(path)!r} does not exist; expected a file written by this project")
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise UserError(f"checkpoint {str(path)!r} {what}; expected a file written by this project")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, hostile pickle, wrong file type ...

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,8 +15,14 @@ class UserError(Exception):
     """A mistake in the user's input: reported as one line, no traceback, exit status 2."""
 
 
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def run_main(main: Callable[[], None]) -> None:
-    """Run a script's main(); turn UserError into `error: ...` on stderr and exit 2."""
+    """Run a script's main(); turn UserError into `error: ...` on stderr and exit 2. SIGTERM is
+    handled like Ctrl-C, so temporary files are cleaned up either way."""
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         main()
     except UserError as err:

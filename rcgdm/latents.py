@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from rcgdm.atomic import atomic_path
 from rcgdm.data import ImageSource, load_batch
+from rcgdm.locking import locked
 from rcgdm.runtime import image_seed
 
 CACHE_FORMAT = "rcgdm.latents/1"
@@ -107,10 +108,12 @@ def cached_latents(
 ) -> tuple[torch.Tensor, int]:
     """(latents (N, C, h, w) float32 on the CPU, how many images were encoded now: 0 on a cache hit)."""
     path = spec.path(cache_dir)
-    latents = read_cache(path, spec)
-    if latents is not None:
-        print(f"latent cache hit: {path} ({spec.num_data} images, 0 encoded)")
-        return latents, 0
-    latents = encode(vae, source, spec, batch_size, device)
-    write_cache(path, spec, latents)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with locked(path.parent / f".{path.name}.lock", f"the latent cache {path.name}", wait=True):  # one encoder per cache entry
+        latents = read_cache(path, spec)
+        if latents is not None:
+            print(f"latent cache hit: {path} ({spec.num_data} images, 0 encoded)")
+            return latents, 0
+        latents = encode(vae, source, spec, batch_size, device)
+        write_cache(path, spec, latents)
     return latents, spec.num_data

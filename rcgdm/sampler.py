@@ -83,7 +83,7 @@ def sample_latents(
         if guidance is not None and guidance.scale != 0:
             # the paper's term; x_t is the model input (the DDPM-scaled latent, for any scheduler)
             x_t = scheduler.scale_model_input(latents, t)
-            alpha_bar_t = alphas_cumprod[int(t)]
+            alpha_bar_t = alphas_cumprod[t.to(device, torch.long)]  # indexed on the device: int(t) would sync the GPU each step
             eps = guide_eps(eps, x_t, alpha_bar_t, guidance.predictor, guidance.target, guidance.scale, guidance.batch_mean)
         latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
     return latents

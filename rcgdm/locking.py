@@ -1,0 +1,29 @@
+"""Advisory file locks, so two runs never write the same outputs at once."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from rcgdm.cli import UserError
+
+
+@contextlib.contextmanager
+def locked(lock_file: str | Path, what: str, wait: bool = False) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_file` (created if needed). If another process holds it:
+    wait for it (wait=True) or refuse with a UserError naming `what`."""
+    fd = os.open(lock_file, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                raise UserError(f"{what} is in use by another run; wait for it to finish, or use another one") from None
+            print(f"waiting for another run to finish with {what} ...", flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

@@ -1,0 +1,388 @@
+"""Reliability: hostile and damaged files, bad input everywhere, concurrent runs, and SIGKILL + resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, error_line, latent_labels, run_script
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rcgdm.cli import UserError
+from rcgdm.config import parse_overrides
+
+
+class WritesAMarker:
+    """Unpickling this runs code: it would create the file `path`."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def hostile_checkpoint(path, marker):
+    torch.save({"format": "rcgdm.predictor/1", "state_dict": {}, "payload": WritesAMarker(str(marker))}, path)
+    return path
+
+
+def popen(*args, log=None):
+    return subprocess.Popen(
+        [sys.executable, *map(str, args)], cwd=ROOT, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def wait_for(condition, timeout=300.0, process=None):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        if process is not None and process.poll() is not None and not condition():
+            raise AssertionError(f"process ended early with status {process.returncode}")
+        time.sleep(0.05)
+
+
+# --- hostile and damaged files --------------------------------------------------------------------------------------------------
+
+
+def test_a_code_running_pickle_is_refused_everywhere(tmp_path, capsys, reward_model_path, predictor_path):
+    marker = tmp_path / "pwned"
+    bad = hostile_checkpoint(tmp_path / "bad.pth", marker)
+    base = ["--model", "tiny", "--num_images", "1", "--num_inference_steps", "2", "--seed", "0", "--out_dir", tmp_path / "out"]
+    assert run_script("inference.py", *base, "--reward_model", bad, "--predictor", predictor_path) == 2
+    assert "cannot be loaded safely" in error_line(capsys.readouterr().err)
+    assert run_script("inference.py", *base, "--reward_model", reward_model_path, "--predictor", bad) == 2
+    assert "cannot be loaded safely" in error_line(capsys.readouterr().err)
+
+    labels = tmp_path / "labels.npy"
+    np.save(labels, np.zeros((8, 1), np.float32))
+    out = tmp_path / "train" / "convnet.pth"
+    out.parent.mkdir()
+    hostile_checkpoint(out.with_suffix(".resume.pth"), marker)
+    args = ["--model=tiny", "--data=synthetic", "--num_data=8", "--image_size=64", "--val_fraction=0", f"--labels_path={labels}"]
+    assert run_script("train.py", *args, f"--out_path={out}", f"--cache_dir={tmp_path / 'cache'}", "--resume=True") == 2
+    assert "cannot be loaded safely" in error_line(capsys.readouterr().err)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("which", ["reward_model", "predictor"])
+def test_truncated_checkpoints_name_the_file(tmp_path, capsys, reward_model_path, predictor_path, which):
+    paths = {"reward_model": reward_model_path, "predictor": predictor_path}
+    broken = tmp_path / f"{which}.pth"
+    broken.write_bytes(paths[which].read_bytes()[:5000])
+    paths[which] = broken
+    args = ["--model", "tiny", "--num_images", "1", "--seed", "0", "--out_dir", tmp_path / "out"]
+    assert run_script("inference.py", *args, "--reward_model", paths["reward_model"], "--predictor", paths["predictor"]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert str(broken) in line and "cannot be loaded safely" in line
+
+
+def test_truncated_labels_name_the_file(tmp_path, capsys):
+    labels = tmp_path / "labels.npy"
+    np.save(labels, np.zeros((64, 1), np.float32))
+    labels.write_bytes(labels.read_bytes()[:100])
+    args = ["--model=tiny", "--data=synthetic", "--num_data=8", f"--labels_path={labels}", f"--out_path={tmp_path / 'c.pth'}"]
+    assert run_script("train.py", *args) == 2
+    line = error_line(capsys.readouterr().err)
+    assert str(labels) in line and "not a readable .npy file" in line
+
+
+# --- bad input: every script, every flag ----------------------------------------------------------------------------------------
+
+FAKE_DATASET_BAD = [
+    (["--num_data", "x"], "not an integer"),
+    (["--num_data", "0"], "too small"),
+    (["--num_data", "-1"], "too small"),
+    (["--num_data", "1e9"], "not an integer"),
+    (["--num_data", "999999"], "out of range"),
+    (["--noise_std", "nan"], "not finite"),
+    (["--noise_std=-inf"], "not finite"),
+    (["--noise_std", "-1"], "negative"),
+    (["--noise_std", "lots"], "not a number"),
+    (["--seed", "1.5"], "invalid int value"),
+    (["--batch_size", "0"], "too small"),
+    (["--weights", "resnet50"], "unknown"),
+    (["--device", "gpu7"], "not a device"),
+    (["--data", "MISSING"], "does not exist"),
+    (["--data", "A_FILE"], "is a file"),
+    (["--data", "EMPTY_DIR"], "holds no images"),
+    (["--data", "synthetic:x"], "bad seed"),
+    (["--out_dir", "A_FILE"], "is a file"),
+    (["--out_dir", "UNDER_A_FILE"], "cannot be created"),
+    (["--bogus", "1"], "unrecognized arguments"),
+]
+
+TRAIN_BAD = [
+    (["--lr=0"], "lr=0.0 is out of range"),
+    (["--lr=-0.1"], "out of range"),
+    (["--lr=nan"], "not a finite number"),
+    (["--lr=inf"], "not a finite number"),
+    (["--lr=fast"], "not a finite number"),
+    (["--num_data=0"], "out of range"),
+    (["--num_data=ten"], "not an integer"),
+    (["--num_data=999999"], "needs at least that many"),
+    (["--num_epochs=0"], "out of range"),
+    (["--num_epochs=2.5"], "not an integer"),
+    (["--batch_size=-1"], "out of range"),
+    (["--image_size=65"], "a multiple of 8"),
+    (["--image_size=0"], "a multiple of 8"),
+    (["--num_inference_steps=0"], "from 1 to 1000"),
+    (["--num_inference_steps=5000"], "from 1 to 1000"),
+    (["--val_fraction=1"], "in [0, 1)"),
+    (["--val_fraction=-0.1"], "in [0, 1)"),
+    (["--seed=-1"], "out of range"),
+    (["--encode_batch_size=0"], "out of range"),
+    (["--resume=perhaps"], "not True or False"),
+    (["--wandb=2"], "not True or False"),
+    (["--device=tpu"], "not a device"),
+    (["--data=MISSING"], "does not exist"),
+    (["--labels_path=MISSING"], "does not exist"),
+    (["--labels_path=A_DIR"], "does not exist"),
+    (["--out_path=A_DIR"], "is a directory"),
+    (["--out_path=UNDER_A_FILE/c.pth"], "cannot be created"),
+    (["--cache_dir=A_FILE"], "is a file"),
+    (["--model=no-such/model"], "could not be loaded"),
+    (["--nope=1"], "unknown key"),
+    (["positional"], "is not --key=value"),
+]
+
+INFERENCE_BAD = [
+    (["--target", "x"], "not a number"),
+    (["--target", "nan"], "not finite"),
+    (["--guidance=-inf"], "not finite"),
+    (["--num_images", "0"], "too small"),
+    (["--num_images", "2.5"], "not an integer"),
+    (["--bs", "-2"], "too small"),
+    (["--seed", "-7"], "negative"),
+    (["--seed", "one"], "invalid int value"),
+    (["--prompt", ""], "is empty"),
+    (["--cfg", "nan"], "not finite"),
+    (["--num_inference_steps", "0"], "too small"),
+    (["--height", "63"], "not a multiple of 8"),
+    (["--width", "0"], "too small"),
+    (["--scheduler", "nope"], "unknown"),
+    (["--dtype", "fp8"], "invalid choice"),
+    (["--device", "cuda:99"], "CUDA"),
+    (["--model", "no-such/model"], "could not be loaded"),
+    (["--reward_model", "MISSING"], "does not exist"),
+    (["--reward_model", "A_DIR"], "is a directory"),
+    (["--predictor", "A_FILE"], "cannot be loaded safely"),
+    (["--out_dir", "A_FILE"], "is a file"),
+    (["--resume"], "holds no interrupted run"),
+]
+
+
+@pytest.fixture
+def paths(tmp_path):
+    (tmp_path / "a_dir").mkdir()
+    (tmp_path / "empty_dir").mkdir()
+    (tmp_path / "a_file").write_text("not a checkpoint")
+    return {
+        "MISSING": str(tmp_path / "missing"),
+        "A_FILE": str(tmp_path / "a_file"),
+        "A_DIR": str(tmp_path / "a_dir"),
+        "EMPTY_DIR": str(tmp_path / "empty_dir"),
+        "UNDER_A_FILE": str(tmp_path / "a_file" / "sub"),
+    }
+
+
+def swap(args, paths):
+    """Replace the placeholders (MISSING, A_FILE, ...) by real paths."""
+    out = []
+    for arg in args:
+        for key in sorted(paths, key=len, reverse=True):
+            arg = arg.replace(key, paths[key])
+        out.append(arg)
+    return out
+
+
+def names_the_value(line, args):
+    """The error names the flag, or the bad value itself."""
+    flag, _, value = args[0].lstrip("-").partition("=")
+    value = value or (args[1] if len(args) > 1 else flag)
+    return flag in line or value in line
+
+
+def outputs(tmp_path):
+    return sorted(p for p in (tmp_path / "out").rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+@pytest.mark.parametrize(("args", "expected"), FAKE_DATASET_BAD)
+def test_fake_dataset_bad_input(tmp_path, capsys, paths, args, expected):
+    base = ["--data", "synthetic", "--weights", "none", "--num_data", "4", "--out_dir", tmp_path / "out"]
+    assert run_script("fake_dataset.py", *base, *swap(args, paths)) == 2
+    line = error_line(capsys.readouterr().err)
+    assert expected in line and names_the_value(line, swap(args, paths))
+    assert outputs(tmp_path) == []
+
+
+@pytest.mark.parametrize(("args", "expected"), TRAIN_BAD)
+def test_train_bad_input(tmp_path, capsys, paths, args, expected):
+    labels = tmp_path / "labels.npy"
+    np.save(labels, np.zeros((16, 1), np.float32))
+    base = ["--model=tiny", "--data=synthetic", "--num_data=8", "--image_size=64", "--num_epochs=1", f"--labels_path={labels}"]
+    base += [f"--out_path={tmp_path / 'out' / 'convnet.pth'}", f"--cache_dir={tmp_path / 'out' / 'cache'}"]
+    assert run_script("train.py", *base, *swap(args, paths)) == 2
+    line = error_line(capsys.readouterr().err)
+    assert expected in line and names_the_value(line, swap(args, paths))
+    assert outputs(tmp_path) == []
+
+
+@pytest.mark.parametrize(("args", "expected"), INFERENCE_BAD)
+def test_inference_bad_input(tmp_path, capsys, paths, reward_model_path, predictor_path, args, expected):
+    base = ["--model", "tiny", "--reward_model", reward_model_path, "--predictor", predictor_path, "--seed", "0"]
+    base += ["--num_images", "1", "--num_inference_steps", "2", "--out_dir", tmp_path / "out"]
+    assert run_script("inference.py", *base, *swap(args, paths)) == 2
+    line = error_line(capsys.readouterr().err)
+    assert expected in line and names_the_value(line, swap(args, paths))
+    assert outputs(tmp_path) == []
+
+
+DEFAULTS = {"lr": 0.001, "num_epochs": 100, "resume": False, "model": "tiny"}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(-(10**12), 10**12), st.floats(allow_nan=False, allow_infinity=False), st.booleans(), st.text(min_size=1))
+def test_override_parser_round_trips_typed_values(number, real, flag, text):
+    got = parse_overrides(DEFAULTS, [f"--num_epochs={number}", "--lr", repr(real), f"--resume={flag}", f"--model={text}"])
+    assert got == {"num_epochs": number, "lr": real, "resume": flag, "model": text}
+    assert type(got["num_epochs"]) is int and type(got["lr"]) is float and type(got["resume"]) is bool
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(["num_epochs", "lr", "resume"]), st.text())
+def test_override_parser_never_crashes(key, text):
+    try:
+        got = parse_overrides(DEFAULTS, [f"--{key}={text}"])
+    except UserError as err:
+        assert key in str(err)
+    else:
+        assert type(got[key]) is type(DEFAULTS[key])
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(alphabet=st.characters(blacklist_characters="="), min_size=1).filter(lambda k: k not in DEFAULTS))
+def test_override_parser_rejects_unknown_keys(key):
+    with pytest.raises(UserError, match="valid keys: lr, num_epochs, resume, model"):
+        parse_overrides(DEFAULTS, [f"--{key}=1"])
+
+
+# --- concurrent runs ------------------------------------------------------------------------------------------------------------
+
+
+def inference_args(out, reward_model_path, predictor_path, *extra):
+    return ["inference.py", "--model", "tiny", "--reward_model", reward_model_path, "--predictor", predictor_path,
+            "--seed", "0", "--out_dir", out, *extra]  # fmt: skip
+
+
+def test_a_second_run_on_the_same_out_dir_is_refused(tmp_path, reward_model_path, predictor_path):
+    from rcgdm.locking import locked
+
+    out = tmp_path / "out"
+    first = popen(*inference_args(out, reward_model_path, predictor_path, "--num_images", "8", "--bs", "2",
+                                  "--num_inference_steps", "30"))  # fmt: skip
+
+    def first_holds_the_lock():
+        if not (out / ".rcgdm.lock").exists():
+            return False
+        try:
+            with locked(out / ".rcgdm.lock", "probe"):
+                return False
+        except UserError:
+            return True
+
+    wait_for(first_holds_the_lock, process=first)
+    second = subprocess.run([sys.executable, *map(str, inference_args(out, reward_model_path, predictor_path))],
+                            cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    assert second.returncode == 2 and "is in use by another run" in error_line(second.stderr)
+    assert first.wait(timeout=300) == 0
+    assert len(read_rows(out / "results.csv")) == 8
+
+
+def test_two_trainings_share_one_cache_and_encode_each_image_once(tmp_path):
+    labels = latent_labels(tmp_path / "labels.npy", 256)
+
+    def start(name):
+        return popen("train.py", "--model=tiny", "--data=synthetic", "--num_data=256", "--image_size=64", "--num_epochs=1",
+                     "--val_fraction=0", f"--labels_path={labels}", f"--cache_dir={tmp_path / 'cache'}",
+                     f"--out_path={tmp_path / name / 'convnet.pth'}")  # fmt: skip
+
+    a, b = start("a"), start("b")
+    assert a.wait(timeout=300) == 0 and b.wait(timeout=300) == 0
+    encoded = [json.loads((tmp_path / n / "train_summary.json").read_text())["images_encoded"] for n in "ab"]
+    assert sorted(encoded) == [0, 256]
+
+
+# --- SIGKILL, then resume -------------------------------------------------------------------------------------------------------
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def test_training_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
+    labels = latent_labels(tmp_path / "labels.npy", 512)
+
+    def args(name, *extra):
+        return ["train.py", "--model=tiny", "--data=synthetic", "--num_data=512", "--image_size=64", "--num_epochs=3",
+                "--batch_size=8", f"--labels_path={labels}", f"--cache_dir={tmp_path / 'cache'}",
+                f"--out_path={tmp_path / name / 'convnet.pth'}", *extra]  # fmt: skip
+
+    assert run_script(*args("whole")) == 0
+    killed = popen(*args("killed"))
+    state = tmp_path / "killed" / "convnet.resume.pth"
+    wait_for(state.exists, process=killed)
+    time.sleep(0.3)  # into the second epoch
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "killed" / "convnet.pth").exists()
+    assert run_script(*args("killed", "--resume=True")) == 0
+    a, b = weights(tmp_path / "whole/convnet.pth"), weights(tmp_path / "killed/convnet.pth")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_killed_while_building_the_cache_rebuilds_it(tmp_path):
+    labels = latent_labels(tmp_path / "labels.npy", 1024)
+    argv = ["train.py", "--model=tiny", "--data=synthetic", "--num_data=1024", "--image_size=64", "--num_epochs=1",
+            "--val_fraction=0", f"--labels_path={labels}", f"--cache_dir={tmp_path / 'cache'}",
+            f"--out_path={tmp_path / 'out' / 'convnet.pth'}", "--encode_batch_size=8"]  # fmt: skip
+    with open(tmp_path / "log.txt", "w") as log:
+        killed = popen(*argv, log=log)
+        wait_for(lambda: "encoding latents:" in (tmp_path / "log.txt").read_text(), process=killed)
+        time.sleep(0.5)
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+    assert not list((tmp_path / "cache").glob("latents-*.safetensors"))  # nothing half-written under a final name
+    assert run_script(*argv) == 0
+    assert json.loads((tmp_path / "out" / "train_summary.json").read_text())["images_encoded"] == 1024
+
+
+def test_a_sweep_killed_midway_resumes_to_the_same_results(tmp_path, reward_model_path, predictor_path):
+    extra = ["--target", "-4", "-2", "--guidance", "0", "10", "--num_images", "4", "--bs", "2", "--num_inference_steps", "10"]
+    assert run_script(*inference_args(tmp_path / "whole", reward_model_path, predictor_path, *extra)) == 0
+    killed = popen(*inference_args(tmp_path / "killed", reward_model_path, predictor_path, *extra))
+    progress = tmp_path / "killed" / "progress.json"
+    wait_for(lambda: progress.exists() and len(json.loads(progress.read_text())["rows"]) >= 4, process=killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "killed" / "results.csv").exists()
+    assert run_script(*inference_args(tmp_path / "killed", reward_model_path, predictor_path, *extra)) == 2  # no silent overwrite
+    assert run_script(*inference_args(tmp_path / "killed", reward_model_path, predictor_path, *extra, "--resume")) == 0
+    assert read_rows(tmp_path / "whole/results.csv") == read_rows(tmp_path / "killed/results.csv")
+    assert not progress.exists()
+    images = [sorted(p.relative_to(tmp_path / d) for p in (tmp_path / d).rglob("*_gt_*.png")) for d in ("whole", "killed")]
+    assert images[0] == images[1]
