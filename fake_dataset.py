@@ -1,7 +1,8 @@
 """Step 1 of the paper: a random "ground-truth" reward and noisy reward labels for a dataset.
 
-The reward is ImageNet ResNet18 with its last layer replaced by a random Linear(512, 1).
-Each image i (resized to 224, ImageNet-normalised) gets the label reward(image_i) + N(0, noise_std^2).
+The paper's reward is ImageNet ResNet18 with its last layer replaced by a random Linear(512, 1);
+--reward picks another (compressibility, aesthetic, or your module:function; see rcgdm/rewards.py).
+Each image i (resized to 224) gets the label reward(image_i) + N(0, noise_std^2).
 
     python3 fake_dataset.py                                      # the paper: CIFAR-10 train, 50k
     python3 fake_dataset.py --data synthetic --num_data 64 --weights none --out_dir OUT   # offline
@@ -21,11 +22,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rcgdm import reward
+from rcgdm import rewards
 from rcgdm.atomic import save_json, save_npy, save_torch
 from rcgdm.cli import ArgumentParser, UserError, non_negative_float, positive_int, run_main, writable_dir
 from rcgdm.data import check_num_data, load_batch, open_source
 from rcgdm.locking import locked
+from rcgdm.reward import WEIGHT_CHOICES
+from rcgdm.rewards import Reward
 from rcgdm.runtime import package_versions, resolve_device, sha256_file
 
 REWARD_FILE = "reward_model.pth"
@@ -38,6 +41,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--data", default="cifar10", help="cifar10, synthetic[:SEED] or an image folder (default: cifar10)")
     p.add_argument("--data_root", default="./data", help="where cifar10 is downloaded (default: ./data)")
     p.add_argument("--num_data", type=positive_int, default=None, help="use the first N images (default: all)")
+    p.add_argument("--reward", default="resnet18-random",
+                   help="resnet18-random (the paper), compressibility, aesthetic, or module:function (default: resnet18-random)")
     p.add_argument("--weights", default="imagenet", help="ResNet18 backbone: imagenet or none (random) (default: imagenet)")
     p.add_argument("--noise_std", type=non_negative_float, default=0.1, help="label noise std (default: 0.1)")
     p.add_argument("--seed", type=int, default=0, help="seeds the reward head and the label noise (default: 0)")
@@ -47,21 +52,23 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def compute_rewards(model: torch.nn.Module, source, num_data: int, batch_size: int) -> torch.Tensor:
+def compute_rewards(ground_truth: Reward, source, num_data: int, batch_size: int) -> torch.Tensor:
     """Clean rewards of images 0..num_data-1 -> float32 (num_data, 1)."""
     chunks = []
     with tqdm(total=num_data, desc="rewarding images", unit="img") as bar:
         for start in range(0, num_data, batch_size):
             indices = range(start, min(start + batch_size, num_data))
-            chunks.append(reward.score(model, load_batch(source, indices, reward.INPUT_SIZE)))
+            chunks.append(ground_truth(load_batch(source, indices, rewards.SIZE)))
             bar.update(len(indices))
-    return torch.cat(chunks)
+    return torch.cat(chunks)[:, None]
 
 
 def main() -> None:
     args = parse_args()
-    if args.weights not in reward.WEIGHT_CHOICES:
-        raise UserError(f"--weights {args.weights!r} is unknown; expected one of {', '.join(reward.WEIGHT_CHOICES)}")
+    if args.weights not in WEIGHT_CHOICES:
+        raise UserError(f"--weights {args.weights!r} is unknown; expected one of {', '.join(WEIGHT_CHOICES)}")
+    if args.reward not in rewards.BUILT_IN and ":" not in args.reward:
+        raise UserError(f"--reward {args.reward!r} is unknown; expected one of {', '.join(rewards.BUILT_IN)} or module:function")
     device = resolve_device(args.device)
     source = open_source(args.data, args.data_root)
     num_data = check_num_data(args.num_data, source)
@@ -72,17 +79,18 @@ def main() -> None:
 
 
 def write_labels(args: argparse.Namespace, device: torch.device, source, num_data: int, out_dir: Path) -> None:
-    model = reward.build_reward_model(args.weights, args.seed).to(device)
-    if args.weights == "none":
+    ground_truth = rewards.build_reward(args.reward, args.weights, args.seed).to(device)
+    if args.reward == "resnet18-random" and args.weights == "none":
         print("WARNING: --weights none: the ResNet18 backbone is RANDOM, not ImageNet-trained (fine offline, not the paper)")
-    clean = compute_rewards(model, source, num_data, args.batch_size)
+    clean = compute_rewards(ground_truth, source, num_data, args.batch_size)
     noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(args.seed)) * args.noise_std
     labels = (clean + noise).numpy().astype(np.float32)
 
-    save_torch(reward.reward_checkpoint(model.cpu(), args.weights, args.seed), out_dir / REWARD_FILE)
+    save_torch(ground_truth.checkpoint(), out_dir / REWARD_FILE)
     save_npy(labels, out_dir / LABELS_FILE)
     save_json(
         {
+            "reward": args.reward,
             "data": source.identity,
             "num_data": num_data,
             "noise_std": args.noise_std,

@@ -34,11 +34,12 @@ from rcgdm import plots
 from rcgdm.atomic import atomic_path, save_json, save_text
 from rcgdm.cli import ArgumentParser, UserError, finite_float, positive_int, run_main, writable_dir
 from rcgdm.evaluate import score_images
+from rcgdm.guidance import GRAD_PATHS
 from rcgdm.locking import locked
 from rcgdm.models import SD15, load_pipeline
 from rcgdm.predictor import load_predictor
 from rcgdm.progress import SweepProgress
-from rcgdm.reward import load_reward_model
+from rcgdm.rewards import load_reward
 from rcgdm.runtime import image_seed, package_versions, resolve_device
 from rcgdm.sampler import SCHEDULERS, RewardGuidance, decode, make_scheduler, sample_latents
 
@@ -68,29 +69,39 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch_mean_guidance", action="store_true", help="divide the term by the batch size, as the original code")
     p.add_argument("--overwrite", action="store_true", help="replace images already in the output folders")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run in --out_dir (same settings)")
+    p.add_argument("--grad_path", default="xt", choices=GRAD_PATHS,
+                   help="xt: the predictor on the noisy latent (the paper); x0: on the denoised estimate (default: xt)")
+    p.add_argument("--best_of", type=positive_int, nargs="+", default=[1],
+                   help="N candidates per image, keep the one whose predicted reward is closest to the target (default: 1)")
     return p.parse_args()
 
 
 @dataclass(frozen=True)
 class Combo:
-    """One (prompt, target, guidance) of a run and the folder its images go to."""
+    """One (prompt, target, guidance, best-of-N) of a run and the folder its images go to."""
 
     prompt_index: int
     prompt: str
     target: float
     guidance: float
+    best_of: int
     folder: Path
+
+    def key(self) -> tuple:
+        return (self.prompt, self.target, self.guidance, self.best_of)
 
 
 def plan(args: argparse.Namespace) -> tuple[Path, list[Combo]]:
     """The run folder and its combinations; a single combination keeps the original's layout."""
-    single = len(args.prompt) == len(args.target) == len(args.guidance) == 1
+    single = len(args.prompt) == len(args.target) == len(args.guidance) == len(args.best_of) == 1
     out_dir = Path(args.out_dir or (f"imgs/target{args.target[0]}guidance{args.guidance[0]}" if single else "imgs/sweep"))
     combos = []
-    for (k, prompt), target, guidance in itertools.product(enumerate(args.prompt), args.target, args.guidance):
+    grid = itertools.product(enumerate(args.prompt), args.target, args.guidance, args.best_of)
+    for (k, prompt), target, guidance, best_of in grid:
         prefix = f"prompt{k}_" if len(args.prompt) > 1 else ""
-        folder = out_dir if single else out_dir / f"{prefix}target{target}guidance{guidance}"
-        combos.append(Combo(k, prompt, target, guidance, folder))
+        suffix = f"_best{best_of}" if args.best_of != [1] else ""
+        folder = out_dir if single else out_dir / f"{prefix}target{target}guidance{guidance}{suffix}"
+        combos.append(Combo(k, prompt, target, guidance, best_of, folder))
     return out_dir, combos
 
 
@@ -134,7 +145,8 @@ def prepare_folders(out_dir: Path, combos: list[Combo], overwrite: bool, progres
 def image_settings(args: argparse.Namespace, seed: int) -> dict:
     """Everything that shapes the images: a resumed run must match it."""
     keys = ("prompt", "target", "guidance", "num_images", "bs", "seed", "model", "reward_model", "predictor",
-            "num_inference_steps", "cfg", "scheduler", "height", "width", "dtype", "batch_mean_guidance")  # fmt: skip
+            "num_inference_steps", "cfg", "scheduler", "height", "width", "dtype", "batch_mean_guidance", "grad_path",
+            "best_of")  # fmt: skip
     return {**{key: getattr(args, key) for key in keys}, "seed_used": seed}
 
 
@@ -157,20 +169,23 @@ def save_png(image: torch.Tensor, path: Path) -> None:
 def summarise(combos: list[Combo], rows: list[dict], seconds: dict) -> list[dict]:
     out = []
     for combo in combos:
-        mine = [r for r in rows if (r["prompt"], r["target"], r["guidance"]) == (combo.prompt, combo.target, combo.guidance)]
+        mine = [r for r in rows if row_key(r) == combo.key()]
         gt, pred = torch.tensor([r["gt"] for r in mine]), torch.tensor([r["pred"] for r in mine])
         out.append(
             {
                 "prompt": combo.prompt,
                 "target": combo.target,
                 "guidance": combo.guidance,
+                "best_of": combo.best_of,
                 "n": len(mine),
+                "unet_calls": sum(r["unet_calls"] for r in mine) / len(mine),
+                "gt_distance": (gt - combo.target).abs().mean().item(),
                 "gt_mean": gt.mean().item(),
                 "gt_std": gt.std(correction=0).item(),
                 "pred_mean": pred.mean().item(),
                 "pred_std": pred.std(correction=0).item(),
                 "folder": str(combo.folder),
-                "sampling_seconds": seconds[combo],
+                "sampling_seconds": seconds.get(combo),
             }
         )
     return out
@@ -208,8 +223,9 @@ def run_sweep(args, device, dtype, out_dir: Path, combos: list[Combo], progress:
     pipe = load_pipeline(args.model, dtype).to(device)
     pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    reward_model, reward_meta = load_reward_model(args.reward_model)
+    reward_model, reward_meta = load_reward(args.reward_model)
     predictor, predictor_meta = load_predictor(args.predictor, latent_channels=pipe.unet.config.in_channels)
+    check_grad_path(args.grad_path, args.predictor, predictor_meta)
     reward_model, predictor = reward_model.to(device), predictor.to(device)
     prepare_folders(out_dir, combos, args.overwrite, progress)
 
@@ -217,18 +233,13 @@ def run_sweep(args, device, dtype, out_dir: Path, combos: list[Combo], progress:
     bar = tqdm(total=len(combos) * args.num_images, desc="images", unit="img")
     for combo in combos:
         combo_start = time.perf_counter()
-        guidance = RewardGuidance(predictor, combo.target, combo.guidance, args.batch_mean_guidance)
+        guidance = RewardGuidance(predictor, combo.target, combo.guidance, args.batch_mean_guidance, args.grad_path)
         for first in range(0, args.num_images, args.bs):
             indices = range(first, min(first + args.bs, args.num_images))
-            if progress.finished(combo.prompt, combo.target, combo.guidance, first):
+            if progress.finished(combo.key(), first):
                 bar.update(len(indices))
                 continue
-            generators = [torch.Generator().manual_seed(image_seed(seed, i)) for i in indices]
-            latents = sample_latents(
-                pipe, combo.prompt, generators, guidance, args.num_inference_steps, args.cfg, args.height, args.width
-            )
-            images = decode(pipe, latents, generators)
-            gt, pred = score_images(images, reward_model, predictor, pipe.vae)
+            images, gt, pred, unet_calls = sample_best_of(args, pipe, combo, guidance, seed, indices, reward_model, predictor)
             rows = []
             for j, i in enumerate(indices):
                 path = combo.folder / f"{i}_gt_{gt[j]:.4f}_pred_{pred[j]:.4f}.png"
@@ -238,11 +249,13 @@ def run_sweep(args, device, dtype, out_dir: Path, combos: list[Combo], progress:
                         "prompt": combo.prompt,
                         "target": combo.target,
                         "guidance": combo.guidance,
+                        "best_of": combo.best_of,
                         "image": i,
                         "seed": seed,
                         "image_seed": image_seed(seed, i),
                         "gt": gt[j].item(),
                         "pred": pred[j].item(),
+                        "unet_calls": unet_calls,
                         "file": path.relative_to(out_dir).as_posix(),
                     }
                 )
@@ -251,10 +264,12 @@ def run_sweep(args, device, dtype, out_dir: Path, combos: list[Combo], progress:
         seconds[combo] = time.perf_counter() - combo_start
     bar.close()
 
-    rows = sorted(progress.rows, key=lambda r: (combos.index(combo_of(combos, r)), r["image"]))
+    order = {combo.key(): n for n, combo in enumerate(combos)}
+    rows = sorted(progress.rows, key=lambda r: (order[row_key(r)], r["image"]))
     summary = summarise(combos, rows, seconds)
     write_csv(rows, out_dir / "results.csv")
     plots.reward_vs_target(summary, out_dir / "reward_vs_target.png")
+    plots.reward_vs_compute(summary, out_dir / "reward_vs_compute.png")
     write_grid(args, pipe, seed, out_dir, rows, reward_model, predictor, out_dir / "grid.png")
     save_json(
         {
@@ -270,22 +285,54 @@ def run_sweep(args, device, dtype, out_dir: Path, combos: list[Combo], progress:
     progress.complete()
     for c in summary:
         print(
-            f"target {c['target']:g}, guidance {c['guidance']:g}, {c['prompt']!r}: "
+            f"target {c['target']:g}, guidance {c['guidance']:g}" + (f", best of {c['best_of']}" if c["best_of"] > 1 else "")
+            + f", {c['prompt']!r}: "
             f"ground truth {c['gt_mean']:.4f} ± {c['gt_std']:.4f}, predicted {c['pred_mean']:.4f} ± {c['pred_std']:.4f}"
         )
     print(f"wrote {len(rows)} images and {out_dir / 'results.csv'}, summary.json, reward_vs_target.png, grid.png")
 
 
-def combo_of(combos: list[Combo], row: dict) -> Combo:
-    return next(c for c in combos if (c.prompt, c.target, c.guidance) == (row["prompt"], row["target"], row["guidance"]))
+def check_grad_path(grad_path: str, path: str, meta: dict) -> None:
+    """A predictor trained on noisy latents serves --grad_path xt; one trained on clean latents (noise=False), x0."""
+    noised = meta.get("noised", True)
+    if noised != (grad_path == "xt"):
+        trained = "noisy latents (train.py noise=True)" if noised else "clean latents (train.py noise=False)"
+        serves = "xt" if noised else "x0"
+        raise UserError(f"--predictor {path!r} was trained on {trained}; it serves --grad_path {serves}, not {grad_path}")
+
+
+def row_key(row: dict) -> tuple:
+    return (row["prompt"], row["target"], row["guidance"], row["best_of"])
+
+
+def sample_best_of(args, pipe, combo: Combo, guidance, seed: int, indices: range, reward_model, predictor):
+    """Sample images `indices` of a combination; with best-of-N, draw N candidates of each (candidate 0
+    is the plain image) and keep the one whose predicted reward is closest to the target.
+    -> (images (B, 3, H, W), ground-truth rewards (B,), predicted rewards (B,), UNet calls per image)."""
+    best = None
+    for candidate in range(combo.best_of):
+        generators = [torch.Generator().manual_seed(image_seed(seed, i, candidate)) for i in indices]
+        size = (args.height, args.width)
+        latents = sample_latents(pipe, combo.prompt, generators, guidance, args.num_inference_steps, args.cfg, *size)
+        images = decode(pipe, latents, generators)
+        gt, pred = score_images(images, reward_model, predictor, pipe.vae)
+        if best is not None:
+            closer = (pred - combo.target).abs() < (best[2] - combo.target).abs()
+            images = torch.where(closer.view(-1, 1, 1, 1), images, best[0])
+            gt, pred = torch.where(closer, gt, best[1]), torch.where(closer, pred, best[2])
+        best = (images, gt, pred)
+    unet_calls = combo.best_of * len(pipe.scheduler.timesteps)  # one batched call per step covers both CFG branches
+    return (*best, unet_calls)
 
 
 def write_grid(args, pipe, seed: int, out_dir: Path, rows: list[dict], reward_model, predictor, path: Path) -> None:
     """The paper's Figure 6 layout: rows = prompts, an unguided column, then one column per target
-    at the run's strongest guidance; every cell is image 0 (as saved), so every cell starts from the same noise."""
+    at the run's strongest guidance (and first --best_of); every cell is image 0 (as saved), so every
+    cell starts from the same noise."""
     strongest = max(args.guidance, key=abs)
     targets = sorted(set(args.target))
-    first_images = {(r["prompt"], r["target"], r["guidance"]): r for r in rows if r["image"] == 0}
+    shown = [r for r in rows if r["image"] == 0 and r["best_of"] == args.best_of[0]]
+    first_images = {(r["prompt"], r["target"], r["guidance"]): r for r in shown}
 
     def cell(row: dict) -> tuple[torch.Tensor, float, float]:
         return load_png(out_dir / row["file"]), row["gt"], row["pred"]

@@ -57,12 +57,14 @@ seed = 0  # model init, split, noise, latent samples
 device = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
 cache_dir = "./cache"  # latent cache
 encode_batch_size = 32
+noise = True  # train on noisy latents x_t (the paper); False: clean latents, for inference.py --grad_path x0
 resume = False  # continue from <out_path stem>.resume.pth
 wandb = False  # log to Weights & Biases (needs `pip install wandb`)
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))]
 # a resumed run must agree with its checkpoint on everything but num_epochs, device, paths and logging
-RESUME_MUST_MATCH = ("lr", "num_data", "batch_size", "model", "data", "image_size", "num_inference_steps", "val_fraction", "seed")
+RESUME_MUST_MATCH = ("lr", "num_data", "batch_size", "model", "data", "image_size", "num_inference_steps", "val_fraction", "seed",
+                     "noise")  # fmt: skip
 
 CHECKS = {
     "lr": (lambda v: v > 0, "a number > 0"),
@@ -121,6 +123,7 @@ def main() -> None:
     if cfg.resume and not state_path.is_file():
         raise UserError(f"resume=True but {str(state_path)!r} does not exist; expected a run to continue")
     labels = load_labels(cfg.labels_path, cfg.num_data)
+    split(cfg.num_data, cfg.val_fraction, cfg.seed)  # a split with an empty side fails here, before any encoding
     writable_dir(out_path.parent, "out_path's folder")
     writable_dir(cfg.cache_dir, "cache_dir")
     with locked(out_path.parent / f".{out_path.name}.lock", f"out_path {str(out_path)!r}"):
@@ -141,7 +144,9 @@ def train(cfg: SimpleNamespace, dev: torch.device, labels: torch.Tensor, out_pat
     timestep_pool = torch.unique(scheduler.timesteps)
 
     # validation sees the same noise and timesteps every epoch, so its loss is comparable across epochs
-    val_noisy = add_training_noise(scheduler, x_val, timestep_pool, torch.Generator().manual_seed(cfg.seed + 1))[0]
+    val_inputs = add_training_noise(scheduler, x_val, timestep_pool, torch.Generator().manual_seed(cfg.seed + 1))[0]
+    if not cfg.noise:
+        val_inputs = x_val
     baseline_val = F.mse_loss(y_train.mean().expand_as(y_val), y_val).item() if len(val_idx) else None
 
     # --- model, optimizer, RNG (restored on resume)
@@ -163,11 +168,13 @@ def train(cfg: SimpleNamespace, dev: torch.device, labels: torch.Tensor, out_pat
     for epoch in range(len(history) + 1, cfg.num_epochs + 1):
         epoch_start = time.perf_counter()
         desc = f"epoch {epoch}/{cfg.num_epochs}"
-        train_loss = train_epoch(net, optimizer, scheduler, x_train, y_train, timestep_pool, generator, cfg.batch_size, desc)
+        train_loss = train_epoch(
+            net, optimizer, scheduler, x_train, y_train, timestep_pool, generator, cfg.batch_size, desc, cfg.noise
+        )
         if not math.isfinite(train_loss):
             kept = f"the last good checkpoint {state_path} is kept" if history else "no checkpoint was written"
             raise UserError(f"training loss became {train_loss} in epoch {epoch}; {kept}; try a smaller lr (now {cfg.lr})")
-        val_loss = mean_squared_error(net, val_noisy, y_val) if len(val_idx) else None
+        val_loss = mean_squared_error(net, val_inputs, y_val) if len(val_idx) else None
         history.append(
             {
                 "epoch": epoch,
@@ -190,7 +197,7 @@ def train(cfg: SimpleNamespace, dev: torch.device, labels: torch.Tensor, out_pat
             "label_std": labels.std().item(),
             "epochs": epoch,
             "val_loss": val_loss,
-            "noised": True,
+            "noised": cfg.noise,
         }
         if val_loss is not None and val_loss <= min(h["val_loss"] for h in history):
             save_torch(predictor_checkpoint(net, meta), best_path)

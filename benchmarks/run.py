@@ -313,7 +313,7 @@ def run(quick: bool, only: set[str] | None = None) -> dict:
     section("training_loop", lambda: bench_training_loop(device, 20 if quick else 100, 8 if quick else 64, repeats))
     with tempfile.TemporaryDirectory() as tmp:
         section("train_py_cache", lambda: bench_train_py_cache(Path(tmp), 8 if quick else 256))
-        section("end_to_end", lambda: {"seconds": run_demo(Path(tmp) / "demo", quick=quick)})
+        section("end_to_end", lambda: {"seconds": run_demo(Path(tmp) / "demo", quick=quick, paper_only=True)})
     results["total_seconds"] = time.perf_counter() - started
     return results
 

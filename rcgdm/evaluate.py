@@ -1,12 +1,12 @@
-"""Scoring generated images, as the paper: the ground-truth reward on the decoded image, and the
-predictor on the VAE re-encoding of the decoded image."""
+"""Scoring generated images, as the paper: the ground-truth reward on the decoded image (resized to
+224), and the predictor on the VAE re-encoding of the decoded image."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from rcgdm import reward
+from rcgdm.rewards import Reward
 
 
 @torch.no_grad()
@@ -20,6 +20,6 @@ def predicted_reward(predictor: nn.Module, vae, images: torch.Tensor) -> torch.T
     return predictor(latents.to(device, torch.float32)).float().cpu()
 
 
-def score_images(images: torch.Tensor, reward_model: nn.Module, predictor: nn.Module, vae) -> tuple[torch.Tensor, torch.Tensor]:
+def score_images(images: torch.Tensor, ground_truth: Reward, predictor: nn.Module, vae) -> tuple[torch.Tensor, torch.Tensor]:
     """(ground-truth rewards (B,), predicted rewards (B,)) of float images (B, 3, H, W) in [0, 1]."""
-    return reward.score(reward_model, images)[:, 0], predicted_reward(predictor, vae, images)[:, 0]
+    return ground_truth(images), predicted_reward(predictor, vae, images)[:, 0]

@@ -35,6 +35,9 @@ def reward_gradient(predictor: nn.Module, x_t: torch.Tensor, target: float, batc
     return grad
 
 
+GRAD_PATHS = ("xt", "x0")
+
+
 def guide_eps(
     eps: torch.Tensor,
     x_t: torch.Tensor,
@@ -43,8 +46,19 @@ def guide_eps(
     target: float,
     guidance: float,
     batch_mean: bool = False,
+    grad_path: str = "xt",
 ) -> torch.Tensor:
-    """eps + sqrt(1 - alpha_bar_t) * guidance * grad_x 1/2 ||target - mu(x_t)||^2, in eps's dtype."""
-    grad = reward_gradient(predictor, x_t, target, batch_mean)
-    scale = (1 - torch.as_tensor(alpha_bar_t, dtype=grad.dtype, device=grad.device)).sqrt() * guidance
-    return eps + (scale * grad).to(eps.dtype)
+    """eps + sqrt(1 - alpha_bar_t) * guidance * grad_{x_t} 1/2 ||target - mu(.)||^2, in eps's dtype.
+
+    grad_path "xt" (the paper): mu sees the noisy latent x_t. "x0": mu sees the denoised estimate
+    x0_hat = (x_t - sqrt(1 - a) eps) / sqrt(a) with eps held fixed (the UNet is still not
+    differentiated), so the gradient w.r.t. x_t is the one w.r.t. x0_hat divided by sqrt(a).
+    """
+    dtype = torch.float64 if x_t.dtype == torch.float64 else torch.float32
+    a = torch.as_tensor(alpha_bar_t, dtype=dtype, device=x_t.device)
+    if grad_path == "x0":
+        x0_hat = (x_t.to(dtype) - (1 - a).sqrt() * eps.detach().to(dtype)) / a.sqrt()
+        grad = reward_gradient(predictor, x0_hat, target, batch_mean) / a.sqrt()
+    else:
+        grad = reward_gradient(predictor, x_t, target, batch_mean)
+    return eps + ((1 - a).sqrt() * guidance * grad).to(eps.dtype)

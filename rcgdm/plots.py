@@ -40,10 +40,12 @@ def reward_vs_target(combos: list[dict], path: str | Path) -> None:
     """Mean ground-truth (solid) and predicted (dashed) reward against target, std bars, one colour per guidance."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     targets = sorted({c["target"] for c in combos})
-    for k, guidance in enumerate(sorted({c["guidance"] for c in combos})):
-        rows = sorted((c for c in combos if c["guidance"] == guidance), key=lambda c: c["target"])
+    several_n = len({c["best_of"] for c in combos}) > 1
+    for k, (guidance, best_of) in enumerate(sorted({(c["guidance"], c["best_of"]) for c in combos})):
+        rows = sorted((c for c in combos if (c["guidance"], c["best_of"]) == (guidance, best_of)), key=lambda c: c["target"])
         xs = [c["target"] for c in rows]
-        colour = f"C{k}"
+        colour = f"C{k % 10}"
+        series = f"guidance {guidance:g}" + (f", best of {best_of}" if several_n else "")
         for kind, style, marker in (("gt", "-", "o"), ("pred", "--", "x")):
             ax.errorbar(
                 xs,
@@ -53,7 +55,7 @@ def reward_vs_target(combos: list[dict], path: str | Path) -> None:
                 marker=marker,
                 color=colour,
                 capsize=3,
-                label=f"guidance {guidance:g}, {'ground truth' if kind == 'gt' else 'predicted'}",
+                label=f"{series}, {'ground truth' if kind == 'gt' else 'predicted'}",
             )
     ax.plot([min(targets), max(targets)], [min(targets), max(targets)], color="grey", linestyle=":", label="y = target")
     ax.set_xlabel("target reward")
@@ -61,6 +63,30 @@ def reward_vs_target(combos: list[dict], path: str | Path) -> None:
     ax.set_title("reward-directed generation")
     ax.legend(fontsize=8)
     save_figure(fig, path)
+
+
+def reward_vs_compute(combos: list[dict], path: str | Path) -> dict[str, list[tuple[float, float, int]]]:
+    """Mean ground-truth distance to target against UNet calls per image: one line per guidance level
+    across best-of-N values (guidance 0 is plain best-of-N sampling). -> the series drawn:
+    label -> [(UNet calls, distance, N)]."""
+    drawn = {}
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for k, guidance in enumerate(sorted({c["guidance"] for c in combos})):
+        points = []
+        for best_of in sorted({c["best_of"] for c in combos if c["guidance"] == guidance}):
+            group = [c for c in combos if (c["guidance"], c["best_of"]) == (guidance, best_of)]
+            calls = sum(c["unet_calls"] for c in group) / len(group)
+            points.append((calls, sum(c["gt_distance"] for c in group) / len(group), best_of))
+        drawn[f"guidance {guidance:g}"] = points
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=f"C{k % 10}", label=f"guidance {guidance:g}")
+        for calls, distance, best_of in points:
+            ax.annotate(f"N={best_of}", (calls, distance), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("UNet calls per image")
+    ax.set_ylabel("mean |ground truth - target|")
+    ax.set_title("reward guidance vs best-of-N at equal compute")
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+    return drawn
 
 
 def image_grid(rows: list[str], columns: list[str], images: list[list], captions: list[list[str]], path: str | Path) -> None:

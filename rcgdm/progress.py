@@ -49,8 +49,10 @@ class SweepProgress:
     def seed(self) -> int:
         return self.settings["seed_used"]
 
-    def finished(self, prompt: str, target: float, guidance: float, image: int) -> bool:
-        return any((r["prompt"], r["target"], r["guidance"], r["image"]) == (prompt, target, guidance, image) for r in self.rows)
+    def finished(self, combination: tuple, image: int) -> bool:
+        """Whether image `image` of (prompt, target, guidance, best_of) is done."""
+        wanted = (*combination, image)
+        return any((r["prompt"], r["target"], r["guidance"], r["best_of"], r["image"]) == wanted for r in self.rows)
 
     def add(self, rows: list[dict]) -> None:
         self.rows.extend(rows)

@@ -41,9 +41,11 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def image_seed(seed: int, index: int) -> int:
-    """A torch seed for item `index` of a run seeded `seed`, so that item never depends on batching."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0])
+def image_seed(seed: int, index: int, candidate: int = 0) -> int:
+    """A torch seed for item `index` of a run seeded `seed`, so that item never depends on batching.
+    Candidate k > 0 of a best-of-N draw gets its own seed; candidate 0 is the plain image."""
+    entropy = [seed, index] if candidate == 0 else [seed, index, candidate]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
 
 
 def sha256_file(path: str | Path) -> str:

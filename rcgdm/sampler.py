@@ -47,6 +47,7 @@ class RewardGuidance:
     target: float
     scale: float
     batch_mean: bool = False
+    grad_path: str = "xt"  # "x0": the predictor sees the denoised estimate (see rcgdm/guidance.py)
 
 
 @torch.no_grad()
@@ -84,7 +85,8 @@ def sample_latents(
             # the paper's term; x_t is the model input (the DDPM-scaled latent, for any scheduler)
             x_t = scheduler.scale_model_input(latents, t)
             alpha_bar_t = alphas_cumprod[t.to(device, torch.long)]  # indexed on the device: int(t) would sync the GPU each step
-            eps = guide_eps(eps, x_t, alpha_bar_t, guidance.predictor, guidance.target, guidance.scale, guidance.batch_mean)
+            g = guidance
+            eps = guide_eps(eps, x_t, alpha_bar_t, g.predictor, g.target, g.scale, g.batch_mean, g.grad_path)
         latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
     return latents
 

@@ -72,16 +72,18 @@ def train_epoch(
     generator: torch.Generator,
     batch_size: int,
     desc: str = "epoch",
+    noised: bool = True,
 ) -> float:
     """One pass over latents x (N, C, h, w) and labels y (N, 1), both on the training device, in a
-    random order; each step noises its latents afresh. -> mean training MSE (nan/inf once it diverges)."""
+    random order; each step noises its latents afresh (unless noised=False: clean latents, for the
+    x0 gradient path). -> mean training MSE (nan/inf once it diverges)."""
     net.train()
     order = torch.randperm(len(x), generator=generator).to(x.device)
     total = torch.zeros((), device=x.device)  # summed on the device: no host sync per step
     for number, start in enumerate(tqdm(range(0, len(order), batch_size), desc=desc, leave=False, unit="step")):
         batch = order[start : start + batch_size]
-        noisy, _, _ = add_training_noise(scheduler, x[batch], timestep_pool, generator)
-        loss = F.mse_loss(net(noisy), y[batch])
+        inputs = add_training_noise(scheduler, x[batch], timestep_pool, generator)[0] if noised else x[batch]
+        loss = F.mse_loss(net(inputs), y[batch])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -41,7 +41,8 @@ def test_a_sweep_writes_rows_folders_and_figures(tmp_path, run):
     out = tmp_path / "run"
     rows = read_rows(out / "results.csv")
     assert len(rows) == 2 * 2 * 2 * 3
-    assert list(rows[0]) == ["prompt", "target", "guidance", "image", "seed", "image_seed", "gt", "pred", "file"]
+    columns = ["prompt", "target", "guidance", "best_of", "image", "seed", "image_seed", "gt", "pred", "unet_calls", "file"]
+    assert list(rows[0]) == columns
     folders = sorted(p.name for p in out.iterdir() if p.is_dir())
     assert folders == sorted(f"prompt{k}_target{t}guidance{g}" for k in (0, 1) for t in (-4.0, -2.0) for g in (0.0, 10.0))
     for row in rows:

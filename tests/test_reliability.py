@@ -230,7 +230,7 @@ def test_train_bad_input(tmp_path, capsys, paths, args, expected):
     labels = tmp_path / "labels.npy"
     np.save(labels, np.zeros((16, 1), np.float32))
     base = ["--model=tiny", "--data=synthetic", "--num_data=8", "--image_size=64", "--num_epochs=1", f"--labels_path={labels}"]
-    base += [f"--out_path={tmp_path / 'out' / 'convnet.pth'}", f"--cache_dir={tmp_path / 'out' / 'cache'}"]
+    base += [f"--out_path={tmp_path / 'out' / 'convnet.pth'}", f"--cache_dir={tmp_path / 'out' / 'cache'}", "--val_fraction=0"]
     assert run_script("train.py", *base, *swap(args, paths)) == 2
     line = error_line(capsys.readouterr().err)
     assert expected in line and names_the_value(line, swap(args, paths))

@@ -1,0 +1,170 @@
+"""Beyond the paper: plug-in rewards, the x0 gradient path, best-of-N and the compute comparison."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import error_line, run_script
+from PIL import Image
+
+from rcgdm import plots
+from rcgdm.cli import UserError
+from rcgdm.guidance import guide_eps
+from rcgdm.predictor import ThreeLayerConvNet
+from rcgdm.rewards import Compressibility, build_reward, load_reward
+
+
+def test_compressibility_is_minus_the_jpeg_kilobytes():
+    images = torch.rand(3, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    images[1] = 0.5  # a flat image compresses far better
+    expected = []
+    for image in images:
+        buffer = io.BytesIO()
+        array = np.clip(np.round(image.permute(1, 2, 0).numpy() * 255), 0, 255).astype(np.uint8)
+        Image.fromarray(array).save(buffer, format="JPEG", quality=95)
+        expected.append(-len(buffer.getvalue()) / 1000)
+    got = Compressibility()(images)
+    assert got.dtype == torch.float32 and got.shape == (3,)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6)
+    assert got[1] > got[0] and got[1] > got[2]
+
+
+def test_a_module_function_reward_end_to_end(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text("def brightness(images):\n    return images.mean(dim=(1, 2, 3))\n")
+    monkeypatch.chdir(tmp_path)
+    args = ["--data", "synthetic", "--num_data", "6", "--noise_std", "0", "--out_dir", tmp_path / "out"]
+    assert run_script("fake_dataset.py", *args, "--reward", "my_rewards:brightness") == 0
+    labels = np.load(tmp_path / "out" / "cifar10_outputs_with_noise.npy")
+    from rcgdm.data import SyntheticShapes, load_batch
+
+    expected = load_batch(SyntheticShapes(), range(6), 224).mean(dim=(1, 2, 3)).numpy()
+    np.testing.assert_allclose(labels[:, 0], expected, rtol=1e-6)
+    assert json.loads((tmp_path / "out" / "cifar10_outputs_with_noise.json").read_text())["reward"] == "my_rewards:brightness"
+    reward, meta = load_reward(tmp_path / "out" / "reward_model.pth")  # what inference.py scores with
+    assert meta["reward"] == "my_rewards:brightness"
+    np.testing.assert_allclose(reward(load_batch(SyntheticShapes(), range(6), 64)).numpy(), expected, atol=2e-3)
+
+
+@pytest.mark.parametrize(
+    ("source", "spec", "message"),
+    [
+        (None, "no_such_module:f", "module 'no_such_module' cannot be imported"),
+        ("def g(images):\n    return images.mean()\n", "bad_rewards_a:f", "has no function 'f'"),
+        ("def f(images):\n    return [1.0]\n", "bad_rewards_b:f", "returned (1,) values for 4 images"),
+        ("raise RuntimeError('boom')\n", "bad_rewards_c:f", "RuntimeError: boom"),
+    ],
+)
+def test_bad_module_rewards_are_one_line(tmp_path, monkeypatch, capsys, source, spec, message):
+    if source is not None:
+        (tmp_path / f"{spec.split(':')[0]}.py").write_text(source)  # a module name per case: imports are cached
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ["--data", "synthetic", "--num_data", "4", "--out_dir", tmp_path / "out", "--reward", spec]
+    assert run_script("fake_dataset.py", *args) == 2
+    assert message in error_line(capsys.readouterr().err)
+    assert not (tmp_path / "out" / "reward_model.pth").exists()
+
+
+def test_unknown_and_offline_rewards(capsys, tmp_path):
+    with pytest.raises(UserError, match="--reward 'beauty' is unknown"):
+        build_reward("beauty")
+    args = ["--data", "synthetic", "--num_data", "4", "--reward", "aesthetic", "--out_dir", tmp_path]
+    assert run_script("fake_dataset.py", *args) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "openai/clip-vit-large-patch14" in line and "use --reward compressibility" in line
+
+
+def test_x0_path_equals_finite_differences_through_x0_hat():
+    torch.manual_seed(0)
+    net = ThreeLayerConvNet().double().eval()
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    eps = torch.randn_like(x)
+    target, guidance, a = 0.3, 4.0, 0.6
+
+    def objective(z):  # eps held fixed
+        with torch.no_grad():
+            x0_hat = (z - (1 - a) ** 0.5 * eps) / a**0.5
+            return 0.5 * (target - net(x0_hat)).pow(2).sum().item()
+
+    term = guide_eps(eps, x, a, net, target, guidance, grad_path="x0") - eps
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        direction = torch.randn(x.shape, generator=generator, dtype=torch.float64)
+        numeric = (objective(x + 1e-6 * direction) - objective(x - 1e-6 * direction)) / 2e-6
+        assert (term * direction).sum().item() == pytest.approx((1 - a) ** 0.5 * guidance * numeric, rel=1e-5)
+    assert not torch.allclose(term, guide_eps(eps, x, a, net, target, guidance, grad_path="xt") - eps)
+
+
+def test_the_wrong_predictor_for_the_gradient_path_is_refused(tmp_path, capsys, reward_model_path, predictor_path):
+    base = ["--model", "tiny", "--reward_model", reward_model_path, "--num_images", "1", "--seed", "0"]
+    base += ["--out_dir", tmp_path / "o"]
+    assert run_script("inference.py", *base, "--predictor", predictor_path, "--grad_path", "x0") == 2
+    expected = "trained on noisy latents (train.py noise=True); it serves --grad_path xt, not x0"
+    assert expected in error_line(capsys.readouterr().err)
+
+    labels = tmp_path / "labels.npy"
+    np.save(labels, np.zeros((16, 1), np.float32))
+    clean = tmp_path / "clean" / "convnet.pth"
+    args = ["--model=tiny", "--data=synthetic", "--num_data=16", "--image_size=64", "--num_epochs=1", "--noise=False"]
+    args += ["--val_fraction=0.25"]
+    assert run_script("train.py", *args, f"--labels_path={labels}", f"--out_path={clean}", f"--cache_dir={tmp_path / 'c'}") == 0
+    assert run_script("inference.py", *base, "--predictor", clean) == 2
+    assert "it serves --grad_path x0, not xt" in error_line(capsys.readouterr().err)
+    assert run_script("inference.py", *base, "--predictor", clean, "--grad_path", "x0", "--num_inference_steps", "2") == 0
+
+
+def test_best_of_n_keeps_the_candidate_closest_to_the_target(tmp_path, reward_model_path, predictor_path):
+    import argparse
+
+    from inference import Combo, sample_best_of
+    from rcgdm.evaluate import score_images
+    from rcgdm.models import load_pipeline
+    from rcgdm.predictor import load_predictor
+    from rcgdm.rewards import load_reward
+    from rcgdm.runtime import image_seed
+    from rcgdm.sampler import decode, sample_latents
+
+    pipe = load_pipeline("tiny")
+    predictor, _ = load_predictor(predictor_path)
+    reward, _ = load_reward(reward_model_path)
+    args = argparse.Namespace(num_inference_steps=4, cfg=7.5, height=None, width=None)
+    target, indices = -3.0, range(2)
+
+    def candidate(k):
+        gens = [torch.Generator().manual_seed(image_seed(0, i, k)) for i in indices]
+        images = decode(pipe, sample_latents(pipe, "a nice photo", gens, None, 4, progress=False), gens)
+        return images, *score_images(images, reward, predictor, pipe.vae)
+
+    one = sample_best_of(args, pipe, Combo(0, "a nice photo", target, 0.0, 1, tmp_path), None, 0, indices, reward, predictor)
+    plain = candidate(0)
+    assert torch.equal(one[0], plain[0]) and one[3] == len(pipe.scheduler.timesteps)  # N = 1 is plain sampling
+
+    three = sample_best_of(args, pipe, Combo(0, "a nice photo", target, 0.0, 3, tmp_path), None, 0, indices, reward, predictor)
+    candidates = [candidate(k) for k in range(3)]
+    preds = torch.stack([c[2] for c in candidates])  # (3, B)
+    best = (preds - target).abs().argmin(dim=0)
+    for j in range(len(indices)):
+        assert torch.equal(three[0][j], candidates[best[j]][0][j])
+        assert three[2][j] == preds[best[j], j]
+    assert three[3] == 3 * one[3]
+
+
+def test_a_sweep_draws_the_compute_comparison(tmp_path, reward_model_path, predictor_path):
+    args = ["--model", "tiny", "--reward_model", reward_model_path, "--predictor", predictor_path, "--seed", "0",
+            "--target", "-3", "--guidance", "0", "10", "--best_of", "1", "2", "--num_images", "2",
+            "--num_inference_steps", "3", "--out_dir", tmp_path / "sweep"]  # fmt: skip
+    assert run_script("inference.py", *args) == 0
+    summary = json.loads((tmp_path / "sweep" / "summary.json").read_text())["combinations"]
+    assert (tmp_path / "sweep" / "reward_vs_compute.png").read_bytes()[:4] == b"\x89PNG"
+    drawn = plots.reward_vs_compute(summary, tmp_path / "again.png")
+    assert set(drawn) == {"guidance 0", "guidance 10"}
+    calls_per_sample = 4  # PNDM: 3 steps take 4 UNet calls (its first step is repeated)
+    for guidance, points in zip((0.0, 10.0), (drawn["guidance 0"], drawn["guidance 10"]), strict=True):
+        assert [(calls, n) for calls, _, n in points] == [(calls_per_sample, 1), (2 * calls_per_sample, 2)]
+        for _, distance, n in points:
+            mine = [c for c in summary if (c["guidance"], c["best_of"]) == (guidance, n)]
+            assert distance == pytest.approx(np.mean([c["gt_distance"] for c in mine]))
