@@ -165,7 +165,8 @@ class UserFunction(Reward):
                 module = importlib.util.module_from_spec(loader)
                 loader.loader.exec_module(module)
             else:
-                sys.path.insert(0, str(Path.cwd()))
+                if str(Path.cwd()) not in sys.path:
+                    sys.path.insert(0, str(Path.cwd()))  # scripts put their own folder first, not the user's
                 module = importlib.import_module(module_name)
         except Exception as err:  # a user's module can fail to import in any way
             reason = f"{type(err).__name__}: {err}"
