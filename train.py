@@ -123,20 +123,23 @@ def main() -> None:
     if cfg.resume and not state_path.is_file():
         raise UserError(f"resume=True but {str(state_path)!r} does not exist; expected a run to continue")
     labels = load_labels(cfg.labels_path, cfg.num_data)
-    split(cfg.num_data, cfg.val_fraction, cfg.seed)  # a split with an empty side fails here, before any encoding
+    train_idx, val_idx = split(cfg.num_data, cfg.val_fraction, cfg.seed)  # an empty side fails here, before any encoding
     writable_dir(out_path.parent, "out_path's folder")
     writable_dir(cfg.cache_dir, "cache_dir")
     with locked(out_path.parent / f".{out_path.name}.lock", f"out_path {str(out_path)!r}"):
-        train(cfg, dev, labels, out_path, start_time)
+        train(cfg, dev, labels, (train_idx, val_idx), out_path, start_time)
 
 
-def train(cfg: SimpleNamespace, dev: torch.device, labels: torch.Tensor, out_path: Path, start_time: float) -> None:
+def train(
+    cfg: SimpleNamespace, dev: torch.device, labels: torch.Tensor, indices: tuple, out_path: Path, start_time: float
+) -> None:
+    """Encode (or read) the latents, then train for the remaining epochs. indices: (train, validation) from `split`."""
     out_dir = out_path.parent
     state_path, best_path = out_path.with_suffix(".resume.pth"), out_path.with_suffix(".best.pth")
 
     # --- data: cached VAE latents, a seeded train/validation split, the timestep pool
     latents, images_encoded, encode_seconds = encode_dataset(cfg, dev)
-    train_idx, val_idx = split(cfg.num_data, cfg.val_fraction, cfg.seed)
+    train_idx, val_idx = indices
     x_train, y_train = latents[train_idx].to(dev), labels[train_idx].to(dev)  # GPU-resident on CUDA
     x_val, y_val = latents[val_idx].to(dev), labels[val_idx].to(dev)
     scheduler = load_scheduler(cfg.model)

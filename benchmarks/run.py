@@ -40,6 +40,7 @@ from rcgdm.sampler import RewardGuidance, sample_latents  # noqa: E402
 from rcgdm.training import add_training_noise, train_epoch  # noqa: E402
 
 PROMPT = "a nice photo"
+TABLE_HEAD = ("| figure | value | goal | |", "| --- | --- | --- | --- |")
 
 
 def sync(device: torch.device) -> None:
@@ -357,8 +358,7 @@ def report(results: dict, gpu: dict | None) -> str:
         "",
         "Sampling loop only (latents out, no decode); classifier-free guidance 7.5, PNDM.",
         "",
-        "| figure | value | goal | |",
-        "| --- | --- | --- | --- |",
+        *TABLE_HEAD,
         f"| stock `StableDiffusionPipeline` (s) | {fmt(g['seconds']['stock'])} | | |",
         f"| ours, guidance 0 (s) | {fmt(g['seconds']['ours_g0'])} | | |",
         f"| ours, guidance 100 (s) | {fmt(g['seconds']['ours_guided'])} | | |",
@@ -372,8 +372,7 @@ def report(results: dict, gpu: dict | None) -> str:
     lines += [
         "## Latent cache",
         "",
-        "| figure | value | goal | |",
-        "| --- | --- | --- | --- |",
+        *TABLE_HEAD,
         f"| train.py first run, wall (s) | {c['first']['wall_seconds']:.1f} ({c['first']['images_encoded']} images encoded, "
         f"latents ready in {c['first']['encode_seconds']:.1f} s) | | |",
         f"| train.py re-run, wall (s) | {c['rerun']['wall_seconds']:.1f} ({c['rerun']['images_encoded']} images encoded, "
@@ -392,8 +391,7 @@ def report(results: dict, gpu: dict | None) -> str:
     lines += [
         f"## Training loop ({t['num_data']} latents of 4x{t['latent_size']}x{t['latent_size']}, batch {t['batch']})",
         "",
-        "| figure | value | goal | |",
-        "| --- | --- | --- | --- |",
+        *TABLE_HEAD,
         f"| ours: `train_epoch` on memory-resident latents (steps/s) | {fmt(t['steps_per_second']['ours'], 2)} | | |",
         f"| original style: per-sample Dataset + DataLoader (steps/s) | {fmt(t['steps_per_second']['original_style'], 2)} | | |",
         f"| ours / original style | {fmt(t['speedup_ours'])} | (informational) | |",
@@ -421,8 +419,7 @@ def report(results: dict, gpu: dict | None) -> str:
             f"{ips['size']}x{ips['size']}, fp16, {ips['steps']} steps, batch {ips['batch']}, decode included.",
             "",
             *([f"_{gpu['note']}_", ""] if gpu.get("note") else []),
-            "| figure | value | goal | |",
-            "| --- | --- | --- | --- |",
+            *TABLE_HEAD,
             f"| stock pipeline (img/s) | {fmt(ips['images_per_second']['stock'], 2)} | | |",
             f"| ours, unguided (img/s) | {fmt(ips['images_per_second']['ours_unguided'], 2)} | | |",
             f"| ours, guided (img/s) | {fmt(ips['images_per_second']['ours_guided'], 2)} | | |",

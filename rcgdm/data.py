@@ -162,15 +162,17 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
+def resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Float images (B, 3, H, W) -> (B, 3, size, size), bilinear with antialiasing (a no-op at that
+    size already), clamped to [0, 1]. Every resize of the project goes through here."""
+    if images.shape[-2:] != (size, size):
+        images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return images.clamp(0.0, 1.0)
+
+
 def load_batch(source: ImageSource, indices: range | list[int], size: int) -> torch.Tensor:
-    """Images `indices` resized to size x size (bilinear, antialiased): float32 (B, 3, size, size) in [0, 1]."""
-    resized = []
-    for index in indices:
-        image = source[index].unsqueeze(0).float() / 255.0
-        if image.shape[-2:] != (size, size):
-            image = F.interpolate(image, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        resized.append(image.clamp_(0.0, 1.0))
-    return torch.cat(resized)
+    """Images `indices` resized to size x size: float32 (B, 3, size, size) in [0, 1]."""
+    return torch.cat([resize(source[index].unsqueeze(0).float() / 255.0, size) for index in indices])
 
 
 def check_num_data(num_data: int | None, source: ImageSource, flag: str = "--num_data") -> int:

@@ -12,12 +12,11 @@ import socket
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rcgdm.checkpoint import load_checkpoint
 from rcgdm.cli import UserError
-from rcgdm.data import DOWNLOAD_TIMEOUT_S
+from rcgdm.data import DOWNLOAD_TIMEOUT_S, resize
 
 FORMAT = "rcgdm.reward/1"
 ARCH = "resnet18-linear1"
@@ -65,6 +64,11 @@ def reward_checkpoint(model: nn.Module, weights: str, seed: int) -> dict:
 def load_reward_model(path: str | Path) -> tuple[nn.Module, dict]:
     """Rebuild the reward network from a checkpoint written by fake_dataset.py -> (model, metadata)."""
     checkpoint = load_checkpoint(path, FORMAT)
+    return model_from_checkpoint(checkpoint, path), {k: v for k, v in checkpoint.items() if k != "state_dict"}
+
+
+def model_from_checkpoint(checkpoint: dict, path: str | Path) -> nn.Module:
+    """The reward network of an already loaded checkpoint (read from `path`, named in errors), in eval mode."""
     from torchvision.models import resnet18
 
     model = resnet18(weights=None)
@@ -73,14 +77,12 @@ def load_reward_model(path: str | Path) -> tuple[nn.Module, dict]:
         model.load_state_dict(checkpoint["state_dict"])
     except (RuntimeError, KeyError) as err:
         raise UserError(f"reward model {str(path)!r} does not match a {ARCH} network ({str(err).splitlines()[0]})") from None
-    meta = {k: v for k, v in checkpoint.items() if k != "state_dict"}
-    return model.eval(), meta
+    return model.eval()
 
 
 def preprocess(images: torch.Tensor) -> torch.Tensor:
     """Float images (B, 3, H, W) in [0, 1] -> (B, 3, 224, 224), ImageNet-normalised."""
-    if images.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
-        images = F.interpolate(images, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", antialias=True, align_corners=False)
+    images = resize(images, INPUT_SIZE)
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
     return (images - mean) / std

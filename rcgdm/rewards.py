@@ -21,14 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
 from rcgdm import reward as resnet
 from rcgdm.checkpoint import load_checkpoint
 from rcgdm.cli import UserError
-from rcgdm.data import DOWNLOAD_TIMEOUT_S
+from rcgdm.data import DOWNLOAD_TIMEOUT_S, resize
 
 BUILT_IN = ("resnet18-random", "compressibility", "aesthetic")
 SIZE = 224
@@ -39,11 +38,8 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 
 
 def at_reward_size(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, 3, 224, 224), bilinear with antialiasing, float32 in [0, 1]."""
-    images = images.float()
-    if images.shape[-2:] != (SIZE, SIZE):
-        images = F.interpolate(images, size=(SIZE, SIZE), mode="bilinear", antialias=True, align_corners=False)
-    return images.clamp(0, 1)
+    """(B, 3, H, W) -> (B, 3, 224, 224), float32 in [0, 1]."""
+    return resize(images.float(), SIZE)
 
 
 class Reward:
@@ -203,7 +199,7 @@ def load_reward(path: str | Path) -> tuple[Reward, dict]:
     name = checkpoint.get("reward", "resnet18-random")
     meta = {k: v for k, v in checkpoint.items() if k != "state_dict"}
     if name == "resnet18-random":
-        model, _ = resnet.load_reward_model(path)
+        model = resnet.model_from_checkpoint(checkpoint, path)
         return ResNetReward(model, checkpoint.get("weights", "?"), checkpoint.get("seed", 0)), meta
     if name == "aesthetic":
         return Aesthetic(checkpoint["state_dict"]), meta

@@ -216,13 +216,18 @@ def outputs(tmp_path):
     return sorted(p for p in (tmp_path / "out").rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
+def assert_refused(capsys, tmp_path, script, base, args, expected):
+    """`script base args` exits 2 with one error line that says `expected` and names the flag or value, writing nothing."""
+    assert run_script(script, *base, *args) == 2
+    line = error_line(capsys.readouterr().err)
+    assert expected in line and names_the_value(line, args)
+    assert outputs(tmp_path) == []
+
+
 @pytest.mark.parametrize(("args", "expected"), FAKE_DATASET_BAD)
 def test_fake_dataset_bad_input(tmp_path, capsys, paths, args, expected):
     base = ["--data", "synthetic", "--weights", "none", "--num_data", "4", "--out_dir", tmp_path / "out"]
-    assert run_script("fake_dataset.py", *base, *swap(args, paths)) == 2
-    line = error_line(capsys.readouterr().err)
-    assert expected in line and names_the_value(line, swap(args, paths))
-    assert outputs(tmp_path) == []
+    assert_refused(capsys, tmp_path, "fake_dataset.py", base, swap(args, paths), expected)
 
 
 @pytest.mark.parametrize(("args", "expected"), TRAIN_BAD)
@@ -231,20 +236,14 @@ def test_train_bad_input(tmp_path, capsys, paths, args, expected):
     np.save(labels, np.zeros((16, 1), np.float32))
     base = ["--model=tiny", "--data=synthetic", "--num_data=8", "--image_size=64", "--num_epochs=1", f"--labels_path={labels}"]
     base += [f"--out_path={tmp_path / 'out' / 'convnet.pth'}", f"--cache_dir={tmp_path / 'out' / 'cache'}", "--val_fraction=0"]
-    assert run_script("train.py", *base, *swap(args, paths)) == 2
-    line = error_line(capsys.readouterr().err)
-    assert expected in line and names_the_value(line, swap(args, paths))
-    assert outputs(tmp_path) == []
+    assert_refused(capsys, tmp_path, "train.py", base, swap(args, paths), expected)
 
 
 @pytest.mark.parametrize(("args", "expected"), INFERENCE_BAD)
 def test_inference_bad_input(tmp_path, capsys, paths, reward_model_path, predictor_path, args, expected):
     base = ["--model", "tiny", "--reward_model", reward_model_path, "--predictor", predictor_path, "--seed", "0"]
     base += ["--num_images", "1", "--num_inference_steps", "2", "--out_dir", tmp_path / "out"]
-    assert run_script("inference.py", *base, *swap(args, paths)) == 2
-    line = error_line(capsys.readouterr().err)
-    assert expected in line and names_the_value(line, swap(args, paths))
-    assert outputs(tmp_path) == []
+    assert_refused(capsys, tmp_path, "inference.py", base, swap(args, paths), expected)
 
 
 DEFAULTS = {"lr": 0.001, "num_epochs": 100, "resume": False, "model": "tiny"}
