@@ -20,16 +20,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from tqdm import tqdm
 
-from rcgdm import rewards
+from rcgdm import distributed, rewards
 from rcgdm.atomic import save_json, save_npy, save_torch
 from rcgdm.cli import ArgumentParser, UserError, non_negative_float, positive_int, run_main, writable_dir
 from rcgdm.data import check_num_data, load_batch, open_source
-from rcgdm.locking import locked
 from rcgdm.reward import WEIGHT_CHOICES
 from rcgdm.rewards import Reward
-from rcgdm.runtime import package_versions, resolve_device, sha256_file
+from rcgdm.runtime import package_versions, sha256_file
 
 REWARD_FILE = "reward_model.pth"
 LABELS_FILE = "cifar10_outputs_with_noise.npy"
@@ -52,15 +53,18 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def compute_rewards(ground_truth: Reward, source, num_data: int, batch_size: int) -> torch.Tensor:
-    """Clean rewards of images 0..num_data-1 -> float32 (num_data, 1)."""
-    chunks = []
-    with tqdm(total=num_data, desc="rewarding images", unit="img") as bar:
-        for start in range(0, num_data, batch_size):
-            indices = range(start, min(start + batch_size, num_data))
-            chunks.append(ground_truth(load_batch(source, indices, rewards.SIZE)))
+def compute_rewards(ground_truth: Reward, source, num_data: int, batch_size: int, state: PartialState) -> torch.Tensor:
+    """Clean rewards of images 0..num_data-1 -> float32 (num_data, 1), in every process. Each process
+    scores its share of the batches (rcgdm.distributed); the batches are those of a one-process run."""
+    batches = [range(start, min(start + batch_size, num_data)) for start in range(0, num_data, batch_size)]
+    mine = distributed.my_share(batches, state)
+    scored = []
+    with tqdm(total=sum(map(len, mine)), desc="rewarding images", unit="img", disable=not state.is_main_process) as bar:
+        for indices in mine:
+            scored.append((indices.start, ground_truth(load_batch(source, indices, rewards.SIZE)).cpu()))
             bar.update(len(indices))
-    return torch.cat(chunks)[:, None]
+    everything = sorted(gather_object(scored), key=lambda pair: pair[0])
+    return torch.cat([chunk for _, chunk in everything])[:, None]
 
 
 def main() -> None:
@@ -69,20 +73,23 @@ def main() -> None:
         raise UserError(f"--weights {args.weights!r} is unknown; expected one of {', '.join(WEIGHT_CHOICES)}")
     if args.reward not in rewards.BUILT_IN and ":" not in args.reward:
         raise UserError(f"--reward {args.reward!r} is unknown; expected one of {', '.join(rewards.BUILT_IN)} or module:function")
-    device = resolve_device(args.device)
+    state, device = distributed.start(args.device)
     source = open_source(args.data, args.data_root)
     num_data = check_num_data(args.num_data, source)
     out_dir = writable_dir(args.out_dir)
 
-    with locked(out_dir / ".rcgdm.lock", f"--out_dir {str(out_dir)!r}"):
-        write_labels(args, device, source, num_data, out_dir)
+    with distributed.main_only_lock(state, out_dir / ".rcgdm.lock", f"--out_dir {str(out_dir)!r}"):
+        write_labels(args, state, device, source, num_data, out_dir)
 
 
-def write_labels(args: argparse.Namespace, device: torch.device, source, num_data: int, out_dir: Path) -> None:
-    ground_truth = rewards.build_reward(args.reward, args.weights, args.seed).to(device)
+def write_labels(args: argparse.Namespace, state: PartialState, device: torch.device, source, num_data: int, out_dir: Path):
+    with state.main_process_first():  # ImageNet weights are downloaded once
+        ground_truth = rewards.build_reward(args.reward, args.weights, args.seed).to(device)
+    clean = compute_rewards(ground_truth, source, num_data, args.batch_size, state)
+    if not state.is_main_process:
+        return
     if args.reward == "resnet18-random" and args.weights == "none":
         print("WARNING: --weights none: the ResNet18 backbone is RANDOM, not ImageNet-trained (fine offline, not the paper)")
-    clean = compute_rewards(ground_truth, source, num_data, args.batch_size)
     noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(args.seed)) * args.noise_std
     labels = (clean + noise).numpy().astype(np.float32)
 

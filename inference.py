@@ -28,23 +28,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list, gather_object
 from tqdm import tqdm
 
-from rcgdm import plots
+from rcgdm import distributed, plots
 from rcgdm.atomic import atomic_path, save_json, save_text
 from rcgdm.cli import ArgumentParser, UserError, finite_float, positive_int, run_main, writable_dir
 from rcgdm.evaluate import score_images
 from rcgdm.guidance import GRAD_PATHS
-from rcgdm.locking import locked
 from rcgdm.models import SD15, load_pipeline
 from rcgdm.predictor import load_predictor
-from rcgdm.progress import SweepProgress
+from rcgdm.progress import SweepProgress, unique_rows
 from rcgdm.rewards import load_reward
-from rcgdm.runtime import image_seed, package_versions, resolve_device
+from rcgdm.runtime import image_seed, package_versions
 from rcgdm.sampler import SCHEDULERS, RewardGuidance, decode, make_scheduler, sample_latents
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 IMAGE_GLOB = "*_gt_*_pred_*.png"
+COLUMNS = ("prompt", "target", "guidance", "best_of", "image", "seed", "image_seed", "gt", "pred", "unet_calls", "file")
 
 
 def parse_args() -> argparse.Namespace:
@@ -127,7 +129,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def prepare_folders(out_dir: Path, combos: list[Combo], overwrite: bool, progress: SweepProgress) -> None:
     """Create every folder. Images already there are refused, or cleared with --overwrite; when
-    resuming, only the images of batches that did not finish are cleared (they are redone)."""
+    resuming, only the images of batches that did not finish are cleared (they are redone).
+    A fresh start also removes an interrupted run's progress files."""
+    if not progress.rows:
+        progress.remove_files()
     for combo in combos:
         writable_dir(combo.folder)
         existing = sorted(combo.folder.glob(IMAGE_GLOB))
@@ -193,7 +198,7 @@ def summarise(combos: list[Combo], rows: list[dict], seconds: dict) -> list[dict
 
 def write_csv(rows: list[dict], path: Path) -> None:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)  # rows read back from progress.json have their keys sorted
     writer.writeheader()
     writer.writerows(rows)
     save_text(buffer.getvalue(), path)
@@ -203,86 +208,112 @@ def main() -> None:
     args = parse_args()
     check_args(args)
     start = time.perf_counter()
-    device = resolve_device(args.device)
+    state, device = distributed.start(args.device)
     dtype = resolve_dtype(args.dtype, device)
     out_dir, combos = plan(args)
     make_scheduler(args.scheduler, {})  # an unknown name fails before anything loads
     writable_dir(out_dir)
-    with locked(out_dir / ".rcgdm.lock", f"--out_dir {str(out_dir)!r}"):
+    with distributed.main_only_lock(state, out_dir / ".rcgdm.lock", f"--out_dir {str(out_dir)!r}"):
+        progress = open_progress(args, state, out_dir, combos)
+        run_sweep(args, state, device, dtype, out_dir, combos, progress, start)
+
+
+def open_progress(args: argparse.Namespace, state: PartialState, out_dir: Path, combos: list[Combo]) -> SweepProgress:
+    """The main process starts (or resumes) the run; every process gets its settings (the seed) and the rows already done."""
+    shared = [None]
+    if state.is_main_process:
         seed = args.seed if args.seed >= 0 else secrets.randbelow(2**31)
         progress = SweepProgress.open(out_dir, image_settings(args, seed), args.resume, args.overwrite)
         if progress.rows:
             print(f"--resume: {len(progress.rows)} images already done in {out_dir}")
         elif args.seed < 0:
             print(f"--seed -1: using the random seed {progress.seed} (recorded in summary.json)")
-        run_sweep(args, device, dtype, out_dir, combos, progress, start)
+        shared = [(progress.settings, progress.rows)]
+    settings, rows = broadcast_object_list(shared)[0]
+    return SweepProgress(out_dir, settings, rows, state.process_index)
 
 
-def run_sweep(args, device, dtype, out_dir: Path, combos: list[Combo], progress: SweepProgress, start: float) -> None:
+def run_sweep(
+    args, state: PartialState, device, dtype, out_dir: Path, combos: list[Combo], progress: SweepProgress, start: float
+) -> None:
+    """Sample this process's share of the batches; the main process then gathers every row and writes the run's files."""
     seed = progress.seed
-    pipe = load_pipeline(args.model, dtype).to(device)
+    with state.main_process_first():  # hub downloads happen once; folders are readied before anyone writes
+        pipe = load_pipeline(args.model, dtype).to(device)
+        reward_model, reward_meta = load_reward(args.reward_model)
+        if state.is_main_process:
+            prepare_folders(out_dir, combos, args.overwrite, progress)
     pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    reward_model, reward_meta = load_reward(args.reward_model)
     predictor, predictor_meta = load_predictor(args.predictor, latent_channels=pipe.unet.config.in_channels)
     check_grad_path(args.grad_path, args.predictor, predictor_meta)
     reward_model, predictor = reward_model.to(device), predictor.to(device)
-    prepare_folders(out_dir, combos, args.overwrite, progress)
 
-    seconds = {}
-    bar = tqdm(total=len(combos) * args.num_images, desc="images", unit="img")
-    for combo in combos:
-        combo_start = time.perf_counter()
+    batches = [(combo, range(first, min(first + args.bs, args.num_images)))
+               for combo in combos for first in range(0, args.num_images, args.bs)]  # fmt: skip
+    mine = distributed.my_share(batches, state)
+    todo = [(combo, indices) for combo, indices in mine if not progress.finished(combo.key(), indices[0])]
+    seconds = dict.fromkeys(range(len(combos)), 0.0)
+    desc = "images" if state.num_processes == 1 else f"images (process 0 of {state.num_processes})"
+    total, left = (sum(len(indices) for _, indices in units) for units in (mine, todo))
+    bar = tqdm(total=total, initial=total - left, desc=desc, unit="img", disable=not state.is_main_process)
+    for combo, indices in todo:
+        batch_start = time.perf_counter()
         guidance = RewardGuidance(predictor, combo.target, combo.guidance, args.batch_mean_guidance, args.grad_path)
-        for first in range(0, args.num_images, args.bs):
-            indices = range(first, min(first + args.bs, args.num_images))
-            if progress.finished(combo.key(), first):
-                bar.update(len(indices))
-                continue
-            images, gt, pred, unet_calls = sample_best_of(args, pipe, combo, guidance, seed, indices, reward_model, predictor)
-            rows = []
-            for j, i in enumerate(indices):
-                path = combo.folder / f"{i}_gt_{gt[j]:.4f}_pred_{pred[j]:.4f}.png"
-                save_png(images[j], path)
-                rows.append(
-                    {
-                        "prompt": combo.prompt,
-                        "target": combo.target,
-                        "guidance": combo.guidance,
-                        "best_of": combo.best_of,
-                        "image": i,
-                        "seed": seed,
-                        "image_seed": image_seed(seed, i),
-                        "gt": gt[j].item(),
-                        "pred": pred[j].item(),
-                        "unet_calls": unet_calls,
-                        "file": path.relative_to(out_dir).as_posix(),
-                    }
-                )
-            progress.add(rows)
-            bar.update(len(indices))
-        seconds[combo] = time.perf_counter() - combo_start
+        images, gt, pred, unet_calls = sample_best_of(args, pipe, combo, guidance, seed, indices, reward_model, predictor)
+        rows = []
+        for j, i in enumerate(indices):
+            path = combo.folder / f"{i}_gt_{gt[j]:.4f}_pred_{pred[j]:.4f}.png"
+            save_png(images[j], path)
+            rows.append(
+                {
+                    "prompt": combo.prompt,
+                    "target": combo.target,
+                    "guidance": combo.guidance,
+                    "best_of": combo.best_of,
+                    "image": i,
+                    "seed": seed,
+                    "image_seed": image_seed(seed, i),
+                    "gt": gt[j].item(),
+                    "pred": pred[j].item(),
+                    "unet_calls": unet_calls,
+                    "file": path.relative_to(out_dir).as_posix(),
+                }
+            )
+        progress.add(rows)
+        seconds[combos.index(combo)] += time.perf_counter() - batch_start
+        bar.update(len(indices))
     bar.close()
 
+    all_rows = unique_rows(gather_object(progress.rows))
+    all_seconds = gather_object([seconds])
+    if state.is_main_process:
+        sampling_seconds = {combo: sum(s[k] for s in all_seconds) for k, combo in enumerate(combos)}
+        provenance = {"reward_model": reward_meta, "predictor": predictor_meta, "processes": state.num_processes}
+        write_outputs(args, pipe, seed, out_dir, combos, all_rows, sampling_seconds, (reward_model, predictor), provenance, start)
+        progress.remove_files()
+
+
+def write_outputs(args, pipe, seed: int, out_dir: Path, combos: list[Combo], rows: list[dict], seconds: dict, models: tuple,
+                  provenance: dict, start: float) -> None:  # fmt: skip
+    """results.csv, the figures, grid.png and summary.json for every row of the run; prints the summary."""
     order = {combo.key(): n for n, combo in enumerate(combos)}
-    rows = sorted(progress.rows, key=lambda r: (order[row_key(r)], r["image"]))
+    rows = sorted(rows, key=lambda r: (order[row_key(r)], r["image"]))
     summary = summarise(combos, rows, seconds)
     write_csv(rows, out_dir / "results.csv")
     plots.reward_vs_target(summary, out_dir / "reward_vs_target.png")
     plots.reward_vs_compute(summary, out_dir / "reward_vs_compute.png")
-    write_grid(args, pipe, seed, out_dir, rows, reward_model, predictor, out_dir / "grid.png")
+    write_grid(args, pipe, seed, out_dir, rows, *models, out_dir / "grid.png")
     save_json(
         {
             "settings": {**vars(args), "seed_used": seed, "out_dir": str(out_dir)},
             "combinations": summary,
-            "reward_model": reward_meta,
-            "predictor": predictor_meta,
+            **provenance,
             "seconds": time.perf_counter() - start,
             "versions": package_versions(),
         },
         out_dir / "summary.json",
     )
-    progress.complete()
     for c in summary:
         print(
             f"target {c['target']:g}, guidance {c['guidance']:g}" + (f", best of {c['best_of']}" if c["best_of"] > 1 else "")

@@ -27,17 +27,17 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator, PartialState
 
-from rcgdm import plots
+from rcgdm import distributed, plots
 from rcgdm.atomic import save_json, save_text, save_torch
 from rcgdm.cli import UserError, run_main, writable_dir
 from rcgdm.config import describe, parse_overrides
 from rcgdm.data import check_num_data, open_source
 from rcgdm.latents import LatentSpec, cached_latents, vae_fingerprint
-from rcgdm.locking import locked
 from rcgdm.models import load_scheduler, load_vae
 from rcgdm.predictor import ThreeLayerConvNet, predictor_checkpoint
-from rcgdm.runtime import package_versions, resolve_device
+from rcgdm.runtime import package_versions
 from rcgdm.training import add_training_noise, load_labels, load_state, mean_squared_error, save_state, split, train_epoch
 
 # ----------------------------------------------------------------------------- config
@@ -91,14 +91,15 @@ def read_config(argv: list[str]) -> SimpleNamespace:
     return SimpleNamespace(**config)
 
 
-def encode_dataset(cfg: SimpleNamespace, dev: torch.device) -> tuple[torch.Tensor, int, float]:
+def encode_dataset(cfg: SimpleNamespace, state: PartialState, dev: torch.device) -> tuple[torch.Tensor, int, float]:
     """(latents (N, C, h, w) float32 on the CPU, images encoded now, seconds from the VAE's load to the latents)."""
-    source = open_source(cfg.data, cfg.data_root)
-    check_num_data(cfg.num_data, source, flag="num_data")
-    vae = load_vae(cfg.model, torch.float16 if dev.type == "cuda" else torch.float32)
+    with state.main_process_first():  # CIFAR-10 and the VAE are downloaded once
+        source = open_source(cfg.data, cfg.data_root)
+        check_num_data(cfg.num_data, source, flag="num_data")
+        vae = load_vae(cfg.model, torch.float16 if dev.type == "cuda" else torch.float32)
     start = time.perf_counter()
     spec = LatentSpec(vae_fingerprint(vae), source.identity, cfg.num_data, cfg.image_size, cfg.seed)
-    latents, encoded = cached_latents(vae.to(dev), source, spec, cfg.cache_dir, cfg.encode_batch_size, dev)
+    latents, encoded = cached_latents(vae.to(dev), source, spec, cfg.cache_dir, cfg.encode_batch_size, dev, state)
     return latents, encoded, time.perf_counter() - start
 
 
@@ -115,7 +116,10 @@ def start_wandb(cfg: SimpleNamespace):
 def main() -> None:
     cfg = read_config(sys.argv[1:])
     start_time = time.perf_counter()
-    dev = resolve_device(cfg.device)
+    state, dev = distributed.start(cfg.device, "device")
+    if cfg.batch_size < state.num_processes:
+        n = state.num_processes
+        raise UserError(f"batch_size={cfg.batch_size} is smaller than the {n} processes; expected at least {n}, one sample each")
     out_path = Path(cfg.out_path)
     state_path = out_path.with_suffix(".resume.pth")
     if out_path.is_dir():
@@ -126,19 +130,21 @@ def main() -> None:
     train_idx, val_idx = split(cfg.num_data, cfg.val_fraction, cfg.seed)  # an empty side fails here, before any encoding
     writable_dir(out_path.parent, "out_path's folder")
     writable_dir(cfg.cache_dir, "cache_dir")
-    with locked(out_path.parent / f".{out_path.name}.lock", f"out_path {str(out_path)!r}"):
-        train(cfg, dev, labels, (train_idx, val_idx), out_path, start_time)
+    with distributed.main_only_lock(state, out_path.parent / f".{out_path.name}.lock", f"out_path {str(out_path)!r}"):
+        train(cfg, state, dev, labels, (train_idx, val_idx), out_path, start_time)
 
 
 def train(
-    cfg: SimpleNamespace, dev: torch.device, labels: torch.Tensor, indices: tuple, out_path: Path, start_time: float
-) -> None:
-    """Encode (or read) the latents, then train for the remaining epochs. indices: (train, validation) from `split`."""
+    cfg: SimpleNamespace, state: PartialState, dev: torch.device, labels: torch.Tensor, indices: tuple, out_path: Path,
+    start_time: float,
+) -> None:  # fmt: skip
+    """Encode (or read) the latents, then train for the remaining epochs. indices: (train, validation) from `split`.
+    With several processes (rcgdm.distributed) the net trains data-parallel and only the main process writes."""
     out_dir = out_path.parent
     state_path, best_path = out_path.with_suffix(".resume.pth"), out_path.with_suffix(".best.pth")
 
     # --- data: cached VAE latents, a seeded train/validation split, the timestep pool
-    latents, images_encoded, encode_seconds = encode_dataset(cfg, dev)
+    latents, images_encoded, encode_seconds = encode_dataset(cfg, state, dev)
     train_idx, val_idx = indices
     x_train, y_train = latents[train_idx].to(dev), labels[train_idx].to(dev)  # GPU-resident on CUDA
     x_val, y_val = latents[val_idx].to(dev), labels[val_idx].to(dev)
@@ -158,21 +164,28 @@ def train(
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     generator = torch.Generator().manual_seed(cfg.seed)
     history: list[dict] = []
-    if cfg.resume:
-        state = load_state(state_path, vars(cfg), RESUME_MUST_MATCH)
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        history = state["history"]
-        print(f"resuming from {state_path} after epoch {state['epoch']}")
-    run = start_wandb(cfg)
+    if cfg.resume:  # every process loads the same state, so all continue alike
+        saved = load_state(state_path, vars(cfg), RESUME_MUST_MATCH)
+        net.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        generator.set_state(saved["generator"])
+        history = saved["history"]
+        state.print(f"resuming from {state_path} after epoch {saved['epoch']}")
+    main = state.is_main_process
+    run = start_wandb(cfg) if main else None
+    # several processes: DDP through accelerate averages the gradients; `net` stays the plain model that is saved
+    trained_net = net
+    if state.num_processes > 1:
+        trained_net = Accelerator(cpu=dev.type == "cpu").prepare_model(net, device_placement=False)
+    shard = (state.process_index, state.num_processes)
 
-    print(f"training on {len(train_idx)} latents {tuple(latents.shape[1:])}, validating on {len(val_idx)}, device {dev}")
+    where = f"device {dev}" + (f", {state.num_processes} processes" if state.num_processes > 1 else "")
+    state.print(f"training on {len(train_idx)} latents {tuple(latents.shape[1:])}, validating on {len(val_idx)}, {where}")
     for epoch in range(len(history) + 1, cfg.num_epochs + 1):
         epoch_start = time.perf_counter()
         desc = f"epoch {epoch}/{cfg.num_epochs}"
         train_loss = train_epoch(
-            net, optimizer, scheduler, x_train, y_train, timestep_pool, generator, cfg.batch_size, desc, cfg.noise
+            trained_net, optimizer, scheduler, x_train, y_train, timestep_pool, generator, cfg.batch_size, desc, cfg.noise, shard
         )
         if not math.isfinite(train_loss):
             kept = f"the last good checkpoint {state_path} is kept" if history else "no checkpoint was written"
@@ -188,7 +201,7 @@ def train(
             }
         )
         val_text = f", val {val_loss:.4f} (baseline {baseline_val:.4f})" if val_loss is not None else ""
-        print(f"epoch {epoch}: train {history[-1]['train_loss']:.4f}{val_text}")
+        state.print(f"epoch {epoch}: train {history[-1]['train_loss']:.4f}{val_text}")
         if run is not None:
             run.log(history[-1])
         meta = {
@@ -202,12 +215,16 @@ def train(
             "val_loss": val_loss,
             "noised": cfg.noise,
         }
+        if not main:
+            continue
         if val_loss is not None and val_loss <= min(h["val_loss"] for h in history):
             save_torch(predictor_checkpoint(net, meta), best_path)
         save_state(state_path, vars(cfg), epoch, net, optimizer, generator, history)
         save_text("".join(json.dumps(h) + "\n" for h in history), out_dir / "metrics.jsonl")
 
     # --- outputs
+    if not main:
+        return
     save_torch(predictor_checkpoint(net, meta), out_path)
     plots.loss_curve(history, out_dir / "loss_curve.png")
     last = history[-1]

@@ -21,15 +21,18 @@ def _interrupt(signum: int, frame) -> None:
 
 def run_main(main: Callable[[], None]) -> None:
     """Run a script's main(); turn UserError into `error: ...` on stderr and exit 2. SIGTERM is
-    handled like Ctrl-C, so temporary files are cleaned up either way."""
+    handled like Ctrl-C, so temporary files are cleaned up either way. Under a launcher
+    (rcgdm.distributed), processes other than the main one prefix their messages with their rank."""
     signal.signal(signal.SIGTERM, _interrupt)
+    rank = int(os.environ.get("RANK", "0"))  # under a launcher, only the main process's message is the plain one
+    prefix = f"[process {rank}] " if rank else ""
     try:
         main()
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"{prefix}error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted: finished files are intact, nothing half-written was kept", file=sys.stderr)
+        print(f"{prefix}interrupted: finished files are intact, nothing half-written was kept", file=sys.stderr)
         sys.exit(130)
 
 

@@ -15,13 +15,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from rcgdm.atomic import atomic_path
+from rcgdm.cli import UserError
 from rcgdm.data import ImageSource, load_batch
-from rcgdm.locking import locked
+from rcgdm.distributed import main_only_lock
 from rcgdm.runtime import image_seed
 
 CACHE_FORMAT = "rcgdm.latents/1"
@@ -53,15 +56,23 @@ class LatentSpec:
         return Path(cache_dir) / f"latents-{hashlib.sha256(self.describe().encode()).hexdigest()[:20]}.safetensors"
 
 
+def batches(spec: LatentSpec, batch_size: int) -> list[range]:
+    """The encoding batches of images 0..N-1; a latent depends (in its last bits) on the batch it was encoded in."""
+    return [range(start, min(start + batch_size, spec.num_data)) for start in range(0, spec.num_data, batch_size)]
+
+
 @torch.no_grad()
-def encode(vae, source: ImageSource, spec: LatentSpec, batch_size: int, device: torch.device) -> torch.Tensor:
-    """Images 0..N-1, resized and scaled to [-1, 1] -> one latent_dist sample each, times the
-    scaling factor: float32 (N, C, h, w) on the CPU."""
+def encode(
+    vae, source: ImageSource, spec: LatentSpec, batch_size: int, device: torch.device, only: list[range] | None = None,
+    progress: bool = True,
+) -> torch.Tensor:  # fmt: skip
+    """Images 0..N-1 (or the batches `only`), resized and scaled to [-1, 1] -> one latent_dist sample
+    each, times the scaling factor: float32 (N, C, h, w) on the CPU."""
     dtype = next(vae.parameters()).dtype
+    todo = batches(spec, batch_size) if only is None else only
     chunks = []
-    with tqdm(total=spec.num_data, desc="encoding latents", unit="img") as bar:
-        for start in range(0, spec.num_data, batch_size):
-            indices = range(start, min(start + batch_size, spec.num_data))
+    with tqdm(total=sum(map(len, todo)), desc="encoding latents", unit="img", disable=not progress) as bar:
+        for indices in todo:
             images = load_batch(source, indices, spec.image_size) * 2 - 1
             dist = vae.encode(images.to(device, dtype)).latent_dist
             generators = [torch.Generator().manual_seed(image_seed(spec.seed, i)) for i in indices]
@@ -76,8 +87,9 @@ def _sha256(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
 
 
-def read_cache(path: Path, spec: LatentSpec) -> torch.Tensor | None:
-    """The cached latents if the file is intact and made for `spec`; None (with the reason printed) otherwise."""
+def read_cache(path: Path, description: str, rows: int) -> torch.Tensor | None:
+    """The latents in `path` if the file is intact, holds `rows` latents and was made for `description`;
+    None (with the reason printed) otherwise."""
     if not path.is_file():
         return None
     try:
@@ -85,9 +97,9 @@ def read_cache(path: Path, spec: LatentSpec) -> torch.Tensor | None:
             meta = f.metadata() or {}
         latents = load_file(str(path))["latents"]
         problem = None
-        if meta.get("spec") != spec.describe():
+        if meta.get("spec") != description:
             problem = "it was made for other settings"
-        elif latents.shape[0] != spec.num_data or meta.get("sha256") != _sha256(latents):
+        elif latents.shape[0] != rows or meta.get("sha256") != _sha256(latents):
             problem = "its content does not match its checksum"
     except Exception as err:  # truncated or foreign files fail in many ways
         problem = f"it cannot be read ({type(err).__name__})"
@@ -97,23 +109,68 @@ def read_cache(path: Path, spec: LatentSpec) -> torch.Tensor | None:
     return latents
 
 
-def write_cache(path: Path, spec: LatentSpec, latents: torch.Tensor) -> None:
+def write_cache(path: Path, description: str, latents: torch.Tensor) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        save_file({"latents": latents.contiguous()}, str(tmp), metadata={"spec": spec.describe(), "sha256": _sha256(latents)})
+        save_file({"latents": latents.contiguous()}, str(tmp), metadata={"spec": description, "sha256": _sha256(latents)})
 
 
 def cached_latents(
-    vae, source: ImageSource, spec: LatentSpec, cache_dir: str | Path, batch_size: int, device: torch.device
-) -> tuple[torch.Tensor, int]:
-    """(latents (N, C, h, w) float32 on the CPU, how many images were encoded now: 0 on a cache hit)."""
+    vae, source: ImageSource, spec: LatentSpec, cache_dir: str | Path, batch_size: int, device: torch.device,
+    state: PartialState,
+) -> tuple[torch.Tensor, int]:  # fmt: skip
+    """(latents (N, C, h, w) float32 on the CPU, in every process; how many images were encoded now: 0 on a cache hit).
+
+    With several processes (rcgdm.distributed) each encodes its share of the batches into a part file
+    and the main process assembles the parts, each checked like the cache itself: the cache is the
+    same file whatever the number of processes, since the batches are those of one process."""
     path = spec.path(cache_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with locked(path.parent / f".{path.name}.lock", f"the latent cache {path.name}", wait=True):  # one encoder per cache entry
-        latents = read_cache(path, spec)
-        if latents is not None:
-            print(f"latent cache hit: {path} ({spec.num_data} images, 0 encoded)")
-            return latents, 0
-        latents = encode(vae, source, spec, batch_size, device)
-        write_cache(path, spec, latents)
-    return latents, spec.num_data
+    lock = path.parent / f".{path.name}.lock"
+    with main_only_lock(state, lock, f"the latent cache {path.name}", wait=True):  # one encoder per cache entry
+        latents = read_cache(path, spec.describe(), spec.num_data) if state.is_main_process else None
+        hit = broadcast_object_list([latents is not None])[0]
+        if hit:
+            state.print(f"latent cache hit: {path} ({spec.num_data} images, 0 encoded)")
+        elif state.num_processes == 1:
+            latents = encode(vae, source, spec, batch_size, device)
+            write_cache(path, spec.describe(), latents)
+        else:
+            latents = _encode_in_parts(vae, source, spec, path, batch_size, device, state)
+        state.wait_for_everyone()  # the cache is written
+        if not state.is_main_process:
+            latents = read_cache(path, spec.describe(), spec.num_data)
+        state.wait_for_everyone()  # and read by every process, before the main process lets go of its lock
+    if latents is None:
+        raise UserError(f"latent cache {path} could not be read back after it was written; check cache_dir's disk")
+    return latents, 0 if hit else spec.num_data
+
+
+def _encode_in_parts(vae, source, spec: LatentSpec, path: Path, batch_size: int, device, state: PartialState):
+    """Each process encodes its batches into `<cache>.part<k>of<n>` (an intact part left by a killed
+    build is kept); the main process checks and assembles them into the cache and returns the latents."""
+    every, world = batches(spec, batch_size), state.num_processes
+
+    def part(rank: int) -> tuple[Path, str, list[range]]:
+        description = f"{spec.describe()} part {rank}/{world}, batches of {batch_size}"
+        return path.with_name(f"{path.stem}.part{rank}of{world}.safetensors"), description, every[rank::world]
+
+    part_path, description, mine = part(state.process_index)
+    rows = sum(map(len, mine))
+    if read_cache(part_path, description, rows) is None:
+        write_cache(part_path, description, encode(vae, source, spec, batch_size, device, mine, state.is_main_process))
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    latents = None
+    for rank in range(world):
+        part_path, description, share = part(rank)
+        chunk = read_cache(part_path, description, sum(map(len, share)))
+        if chunk is None:
+            raise UserError(f"process {rank}'s latents {part_path} are unusable; run again to encode them afresh")
+        latents = latents if latents is not None else torch.empty((spec.num_data, *chunk.shape[1:]), dtype=chunk.dtype)
+        latents[torch.cat([torch.arange(r.start, r.stop) for r in share])] = chunk
+    write_cache(path, spec.describe(), latents)
+    for stale in path.parent.glob(f"{path.stem}.part*"):
+        stale.unlink(missing_ok=True)
+    return latents

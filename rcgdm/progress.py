@@ -2,7 +2,9 @@
 
 `progress.json` in the run folder holds the settings that shape the images and the rows written so
 far; `inference.py --resume` skips the finished batches (same seeds and same batches, so a resumed
-run writes what an uninterrupted one would) and the file is removed once the run completes.
+run writes what an uninterrupted one would) and the files are removed once the run completes.
+Under a launcher (rcgdm.distributed) process k > 0 keeps its own `progress.k.json`; a resume reads
+them all, so it may use another number of processes.
 """
 
 from __future__ import annotations
@@ -14,36 +16,46 @@ from rcgdm.atomic import save_json
 from rcgdm.cli import UserError
 
 FILE = "progress.json"
+ANY_FILE = "progress*.json"
+
+
+def row_id(row: dict) -> tuple:
+    """(prompt, target, guidance, best_of, image): one image of a run."""
+    return (row["prompt"], row["target"], row["guidance"], row["best_of"], row["image"])
+
+
+def unique_rows(rows: list[dict]) -> list[dict]:
+    """`rows` without repeats of the same image (the first is kept)."""
+    seen: dict[tuple, dict] = {}
+    for row in rows:
+        seen.setdefault(row_id(row), row)
+    return list(seen.values())
 
 
 class SweepProgress:
-    def __init__(self, path: Path, settings: dict, rows: list[dict]) -> None:
-        self.path, self.settings, self.rows = path, settings, rows
+    def __init__(self, out_dir: Path, settings: dict, rows: list[dict], process: int = 0) -> None:
+        self.path = out_dir / (FILE if process == 0 else f"progress.{process}.json")
+        self.settings, self.rows = settings, rows
 
     @classmethod
     def open(cls, out_dir: Path, settings: dict, resume: bool, overwrite: bool) -> SweepProgress:
-        """Start a run, or with resume=True continue the interrupted one whose settings must match."""
-        path = out_dir / FILE
-        if not path.exists():
+        """Start a run, or with resume=True continue the interrupted one whose settings must match.
+        Called by the main process only."""
+        paths = sorted(out_dir.glob(ANY_FILE))
+        if not paths:
             if resume:
                 raise UserError(f"--resume: {str(out_dir)!r} holds no interrupted run ({FILE} is missing)")
-            return cls(path, settings, [])
+            return cls(out_dir, settings, [])
         if not resume:
-            if overwrite:
-                return cls(path, settings, [])
-            raise UserError(f"--out_dir {str(out_dir)!r} holds an interrupted run; use --resume to finish it, or --overwrite")
-        try:
-            saved = json.loads(path.read_text())
-            saved_settings, rows = saved["settings"], saved["rows"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            reason = type(err).__name__
-            raise UserError(f"--resume: {str(path)!r} cannot be read ({reason}); use --overwrite to start again") from None
-        for key, value in settings.items():
-            if key != "seed_used" and saved_settings.get(key) != value:
-                raise UserError(
-                    f"--resume: the interrupted run used {key}={saved_settings.get(key)!r}, not {value!r}; use the same settings"
-                )
-        return cls(path, saved_settings, rows)
+            if not overwrite:
+                raise UserError(f"--out_dir {str(out_dir)!r} holds an interrupted run; use --resume to finish it, or --overwrite")
+            return cls(out_dir, settings, [])  # its files go once the new run is ready to write (remove_files)
+        saved_settings, rows = None, []
+        for path in paths:
+            saved_settings, saved_rows = _read(path)
+            _check_same(saved_settings, settings)
+            rows += saved_rows
+        return cls(out_dir, saved_settings, unique_rows(rows))
 
     @property
     def seed(self) -> int:
@@ -52,11 +64,28 @@ class SweepProgress:
     def finished(self, combination: tuple, image: int) -> bool:
         """Whether image `image` of (prompt, target, guidance, best_of) is done."""
         wanted = (*combination, image)
-        return any((r["prompt"], r["target"], r["guidance"], r["best_of"], r["image"]) == wanted for r in self.rows)
+        return any(row_id(r) == wanted for r in self.rows)
 
     def add(self, rows: list[dict]) -> None:
         self.rows.extend(rows)
         save_json({"settings": self.settings, "rows": self.rows}, self.path)
 
-    def complete(self) -> None:
-        self.path.unlink(missing_ok=True)
+    def remove_files(self) -> None:
+        """Remove this run's progress files (every process's): when it completes, or starts afresh."""
+        for path in self.path.parent.glob(ANY_FILE):
+            path.unlink(missing_ok=True)
+
+
+def _read(path: Path) -> tuple[dict, list[dict]]:
+    try:
+        saved = json.loads(path.read_text())
+        return saved["settings"], saved["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        reason = type(err).__name__
+        raise UserError(f"--resume: {str(path)!r} cannot be read ({reason}); use --overwrite to start again") from None
+
+
+def _check_same(saved: dict, settings: dict) -> None:
+    for key, value in settings.items():
+        if key != "seed_used" and saved.get(key) != value:
+            raise UserError(f"--resume: the interrupted run used {key}={saved.get(key)!r}, not {value!r}; use the same settings")

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate.utils import reduce
 from tqdm import tqdm
 
 from rcgdm.atomic import save_torch
@@ -73,24 +74,37 @@ def train_epoch(
     batch_size: int,
     desc: str = "epoch",
     noised: bool = True,
+    shard: tuple[int, int] = (0, 1),
 ) -> float:
     """One pass over latents x (N, C, h, w) and labels y (N, 1), both on the training device, in a
     random order; each step noises its latents afresh (unless noised=False: clean latents, for the
-    x0 gradient path). -> mean training MSE (nan/inf once it diverges)."""
+    x0 gradient path). -> mean training MSE (nan/inf once it diverges).
+
+    shard=(k, n), for n data-parallel processes (net wrapped in DDP, same generator state in each):
+    every process draws the same batches and noise, and process k learns on samples k, k+n, ... of
+    each batch. Its summed error is scaled by n / batch length, so DDP's mean over processes is the
+    whole batch's mean gradient (BatchNorm statistics stay per process, as usual in DDP)."""
+    rank, world = shard
     net.train()
     order = torch.randperm(len(x), generator=generator).to(x.device)
     total = torch.zeros((), device=x.device)  # summed on the device: no host sync per step
-    for number, start in enumerate(tqdm(range(0, len(order), batch_size), desc=desc, leave=False, unit="step")):
+    trained = 0
+    steps = range(0, len(order), batch_size)
+    for number, start in enumerate(tqdm(steps, desc=desc, leave=False, unit="step", disable=rank != 0)):
         batch = order[start : start + batch_size]
         inputs = add_training_noise(scheduler, x[batch], timestep_pool, generator)[0] if noised else x[batch]
-        loss = F.mse_loss(net(inputs), y[batch])
+        if len(batch) < world:
+            continue  # a last batch too small to give every process a sample (only with several processes)
+        errors = F.mse_loss(net(inputs[rank::world]), y[batch][rank::world], reduction="sum")
+        loss = errors * (world / len(batch))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += loss.detach() * len(batch)
-        if number % 100 == 99 and not torch.isfinite(total):
-            break  # diverged: no use finishing the epoch
-    return total.item() / len(x)
+        total += errors.detach()
+        trained += len(batch)
+        if number % 100 == 99 and not torch.isfinite(reduce(total, "sum")):
+            break  # diverged (in any process): no use finishing the epoch
+    return reduce(total, "sum").item() / trained
 
 
 @torch.no_grad()

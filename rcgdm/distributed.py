@@ -1,0 +1,71 @@
+"""Several processes through Hugging Face accelerate: each script runs as N copies and splits its work.
+
+    accelerate launch --multi_gpu --num_processes 4 inference.py ...   # 4 GPUs (or 4 CPU processes on a CPU-only machine)
+    python3 inference.py ...                                           # one process, as always
+
+The work of a script is cut into the same batches as in one process, and batch k goes to process
+k % N: every batch holds the same images, so results match a one-process run. Shared outputs are
+written by the main process only; the others hold no locks and write only their own files.
+`torchrun` works too: any launcher that sets WORLD_SIZE, RANK and LOCAL_RANK.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from accelerate import PartialState
+
+from rcgdm.cli import UserError
+from rcgdm.locking import locked
+from rcgdm.runtime import resolve_device
+
+T = TypeVar("T")
+
+
+def launched_processes() -> int:
+    """How many processes the launcher started (1 for plain `python3 script.py`)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def start(device_name: str, flag: str = "--device") -> tuple[PartialState, torch.device]:
+    """This process's accelerate state and device. With several processes, auto and cuda give each
+    process its own GPU (LOCAL_RANK); cpu runs them on the CPU, over gloo."""
+    device = resolve_device(device_name)
+    processes = launched_processes()
+    if processes == 1:
+        _warn_if_cpu_launch_fell_back()
+        return PartialState(cpu=device.type == "cpu"), device
+    if device.type == "cuda" and device_name not in ("auto", "cuda"):
+        raise UserError(
+            f"{flag} {device_name!r} puts all {processes} processes on one GPU; expected auto or cuda (one GPU per process)"
+        )
+    state = PartialState(cpu=device.type == "cpu")
+    return state, state.device
+
+
+def _warn_if_cpu_launch_fell_back() -> None:
+    """`accelerate launch --cpu --num_processes N` starts one process unless MPI is set up; say so."""
+    asked = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") and "MASTER_ADDR" in os.environ
+    if asked:
+        print(
+            "note: `accelerate launch --cpu` started ONE process (it needs MPI for more); for N CPU processes use "
+            "`accelerate launch --multi_gpu --num_processes N SCRIPT --device cpu`",
+            file=sys.stderr,
+        )
+
+
+def my_share(units: Sequence[T], state: PartialState) -> list[T]:
+    """The units this process does: every num_processes-th, starting at its index."""
+    return list(units[state.process_index :: state.num_processes])
+
+
+def main_only_lock(state: PartialState, lock_file: str | Path, what: str, wait: bool = False):
+    """The main process holds the run's lock (see rcgdm.locking) for all of them; the others hold none."""
+    return locked(lock_file, what, wait) if state.is_main_process else contextlib.nullcontext()
+
