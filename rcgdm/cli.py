@@ -29,10 +29,10 @@ def run_main(main: Callable[[], None]) -> None:
     try:
         main()
     except UserError as err:
-        print(f"{prefix}error: {err}", file=sys.stderr)
+        sys.stderr.write(f"{prefix}error: {err}\n")  # one write: processes sharing stderr can't split the line
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"{prefix}interrupted: finished files are intact, nothing half-written was kept", file=sys.stderr)
+        sys.stderr.write(f"{prefix}interrupted: finished files are intact, nothing half-written was kept\n")
         sys.exit(130)
 
 

@@ -20,7 +20,7 @@ from conftest import ROOT, latent_labels, run_script
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from rcgdm import atomic
+from rcgdm import atomic, distributed
 from rcgdm.predictor import ThreeLayerConvNet, load_predictor
 from rcgdm.training import train_epoch
 
@@ -64,55 +64,59 @@ def test_fake_dataset_labels_match_one_process(tmp_path):
     assert result.stdout.count("wrote ") == 1  # only the main process writes
 
 
-def test_sweep_matches_one_process(tmp_path, reward_model_path, predictor_path):
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, reward_model_path, predictor_path):
+    """(the sweep's flags, its one-process output folder): 2 targets x 2 guidance levels x 3 images in batches of 2."""
     args = ["--model", "tiny", "--reward_model", reward_model_path, "--predictor", predictor_path, "--num_inference_steps", "4",
             "--seed", "3", "--target", "-1", "1", "--guidance", "0", "40", "--num_images", "3", "--bs", "2"]  # fmt: skip
+    one = tmp_path_factory.mktemp("sweep") / "one"
     with one_thread():
-        assert run_script("inference.py", *args, "--out_dir", tmp_path / "one") == 0
-    result = launch(tmp_path, "inference.py", *args, "--out_dir", tmp_path / "two")
-    assert result.returncode == 0, result.stderr[-3000:]
+        assert run_script("inference.py", *args, "--out_dir", one) == 0
+    return args, one
 
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert (one / "results.csv").read_bytes() == (two / "results.csv").read_bytes()  # 8 batches, 4 per process
+
+def assert_same_sweep(one, two) -> None:
+    assert (one / "results.csv").read_bytes() == (two / "results.csv").read_bytes()
     images = sorted(p.relative_to(one) for p in one.rglob("*_gt_*.png"))
     assert len(images) == 4 * 3 and images == sorted(p.relative_to(two) for p in two.rglob("*_gt_*.png"))
     for image in images:
         assert (one / image).read_bytes() == (two / image).read_bytes(), image
-    summary = json.loads((two / "summary.json").read_text())
-    assert summary["processes"] == 2 and [c["n"] for c in summary["combinations"]] == [3, 3, 3, 3]
     assert (two / "grid.png").is_file() and not list(two.glob("progress*.json"))
+
+
+def test_sweep_matches_one_process(tmp_path, sweep):
+    args, one = sweep
+    result = launch(tmp_path, "inference.py", *args, "--out_dir", tmp_path / "two")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_sweep(one, tmp_path / "two")  # 8 batches, 4 per process
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["processes"] == 2 and [c["n"] for c in summary["combinations"]] == [3, 3, 3, 3]
     assert result.stdout.count("wrote 12 images") == 1
 
 
-def test_a_sweep_resumes_with_another_number_of_processes(tmp_path, monkeypatch, reward_model_path, predictor_path):
+def test_a_sweep_resumes_with_another_number_of_processes(tmp_path, monkeypatch, sweep):
     """A one-process run interrupted after its first batch is finished by two processes, as if never interrupted."""
-    args = ["--model", "tiny", "--reward_model", reward_model_path, "--predictor", predictor_path, "--num_inference_steps", "4",
-            "--seed", "5", "--guidance", "0", "30", "--num_images", "3", "--bs", "2"]  # fmt: skip
+    args, one = sweep
+    real_atomic_path, pngs = atomic.atomic_path, []
+
+    def interrupt_on_the_third_image(path):
+        if path.suffix == ".png":
+            pngs.append(path)
+            if len(pngs) == 3:
+                raise KeyboardInterrupt
+        return real_atomic_path(path)
+
+    monkeypatch.setattr(atomic, "atomic_path", interrupt_on_the_third_image)
     with one_thread():
-        assert run_script("inference.py", *args, "--out_dir", tmp_path / "whole") == 0
-
-        real_atomic_path, pngs = atomic.atomic_path, []
-
-        def interrupt_on_the_third_image(path):
-            if path.suffix == ".png":
-                pngs.append(path)
-                if len(pngs) == 3:
-                    raise KeyboardInterrupt
-            return real_atomic_path(path)
-
-        monkeypatch.setattr(atomic, "atomic_path", interrupt_on_the_third_image)
         assert run_script("inference.py", *args, "--out_dir", tmp_path / "resumed") == 130
-        monkeypatch.undo()
+    monkeypatch.undo()
     progress = json.loads((tmp_path / "resumed" / "progress.json").read_text())
     assert [r["image"] for r in progress["rows"]] == [0, 1]  # batch 0 done, batch 1 not
 
     result = launch(tmp_path, "inference.py", *args, "--out_dir", tmp_path / "resumed", "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "--resume: 2 images already done" in result.stdout
-    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    assert (whole / "results.csv").read_bytes() == (resumed / "results.csv").read_bytes()
-    assert sorted(p.name for p in whole.rglob("*_gt_*.png")) == sorted(p.name for p in resumed.rglob("*_gt_*.png"))
-    assert not list(resumed.glob("progress*.json"))
+    assert_same_sweep(one, tmp_path / "resumed")
 
 
 NET_AND_DATA = """
@@ -215,3 +219,16 @@ def test_a_user_error_is_one_line_from_the_main_process(tmp_path):
     assert f"[process 1] {expected}" in result.stderr
     # the launcher then reports the failed processes with its own traceback; none comes from our code
     assert 'train.py", line' not in result.stderr and "rcgdm/" not in result.stderr
+
+
+def test_a_cpu_launch_that_starts_one_process_says_so(monkeypatch, capsys):
+    """What `accelerate launch --cpu --num_processes 2` leaves a script without MPI: one process, told how to get two."""
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    state, device = distributed.start("cpu")
+    assert state.num_processes == 1 and device == torch.device("cpu")
+    assert "accelerate launch --multi_gpu --num_processes N SCRIPT --device cpu" in capsys.readouterr().err
+    monkeypatch.delenv("ACCELERATE_USE_CPU")
+    distributed.start("cpu")
+    assert capsys.readouterr().err == ""
