@@ -288,6 +288,7 @@ def run_sweep(
     all_rows = unique_rows(gather_object(progress.rows))
     all_seconds = gather_object([seconds])
     if state.is_main_process:
+        check_images_visible(out_dir, all_rows)
         sampling_seconds = {combo: sum(s[k] for s in all_seconds) for k, combo in enumerate(combos)}
         provenance = {"reward_model": reward_meta, "predictor": predictor_meta, "processes": state.num_processes}
         write_outputs(args, pipe, seed, out_dir, combos, all_rows, sampling_seconds, (reward_model, predictor), provenance, start)
@@ -321,6 +322,16 @@ def write_outputs(args, pipe, seed: int, out_dir: Path, combos: list[Combo], row
             f"ground truth {c['gt_mean']:.4f} ± {c['gt_std']:.4f}, predicted {c['pred_mean']:.4f} ± {c['pred_std']:.4f}"
         )
     print(f"wrote {len(rows)} images and {out_dir / 'results.csv'}, summary.json, reward_vs_target.png, grid.png")
+
+
+def check_images_visible(out_dir: Path, rows: list[dict]) -> None:
+    """The main process reads the images back for grid.png: every process must have written them where it can see them."""
+    missing = [row["file"] for row in rows if not (out_dir / row["file"]).is_file()]
+    if missing:
+        raise UserError(
+            f"{len(missing)} images (first {missing[0]!r}) are not in --out_dir {str(out_dir)!r} as the main process sees it; "
+            "with several machines, --out_dir must be on a filesystem they share"
+        )
 
 
 def check_grad_path(grad_path: str, path: str, meta: dict) -> None:

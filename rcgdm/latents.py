@@ -167,7 +167,10 @@ def _encode_in_parts(vae, source, spec: LatentSpec, path: Path, batch_size: int,
         part_path, description, share = part(rank)
         chunk = read_cache(part_path, description, sum(map(len, share)))
         if chunk is None:
-            raise UserError(f"process {rank}'s latents {part_path} are unusable; run again to encode them afresh")
+            raise UserError(
+                f"process {rank}'s latents {part_path} are missing or unusable; with several machines cache_dir must be on a "
+                "filesystem they share; run again to encode them afresh"
+            )
         latents = latents if latents is not None else torch.empty((spec.num_data, *chunk.shape[1:]), dtype=chunk.dtype)
         latents[torch.cat([torch.arange(r.start, r.stop) for r in share])] = chunk
     write_cache(path, spec.describe(), latents)
