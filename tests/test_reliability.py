@@ -308,17 +308,17 @@ def test_a_second_run_on_the_same_out_dir_is_refused(tmp_path, reward_model_path
 
 
 def test_two_trainings_share_one_cache_and_encode_each_image_once(tmp_path):
-    labels = latent_labels(tmp_path / "labels.npy", 256)
+    labels = latent_labels(tmp_path / "labels.npy", 64)
 
     def start(name):
-        return popen("train.py", "--model=tiny", "--data=synthetic", "--num_data=256", "--image_size=64", "--num_epochs=1",
+        return popen("train.py", "--model=tiny", "--data=synthetic", "--num_data=64", "--image_size=64", "--num_epochs=1",
                      "--val_fraction=0", f"--labels_path={labels}", f"--cache_dir={tmp_path / 'cache'}",
                      f"--out_path={tmp_path / name / 'convnet.pth'}")  # fmt: skip
 
     a, b = start("a"), start("b")
     assert a.wait(timeout=300) == 0 and b.wait(timeout=300) == 0
     encoded = [json.loads((tmp_path / n / "train_summary.json").read_text())["images_encoded"] for n in "ab"]
-    assert sorted(encoded) == [0, 256]
+    assert sorted(encoded) == [0, 64]
 
 
 # --- SIGKILL, then resume -------------------------------------------------------------------------------------------------------
