@@ -157,7 +157,7 @@ def _encode_in_parts(vae, source, spec: LatentSpec, path: Path, batch_size: int,
 
     part_path, description, mine = part(state.process_index)
     rows = sum(map(len, mine))
-    if read_cache(part_path, description, rows) is None:
+    if mine and read_cache(part_path, description, rows) is None:  # more processes than batches leaves some idle
         write_cache(part_path, description, encode(vae, source, spec, batch_size, device, mine, state.is_main_process))
     state.wait_for_everyone()
     if not state.is_main_process:
@@ -165,6 +165,8 @@ def _encode_in_parts(vae, source, spec: LatentSpec, path: Path, batch_size: int,
     latents = None
     for rank in range(world):
         part_path, description, share = part(rank)
+        if not share:
+            continue
         chunk = read_cache(part_path, description, sum(map(len, share)))
         if chunk is None:
             raise UserError(
