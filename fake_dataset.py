@@ -56,8 +56,7 @@ def parse_args() -> argparse.Namespace:
 def compute_rewards(ground_truth: Reward, source, num_data: int, batch_size: int, state: PartialState) -> torch.Tensor:
     """Clean rewards of images 0..num_data-1 -> float32 (num_data, 1), in every process. Each process
     scores its share of the batches (rcgdm.distributed); the batches are those of a one-process run."""
-    batches = [range(start, min(start + batch_size, num_data)) for start in range(0, num_data, batch_size)]
-    mine = distributed.my_share(batches, state)
+    mine = distributed.my_share(distributed.batches(num_data, batch_size), state)
     scored = []
     with tqdm(total=sum(map(len, mine)), desc="rewarding images", unit="img", disable=not state.is_main_process) as bar:
         for indices in mine:

@@ -41,7 +41,7 @@ from rcgdm.models import SD15, load_pipeline
 from rcgdm.predictor import load_predictor
 from rcgdm.progress import SweepProgress, unique_rows
 from rcgdm.rewards import load_reward
-from rcgdm.runtime import image_seed, package_versions
+from rcgdm.runtime import image_generators, image_seed, package_versions
 from rcgdm.sampler import SCHEDULERS, RewardGuidance, decode, make_scheduler, sample_latents
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -249,8 +249,7 @@ def run_sweep(
     check_grad_path(args.grad_path, args.predictor, predictor_meta)
     reward_model, predictor = reward_model.to(device), predictor.to(device)
 
-    batches = [(combo, range(first, min(first + args.bs, args.num_images)))
-               for combo in combos for first in range(0, args.num_images, args.bs)]  # fmt: skip
+    batches = [(combo, indices) for combo in combos for indices in distributed.batches(args.num_images, args.bs)]
     mine = distributed.my_share(batches, state)
     todo = [(combo, indices) for combo, indices in mine if not progress.finished(combo.key(), indices[0])]
     seconds = dict.fromkeys(range(len(combos)), 0.0)
@@ -353,7 +352,7 @@ def sample_best_of(args, pipe, combo: Combo, guidance, seed: int, indices: range
     -> (images (B, 3, H, W), ground-truth rewards (B,), predicted rewards (B,), UNet calls per image)."""
     best = None
     for candidate in range(combo.best_of):
-        generators = [torch.Generator().manual_seed(image_seed(seed, i, candidate)) for i in indices]
+        generators = image_generators(seed, indices, candidate)
         size = (args.height, args.width)
         latents = sample_latents(pipe, combo.prompt, generators, guidance, args.num_inference_steps, args.cfg, *size)
         images = decode(pipe, latents, generators)
@@ -383,7 +382,7 @@ def write_grid(args, pipe, seed: int, out_dir: Path, rows: list[dict], reward_mo
     for prompt in args.prompt:
         unguided = next((cell(r) for (p, _, g), r in first_images.items() if p == prompt and g == 0), None)
         if unguided is None:  # the sweep has no guidance 0: sample the unguided cell alone
-            generators = [torch.Generator().manual_seed(image_seed(seed, 0))]
+            generators = image_generators(seed, [0])
             latents = sample_latents(pipe, prompt, generators, None, args.num_inference_steps, args.cfg, args.height, args.width)
             image = decode(pipe, latents, generators)
             gt, pred = score_images(image, reward_model, predictor, pipe.vae)

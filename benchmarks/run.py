@@ -35,7 +35,7 @@ from rcgdm.demo import run_demo  # noqa: E402
 from rcgdm.latents import LatentSpec, encode  # noqa: E402
 from rcgdm.models import load_pipeline, load_scheduler, load_vae  # noqa: E402
 from rcgdm.predictor import ThreeLayerConvNet  # noqa: E402
-from rcgdm.runtime import image_seed, package_versions  # noqa: E402
+from rcgdm.runtime import image_generators, package_versions  # noqa: E402
 from rcgdm.sampler import RewardGuidance, sample_latents  # noqa: E402
 from rcgdm.training import add_training_noise, train_epoch  # noqa: E402
 
@@ -116,7 +116,7 @@ def bench_guidance(model: str, device: torch.device, dtype: torch.dtype, size: i
     predictor = ThreeLayerConvNet().to(device).eval()
 
     def generators():
-        return [torch.Generator().manual_seed(image_seed(0, i)) for i in range(batch)]
+        return image_generators(0, range(batch))
 
     common = {"num_inference_steps": steps, "height": size, "width": size}
     variants = {
@@ -155,7 +155,7 @@ def bench_images_per_second(model: str, device: torch.device, size: int, steps: 
     predictor = ThreeLayerConvNet().to(device).eval()
 
     def generators():
-        return [torch.Generator().manual_seed(image_seed(0, i)) for i in range(batch)]
+        return image_generators(0, range(batch))
 
     def ours(guidance):
         gens = generators()

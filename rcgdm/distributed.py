@@ -60,9 +60,15 @@ def _warn_if_cpu_launch_fell_back() -> None:
         )
 
 
-def my_share(units: Sequence[T], state: PartialState) -> list[T]:
-    """The units this process does: every num_processes-th, starting at its index."""
-    return list(units[state.process_index :: state.num_processes])
+def batches(total: int, size: int) -> list[range]:
+    """Items 0..total-1 in the batches of a one-process run: [0, size), [size, 2 size), ..."""
+    return [range(start, min(start + size, total)) for start in range(0, total, size)]
+
+
+def my_share(units: Sequence[T], state: PartialState, process: int | None = None) -> list[T]:
+    """The units a process does (this one, or `process`): every num_processes-th, starting at its index."""
+    index = state.process_index if process is None else process
+    return list(units[index :: state.num_processes])
 
 
 def main_only_lock(state: PartialState, lock_file: str | Path, what: str, wait: bool = False):

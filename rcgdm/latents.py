@@ -24,8 +24,8 @@ from tqdm import tqdm
 from rcgdm.atomic import atomic_path
 from rcgdm.cli import UserError
 from rcgdm.data import ImageSource, load_batch
-from rcgdm.distributed import main_only_lock
-from rcgdm.runtime import image_seed
+from rcgdm.distributed import batches, main_only_lock, my_share
+from rcgdm.runtime import image_generators
 
 CACHE_FORMAT = "rcgdm.latents/1"
 
@@ -56,11 +56,6 @@ class LatentSpec:
         return Path(cache_dir) / f"latents-{hashlib.sha256(self.describe().encode()).hexdigest()[:20]}.safetensors"
 
 
-def batches(spec: LatentSpec, batch_size: int) -> list[range]:
-    """The encoding batches of images 0..N-1; a latent depends (in its last bits) on the batch it was encoded in."""
-    return [range(start, min(start + batch_size, spec.num_data)) for start in range(0, spec.num_data, batch_size)]
-
-
 @torch.no_grad()
 def encode(
     vae, source: ImageSource, spec: LatentSpec, batch_size: int, device: torch.device, only: list[range] | None = None,
@@ -69,13 +64,13 @@ def encode(
     """Images 0..N-1 (or the batches `only`), resized and scaled to [-1, 1] -> one latent_dist sample
     each, times the scaling factor: float32 (N, C, h, w) on the CPU."""
     dtype = next(vae.parameters()).dtype
-    todo = batches(spec, batch_size) if only is None else only
+    todo = batches(spec.num_data, batch_size) if only is None else only  # a latent's last bits depend on its batch
     chunks = []
     with tqdm(total=sum(map(len, todo)), desc="encoding latents", unit="img", disable=not progress) as bar:
         for indices in todo:
             images = load_batch(source, indices, spec.image_size) * 2 - 1
             dist = vae.encode(images.to(device, dtype)).latent_dist
-            generators = [torch.Generator().manual_seed(image_seed(spec.seed, i)) for i in indices]
+            generators = image_generators(spec.seed, indices)
             noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=g) for g in generators])
             sample = dist.mean.float() + dist.std.float() * noise.to(device)
             chunks.append((sample * vae.config.scaling_factor).cpu().contiguous())  # the VAE may return channels-last
@@ -149,11 +144,11 @@ def cached_latents(
 def _encode_in_parts(vae, source, spec: LatentSpec, path: Path, batch_size: int, device, state: PartialState):
     """Each process encodes its batches into `<cache>.part<k>of<n>` (an intact part left by a killed
     build is kept); the main process checks and assembles them into the cache and returns the latents."""
-    every, world = batches(spec, batch_size), state.num_processes
+    every, world = batches(spec.num_data, batch_size), state.num_processes
 
     def part(rank: int) -> tuple[Path, str, list[range]]:
         description = f"{spec.describe()} part {rank}/{world}, batches of {batch_size}"
-        return path.with_name(f"{path.stem}.part{rank}of{world}.safetensors"), description, every[rank::world]
+        return path.with_name(f"{path.stem}.part{rank}of{world}.safetensors"), description, my_share(every, state, rank)
 
     part_path, description, mine = part(state.process_index)
     rows = sum(map(len, mine))

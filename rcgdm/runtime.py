@@ -48,6 +48,11 @@ def image_seed(seed: int, index: int, candidate: int = 0) -> int:
     return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
 
 
+def image_generators(seed: int, indices, candidate: int = 0) -> list[torch.Generator]:
+    """One CPU torch.Generator per item of `indices`, seeded by image_seed(seed, i, candidate)."""
+    return [torch.Generator().manual_seed(image_seed(seed, i, candidate)) for i in indices]
+
+
 def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

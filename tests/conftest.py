@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import runpy
 import subprocess
@@ -43,6 +44,17 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
     return subprocess.run(
         [sys.executable, *map(str, args)], cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout, check=False
     )
+
+
+def read_rows(path) -> list[dict]:
+    """The rows of a results.csv, as strings."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def weights(path) -> dict:
+    """The state_dict of a predictor checkpoint."""
+    return torch.load(path, weights_only=True)["state_dict"]
 
 
 def error_line(stderr: str) -> str:

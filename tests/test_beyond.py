@@ -125,7 +125,7 @@ def test_best_of_n_keeps_the_candidate_closest_to_the_target(tmp_path, reward_mo
     from rcgdm.models import load_pipeline
     from rcgdm.predictor import load_predictor
     from rcgdm.rewards import load_reward
-    from rcgdm.runtime import image_seed
+    from rcgdm.runtime import image_generators
     from rcgdm.sampler import decode, sample_latents
 
     pipe = load_pipeline("tiny")
@@ -135,7 +135,7 @@ def test_best_of_n_keeps_the_candidate_closest_to_the_target(tmp_path, reward_mo
     target, indices = -3.0, range(2)
 
     def candidate(k):
-        gens = [torch.Generator().manual_seed(image_seed(0, i, k)) for i in indices]
+        gens = image_generators(0, indices, k)
         images = decode(pipe, sample_latents(pipe, "a nice photo", gens, None, 4, progress=False), gens)
         return images, *score_images(images, reward, predictor, pipe.vae)
 

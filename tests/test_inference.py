@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 
 import numpy as np
 import pytest
-import torch
-from conftest import error_line, run_cli, run_script
+from conftest import error_line, read_rows, run_cli, run_script
 from PIL import Image
 
 from rcgdm.atomic import save_torch
@@ -28,11 +26,6 @@ def run(tmp_path, reward_model_path, predictor_path):
         return run_script("inference.py", *base, *args)
 
     return run_inference
-
-
-def read_rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def test_a_sweep_writes_rows_folders_and_figures(tmp_path, run):
@@ -152,11 +145,11 @@ def test_hub_model_offline_is_a_clear_error(tmp_path, reward_model_path, predict
 def test_guidance_zero_images_match_the_stock_pipeline_through_the_cli(tmp_path, run):
     """The saved PNGs at guidance 0 are the stock pipeline's images, quantised the same way."""
     from rcgdm.models import load_pipeline
-    from rcgdm.runtime import image_seed
+    from rcgdm.runtime import image_generators
 
     assert run("--num_images", "2", "--bs", "2", "--guidance", "0") == 0
     pipe = load_pipeline("tiny")
-    generators = [torch.Generator().manual_seed(image_seed(0, i)) for i in range(2)]
+    generators = image_generators(0, range(2))
     stock = pipe("a nice photo", num_images_per_prompt=2, generator=generators, num_inference_steps=4, output_type="pil").images
     rows = read_rows(tmp_path / "run/results.csv")
     for row, image in zip(rows, stock, strict=True):

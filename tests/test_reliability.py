@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
@@ -13,7 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, error_line, latent_labels, run_script
+from conftest import ROOT, error_line, latent_labels, read_rows, run_script, weights
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -322,15 +321,6 @@ def test_two_trainings_share_one_cache_and_encode_each_image_once(tmp_path):
 
 
 # --- SIGKILL, then resume -------------------------------------------------------------------------------------------------------
-
-
-def read_rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def weights(path):
-    return torch.load(path, weights_only=True)["state_dict"]
 
 
 def test_training_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):

@@ -8,14 +8,10 @@ import torch
 from rcgdm.guidance import guide_eps, reward_gradient
 from rcgdm.models import load_pipeline
 from rcgdm.predictor import ThreeLayerConvNet, load_predictor
-from rcgdm.runtime import image_seed
+from rcgdm.runtime import image_generators
 from rcgdm.sampler import RewardGuidance, decode, make_scheduler, sample_latents
 
 PROMPT = "a nice photo"
-
-
-def generators(indices, seed=0):
-    return [torch.Generator().manual_seed(image_seed(seed, i)) for i in indices]
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +29,10 @@ def predictor(predictor_path):
 @pytest.mark.parametrize("scheduler", ["pndm", "ddim", "euler_a"])
 def test_guidance_zero_is_the_stock_pipeline_bit_for_bit(pipe, predictor, scheduler):
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
-    stock = pipe(PROMPT, num_images_per_prompt=3, generator=generators(range(3)), num_inference_steps=6, output_type="pt").images
+    gens = image_generators(0, range(3))
+    stock = pipe(PROMPT, num_images_per_prompt=3, generator=gens, num_inference_steps=6, output_type="pt").images
     for guidance in (None, RewardGuidance(predictor, target=5.0, scale=0.0)):
-        gens = generators(range(3))
+        gens = image_generators(0, range(3))
         ours = decode(pipe, sample_latents(pipe, PROMPT, gens, guidance, num_inference_steps=6, progress=False), gens)
         assert ours.shape == stock.shape == (3, 3, 64, 64) and ours.dtype == torch.float32
         assert torch.equal(ours, stock.float().cpu())
@@ -91,9 +88,9 @@ def test_batch_mean_divides_by_the_batch_size():
 
 def test_images_do_not_depend_on_the_batch_size(pipe, predictor):
     guidance = RewardGuidance(predictor, target=-3.0, scale=10.0)
-    together = sample_latents(pipe, PROMPT, generators(range(3)), guidance, num_inference_steps=6, progress=False)
+    together = sample_latents(pipe, PROMPT, image_generators(0, range(3)), guidance, num_inference_steps=6, progress=False)
     apart = torch.cat(
-        [sample_latents(pipe, PROMPT, generators([i]), guidance, num_inference_steps=6, progress=False) for i in range(3)]
+        [sample_latents(pipe, PROMPT, image_generators(0, [i]), guidance, 6, progress=False) for i in range(3)]
     )
     torch.testing.assert_close(together, apart, rtol=1e-4, atol=1e-4)
 
@@ -105,17 +102,17 @@ def test_batch_mean_guidance_g_at_batch_b_equals_g_over_b(predictor):
     predictor64 = copy.deepcopy(predictor).double()
     original = RewardGuidance(predictor64, target=-3.0, scale=30.0, batch_mean=True)
     ours = RewardGuidance(predictor64, target=-3.0, scale=10.0)
-    a = sample_latents(pipe64, PROMPT, generators(range(3)), original, num_inference_steps=6, progress=False)
-    b = sample_latents(pipe64, PROMPT, generators(range(3)), ours, num_inference_steps=6, progress=False)
+    a = sample_latents(pipe64, PROMPT, image_generators(0, range(3)), original, num_inference_steps=6, progress=False)
+    b = sample_latents(pipe64, PROMPT, image_generators(0, range(3)), ours, num_inference_steps=6, progress=False)
     assert a.dtype == torch.float64
     torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
-    c = sample_latents(pipe64, PROMPT, generators(range(3)), RewardGuidance(predictor64, -3.0, 30.0), 6, progress=False)
+    c = sample_latents(pipe64, PROMPT, image_generators(0, range(3)), RewardGuidance(predictor64, -3.0, 30.0), 6, progress=False)
     assert (c - b).abs().max() > 1e-3  # without batch_mean, 30 is not 10
 
 
 def test_guidance_moves_the_predicted_reward_toward_the_target(pipe, predictor):
     def mean_reward(guidance):
-        latents = sample_latents(pipe, PROMPT, generators(range(8)), guidance, num_inference_steps=10, progress=False)
+        latents = sample_latents(pipe, PROMPT, image_generators(0, range(8)), guidance, num_inference_steps=10, progress=False)
         with torch.no_grad():
             return predictor(latents).mean().item()
 

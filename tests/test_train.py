@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import error_line, latent_labels, run_script
+from conftest import error_line, latent_labels, run_script, weights
 
 from rcgdm.cli import UserError
 from rcgdm.config import parse_overrides
@@ -41,10 +41,6 @@ def train(tmp_path, labels, name="run", **overrides):
     code = run_script("train.py", *[f"--{k}={v}" for k, v in config.items()])
     summary = tmp_path / name / "train_summary.json"
     return code, json.loads(summary.read_text()) if code == 0 else None
-
-
-def weights(path):
-    return torch.load(path, weights_only=True)["state_dict"]
 
 
 def assert_same_weights(a, b):
