@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from rcgdm import distributed, plots
 from rcgdm.atomic import atomic_path, save_json, save_text
-from rcgdm.cli import ArgumentParser, UserError, finite_float, positive_int, run_main, writable_dir
+from rcgdm.cli import ArgumentParser, UserError, check_creatable, finite_float, positive_int, run_main, writable_dir
 from rcgdm.evaluate import score_images
 from rcgdm.guidance import GRAD_PATHS
 from rcgdm.models import SD15, load_pipeline
@@ -62,6 +62,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model", default=SD15, help=f"hub id, local diffusers folder, or tiny (default: {SD15})")
     p.add_argument("--reward_model", default="reward_model.pth", help="ground-truth reward from fake_dataset.py")
     p.add_argument("--predictor", default="convnet.pth", help="reward predictor from train.py")
+    p.add_argument("--reward", default=None,
+                   help="module:function: run the user-code reward that --reward_model records (files never run code)")
     p.add_argument("--num_inference_steps", type=positive_int, default=50, help="denoising steps (default: 50)")
     p.add_argument("--cfg", type=finite_float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
     p.add_argument("--scheduler", default="pndm", help=f"{', '.join(SCHEDULERS)} or a diffusers class name (default: pndm)")
@@ -212,10 +214,39 @@ def main() -> None:
     dtype = resolve_dtype(args.dtype, device)
     out_dir, combos = plan(args)
     make_scheduler(args.scheduler, {})  # an unknown name fails before anything loads
+    for combo in combos:
+        check_creatable(combo.folder)
+    models = load_models(args, state, device, dtype)  # every input is checked before any output folder exists
     writable_dir(out_dir)
     with distributed.main_only_lock(state, out_dir / ".rcgdm.lock", f"--out_dir {str(out_dir)!r}"):
         progress = open_progress(args, state, out_dir, combos)
-        run_sweep(args, state, device, dtype, out_dir, combos, progress, start)
+        with state.main_process_first():  # folders are readied before anyone writes
+            if state.is_main_process:
+                prepare_folders(out_dir, combos, args.overwrite, progress)
+        run_sweep(args, state, models, out_dir, combos, progress, start)
+
+
+@dataclass(frozen=True)
+class Models:
+    """What a run samples and scores with, loaded and checked."""
+
+    pipe: object
+    reward: object
+    reward_meta: dict
+    predictor: torch.nn.Module
+    predictor_meta: dict
+
+
+def load_models(args: argparse.Namespace, state: PartialState, device: torch.device, dtype: torch.dtype) -> Models:
+    """The pipeline (with --scheduler), the ground-truth reward and the predictor, on `device`."""
+    with state.main_process_first():  # hub downloads happen once
+        pipe = load_pipeline(args.model, dtype).to(device)
+        reward, reward_meta = load_reward(args.reward_model, args.reward)
+    pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    predictor, predictor_meta = load_predictor(args.predictor, latent_channels=pipe.unet.config.in_channels)
+    check_grad_path(args.grad_path, args.predictor, predictor_meta)
+    return Models(pipe, reward.to(device), reward_meta, predictor.to(device), predictor_meta)
 
 
 def open_progress(args: argparse.Namespace, state: PartialState, out_dir: Path, combos: list[Combo]) -> SweepProgress:
@@ -233,22 +264,11 @@ def open_progress(args: argparse.Namespace, state: PartialState, out_dir: Path, 
     return SweepProgress(out_dir, settings, rows, state.process_index)
 
 
-def run_sweep(
-    args, state: PartialState, device, dtype, out_dir: Path, combos: list[Combo], progress: SweepProgress, start: float
-) -> None:
+def run_sweep(args, state: PartialState, models: Models, out_dir: Path, combos: list[Combo], progress: SweepProgress,
+              start: float) -> None:  # fmt: skip
     """Sample this process's share of the batches; the main process then gathers every row and writes the run's files."""
     seed = progress.seed
-    with state.main_process_first():  # hub downloads happen once; folders are readied before anyone writes
-        pipe = load_pipeline(args.model, dtype).to(device)
-        reward_model, reward_meta = load_reward(args.reward_model)
-        if state.is_main_process:
-            prepare_folders(out_dir, combos, args.overwrite, progress)
-    pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    predictor, predictor_meta = load_predictor(args.predictor, latent_channels=pipe.unet.config.in_channels)
-    check_grad_path(args.grad_path, args.predictor, predictor_meta)
-    reward_model, predictor = reward_model.to(device), predictor.to(device)
-
+    pipe, reward_model, predictor = models.pipe, models.reward, models.predictor
     batches = [(combo, indices) for combo in combos for indices in distributed.batches(args.num_images, args.bs)]
     mine = distributed.my_share(batches, state)
     todo = [(combo, indices) for combo, indices in mine if not progress.finished(combo.key(), indices[0])]
@@ -289,7 +309,7 @@ def run_sweep(
     if state.is_main_process:
         check_images_visible(out_dir, all_rows)
         sampling_seconds = {combo: sum(s[k] for s in all_seconds) for k, combo in enumerate(combos)}
-        provenance = {"reward_model": reward_meta, "predictor": predictor_meta, "processes": state.num_processes}
+        provenance = {"reward_model": models.reward_meta, "predictor": models.predictor_meta, "processes": state.num_processes}
         write_outputs(args, pipe, seed, out_dir, combos, all_rows, sampling_seconds, (reward_model, predictor), provenance, start)
         progress.remove_files()
 

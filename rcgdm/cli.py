@@ -73,6 +73,17 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def check_creatable(path: str | Path, what: str = "--out_dir") -> None:
+    """UserError unless `path` is a writable directory or could be created as one; creates nothing."""
+    full = Path(path).absolute()
+    existing = next(p for p in (full, *full.parents) if p.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == full else f"cannot be created (it is under the file {str(existing)!r})"
+        raise UserError(f"{what} {str(path)!r} {where}; expected a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {str(path)!r} is not writable; expected a writable directory")
+
+
 def writable_dir(path: str | Path, what: str = "--out_dir") -> Path:
     """Create `path` if needed and check it is a writable directory, else UserError."""
     path = Path(path)

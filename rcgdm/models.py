@@ -55,12 +55,12 @@ def resolve_model(name: str) -> str:
     return name
 
 
-def _from_pretrained(cls, name: str, **kwargs):
-    """cls.from_pretrained with a one-line error naming the model when it can't be had."""
+def _from_pretrained(cls, name: str, loader: str = "from_pretrained", **kwargs):
+    """cls.from_pretrained (or another `loader` of cls) with a one-line error naming the model when it can't be had."""
     source = resolve_model(name)
     local = Path(source).is_dir()
     try:
-        return cls.from_pretrained(source, local_files_only=local, **kwargs)
+        return getattr(cls, loader)(source, local_files_only=local, **kwargs)
     except Exception as err:  # offline hub errors, missing files, bad folders ...
         reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
         hint = "" if local else "; offline, use --model tiny or a local diffusers folder"
@@ -72,10 +72,34 @@ def _dtype_kwargs(dtype: torch.dtype) -> dict:
     return {} if dtype == torch.float32 else {"torch_dtype": dtype}
 
 
+PIPELINE_CLASS = "StableDiffusionPipeline"
+COMPONENT_LIBRARIES = ("diffusers", "transformers", "stable_diffusion")  # the last: diffusers' safety checker module
+
+
+def check_model_index(name: str) -> None:
+    """Read only `model_index.json` and refuse, before anything is imported or loaded, a model that is not a
+    StableDiffusionPipeline or that names a component outside diffusers and transformers: the folder is data,
+    and a library it names would be imported (run) by older diffusers."""
+    from diffusers import StableDiffusionPipeline
+
+    index = _from_pretrained(StableDiffusionPipeline, name, loader="load_config")
+    found = index.get("_class_name")
+    if found != PIPELINE_CLASS:
+        raise UserError(f"--model {name!r} is a {found!r}; expected a {PIPELINE_CLASS} (SD 1.x or 2.x)")
+    for component, spec in index.items():
+        if component.startswith("_") or not isinstance(spec, list) or spec == [None, None]:
+            continue  # settings such as requires_safety_checker, and absent components
+        library = spec[0]
+        if library not in COMPONENT_LIBRARIES:
+            raise UserError(f"--model {name!r}: model_index.json names {component} from {library!r}; "
+                            "expected a component of diffusers or transformers (custom code is never run)")  # fmt: skip
+
+
 def load_pipeline(name: str, dtype: torch.dtype = torch.float32):
     """StableDiffusionPipeline for `name`, safety checker off (as the paper's code)."""
     from diffusers import StableDiffusionPipeline
 
+    check_model_index(name)
     no_safety_checker = {"safety_checker": None, "requires_safety_checker": False}
     return _from_pretrained(StableDiffusionPipeline, name, **no_safety_checker, **_dtype_kwargs(dtype))
 

@@ -193,14 +193,30 @@ def build_reward(name: str, weights: str = "imagenet", seed: int = 0) -> Reward:
     raise UserError(f"--reward {name!r} is unknown; expected one of {', '.join(BUILT_IN)} or module:function")
 
 
-def load_reward(path: str | Path) -> tuple[Reward, dict]:
-    """Rebuild the reward that reward_model.pth was written for -> (reward, metadata)."""
+def load_reward(path: str | Path, user_reward: str | None = None) -> tuple[Reward, dict]:
+    """Rebuild the reward that reward_model.pth was written for -> (reward, metadata).
+
+    The file is data: the reward name it records is compared with names, never imported. A
+    user-code reward (module:function) runs only when the user names it again, as `user_reward`
+    (inference.py --reward), and that name must equal the recorded one."""
     checkpoint = load_checkpoint(path, resnet.FORMAT)
     name = checkpoint.get("reward", "resnet18-random")
+    if not isinstance(name, str) or not name:
+        raise UserError(f"reward model {str(path)!r}: field 'reward' is {name!r}; expected a reward name")
+    if user_reward is not None and user_reward != name:
+        raise UserError(f"--reward {user_reward!r} does not match the reward {name!r} recorded in {str(path)!r}")
     meta = {k: v for k, v in checkpoint.items() if k != "state_dict"}
     if name == "resnet18-random":
         model = resnet.model_from_checkpoint(checkpoint, path)
         return ResNetReward(model, checkpoint.get("weights", "?"), checkpoint.get("seed", 0)), meta
     if name == "aesthetic":
         return Aesthetic(checkpoint["state_dict"]), meta
-    return build_reward(name), meta
+    if name == "compressibility":
+        return Compressibility(), meta
+    if ":" not in name:
+        raise UserError(f"reward model {str(path)!r} records the reward {name!r}; expected one of {', '.join(BUILT_IN)} "
+                        "or module:function")  # fmt: skip
+    if user_reward is None:
+        raise UserError(f"reward model {str(path)!r} records the user-code reward {name!r}; loading a file never runs code, "
+                        f"so pass --reward {name!r} to run it")  # fmt: skip
+    return UserFunction(user_reward), meta

@@ -44,7 +44,7 @@ def test_a_module_function_reward_end_to_end(tmp_path, monkeypatch):
     expected = load_batch(SyntheticShapes(), range(6), 224).mean(dim=(1, 2, 3)).numpy()
     np.testing.assert_allclose(labels[:, 0], expected, rtol=1e-6)
     assert json.loads((tmp_path / "out" / "cifar10_outputs_with_noise.json").read_text())["reward"] == "my_rewards:brightness"
-    reward, meta = load_reward(tmp_path / "out" / "reward_model.pth")  # what inference.py scores with
+    reward, meta = load_reward(tmp_path / "out" / "reward_model.pth", "my_rewards:brightness")  # inference.py --reward
     assert meta["reward"] == "my_rewards:brightness"
     np.testing.assert_allclose(reward(load_batch(SyntheticShapes(), range(6), 64)).numpy(), expected, atol=2e-3)
 

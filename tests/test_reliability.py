@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,6 +71,69 @@ def test_a_code_running_pickle_is_refused_everywhere(tmp_path, capsys, reward_mo
     args = ["--model=tiny", "--data=synthetic", "--num_data=8", "--image_size=64", "--val_fraction=0", f"--labels_path={labels}"]
     assert run_script("train.py", *args, f"--out_path={out}", f"--cache_dir={tmp_path / 'cache'}", "--resume=True") == 2
     assert "cannot be loaded safely" in error_line(capsys.readouterr().err)
+    assert not marker.exists()
+
+
+MARKER_MODULE = "from pathlib import Path\nPath({marker!r}).touch()\n\ndef f(images):\n    return images.mean((1, 2, 3))\n"
+
+
+def user_code(tmp_path, name):
+    """A module `name`.py whose import creates the file `pwned` beside it -> (module file, marker)."""
+    marker = tmp_path / "pwned"
+    module = tmp_path / f"{name}.py"
+    module.write_text(MARKER_MODULE.format(marker=str(marker)))
+    return module, marker
+
+
+@pytest.mark.parametrize("kind", ["file", "module"])
+def test_a_reward_file_naming_user_code_never_runs_it(tmp_path, capsys, monkeypatch, predictor_path, kind):
+    module, marker = user_code(tmp_path, "evil_reward")
+    monkeypatch.syspath_prepend(str(tmp_path))  # importable by name too, so only our refusal keeps it from running
+    monkeypatch.chdir(tmp_path)
+    spec = f"{module}:f" if kind == "file" else "evil_reward:f"
+    crafted = tmp_path / "reward_model.pth"
+    torch.save({"format": "rcgdm.reward/1", "reward": spec, "state_dict": {}}, crafted)
+    out = tmp_path / "out"
+    base = ["--model", "tiny", "--num_images", "1", "--num_inference_steps", "2", "--seed", "0", "--out_dir", out,
+            "--reward_model", crafted, "--predictor", predictor_path]  # fmt: skip
+    assert run_script(str(ROOT / "inference.py"), *base) == 2
+    line = error_line(capsys.readouterr().err)
+    assert f"records the user-code reward {spec!r}" in line and f"pass --reward {spec!r}" in line
+    assert run_script(str(ROOT / "inference.py"), *base, "--reward", "other:f") == 2
+    assert "does not match the reward" in error_line(capsys.readouterr().err)
+    assert not marker.exists() and not out.exists()
+
+    from rcgdm.rewards import load_reward
+
+    reward, _ = load_reward(crafted, user_reward=spec)  # named by the user: now it may run
+    assert marker.exists()
+    assert torch.allclose(reward(torch.full((2, 3, 8, 8), 0.25)), torch.tensor([0.25, 0.25]))
+
+
+@pytest.mark.parametrize("field", [["a", "list"], "", "resnet50"])
+def test_a_reward_file_with_a_bad_reward_field_is_refused(tmp_path, field):
+    from rcgdm.rewards import load_reward
+
+    crafted = tmp_path / "reward_model.pth"
+    torch.save({"format": "rcgdm.reward/1", "reward": field, "state_dict": {}}, crafted)
+    with pytest.raises(UserError, match="reward"):
+        load_reward(crafted)
+
+
+def test_a_model_folder_naming_another_library_is_refused_before_any_import(tmp_path, capsys, monkeypatch, tiny_model_dir):
+    _, marker = user_code(tmp_path, "evil_library")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "unet": ["evil_library", "UNet"]}))
+    from rcgdm.models import load_pipeline
+
+    with pytest.raises(UserError, match="names unet from 'evil_library'"):
+        load_pipeline(str(folder))
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
+    with pytest.raises(UserError, match="is a 'StableDiffusionXLPipeline'; expected a StableDiffusionPipeline"):
+        load_pipeline(str(folder))
     assert not marker.exists()
 
 
