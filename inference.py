@@ -11,7 +11,8 @@ the predictor on its VAE re-encoding (train.py).
 --target, --guidance and --prompt take several values: the run covers every combination. Image i
 always starts from the seed (--seed, i), whatever --bs, so columns of a sweep are comparable.
 Writes per combination `{idx}_gt_{gt:.4f}_pred_{pred:.4f}.png`, and for the run results.csv,
-summary.json, reward_vs_target.png and grid.png.
+summary.json, reward_vs_target.png, shift_vs_target.png (distribution shift: distance of the final
+latents to the predictor's training latents) and grid.png.
 """
 
 from __future__ import annotations
@@ -35,10 +36,10 @@ from tqdm import tqdm
 from rcgdm import distributed, plots
 from rcgdm.atomic import atomic_path, save_json, save_text
 from rcgdm.cli import ArgumentParser, UserError, check_creatable, finite_float, positive_int, run_main, writable_dir
-from rcgdm.evaluate import score_images
+from rcgdm.evaluate import distribution_shift, score_images
 from rcgdm.guidance import GRAD_PATHS
 from rcgdm.models import SD15, load_pipeline
-from rcgdm.predictor import load_predictor
+from rcgdm.predictor import load_predictor, load_reference_latents
 from rcgdm.progress import SweepProgress, unique_rows
 from rcgdm.rewards import load_reward
 from rcgdm.runtime import image_generators, image_seed, package_versions
@@ -46,7 +47,7 @@ from rcgdm.sampler import SCHEDULERS, RewardGuidance, decode, make_scheduler, sa
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 IMAGE_GLOB = "*_gt_*_pred_*.png"
-COLUMNS = ("prompt", "target", "guidance", "best_of", "image", "seed", "image_seed", "gt", "pred", "unet_calls", "file")
+COLUMNS = ("prompt", "target", "guidance", "best_of", "image", "seed", "image_seed", "gt", "pred", "shift", "unet_calls", "file")
 
 
 def parse_args() -> argparse.Namespace:
@@ -174,10 +175,13 @@ def save_png(image: torch.Tensor, path: Path) -> None:
 
 
 def summarise(combos: list[Combo], rows: list[dict], seconds: dict) -> list[dict]:
+    """Per combination: rewards (mean, std, distance to target), distribution shift, compute and time."""
     out = []
     for combo in combos:
         mine = [r for r in rows if row_key(r) == combo.key()]
         gt, pred = torch.tensor([r["gt"] for r in mine]), torch.tensor([r["pred"] for r in mine])
+        shifts = [r.get("shift") for r in mine]
+        shift = None if None in shifts else torch.tensor(shifts)
         out.append(
             {
                 "prompt": combo.prompt,
@@ -191,10 +195,16 @@ def summarise(combos: list[Combo], rows: list[dict], seconds: dict) -> list[dict
                 "gt_std": gt.std(correction=0).item(),
                 "pred_mean": pred.mean().item(),
                 "pred_std": pred.std(correction=0).item(),
+                "shift_mean": None if shift is None else shift.mean().item(),
+                "shift_std": None if shift is None else shift.std(correction=0).item(),
                 "folder": str(combo.folder),
                 "sampling_seconds": seconds.get(combo),
             }
         )
+    for c in out:  # shift relative to the unguided images of the same prompt, when the run has them
+        unguided = [u["shift_mean"] for u in out if u["prompt"] == c["prompt"] and u["guidance"] == 0 and u["best_of"] == 1]
+        known = c["shift_mean"] is not None and unguided and None not in unguided
+        c["shift_vs_unguided"] = c["shift_mean"] / (sum(unguided) / len(unguided)) if known else None
     return out
 
 
@@ -235,6 +245,7 @@ class Models:
     reward_meta: dict
     predictor: torch.nn.Module
     predictor_meta: dict
+    reference: torch.Tensor | None  # the predictor's training latents, for the distribution shift
 
 
 def load_models(args: argparse.Namespace, state: PartialState, device: torch.device, dtype: torch.dtype) -> Models:
@@ -246,7 +257,8 @@ def load_models(args: argparse.Namespace, state: PartialState, device: torch.dev
     pipe.set_progress_bar_config(disable=True)
     predictor, predictor_meta = load_predictor(args.predictor, latent_channels=pipe.unet.config.in_channels)
     check_grad_path(args.grad_path, args.predictor, predictor_meta)
-    return Models(pipe, reward.to(device), reward_meta, predictor.to(device), predictor_meta)
+    reference = load_reference_latents(args.predictor)
+    return Models(pipe, reward.to(device), reward_meta, predictor.to(device), predictor_meta, reference)
 
 
 def open_progress(args: argparse.Namespace, state: PartialState, out_dir: Path, combos: list[Combo]) -> SweepProgress:
@@ -279,7 +291,7 @@ def run_sweep(args, state: PartialState, models: Models, out_dir: Path, combos: 
     for combo, indices in todo:
         batch_start = time.perf_counter()
         guidance = RewardGuidance(predictor, combo.target, combo.guidance, args.batch_mean_guidance, args.grad_path)
-        images, gt, pred, unet_calls = sample_best_of(args, pipe, combo, guidance, seed, indices, reward_model, predictor)
+        images, gt, pred, shift, unet_calls = sample_best_of(args, models, combo, guidance, seed, indices)
         rows = []
         for j, i in enumerate(indices):
             path = combo.folder / f"{i}_gt_{gt[j]:.4f}_pred_{pred[j]:.4f}.png"
@@ -295,6 +307,7 @@ def run_sweep(args, state: PartialState, models: Models, out_dir: Path, combos: 
                     "image_seed": image_seed(seed, i),
                     "gt": gt[j].item(),
                     "pred": pred[j].item(),
+                    "shift": None if shift is None else shift[j].item(),
                     "unet_calls": unet_calls,
                     "file": path.relative_to(out_dir).as_posix(),
                 }
@@ -322,6 +335,7 @@ def write_outputs(args, pipe, seed: int, out_dir: Path, combos: list[Combo], row
     summary = summarise(combos, rows, seconds)
     write_csv(rows, out_dir / "results.csv")
     plots.reward_vs_target(summary, out_dir / "reward_vs_target.png")
+    shift_figure = ", shift_vs_target.png" if plots.shift_vs_target(summary, out_dir / "shift_vs_target.png") else ""
     plots.reward_vs_compute(summary, out_dir / "reward_vs_compute.png")
     write_grid(args, pipe, seed, out_dir, rows, *models, out_dir / "grid.png")
     save_json(
@@ -340,7 +354,7 @@ def write_outputs(args, pipe, seed: int, out_dir: Path, combos: list[Combo], row
             + f", {c['prompt']!r}: "
             f"ground truth {c['gt_mean']:.4f} ± {c['gt_std']:.4f}, predicted {c['pred_mean']:.4f} ± {c['pred_std']:.4f}"
         )
-    print(f"wrote {len(rows)} images and {out_dir / 'results.csv'}, summary.json, reward_vs_target.png, grid.png")
+    print(f"wrote {len(rows)} images and {out_dir / 'results.csv'}, summary.json, reward_vs_target.png{shift_figure}, grid.png")
 
 
 def check_images_visible(out_dir: Path, rows: list[dict]) -> None:
@@ -366,24 +380,28 @@ def row_key(row: dict) -> tuple:
     return (row["prompt"], row["target"], row["guidance"], row["best_of"])
 
 
-def sample_best_of(args, pipe, combo: Combo, guidance, seed: int, indices: range, reward_model, predictor):
+def sample_best_of(args, models: Models, combo: Combo, guidance, seed: int, indices: range):
     """Sample images `indices` of a combination; with best-of-N, draw N candidates of each (candidate 0
     is the plain image) and keep the one whose predicted reward is closest to the target.
-    -> (images (B, 3, H, W), ground-truth rewards (B,), predicted rewards (B,), UNet calls per image)."""
-    best = None
+    -> (images (B, 3, H, W), ground-truth rewards (B,), predicted rewards (B,), distribution shift (B,) or None,
+    UNet calls per image)."""
+    pipe, best = models.pipe, None
     for candidate in range(combo.best_of):
         generators = image_generators(seed, indices, candidate)
         size = (args.height, args.width)
         latents = sample_latents(pipe, combo.prompt, generators, guidance, args.num_inference_steps, args.cfg, *size)
         images = decode(pipe, latents, generators)
-        gt, pred = score_images(images, reward_model, predictor, pipe.vae)
+        gt, pred = score_images(images, models.reward, models.predictor, pipe.vae)
+        shift = distribution_shift(latents, models.reference)
+        shift = torch.full_like(gt, float("nan")) if shift is None else shift
         if best is not None:
             closer = (pred - combo.target).abs() < (best[2] - combo.target).abs()
             images = torch.where(closer.view(-1, 1, 1, 1), images, best[0])
-            gt, pred = torch.where(closer, gt, best[1]), torch.where(closer, pred, best[2])
-        best = (images, gt, pred)
+            gt, pred, shift = (torch.where(closer, new, old) for new, old in zip((gt, pred, shift), best[1:], strict=True))
+        best = (images, gt, pred, shift)
     unet_calls = combo.best_of * len(pipe.scheduler.timesteps)  # one batched call per step covers both CFG branches
-    return (*best, unet_calls)
+    images, gt, pred, shift = best
+    return images, gt, pred, (None if shift.isnan().any() else shift), unet_calls
 
 
 def write_grid(args, pipe, seed: int, out_dir: Path, rows: list[dict], reward_model, predictor, path: Path) -> None:

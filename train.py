@@ -13,7 +13,8 @@ Edit the constants below, or override any of them:
 
 Writes `out_path` (the predictor: state_dict + metadata), `<out_path stem>.resume.pth` (each
 epoch; `--resume=True` continues from it), `<stem>.best.pth` (best validation loss), and beside
-them metrics.jsonl, loss_curve.png and train_summary.json.
+them metrics.jsonl, loss_curve.png, loss_by_noise.png (validation loss per timestep bucket) and
+train_summary.json.
 """
 
 from __future__ import annotations
@@ -36,9 +37,18 @@ from rcgdm.config import describe, parse_overrides
 from rcgdm.data import check_num_data, open_source
 from rcgdm.latents import LatentSpec, cached_latents, vae_fingerprint
 from rcgdm.models import load_scheduler, load_vae
-from rcgdm.predictor import ThreeLayerConvNet, predictor_checkpoint
+from rcgdm.predictor import ThreeLayerConvNet, predictor_checkpoint, reference_sample
 from rcgdm.runtime import package_versions
-from rcgdm.training import add_training_noise, load_labels, load_state, mean_squared_error, save_state, split, train_epoch
+from rcgdm.training import (
+    add_training_noise,
+    load_labels,
+    load_state,
+    loss_by_noise_level,
+    mean_squared_error,
+    save_state,
+    split,
+    train_epoch,
+)
 
 # ----------------------------------------------------------------------------- config
 lr = 0.001
@@ -148,12 +158,14 @@ def train(
     train_idx, val_idx = indices
     x_train, y_train = latents[train_idx].to(dev), labels[train_idx].to(dev)  # GPU-resident on CUDA
     x_val, y_val = latents[val_idx].to(dev), labels[val_idx].to(dev)
+    reference = reference_sample(latents[train_idx], cfg.seed)  # stored with the predictor: inference's distribution shift
     scheduler = load_scheduler(cfg.model)
     scheduler.set_timesteps(cfg.num_inference_steps)
     timestep_pool = torch.unique(scheduler.timesteps)
 
     # validation sees the same noise and timesteps every epoch, so its loss is comparable across epochs
-    val_inputs = add_training_noise(scheduler, x_val, timestep_pool, torch.Generator().manual_seed(cfg.seed + 1))[0]
+    val_generator = torch.Generator().manual_seed(cfg.seed + 1)
+    val_inputs, _, val_timesteps = add_training_noise(scheduler, x_val, timestep_pool, val_generator)
     if not cfg.noise:
         val_inputs = x_val
     baseline_val = F.mse_loss(y_train.mean().expand_as(y_val), y_val).item() if len(val_idx) else None
@@ -191,12 +203,14 @@ def train(
             kept = f"the last good checkpoint {state_path} is kept" if history else "no checkpoint was written"
             raise UserError(f"training loss became {train_loss} in epoch {epoch}; {kept}; try a smaller lr (now {cfg.lr})")
         val_loss = mean_squared_error(net, val_inputs, y_val) if len(val_idx) else None
+        by_noise = loss_by_noise_level(net, val_inputs, y_val, val_timesteps) if len(val_idx) and cfg.noise else None
         history.append(
             {
                 "epoch": epoch,
                 "train_loss": train_loss,
                 "val_loss": val_loss,
                 "baseline_val_loss": baseline_val,
+                "val_loss_by_noise": by_noise,
                 "seconds": time.perf_counter() - epoch_start,
             }
         )
@@ -218,22 +232,25 @@ def train(
         if not main:
             continue
         if val_loss is not None and val_loss <= min(h["val_loss"] for h in history):
-            save_torch(predictor_checkpoint(net, meta), best_path)
+            save_torch(predictor_checkpoint(net, meta, reference), best_path)
         save_state(state_path, vars(cfg), epoch, net, optimizer, generator, history)
         save_text("".join(json.dumps(h) + "\n" for h in history), out_dir / "metrics.jsonl")
 
     # --- outputs
     if not main:
         return
-    save_torch(predictor_checkpoint(net, meta), out_path)
+    save_torch(predictor_checkpoint(net, meta, reference), out_path)
     plots.loss_curve(history, out_dir / "loss_curve.png")
     last = history[-1]
+    if last["val_loss_by_noise"] is not None:
+        plots.loss_by_noise(last, out_dir / "loss_by_noise.png")
     summary = {
         "images_encoded": images_encoded,
         "encode_seconds": encode_seconds,
         "final_train_loss": last["train_loss"],
         "final_val_loss": last["val_loss"],
         "baseline_val_loss": baseline_val,
+        "final_val_loss_by_noise": last["val_loss_by_noise"],
         "epochs": last["epoch"],
         "seconds": time.perf_counter() - start_time,
         "config": vars(cfg),
@@ -244,7 +261,11 @@ def train(
         run.finish()
     val_text = f"; final val {last['val_loss']:.4f} vs predict-the-mean {baseline_val:.4f}" if baseline_val is not None else ""
     print(f"latents ready in {encode_seconds:.1f}s ({images_encoded} images encoded){val_text}")
-    print(f"wrote {out_path}, {out_dir / 'metrics.jsonl'}, {out_dir / 'loss_curve.png'}, {out_dir / 'train_summary.json'}")
+    if last["val_loss_by_noise"] is not None:
+        buckets = ", ".join(f"{name} {loss:.4f}" for name, loss in last["val_loss_by_noise"].items() if loss is not None)
+        print(f"validation by noise level: {buckets}")
+    figures = "loss_curve.png" + (", loss_by_noise.png" if last["val_loss_by_noise"] is not None else "")
+    print(f"wrote {out_path}, {out_dir / 'metrics.jsonl'}, {figures}, {out_dir / 'train_summary.json'}")
 
 
 if __name__ == "__main__":

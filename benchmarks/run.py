@@ -212,7 +212,7 @@ def bench_train_py_cache(workdir: Path, num_data: int) -> dict:
     for name in ("first", "rerun"):
         out = workdir / name
         argv = [
-            "train.py", "--model=tiny", "--data=synthetic", f"--num_data={num_data}", "--image_size=64", "--num_epochs=1",
+            "train.py", "--model=tiny-random", "--data=synthetic", f"--num_data={num_data}", "--image_size=64", "--num_epochs=1",
             "--val_fraction=0", f"--labels_path={labels}", f"--cache_dir={workdir / 'cache'}",
             f"--out_path={out / 'convnet.pth'}",
         ]  # fmt: skip
@@ -241,7 +241,7 @@ class OriginalStyleDataset(torch.utils.data.Dataset):
 
 def bench_training_loop(device: torch.device, num_data: int, latent_size: int, repeats: int) -> dict:
     """Optimizer steps per second: train_epoch on memory-resident latents vs a per-sample Dataset + DataLoader."""
-    scheduler = load_scheduler("tiny")
+    scheduler = load_scheduler("tiny-random")
     scheduler.set_timesteps(50)
     pool = torch.unique(scheduler.timesteps)
     latents = torch.randn(num_data, 4, latent_size, latent_size)
@@ -289,7 +289,7 @@ def run(quick: bool, only: set[str] | None = None) -> dict:
     cpu = torch.device("cpu")
     cuda = torch.device("cuda") if torch.cuda.is_available() else None
     device = cuda or cpu
-    sd = "tiny" if quick else "sd15-random"
+    sd = "tiny-random" if quick else "sd15-random"
     results: dict = {"machine": machine(), "quick": quick, "device": str(device), "sections": {}}
     sections = results["sections"]
     started = time.perf_counter()

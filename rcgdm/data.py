@@ -2,7 +2,7 @@
 
 Every source yields RGB images as uint8 tensors of shape (3, H, W), in a fixed order:
 - ``cifar10``: the 50,000 CIFAR-10 training images, in the dataset's own order;
-- ``synthetic`` (or ``synthetic:SEED``): 50,000 generated 32x32 images of coloured shapes;
+- ``synthetic`` (or ``synthetic:SEED``): 50,000 generated 32x32 images of coloured shapes, with captions;
   image i depends only on (SEED, i), so any prefix is the same whatever the length;
 - a directory: every .png/.jpg/.jpeg/.webp below it, recursively, sorted by relative path.
 """
@@ -41,9 +41,18 @@ class ImageSource:
         raise NotImplementedError
 
 
+COLOURS = {
+    "red": (215, 40, 40), "green": (40, 165, 60), "blue": (40, 75, 215), "yellow": (235, 210, 45),
+    "orange": (240, 135, 30), "purple": (130, 55, 180), "white": (235, 235, 235), "black": (25, 25, 25),
+}  # fmt: skip
+SHAPES = ("circle", "square", "triangle")
+
+
 @dataclass
 class SyntheticShapes(ImageSource):
-    """Deterministic images of one to three coloured shapes on a coloured background."""
+    """Deterministic images of one to three coloured shapes (circle, square, triangle) on a coloured
+    background, each colour one of `COLOURS` (slightly jittered), with a caption saying how it was
+    drawn: "a red circle and a blue square on a green background"."""
 
     seed: int = 0
     size: int = SYNTHETIC_SIZE
@@ -56,24 +65,46 @@ class SyntheticShapes(ImageSource):
         return self.size
 
     def __getitem__(self, index: int) -> torch.Tensor:
+        return self.draw(index)[0]
+
+    def caption(self, index: int) -> str:
+        return self.draw(index)[1]
+
+    def draw(self, index: int) -> tuple[torch.Tensor, str]:
+        """Image `index` (uint8 (3, 32, 32)) and its caption."""
         if not 0 <= index < self.size:
             raise IndexError(index)
         rng = np.random.default_rng([self.seed, index])
+        names = list(COLOURS)
         res = SYNTHETIC_RESOLUTION
-        image = Image.new("RGB", (res, res), tuple(int(c) for c in rng.integers(0, 256, 3)))
+
+        def colour(name: str) -> tuple[int, ...]:
+            return tuple(int(np.clip(c + rng.integers(-15, 16), 0, 255)) for c in COLOURS[name])
+
+        background = names[int(rng.integers(len(names)))]
+        image = Image.new("RGB", (res, res), colour(background))
         draw = ImageDraw.Draw(image)
+        phrases = []
         for _ in range(int(rng.integers(1, 4))):
-            colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-            x0, y0 = (int(v) for v in rng.integers(0, res - 4, 2))
-            x1, y1 = x0 + int(rng.integers(4, res - x0 + 1)), y0 + int(rng.integers(4, res - y0 + 1))
-            kind = int(rng.integers(0, 3))
-            if kind == 0:
-                draw.ellipse((x0, y0, x1, y1), fill=colour)
-            elif kind == 1:
-                draw.rectangle((x0, y0, x1, y1), fill=colour)
+            name = names[int(rng.integers(len(names) - 1))]
+            name = name if name != background else names[-1]  # never the background's colour
+            kind = SHAPES[int(rng.integers(len(SHAPES)))]
+            side = int(rng.integers(10, 21))
+            x0, y0 = (int(v) for v in rng.integers(0, res - side + 1, 2))
+            box = (x0, y0, x0 + side - 1, y0 + side - 1)
+            if kind == "circle":
+                draw.ellipse(box, fill=colour(name))
+            elif kind == "square":
+                draw.rectangle(box, fill=colour(name))
             else:
-                draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) // 2, y0)], fill=colour)
-        return pil_to_tensor(image)
+                draw.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) // 2, box[1])], fill=colour(name))
+            phrases.append(f"{_article(name)} {name} {kind}")
+        shapes = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+        return pil_to_tensor(image), f"{shapes} on {_article(background)} {background} background"
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
 
 
 @dataclass

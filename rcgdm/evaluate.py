@@ -1,5 +1,6 @@
 """Scoring generated images, as the paper: the ground-truth reward on the decoded image (resized to
-224), and the predictor on the VAE re-encoding of the decoded image."""
+224), and the predictor on the VAE re-encoding of the decoded image; and how far each image has
+drifted from the data the predictor was trained on (`distribution_shift`)."""
 
 from __future__ import annotations
 
@@ -23,3 +24,19 @@ def predicted_reward(predictor: nn.Module, vae, images: torch.Tensor) -> torch.T
 def score_images(images: torch.Tensor, ground_truth: Reward, predictor: nn.Module, vae) -> tuple[torch.Tensor, torch.Tensor]:
     """(ground-truth rewards (B,), predicted rewards (B,)) of float images (B, 3, H, W) in [0, 1]."""
     return ground_truth(images), predicted_reward(predictor, vae, images)[:, 0]
+
+
+NEAREST = 5
+
+
+@torch.no_grad()
+def distribution_shift(latents: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor | None:
+    """Final latents (B, C, h, w) -> float32 (B,) on the CPU: the RMS distance (per latent element) to
+    their 5 nearest training latents of the predictor (`reference`, (K, C, h, w)); None without a
+    reference, or when the latents' shape differs from it. Unguided samples set the scale: guidance
+    that extrapolates beyond the data moves latents away from every training latent."""
+    if reference is None or latents.shape[1:] != reference.shape[1:]:
+        return None
+    flat = latents.float().cpu().flatten(1)
+    distances = torch.cdist(flat, reference.float().flatten(1)) / flat.shape[1] ** 0.5
+    return distances.topk(min(NEAREST, len(reference)), largest=False).values.mean(1)

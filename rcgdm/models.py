@@ -1,8 +1,10 @@
-"""Where Stable Diffusion comes from: a hub id, a local diffusers folder, `tiny` or `sd15-random`.
+"""Where Stable Diffusion comes from: a hub id, a local diffusers folder, `tiny`, `tiny-random` or `sd15-random`.
 
-`tiny` and `sd15-random` (SD v1.5's architecture with random weights, ~4 GB, for benchmarks) are
-built once (offline, seeded) into the cache folder ``$RCGDM_CACHE_DIR`` (default ``~/.cache/rcgdm``)
-and loaded back through the same `from_pretrained` path as SD v1.5.
+`tiny` is the trained tiny model committed under models/tiny-sd (its sha256 manifest is checked on
+every load). `tiny-random` (random weights, for plumbing tests) and `sd15-random` (SD v1.5's
+architecture with random weights, ~4 GB, for benchmarks) are built once (offline, seeded) into the
+cache folder ``$RCGDM_CACHE_DIR`` (default ``~/.cache/rcgdm``). All load through the same
+`from_pretrained` path as SD v1.5.
 """
 
 from __future__ import annotations
@@ -18,16 +20,16 @@ from rcgdm.cli import UserError
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TINY = "tiny"
-SD15_RANDOM = "sd15-random"
-_BUILT_FOLDERS = {TINY: "tiny-sd-v3", SD15_RANDOM: "sd15-random-v1"}
+TINY_FOLDER = Path(__file__).resolve().parents[1] / "models" / "tiny-sd"
+_BUILT_FOLDERS = {"tiny-random": "tiny-random-v4", "sd15-random": "sd15-random-v1"}
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("RCGDM_CACHE_DIR", Path.home() / ".cache" / "rcgdm"))
 
 
-def ensure_built(name: str = TINY) -> Path:
-    """The folder of a locally built model (`tiny`, `sd15-random`), built on first use
+def ensure_built(name: str = "tiny-random") -> Path:
+    """The folder of a locally built random-weight model (`tiny-random`, `sd15-random`), built on first use
     (atomically, so concurrent builders are safe)."""
     from rcgdm.tiny import build_random_sd
 
@@ -49,7 +51,13 @@ def ensure_built(name: str = TINY) -> Path:
 
 
 def resolve_model(name: str) -> str:
-    """`tiny`, `sd15-random` -> their cache folders; an existing folder -> itself; anything else is a hub id."""
+    """`tiny` -> models/tiny-sd (verified); `tiny-random`, `sd15-random` -> their cache folders; an existing
+    folder -> itself; anything else is a hub id."""
+    if name == TINY:
+        from rcgdm.manifest import verify_manifest
+
+        verify_manifest(TINY_FOLDER)
+        return str(TINY_FOLDER)
     if name in _BUILT_FOLDERS:
         return str(ensure_built(name))
     return name

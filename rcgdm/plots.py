@@ -36,6 +36,19 @@ def loss_curve(history: list[dict], path: str | Path) -> None:
     save_figure(fig, path)
 
 
+def loss_by_noise(epoch: dict, path: str | Path) -> None:
+    """Validation MSE per timestep bucket of one epoch (metrics.jsonl's val_loss_by_noise), with the baseline."""
+    buckets = {name: loss for name, loss in epoch["val_loss_by_noise"].items() if loss is not None}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar(list(buckets), list(buckets.values()), color="C1", label="validation (fixed noise)")
+    ax.axhline(epoch["baseline_val_loss"], color="grey", linestyle="--", label="predict-the-mean baseline")
+    ax.set_xlabel("timestep bucket (higher t = noisier latent)")
+    ax.set_ylabel("MSE")
+    ax.set_title(f"reward predictor by noise level, epoch {epoch['epoch']}")
+    ax.legend()
+    save_figure(fig, path)
+
+
 def reward_vs_target(combos: list[dict], path: str | Path) -> None:
     """Mean ground-truth (solid) and predicted (dashed) reward against target, std bars, one colour per guidance."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
@@ -63,6 +76,30 @@ def reward_vs_target(combos: list[dict], path: str | Path) -> None:
     ax.set_title("reward-directed generation")
     ax.legend(fontsize=8)
     save_figure(fig, path)
+
+
+def shift_vs_target(combos: list[dict], path: str | Path) -> bool:
+    """Distribution shift (mean ± std RMS distance of final latents to the predictor's training latents)
+    against target, one line per guidance, the unguided level dotted: the other half of Figure 6, where
+    overly extrapolated targets leave the data. -> whether there was anything to draw."""
+    known = [c for c in combos if c["shift_mean"] is not None and c["best_of"] == 1]
+    if not known:
+        return False
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for k, guidance in enumerate(sorted({c["guidance"] for c in known})):
+        rows = sorted((c for c in known if c["guidance"] == guidance), key=lambda c: c["target"])
+        xs, ys, errors = [c["target"] for c in rows], [c["shift_mean"] for c in rows], [c["shift_std"] for c in rows]
+        if guidance == 0:
+            level = sum(ys) / len(ys)
+            ax.axhline(level, color="grey", linestyle=":", label=f"unguided ({level:.3f})")
+        else:
+            ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, color=f"C{k % 10}", label=f"guidance {guidance:g}")
+    ax.set_xlabel("target reward")
+    ax.set_ylabel("distance to 5 nearest training latents (RMS)")
+    ax.set_title("distribution shift of generated latents")
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+    return True
 
 
 def reward_vs_compute(combos: list[dict], path: str | Path) -> dict[str, list[tuple[float, float, int]]]:

@@ -4,7 +4,11 @@ Checkpoint format (``convnet.pth``), loadable with ``torch.load(weights_only=Tru
 
     {"format": "rcgdm.predictor/1", "arch": "ThreeLayerConvNet", "latent_channels": 4,
      "latent_size": [64, 64], "model": str, "label_mean": float, "label_std": float,
-     "epochs": int, "val_loss": float | None, "state_dict": {...}}
+     "epochs": int, "val_loss": float | None, "reference_latents": float16 (K, C, h, w),
+     "state_dict": {...}}
+
+`reference_latents` holds up to 512 of the training latents (clean), a seeded sample: inference
+measures how far generated latents drift from them (rcgdm.evaluate.distribution_shift).
 """
 
 from __future__ import annotations
@@ -58,8 +62,18 @@ class ThreeLayerConvNet(nn.Module):
         return self.head(F.adaptive_avg_pool2d(self.blocks(x), 1).flatten(1))
 
 
-def predictor_checkpoint(model: ThreeLayerConvNet, meta: dict) -> dict:
-    return {"format": FORMAT, "arch": ARCH, **meta, "state_dict": model.state_dict()}
+REFERENCE_LATENTS = 512
+
+
+def reference_sample(latents: torch.Tensor, seed: int) -> torch.Tensor:
+    """A seeded sample of up to REFERENCE_LATENTS training latents (K, C, h, w), float16, for the checkpoint."""
+    pick = torch.randperm(len(latents), generator=torch.Generator().manual_seed(seed))[:REFERENCE_LATENTS].sort().values
+    return latents[pick].detach().cpu().half().contiguous()
+
+
+def predictor_checkpoint(model: ThreeLayerConvNet, meta: dict, reference: torch.Tensor | None = None) -> dict:
+    extra = {} if reference is None else {"reference_latents": reference}
+    return {"format": FORMAT, "arch": ARCH, **meta, **extra, "state_dict": model.state_dict()}
 
 
 def load_predictor(path: str | Path, latent_channels: int | None = None) -> tuple[ThreeLayerConvNet, dict]:
@@ -75,4 +89,14 @@ def load_predictor(path: str | Path, latent_channels: int | None = None) -> tupl
         model.load_state_dict(checkpoint["state_dict"])
     except (RuntimeError, KeyError) as err:
         raise UserError(f"predictor {str(path)!r} does not match a {ARCH} ({str(err).splitlines()[0]})") from None
-    return model.eval(), {k: v for k, v in checkpoint.items() if k != "state_dict"}
+    return model.eval(), {k: v for k, v in checkpoint.items() if k not in ("state_dict", "reference_latents")}
+
+
+def load_reference_latents(path: str | Path) -> torch.Tensor | None:
+    """The training latents a predictor checkpoint carries (K, C, h, w) float32, or None (older checkpoints)."""
+    reference = load_checkpoint(path, FORMAT).get("reference_latents")
+    if reference is None:
+        return None
+    if not isinstance(reference, torch.Tensor) or reference.ndim != 4 or not torch.isfinite(reference).all():
+        raise UserError(f"predictor {str(path)!r}: field 'reference_latents' is not a finite (K, C, h, w) tensor")
+    return reference.float()

@@ -1,24 +1,27 @@
-"""A tiny Stable Diffusion, built offline from a fixed seed in about ten seconds.
+"""Tiny Stable Diffusions, offline: the trained `tiny` model and random-weight builders.
 
-Same diffusers classes and folder layout as SD v1.5 (UNet2DConditionModel, AutoencoderKL with
-4 latent channels and a down-sampling factor of 8, CLIPTextModel + CLIPTokenizer, PNDMScheduler
-with SD's betas), so every code path that loads SD v1.5 loads this too. 64x64 images, 4x8x8 latents.
+All use the same diffusers classes and folder layout as SD v1.5 (UNet2DConditionModel,
+AutoencoderKL with 4 latent channels, CLIPTextModel + CLIPTokenizer, PNDMScheduler with SD's
+betas), so every code path that loads SD v1.5 loads these too.
 
-Weights are random, with two adjustments that keep the pipeline's statistics like a trained one:
-the VAE's posterior is narrowed (see `_shape_like_a_trained_vae`), and the UNet gets a few dozen
-steps of the usual epsilon loss on latents of synthetic images (`_fit_unet`). A purely random UNet
-does not denoise: its samples end with latent std ~9 instead of ~1, where a reward predictor trained
-on real latents says nothing, and reward guidance can push the wrong way.
+- `tiny` (`--model tiny`): TRAINED on captioned synthetic shapes (rcgdm/tiny_train.py) and
+  committed under models/tiny-sd (32x32 images, 4x8x8 latents); loading checks its sha256 manifest.
+  `python -m rcgdm.tiny --train OUT_DIR` retrains it (about an hour on 2 CPU cores).
+- `tiny-random` (`--model tiny-random`): RANDOM weights, built in seconds (64x64 images, 4x8x8
+  latents), for tests of the plumbing. Its VAE posterior is narrowed (`_shape_like_a_trained_vae`)
+  and its UNet gets a few dozen epsilon-loss steps (`_fit_unet`), so that samples stay at a
+  trained model's scale; it shows no learned behaviour.
+- `sd15-random`: SD v1.5's exact architecture with random weights (~4 GB), for speed benchmarks.
 
-    python -m rcgdm.tiny OUT_DIR                      # the tiny model
-    python -m rcgdm.tiny OUT_DIR --arch sd15-random   # SD v1.5's architecture, random weights (benchmarks)
+    python -m rcgdm.tiny --train OUT_DIR                # train the tiny model (what models/tiny-sd holds)
+    python -m rcgdm.tiny OUT_DIR --arch tiny-random     # a random-weight build
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import string
-import sys
 import tempfile
 from pathlib import Path
 
@@ -31,13 +34,31 @@ _FIT_PROMPTS = ("", "a nice photo", "a cat with a glass of water.", "an astronau
 _SPECIALS = ("<|startoftext|>", "<|endoftext|>")
 
 
-def _write_tokenizer(folder: Path) -> None:
-    """A character-level CLIP BPE vocabulary: every character, alone and word-final (`</w>`)."""
+def caption_words() -> list[str]:
+    """Every word the synthetic captions use (rcgdm.data.SyntheticShapes)."""
+    from rcgdm.data import COLOURS, SHAPES
+
+    return sorted({*COLOURS, *SHAPES, "a", "an", "and", "on", "background"})
+
+
+def _write_tokenizer(folder: Path, words: bool) -> None:
+    """A CLIP BPE vocabulary: every character, alone and word-final (`</w>`); with `words`, also each
+    caption word as one token, through merges that build it letter by letter (longest words first, so
+    that a short word's merge never splits a longer word)."""
     chars = string.ascii_lowercase + string.digits + string.punctuation
-    tokens = list(_SPECIALS) + [c for c in chars] + [c + "</w>" for c in chars]
+    tokens = list(_SPECIALS) + list(chars) + [c + "</w>" for c in chars]
+    merges = []
+    for word in sorted(caption_words(), key=len, reverse=True) if words else []:
+        prefix = word[0]
+        for k, char in enumerate(word[1:], start=2):
+            piece = char + ("</w>" if k == len(word) else "")
+            merges.append(f"{prefix} {piece}")
+            prefix += piece
+            if prefix not in tokens:
+                tokens.append(prefix)
     folder.mkdir(parents=True)
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "merges.txt").write_text("\n".join(["#version: 0.2", *dict.fromkeys(merges)]) + "\n")
 
 
 def _shape_like_a_trained_vae(vae) -> None:
@@ -79,8 +100,26 @@ def _fit_unet(pipe, seed: int) -> None:
 
 
 ARCHITECTURES = {
-    # the tiny model: 64x64 images, 4x8x8 latents, ~5 MB
+    # the trained tiny model (models/tiny-sd, `--model tiny`): 32x32 images, 4x8x8 latents (VAE down-sampling 4)
     "tiny": {
+        "tokenizer": {"words": True, "model_max_length": 32},
+        "text": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4},
+        "vae": {"block_out_channels": (32, 64, 64), "layers_per_block": 1, "norm_num_groups": 16, "sample_size": 32,
+                "mid_block_add_attention": False},
+        "unet": {
+            "sample_size": 8,
+            "block_out_channels": (32, 64),
+            "layers_per_block": 2,
+            "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            "cross_attention_dim": 64,
+            "attention_head_dim": 8,
+            "norm_num_groups": 16,
+        },
+    },
+    # random weights, built in seconds (tests of the plumbing): 64x64 images, 4x8x8 latents, ~5 MB
+    "tiny-random": {
+        "tokenizer": {"words": False, "model_max_length": 77},
         "text": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4},
         "vae": {"block_out_channels": (16, 32, 32, 32), "layers_per_block": 1, "norm_num_groups": 8, "sample_size": 64},
         "unet": {
@@ -96,6 +135,7 @@ ARCHITECTURES = {
     },
     # Stable Diffusion v1.5's exact architecture (UNet 860M parameters), for speed benchmarks only
     "sd15-random": {
+        "tokenizer": {"words": False, "model_max_length": 77},
         "text": {
             "hidden_size": 768,
             "intermediate_size": 3072,
@@ -118,41 +158,39 @@ ARCHITECTURES = {
 }
 
 
-def build_random_sd(out_dir: str | Path, arch: str = "tiny", seed: int = TINY_SEED) -> Path:
-    """Write a random-weight Stable Diffusion folder of architecture `arch` to `out_dir` (which must not exist).
-
-    The tiny architecture also gets its VAE shaped and its UNet fitted (see the module docstring);
-    sd15-random stays purely random: only its speed matters.
-    """
+def build_pipeline(arch: str = "tiny", seed: int = TINY_SEED):
+    """A StableDiffusionPipeline of architecture `arch` with freshly initialised weights (seeded)."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     sizes = ARCHITECTURES[arch]
-    out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory() as tmp:
-        _write_tokenizer(Path(tmp) / "tok")
+        _write_tokenizer(Path(tmp) / "tok", sizes["tokenizer"]["words"])
         tokenizer = CLIPTokenizer(
             str(Path(tmp) / "tok" / "vocab.json"),
             str(Path(tmp) / "tok" / "merges.txt"),
             pad_token="<|endoftext|>",
-            model_max_length=77,
+            model_max_length=sizes["tokenizer"]["model_max_length"],
         )
+    if sizes["tokenizer"]["words"]:
+        split = [w for w in caption_words() if tokenizer.tokenize(w) != [w + "</w>"]]
+        assert not split, f"caption words split into several tokens: {split}"
     torch.manual_seed(seed)
     special = {
         "bos_token_id": tokenizer.convert_tokens_to_ids(_SPECIALS[0]),
         "eos_token_id": tokenizer.convert_tokens_to_ids(_SPECIALS[1]),
         "pad_token_id": tokenizer.convert_tokens_to_ids(_SPECIALS[1]),
     }
-    text_config = {"vocab_size": len(tokenizer), "max_position_embeddings": 77, **special, **sizes["text"]}
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    positions = sizes["tokenizer"]["model_max_length"]
+    text_config = {"vocab_size": len(tokenizer), "max_position_embeddings": positions, **special, **sizes["text"]}
+    blocks = len(sizes["vae"]["block_out_channels"])
     vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
         latent_channels=4,
         scaling_factor=0.18215,
         **sizes["vae"],
     )
-    unet = UNet2DConditionModel(in_channels=4, out_channels=4, **sizes["unet"])
     scheduler = PNDMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -162,34 +200,68 @@ def build_random_sd(out_dir: str | Path, arch: str = "tiny", seed: int = TINY_SE
         steps_offset=1,
         set_alpha_to_one=False,
     )
-    pipe = StableDiffusionPipeline(
+    return StableDiffusionPipeline(
         vae=vae,
-        text_encoder=text_encoder,
+        text_encoder=CLIPTextModel(CLIPTextConfig(**text_config)),
         tokenizer=tokenizer,
-        unet=unet,
+        unet=UNet2DConditionModel(in_channels=4, out_channels=4, **sizes["unet"]),
         scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    if arch == "tiny":
-        _shape_like_a_trained_vae(vae)
+
+
+def build_random_sd(out_dir: str | Path, arch: str = "tiny-random", seed: int = TINY_SEED) -> Path:
+    """Write a random-weight Stable Diffusion folder of architecture `arch` to `out_dir` (which must not exist).
+
+    tiny-random also gets its VAE shaped and its UNet fitted briefly (see the module docstring);
+    sd15-random stays purely random: only its speed matters.
+    """
+    pipe = build_pipeline(arch, seed)
+    if arch == "tiny-random":
+        _shape_like_a_trained_vae(pipe.vae)
         _fit_unet(pipe, seed)
     pipe.save_pretrained(out_dir)
-    return out_dir
+    return Path(out_dir)
 
 
-def main(argv: list[str]) -> None:
-    arch = argv.pop(argv.index("--arch") + 1) if "--arch" in argv[:-1] else "tiny"
-    argv = [a for a in argv if a != "--arch"]
-    if len(argv) != 1 or arch not in ARCHITECTURES:
-        sys.exit(f"usage: python -m rcgdm.tiny OUT_DIR [--arch {'|'.join(ARCHITECTURES)}]")
-    out_dir = Path(argv[0])
+def train_sd(out_dir: str | Path, quick: bool = False) -> dict:
+    """Build the tiny architecture, train it (rcgdm.tiny_train), write it with its manifest -> the training summary."""
+    from rcgdm.atomic import save_json
+    from rcgdm.manifest import write_manifest
+    from rcgdm.tiny_train import Recipe, train_tiny
+
+    recipe = Recipe().quick() if quick else Recipe()
+    pipe = build_pipeline("tiny", recipe.seed)
+    summary = train_tiny(pipe, recipe)
+    pipe.save_pretrained(out_dir)
+    save_json(summary, Path(out_dir) / "training_summary.json")
+    write_manifest(out_dir)
+    return summary
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m rcgdm.tiny", description=__doc__.split("\n\n")[0],
+                                epilog="--model tiny loads the committed, trained models/tiny-sd; "
+                                       "tiny-random and sd15-random are built on first use into $RCGDM_CACHE_DIR")  # fmt: skip
+    p.add_argument("out_dir", help="a new folder")
+    p.add_argument("--train", action="store_true", help="train the tiny model (about an hour on 2 CPU cores)")
+    p.add_argument("--quick", action="store_true", help="with --train: a few steps only, to check the plumbing")
+    p.add_argument("--arch", default="tiny-random", choices=[a for a in ARCHITECTURES if a != "tiny"],
+                   help="without --train: which random-weight build (default: tiny-random)")  # fmt: skip
+    args = p.parse_args()
+    out_dir = Path(args.out_dir)
     if out_dir.exists():
-        sys.exit(f"error: {str(out_dir)!r} exists; expected a new folder")
-    build_random_sd(out_dir, arch)
-    print(f"{arch} Stable Diffusion written to {out_dir}")
+        p.error(f"{str(out_dir)!r} exists; expected a new folder")
+    if args.train:
+        summary = train_sd(out_dir, args.quick)
+        print(json.dumps({k: v for k, v in summary.items() if k != "recipe"}, indent=1))
+        print(f"trained tiny Stable Diffusion written to {out_dir}")
+    else:
+        build_random_sd(out_dir, args.arch)
+        print(f"{args.arch} Stable Diffusion (random weights) written to {out_dir}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

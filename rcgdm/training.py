@@ -120,6 +120,25 @@ def mean_squared_error(net: torch.nn.Module, inputs: torch.Tensor, labels: torch
     return total / len(inputs)
 
 
+NOISE_BUCKETS = ((0, 250), (250, 500), (500, 750), (750, 1000))  # training timesteps; the first is the least noisy
+
+
+def bucket_name(low: int, high: int) -> str:
+    return f"t {low}-{high - 1}"
+
+
+@torch.no_grad()
+def loss_by_noise_level(net: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, timesteps: torch.Tensor) -> dict:
+    """Validation MSE per timestep bucket (NOISE_BUCKETS) -> {"t 0-249": mse or None when empty, ...}.
+    High-noise timesteps cap what any predictor can reach; this shows where the predictor stands."""
+    timesteps = timesteps.to(inputs.device)
+    out = {}
+    for low, high in NOISE_BUCKETS:
+        mine = (timesteps >= low) & (timesteps < high)
+        out[bucket_name(low, high)] = mean_squared_error(net, inputs[mine], labels[mine]) if mine.any() else None
+    return out
+
+
 def save_state(path: Path, config: dict, epoch: int, net, optimizer, generator: torch.Generator, history: list) -> None:
     save_torch(
         {

@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def tiny_model_dir() -> Path:
     from rcgdm.models import ensure_built
 
-    return ensure_built("tiny")
+    return ensure_built("tiny-random")
 
 
 def run_script(script: str, *args: str, capsys=None) -> int:
@@ -75,7 +75,7 @@ def latent_labels(path, num_data=1024):
     from rcgdm.models import load_vae
 
     source = open_source("synthetic")
-    latents = encode(load_vae("tiny"), source, LatentSpec("-", source.identity, num_data, 64, 0), 64, torch.device("cpu"))
+    latents = encode(load_vae("tiny-random"), source, LatentSpec("-", source.identity, num_data, 64, 0), 64, torch.device("cpu"))
     signal = latents[:, 0].mean((1, 2)) - latents[:, 1].mean((1, 2))
     noise = torch.randn(num_data, generator=torch.Generator().manual_seed(0))
     np.save(path, (0.3 * signal / signal.std() + 0.1 * noise)[:, None].numpy().astype(np.float32))
@@ -88,7 +88,7 @@ def predictor_path(tmp_path_factory, tiny_model_dir) -> Path:
     root = tmp_path_factory.mktemp("predictor")
     labels = latent_labels(root / "labels.npy", 512)
     args = [
-        "--model=tiny", "--data=synthetic", "--num_data=512", "--image_size=64", "--num_epochs=5", "--batch_size=32",
+        "--model=tiny-random", "--data=synthetic", "--num_data=512", "--image_size=64", "--num_epochs=5", "--batch_size=32",
         "--val_fraction=0.25", f"--labels_path={labels}", f"--cache_dir={root / 'cache'}", f"--out_path={root / 'convnet.pth'}",
     ]  # fmt: skip
     assert run_script("train.py", *args) == 0

@@ -100,7 +100,7 @@ def test_x0_path_equals_finite_differences_through_x0_hat():
 
 
 def test_the_wrong_predictor_for_the_gradient_path_is_refused(tmp_path, capsys, reward_model_path, predictor_path):
-    base = ["--model", "tiny", "--reward_model", reward_model_path, "--num_images", "1", "--seed", "0"]
+    base = ["--model", "tiny-random", "--reward_model", reward_model_path, "--num_images", "1", "--seed", "0"]
     base += ["--out_dir", tmp_path / "o"]
     assert run_script("inference.py", *base, "--predictor", predictor_path, "--grad_path", "x0") == 2
     expected = "trained on noisy latents (train.py noise=True); it serves --grad_path xt, not x0"
@@ -109,7 +109,7 @@ def test_the_wrong_predictor_for_the_gradient_path_is_refused(tmp_path, capsys, 
     labels = tmp_path / "labels.npy"
     np.save(labels, np.zeros((16, 1), np.float32))
     clean = tmp_path / "clean" / "convnet.pth"
-    args = ["--model=tiny", "--data=synthetic", "--num_data=16", "--image_size=64", "--num_epochs=1", "--noise=False"]
+    args = ["--model=tiny-random", "--data=synthetic", "--num_data=16", "--image_size=64", "--num_epochs=1", "--noise=False"]
     args += ["--val_fraction=0.25"]
     assert run_script("train.py", *args, f"--labels_path={labels}", f"--out_path={clean}", f"--cache_dir={tmp_path / 'c'}") == 0
     assert run_script("inference.py", *base, "--predictor", clean) == 2
@@ -128,7 +128,7 @@ def test_best_of_n_keeps_the_candidate_closest_to_the_target(tmp_path, reward_mo
     from rcgdm.runtime import image_generators
     from rcgdm.sampler import decode, sample_latents
 
-    pipe = load_pipeline("tiny")
+    pipe = load_pipeline("tiny-random")
     predictor, _ = load_predictor(predictor_path)
     reward, _ = load_reward(reward_model_path)
     args = argparse.Namespace(num_inference_steps=4, cfg=7.5, height=None, width=None)
@@ -154,7 +154,7 @@ def test_best_of_n_keeps_the_candidate_closest_to_the_target(tmp_path, reward_mo
 
 
 def test_a_sweep_draws_the_compute_comparison(tmp_path, reward_model_path, predictor_path):
-    args = ["--model", "tiny", "--reward_model", reward_model_path, "--predictor", predictor_path, "--seed", "0",
+    args = ["--model", "tiny-random", "--reward_model", reward_model_path, "--predictor", predictor_path, "--seed", "0",
             "--target", "-3", "--guidance", "0", "10", "--best_of", "1", "2", "--num_images", "2",
             "--num_inference_steps", "3", "--out_dir", tmp_path / "sweep"]  # fmt: skip
     assert run_script("inference.py", *args) == 0

@@ -68,7 +68,8 @@ def test_fake_dataset_labels_match_one_process(tmp_path):
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, reward_model_path, predictor_path):
     """(the sweep's flags, its one-process output folder): 2 targets x 2 guidance levels x 3 images in batches of 2."""
-    args = ["--model", "tiny", "--reward_model", reward_model_path, "--predictor", predictor_path, "--num_inference_steps", "4",
+    args = ["--model", "tiny-random", "--reward_model", reward_model_path, "--predictor", predictor_path,
+            "--num_inference_steps", "4",
             "--seed", "3", "--target", "-1", "1", "--guidance", "0", "40", "--num_images", "3", "--bs", "2"]  # fmt: skip
     one = tmp_path_factory.mktemp("sweep") / "one"
     with one_thread():
@@ -179,8 +180,8 @@ def test_data_parallel_steps_equal_whole_batch_steps(tmp_path):
 def test_train_py_in_two_processes_then_resumed_in_one(tmp_path):
     """Clean latents (noise=False) so a short run learns clearly; the cache is assembled from two parts."""
     labels = latent_labels(tmp_path / "labels.npy", 512)
-    args = ["--model=tiny", "--data=synthetic", "--num_data=512", "--image_size=64", "--batch_size=16", "--encode_batch_size=64",
-            "--val_fraction=0.25", "--noise=False", f"--labels_path={labels}"]  # fmt: skip
+    args = ["--model=tiny-random", "--data=synthetic", "--num_data=512", "--image_size=64", "--batch_size=16",
+            "--encode_batch_size=64", "--val_fraction=0.25", "--noise=False", f"--labels_path={labels}"]  # fmt: skip
 
     def outputs(name: str) -> list[str]:
         return [f"--out_path={tmp_path / name / 'convnet.pth'}", f"--cache_dir={tmp_path / name / 'cache'}"]

@@ -19,7 +19,7 @@ NAME = re.compile(r"^(\d+)_gt_(-?\d+\.\d{4})_pred_(-?\d+\.\d{4})\.png$")
 @pytest.fixture
 def run(tmp_path, reward_model_path, predictor_path):
     def run_inference(*args, out="run"):
-        base = ["--model", "tiny", "--reward_model", reward_model_path, "--predictor", predictor_path]
+        base = ["--model", "tiny-random", "--reward_model", reward_model_path, "--predictor", predictor_path]
         base += ["--num_inference_steps", "4", "--seed", "0"]
         if out is not None:
             base += ["--out_dir", tmp_path / out]
@@ -84,7 +84,8 @@ def test_batch_size_does_not_change_the_images(tmp_path, run):
 
 
 def test_random_seed_is_recorded_and_reproduces(tmp_path, run, reward_model_path, predictor_path):
-    base = ["--model", "tiny", "--reward_model", reward_model_path, "--predictor", predictor_path, "--num_inference_steps", "3"]
+    base = ["--model", "tiny-random", "--reward_model", reward_model_path, "--predictor", predictor_path,
+            "--num_inference_steps", "3"]  # fmt: skip
     assert run_script("inference.py", *base, "--num_images", "2", "--out_dir", tmp_path / "r1") == 0
     seed = json.loads((tmp_path / "r1/summary.json").read_text())["settings"]["seed_used"]
     assert seed >= 0
@@ -148,7 +149,7 @@ def test_guidance_zero_images_match_the_stock_pipeline_through_the_cli(tmp_path,
     from rcgdm.runtime import image_generators
 
     assert run("--num_images", "2", "--bs", "2", "--guidance", "0") == 0
-    pipe = load_pipeline("tiny")
+    pipe = load_pipeline("tiny-random")
     generators = image_generators(0, range(2))
     stock = pipe("a nice photo", num_images_per_prompt=2, generator=generators, num_inference_steps=4, output_type="pil").images
     rows = read_rows(tmp_path / "run/results.csv")

@@ -57,7 +57,8 @@ def wait_for(condition, timeout=300.0, process=None):
 def test_a_code_running_pickle_is_refused_everywhere(tmp_path, capsys, reward_model_path, predictor_path):
     marker = tmp_path / "pwned"
     bad = hostile_checkpoint(tmp_path / "bad.pth", marker)
-    base = ["--model", "tiny", "--num_images", "1", "--num_inference_steps", "2", "--seed", "0", "--out_dir", tmp_path / "out"]
+    base = ["--model", "tiny-random", "--num_images", "1", "--num_inference_steps", "2", "--seed", "0",
+            "--out_dir", tmp_path / "out"]  # fmt: skip
     assert run_script("inference.py", *base, "--reward_model", bad, "--predictor", predictor_path) == 2
     assert "cannot be loaded safely" in error_line(capsys.readouterr().err)
     assert run_script("inference.py", *base, "--reward_model", reward_model_path, "--predictor", bad) == 2
@@ -68,7 +69,8 @@ def test_a_code_running_pickle_is_refused_everywhere(tmp_path, capsys, reward_mo
     out = tmp_path / "train" / "convnet.pth"
     out.parent.mkdir()
     hostile_checkpoint(out.with_suffix(".resume.pth"), marker)
-    args = ["--model=tiny", "--data=synthetic", "--num_data=8", "--image_size=64", "--val_fraction=0", f"--labels_path={labels}"]
+    args = ["--model=tiny-random", "--data=synthetic", "--num_data=8", "--image_size=64", "--val_fraction=0",
+            f"--labels_path={labels}"]  # fmt: skip
     assert run_script("train.py", *args, f"--out_path={out}", f"--cache_dir={tmp_path / 'cache'}", "--resume=True") == 2
     assert "cannot be loaded safely" in error_line(capsys.readouterr().err)
     assert not marker.exists()
@@ -94,7 +96,7 @@ def test_a_reward_file_naming_user_code_never_runs_it(tmp_path, capsys, monkeypa
     crafted = tmp_path / "reward_model.pth"
     torch.save({"format": "rcgdm.reward/1", "reward": spec, "state_dict": {}}, crafted)
     out = tmp_path / "out"
-    base = ["--model", "tiny", "--num_images", "1", "--num_inference_steps", "2", "--seed", "0", "--out_dir", out,
+    base = ["--model", "tiny-random", "--num_images", "1", "--num_inference_steps", "2", "--seed", "0", "--out_dir", out,
             "--reward_model", crafted, "--predictor", predictor_path]  # fmt: skip
     assert run_script(str(ROOT / "inference.py"), *base) == 2
     line = error_line(capsys.readouterr().err)
@@ -143,7 +145,7 @@ def test_truncated_checkpoints_name_the_file(tmp_path, capsys, reward_model_path
     broken = tmp_path / f"{which}.pth"
     broken.write_bytes(paths[which].read_bytes()[:5000])
     paths[which] = broken
-    args = ["--model", "tiny", "--num_images", "1", "--seed", "0", "--out_dir", tmp_path / "out"]
+    args = ["--model", "tiny-random", "--num_images", "1", "--seed", "0", "--out_dir", tmp_path / "out"]
     assert run_script("inference.py", *args, "--reward_model", paths["reward_model"], "--predictor", paths["predictor"]) == 2
     line = error_line(capsys.readouterr().err)
     assert str(broken) in line and "cannot be loaded safely" in line
@@ -153,7 +155,8 @@ def test_truncated_labels_name_the_file(tmp_path, capsys):
     labels = tmp_path / "labels.npy"
     np.save(labels, np.zeros((64, 1), np.float32))
     labels.write_bytes(labels.read_bytes()[:100])
-    args = ["--model=tiny", "--data=synthetic", "--num_data=8", f"--labels_path={labels}", f"--out_path={tmp_path / 'c.pth'}"]
+    args = ["--model=tiny-random", "--data=synthetic", "--num_data=8", f"--labels_path={labels}",
+            f"--out_path={tmp_path / 'c.pth'}"]  # fmt: skip
     assert run_script("train.py", *args) == 2
     line = error_line(capsys.readouterr().err)
     assert str(labels) in line and "not a readable .npy file" in line
@@ -297,19 +300,20 @@ def test_fake_dataset_bad_input(tmp_path, capsys, paths, args, expected):
 def test_train_bad_input(tmp_path, capsys, paths, args, expected):
     labels = tmp_path / "labels.npy"
     np.save(labels, np.zeros((16, 1), np.float32))
-    base = ["--model=tiny", "--data=synthetic", "--num_data=8", "--image_size=64", "--num_epochs=1", f"--labels_path={labels}"]
+    base = ["--model=tiny-random", "--data=synthetic", "--num_data=8", "--image_size=64", "--num_epochs=1",
+            f"--labels_path={labels}"]  # fmt: skip
     base += [f"--out_path={tmp_path / 'out' / 'convnet.pth'}", f"--cache_dir={tmp_path / 'out' / 'cache'}", "--val_fraction=0"]
     assert_refused(capsys, tmp_path, "train.py", base, swap(args, paths), expected)
 
 
 @pytest.mark.parametrize(("args", "expected"), INFERENCE_BAD)
 def test_inference_bad_input(tmp_path, capsys, paths, reward_model_path, predictor_path, args, expected):
-    base = ["--model", "tiny", "--reward_model", reward_model_path, "--predictor", predictor_path, "--seed", "0"]
+    base = ["--model", "tiny-random", "--reward_model", reward_model_path, "--predictor", predictor_path, "--seed", "0"]
     base += ["--num_images", "1", "--num_inference_steps", "2", "--out_dir", tmp_path / "out"]
     assert_refused(capsys, tmp_path, "inference.py", base, swap(args, paths), expected)
 
 
-DEFAULTS = {"lr": 0.001, "num_epochs": 100, "resume": False, "model": "tiny"}
+DEFAULTS = {"lr": 0.001, "num_epochs": 100, "resume": False, "model": "tiny-random"}
 
 
 @settings(max_examples=200, deadline=None)
@@ -342,7 +346,7 @@ def test_override_parser_rejects_unknown_keys(key):
 
 
 def inference_args(out, reward_model_path, predictor_path, *extra):
-    return ["inference.py", "--model", "tiny", "--reward_model", reward_model_path, "--predictor", predictor_path,
+    return ["inference.py", "--model", "tiny-random", "--reward_model", reward_model_path, "--predictor", predictor_path,
             "--seed", "0", "--out_dir", out, *extra]  # fmt: skip
 
 
@@ -374,7 +378,7 @@ def test_two_trainings_share_one_cache_and_encode_each_image_once(tmp_path):
     labels = latent_labels(tmp_path / "labels.npy", 64)
 
     def start(name):
-        return popen("train.py", "--model=tiny", "--data=synthetic", "--num_data=64", "--image_size=64", "--num_epochs=1",
+        return popen("train.py", "--model=tiny-random", "--data=synthetic", "--num_data=64", "--image_size=64", "--num_epochs=1",
                      "--val_fraction=0", f"--labels_path={labels}", f"--cache_dir={tmp_path / 'cache'}",
                      f"--out_path={tmp_path / name / 'convnet.pth'}")  # fmt: skip
 
@@ -391,7 +395,7 @@ def test_training_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
     labels = latent_labels(tmp_path / "labels.npy", 512)
 
     def args(name, *extra):
-        return ["train.py", "--model=tiny", "--data=synthetic", "--num_data=512", "--image_size=64", "--num_epochs=3",
+        return ["train.py", "--model=tiny-random", "--data=synthetic", "--num_data=512", "--image_size=64", "--num_epochs=3",
                 "--batch_size=8", f"--labels_path={labels}", f"--cache_dir={tmp_path / 'cache'}",
                 f"--out_path={tmp_path / name / 'convnet.pth'}", *extra]  # fmt: skip
 
@@ -410,7 +414,7 @@ def test_training_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
 
 def test_training_killed_while_building_the_cache_rebuilds_it(tmp_path):
     labels = latent_labels(tmp_path / "labels.npy", 1024)
-    argv = ["train.py", "--model=tiny", "--data=synthetic", "--num_data=1024", "--image_size=64", "--num_epochs=1",
+    argv = ["train.py", "--model=tiny-random", "--data=synthetic", "--num_data=1024", "--image_size=64", "--num_epochs=1",
             "--val_fraction=0", f"--labels_path={labels}", f"--cache_dir={tmp_path / 'cache'}",
             f"--out_path={tmp_path / 'out' / 'convnet.pth'}", "--encode_batch_size=8"]  # fmt: skip
     with open(tmp_path / "log.txt", "w") as log:

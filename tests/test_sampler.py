@@ -16,7 +16,7 @@ PROMPT = "a nice photo"
 
 @pytest.fixture(scope="module")
 def pipe(tiny_model_dir):
-    pipe = load_pipeline("tiny")
+    pipe = load_pipeline("tiny-random")
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -98,7 +98,7 @@ def test_images_do_not_depend_on_the_batch_size(pipe, predictor):
 def test_batch_mean_guidance_g_at_batch_b_equals_g_over_b(predictor):
     import copy
 
-    pipe64 = load_pipeline("tiny", torch.float64)  # float64: sampling amplifies float32 rounding of 30/3 vs 10
+    pipe64 = load_pipeline("tiny-random", torch.float64)  # float64: sampling amplifies float32 rounding of 30/3 vs 10
     predictor64 = copy.deepcopy(predictor).double()
     original = RewardGuidance(predictor64, target=-3.0, scale=30.0, batch_mean=True)
     ours = RewardGuidance(predictor64, target=-3.0, scale=10.0)

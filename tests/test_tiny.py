@@ -14,7 +14,7 @@ def test_folder_is_small_and_complete(tiny_model_dir):
     assert size < 20 * 2**20
     for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert (tiny_model_dir / sub).is_dir()
-    assert resolve_model("tiny") == str(tiny_model_dir)
+    assert resolve_model("tiny-random") == str(tiny_model_dir)
 
 
 def test_stock_pipeline_loads_and_generates(tiny_model_dir):
@@ -31,7 +31,7 @@ def test_stock_pipeline_loads_and_generates(tiny_model_dir):
 
 
 def test_sd15_facts(tiny_model_dir):
-    pipe = load_pipeline("tiny")
+    pipe = load_pipeline("tiny-random")
     assert pipe.vae_scale_factor == 8
     assert pipe.vae.config.latent_channels == 4
     assert pipe.vae.config.scaling_factor == 0.18215
@@ -48,6 +48,6 @@ def test_sd15_facts(tiny_model_dir):
 def test_build_is_deterministic(tmp_path, tiny_model_dir):
     from rcgdm.tiny import build_random_sd
 
-    build_random_sd(tmp_path / "again")
+    build_random_sd(tmp_path / "again", "tiny-random")
     for name in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
         assert (tmp_path / "again" / name).read_bytes() == (tiny_model_dir / name).read_bytes()

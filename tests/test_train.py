@@ -26,7 +26,7 @@ def labels(tmp_path_factory):
 
 def train(tmp_path, labels, name="run", **overrides):
     config = {
-        "model": "tiny",
+        "model": "tiny-random",
         "data": "synthetic",
         "num_data": 64,
         "num_epochs": 2,
@@ -81,7 +81,7 @@ def test_outputs_and_checkpoint_metadata(tmp_path, labels):
     assert lines[-1]["val_loss"] == summary["final_val_loss"]
     assert (tmp_path / "run/loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     net, meta = load_predictor(tmp_path / "run/convnet.pth", latent_channels=4)
-    assert meta["latent_channels"] == 4 and meta["latent_size"] == [8, 8] and meta["model"] == "tiny"
+    assert meta["latent_channels"] == 4 and meta["latent_size"] == [8, 8] and meta["model"] == "tiny-random"
     assert meta["epochs"] == 2 and meta["val_loss"] == summary["final_val_loss"]
     label_values = np.load(labels)[:64]
     assert meta["label_mean"] == pytest.approx(float(label_values.mean()), abs=1e-5)
@@ -113,7 +113,7 @@ def test_resume_refuses_other_settings(tmp_path, labels, capsys):
 
 
 def test_noising_matches_the_scheduler(tiny_model_dir):
-    scheduler = load_scheduler("tiny")
+    scheduler = load_scheduler("tiny-random")
     scheduler.set_timesteps(50)
     pool = torch.unique(scheduler.timesteps)
     assert len(pool) == 50 and pool.min() > 0 and pool.max() < 1000
@@ -176,8 +176,8 @@ def test_predictor_mismatch_and_foreign_files(tmp_path, labels):
 
 def test_override_parser():
     defaults = {"lr": 0.001, "num_epochs": 100, "resume": False, "model": "sd"}
-    got = parse_overrides(defaults, ["--lr=3e-4", "--num_epochs", "5", "--resume=true", "--model=tiny"])
-    assert got == {"lr": 3e-4, "num_epochs": 5, "resume": True, "model": "tiny"}
+    got = parse_overrides(defaults, ["--lr=3e-4", "--num_epochs", "5", "--resume=true", "--model=tiny-random"])
+    assert got == {"lr": 3e-4, "num_epochs": 5, "resume": True, "model": "tiny-random"}
     assert type(got["num_epochs"]) is int and type(got["lr"]) is float
     assert parse_overrides(defaults, ["--lr=1"]) == {"lr": 1.0}
     for bad, message in [
