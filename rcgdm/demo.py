@@ -1,63 +1,227 @@
-"""The offline demo: the paper's three steps on the tiny model, synthetic images and a random-backbone
-reward; then the same with the compressibility reward, ending in a guidance vs best-of-N sweep.
+"""The offline demo: the paper's three steps on the trained tiny model, synthetic images and a
+random-backbone reward; then the same with the compressibility reward, ending in a guidance vs
+best-of-N sweep. Each step is run as a user would run it, then the demo prints the numbers that
+show it worked, writes them to `demo_report.json` and copies the figures into asset/.
 
     python -m rcgdm.demo [OUT_DIR]          # what `make demo` runs (OUT_DIR defaults to demo_out)
     python -m rcgdm.demo OUT_DIR --quick    # seconds: the smallest sizes, for smoke tests and benchmarks
+
+The sweep's targets are the label mean + (-2, -1, 0, 1, 2) label std, read from step 1's labels.
 """
 
 from __future__ import annotations
 
+import csv
+import json
+import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
-FIGURE6_PROMPTS = ["A cat with a glass of water.", "An astronaut on the horseback"]
+PROMPTS = ["a yellow circle on a blue background", "a white square on a red background"]
+GUIDANCE = 40.0  # the demo's strength: rewards follow the target, images stay shapes
+BREAKDOWN_GUIDANCE = (0.0, 40.0, 160.0, 640.0)  # at the top target: where image quality breaks down
+TARGET_STDS = (-2, -1, 0, 1, 2)
+LABELS = "cifar10_outputs_with_noise.npy"
 
 
-def demo_steps(out: Path, quick: bool = False) -> dict[str, list[str]]:
-    """The commands, step name -> argv (after the Python executable)."""
-    num_data, epochs, images, steps = (16, 1, 1, 2) if quick else (256, 5, 4, 20)
-    comp = out / "compressibility"
+@dataclass(frozen=True)
+class Sizes:
+    num_data: int = 1024
+    epochs: int = 15
+    images: int = 8
+    steps: int = 20
 
-    def step1(folder: Path, reward: str) -> list[str]:
-        return ["fake_dataset.py", "--data", "synthetic", "--num_data", str(num_data), "--weights", "none",
-                "--reward", reward, "--out_dir", str(folder)]  # fmt: skip
 
-    def step2(folder: Path) -> list[str]:
-        return ["train.py", "--model=tiny", "--data=synthetic", f"--num_data={num_data}", "--image_size=64",
-                f"--num_epochs={epochs}", "--val_fraction=0.25", f"--labels_path={folder / 'cifar10_outputs_with_noise.npy'}",
-                f"--out_path={folder / 'convnet.pth'}", f"--cache_dir={out / 'cache'}"]  # fmt: skip
+QUICK = Sizes(num_data=16, epochs=1, images=1, steps=2)
 
-    def step3(folder: Path, *sweep: str) -> list[str]:
-        return ["inference.py", "--model", "tiny", "--reward_model", str(folder / "reward_model.pth"),
-                "--predictor", str(folder / "convnet.pth"), *sweep, "--bs", "4", "--seed", "0",
-                "--num_images", str(images), "--num_inference_steps", str(steps), "--overwrite"]  # fmt: skip
 
+def run(name: str, argv: list[str], seconds: dict[str, float]) -> None:
+    """One script, as a user runs it (fails the demo if it fails)."""
+    print(f"\n=== {name}: python3 {' '.join(argv)}", flush=True)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, *argv], cwd=ROOT, check=True)
+    seconds[name] = time.perf_counter() - start
+
+
+def fake_dataset(folder: Path, reward: str, sizes: Sizes) -> list[str]:
+    return ["fake_dataset.py", "--data", "synthetic", "--num_data", str(sizes.num_data), "--weights", "none",
+            "--reward", reward, "--out_dir", str(folder)]  # fmt: skip
+
+
+def train(folder: Path, cache: Path, sizes: Sizes) -> list[str]:
+    return ["train.py", "--model=tiny", "--data=synthetic", f"--num_data={sizes.num_data}", "--image_size=32",
+            f"--num_epochs={sizes.epochs}", "--batch_size=16", "--val_fraction=0.25", f"--labels_path={folder / LABELS}",
+            f"--out_path={folder / 'convnet.pth'}", f"--cache_dir={cache}"]  # fmt: skip
+
+
+def inference(folder: Path, out_dir: Path, sizes: Sizes, *sweep: str) -> list[str]:
+    return ["inference.py", "--model", "tiny", "--reward_model", str(folder / "reward_model.pth"),
+            "--predictor", str(folder / "convnet.pth"), *sweep, "--bs", "8", "--seed", "0",
+            "--num_images", str(sizes.images), "--num_inference_steps", str(sizes.steps), "--overwrite",
+            "--out_dir", str(out_dir)]  # fmt: skip
+
+
+def label_stats(folder: Path) -> tuple[float, float]:
+    labels = np.load(folder / LABELS, allow_pickle=False)
+    return float(labels.mean()), float(labels.std())
+
+
+def targets(mean: float, std: float) -> list[str]:
+    return [f"{mean + k * std:.3f}" for k in TARGET_STDS]
+
+
+def training_numbers(folder: Path) -> dict:
+    """Validation loss over all timesteps and on the least noisy bucket, as fractions of predict-the-mean."""
+    summary = json.loads((folder / "train_summary.json").read_text())
+    baseline = summary["baseline_val_loss"]
+    lowest = next(iter(summary["final_val_loss_by_noise"].values()))
+    return {"val_vs_baseline": summary["final_val_loss"] / baseline,
+            "lowest_noise_val_vs_baseline": None if lowest is None else lowest / baseline}  # fmt: skip
+
+
+def spearman(xs: list[float], ys: list[float]) -> float:
+    rx, ry = (np.argsort(np.argsort(v)).astype(float) for v in (xs, ys))
+    return float(np.corrcoef(rx, ry)[0, 1]) if len(xs) > 1 and rx.std() > 0 and ry.std() > 0 else float("nan")
+
+
+def effect_numbers(sweep: Path, mean: float, std: float, guidance: float) -> dict:
+    """The paper's effect, in label std: per-target mean ground truth at `guidance` (all prompts pooled),
+    its Spearman against the target, top minus bottom, the unguided mean's offset, and the shift."""
+    combos = json.loads((sweep / "summary.json").read_text())["combinations"]
+
+    def pooled(rows: list[dict], key: str) -> float:
+        return sum(c[key] * c["n"] for c in rows) / sum(c["n"] for c in rows)
+
+    ts = sorted({c["target"] for c in combos})
+    guided = [pooled([c for c in combos if c["target"] == t and c["guidance"] == guidance], "gt_mean") for t in ts]
+    unguided = pooled([c for c in combos if c["guidance"] == 0], "gt_mean")
+    shifts = [c["shift_vs_unguided"] for c in combos if c["guidance"] == guidance and c["shift_vs_unguided"] is not None]
     return {
-        "fake_dataset": step1(out, "resnet18-random"),
-        "train": step2(out),
-        "inference": step3(out, "--prompt", *FIGURE6_PROMPTS, "--target", "2", "4", "6", "8", "10", "--guidance", "100",
-                           "--out_dir", str(out / "figure6")),
-        "compressibility: fake_dataset": step1(comp, "compressibility"),
-        "compressibility: train": step2(comp),
-        "compressibility: inference": step3(comp, "--target", "-2", "--guidance", "0", "50", "100", "--best_of", "1", "2", "4",
-                                            "--out_dir", str(comp / "sweep")),
-    }  # fmt: skip
+        "guidance": guidance,
+        "targets": ts,
+        "gt_mean_per_target": guided,
+        "spearman": spearman(ts, guided),
+        "top_minus_bottom_in_label_std": (guided[-1] - guided[0]) / std,
+        "unguided_offset_in_label_std": (unguided - mean) / std,
+        "max_shift_vs_unguided": max(shifts, default=None),
+    }
+
+
+def prompt_colours(sweep: Path) -> dict:
+    """Mean of each colour channel of the unguided images, per prompt: prompts that name colours show them."""
+    from PIL import Image
+
+    rows = [r for r in _rows(sweep) if float(r["guidance"]) == 0]
+    out = {}
+    for prompt in dict.fromkeys(r["prompt"] for r in rows):
+        pixels = np.stack([np.asarray(Image.open(sweep / r["file"]).convert("RGB"), np.float32) / 255
+                           for r in rows if r["prompt"] == prompt])  # fmt: skip
+        out[prompt] = dict(zip(("red", "green", "blue"), pixels.mean((0, 1, 2)).round(3).tolist(), strict=True))
+    return out
+
+
+def _rows(sweep: Path) -> list[dict]:
+    with open(sweep / "results.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def breakdown_figure(folder: Path, path: Path) -> None:
+    """Rows: images 0..3 of the top target; columns: rising guidance. Where the shapes dissolve is where to stop."""
+    import torch
+    from PIL import Image
+
+    from rcgdm.plots import image_grid
+
+    rows = _rows(folder)
+    levels = sorted({float(r["guidance"]) for r in rows})
+    images = sorted({int(r["image"]) for r in rows})[:4]
+    cell = {(int(r["image"]), float(r["guidance"])): r for r in rows}
+
+    def load(row: dict) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(Image.open(folder / row["file"]).convert("RGB"), np.float32) / 255).permute(2, 0, 1)
+
+    grid = [[load(cell[i, g]) for g in levels] for i in images]
+    captions = [[f"gt {float(cell[i, g]['gt']):.2f} / shift {float(cell[i, g]['shift']):.2f}" for g in levels] for i in images]
+    image_grid([f"image {i}" for i in images], [f"guidance {g:g}" for g in levels], grid, captions, path)
 
 
 def run_demo(out: str | Path = "demo_out", quick: bool = False, paper_only: bool = False) -> dict[str, float]:
-    """Run the steps in order, each as a user would (paper_only: the paper's three); -> wall seconds per step."""
-    out = Path(out)
-    seconds = {}
-    steps = demo_steps(out, quick)
-    for name, argv in list(steps.items())[: 3 if paper_only else None]:
-        print(f"\n=== {name}: python3 {' '.join(argv)}", flush=True)
-        start = time.perf_counter()
-        subprocess.run([sys.executable, *argv], cwd=ROOT, check=True)
-        seconds[name] = time.perf_counter() - start
+    """Every step in order (paper_only: the paper's three); prints and writes demo_report.json -> wall seconds per step."""
+    out, sizes, seconds = Path(out), QUICK if quick else Sizes(), {}
+    report: dict = {"sizes": vars(sizes)}
+
+    run("fake_dataset", fake_dataset(out, "resnet18-random", sizes), seconds)
+    mean, std = label_stats(out)
+    report["labels"] = {"mean": mean, "std": std}
+    print(f"--> labels: mean {mean:.4f}, std {std:.4f}; the sweep's targets: {', '.join(targets(mean, std))}")
+
+    run("train", train(out, out / "cache", sizes), seconds)
+    report["training"] = training_numbers(out)
+    lowest = report["training"]["lowest_noise_val_vs_baseline"]
+    print(f"--> predictor: validation loss {report['training']['val_vs_baseline']:.2f}x predict-the-mean over all "
+          f"timesteps" + ("" if lowest is None else f", {lowest:.2f}x on the least noisy bucket"))  # fmt: skip
+
+    figure6 = out / "figure6"
+    sweep = ["--prompt", *PROMPTS, "--target", *targets(mean, std), "--guidance", "0", f"{GUIDANCE:g}"]
+    run("inference", inference(out, figure6, sizes, *sweep), seconds)
+    report["effect"] = effect_numbers(figure6, mean, std, GUIDANCE)
+    report["prompt_colours"] = prompt_colours(figure6)
+    e = report["effect"]
+    print(f"--> at guidance {GUIDANCE:g}: ground truth per target {', '.join(f'{v:.3f}' for v in e['gt_mean_per_target'])}; "
+          f"Spearman {e['spearman']:.2f}; top - bottom {e['top_minus_bottom_in_label_std']:.2f} label std; "
+          f"unguided mean {e['unguided_offset_in_label_std']:+.2f} label std from the label mean")  # fmt: skip
+    if not paper_only:
+        top = targets(mean, std)[-1]
+        levels = [f"{g:g}" for g in BREAKDOWN_GUIDANCE]
+        run("breakdown", inference(out, out / "breakdown", sizes, "--prompt", PROMPTS[0], "--target", top, "--guidance", *levels),
+            seconds)  # fmt: skip
+        breakdown_figure(out / "breakdown", out / "breakdown" / "guidance_breakdown.png")
+        run_compressibility(out, sizes, seconds, report)
+    report["seconds"] = seconds
+    (out / "demo_report.json").write_text(json.dumps(report, indent=1) + "\n")
     return seconds
+
+
+def run_compressibility(out: Path, sizes: Sizes, seconds: dict, report: dict) -> None:
+    comp = out / "compressibility"
+    run("compressibility: fake_dataset", fake_dataset(comp, "compressibility", sizes), seconds)
+    mean, std = label_stats(comp)
+    run("compressibility: train", train(comp, out / "cache", sizes), seconds)
+    low, high = targets(mean, std)[0], targets(mean, std)[-1]
+    sweep = ["--target", low, high, "--guidance", "0", f"{GUIDANCE:g}", "--best_of", "1", "2", "4"]
+    run("compressibility: inference", inference(comp, comp / "sweep", sizes, *sweep), seconds)
+    combos = json.loads((comp / "sweep" / "summary.json").read_text())["combinations"]
+    gt = {c["target"]: c["gt_mean"] for c in combos if c["guidance"] == GUIDANCE and c["best_of"] == 1}
+    report["compressibility"] = {
+        "labels": {"mean": mean, "std": std},
+        "gt_mean_at_low_and_high_target": [gt[min(gt)], gt[max(gt)]],
+        **training_numbers(comp),
+    }
+    print(f"--> compressibility at guidance {GUIDANCE:g}: ground truth {gt[min(gt)]:.3f} at target {min(gt):g}, "
+          f"{gt[max(gt)]:.3f} at target {max(gt):g} (labels: mean {mean:.3f}, std {std:.3f})")
+
+
+ASSETS = {
+    "figure6/grid.png": "tiny_demo_grid.png",
+    "figure6/reward_vs_target.png": "tiny_demo_reward_vs_target.png",
+    "figure6/shift_vs_target.png": "tiny_demo_shift_vs_target.png",
+    "breakdown/guidance_breakdown.png": "tiny_demo_guidance_breakdown.png",
+    "loss_curve.png": "tiny_demo_loss_curve.png",
+    "loss_by_noise.png": "tiny_demo_loss_by_noise.png",
+    "compressibility/sweep/reward_vs_compute.png": "tiny_demo_reward_vs_compute.png",
+}
+
+
+def copy_assets(out: Path, assets: Path = ROOT / "asset") -> None:
+    for source, name in ASSETS.items():
+        shutil.copyfile(out / source, assets / name)
+    print(f"figures copied into {assets}")
 
 
 def main(argv: list[str]) -> None:
@@ -67,9 +231,11 @@ def main(argv: list[str]) -> None:
         seconds = run_demo(out, quick)
     except subprocess.CalledProcessError as err:
         sys.exit(f"demo step failed with exit status {err.returncode}")
+    if not quick:
+        copy_assets(out)
     print("\ndemo done: " + ", ".join(f"{name} {s:.0f}s" for name, s in seconds.items()))
-    print(f"figures: {out / 'figure6' / 'grid.png'}, {out / 'figure6' / 'reward_vs_target.png'}, {out / 'loss_curve.png'},")
-    print(f"         {out / 'compressibility' / 'sweep' / 'reward_vs_compute.png'}")
+    print(f"numbers: {out / 'demo_report.json'}")
+    print(f"figures: {out / 'figure6'}, {out / 'breakdown'}, {out}, {out / 'compressibility' / 'sweep'}")
 
 
 if __name__ == "__main__":

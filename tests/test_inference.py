@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from conftest import error_line, read_rows, run_cli, run_script
 from PIL import Image
 
@@ -155,3 +156,14 @@ def test_guidance_zero_images_match_the_stock_pipeline_through_the_cli(tmp_path,
     rows = read_rows(tmp_path / "run/results.csv")
     for row, image in zip(rows, stock, strict=True):
         assert np.array_equal(np.asarray(Image.open(tmp_path / "run" / row["file"])), np.asarray(image))
+
+
+def test_distribution_shift_is_the_rms_distance_to_the_nearest_training_latents():
+    from rcgdm.evaluate import distribution_shift
+
+    base = torch.randn(1, 4, 8, 8)
+    reference = torch.cat([base.expand(5, -1, -1, -1), base + 100])  # five copies of `base`, and one far away
+    latents = torch.cat([base + 0.3, base - 0.7])
+    assert torch.allclose(distribution_shift(latents, reference), torch.tensor([0.3, 0.7]), atol=1e-5)
+    assert distribution_shift(latents, None) is None
+    assert distribution_shift(torch.randn(2, 4, 16, 16), reference) is None  # sampled at another size: not comparable

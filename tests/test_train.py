@@ -12,7 +12,7 @@ from conftest import error_line, latent_labels, run_script, weights
 from rcgdm.cli import UserError
 from rcgdm.config import parse_overrides
 from rcgdm.models import load_scheduler
-from rcgdm.predictor import ThreeLayerConvNet, load_predictor
+from rcgdm.predictor import ThreeLayerConvNet, load_predictor, load_reference_latents
 from rcgdm.training import add_training_noise
 
 
@@ -80,7 +80,14 @@ def test_outputs_and_checkpoint_metadata(tmp_path, labels):
     assert [line["epoch"] for line in lines] == [1, 2]
     assert lines[-1]["val_loss"] == summary["final_val_loss"]
     assert (tmp_path / "run/loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "run/loss_by_noise.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    by_noise = lines[-1]["val_loss_by_noise"]
+    assert list(by_noise) == ["t 0-249", "t 250-499", "t 500-749", "t 750-999"] == list(summary["final_val_loss_by_noise"])
+    known = [loss for loss in by_noise.values() if loss is not None]
+    assert known and min(known) <= summary["final_val_loss"] <= max(known)  # the overall loss mixes the buckets
     net, meta = load_predictor(tmp_path / "run/convnet.pth", latent_channels=4)
+    reference = load_reference_latents(tmp_path / "run/convnet.pth")
+    assert reference.shape == (48, 4, 8, 8) and reference.dtype == torch.float32  # every training latent (48 < 512)
     assert meta["latent_channels"] == 4 and meta["latent_size"] == [8, 8] and meta["model"] == "tiny-random"
     assert meta["epochs"] == 2 and meta["val_loss"] == summary["final_val_loss"]
     label_values = np.load(labels)[:64]
