@@ -26,8 +26,9 @@ from tqdm import tqdm
 
 from rcgdm import distributed, rewards
 from rcgdm.atomic import save_json, save_npy, save_torch
-from rcgdm.cli import ArgumentParser, UserError, non_negative_float, positive_int, run_main, writable_dir
+from rcgdm.cli import ArgumentParser, UserError, check_creatable, non_negative_float, positive_int, run_main, writable_dir
 from rcgdm.data import check_num_data, load_batch, open_source
+from rcgdm.outputs import refuse_existing
 from rcgdm.reward import WEIGHT_CHOICES
 from rcgdm.rewards import Reward
 from rcgdm.runtime import package_versions, sha256_file
@@ -35,6 +36,7 @@ from rcgdm.runtime import package_versions, sha256_file
 REWARD_FILE = "reward_model.pth"
 LABELS_FILE = "cifar10_outputs_with_noise.npy"
 SIDECAR_FILE = "cifar10_outputs_with_noise.json"
+OUTPUTS = (REWARD_FILE, LABELS_FILE, SIDECAR_FILE)
 
 
 def parse_args() -> argparse.Namespace:
@@ -50,6 +52,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out_dir", default=".", help="output folder (default: .)")
     p.add_argument("--batch_size", type=positive_int, default=256, help="images per forward pass (default: 256)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in --out_dir")
     return p.parse_args()
 
 
@@ -75,6 +78,9 @@ def main() -> None:
     state, device = distributed.start(args.device)
     source = open_source(args.data, args.data_root)
     num_data = check_num_data(args.num_data, source)
+    check_creatable(args.out_dir)
+    if not args.overwrite:
+        refuse_existing([Path(args.out_dir) / name for name in OUTPUTS], "use --overwrite to replace it, or another --out_dir")
     out_dir = writable_dir(args.out_dir)
 
     with distributed.main_only_lock(state, out_dir / ".rcgdm.lock", f"--out_dir {str(out_dir)!r}"):

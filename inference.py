@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fnmatch
 import io
 import itertools
 import secrets
@@ -39,7 +40,9 @@ from rcgdm.cli import ArgumentParser, UserError, check_creatable, finite_float, 
 from rcgdm.evaluate import distribution_shift, score_images
 from rcgdm.guidance import GRAD_PATHS
 from rcgdm.models import SD15, load_pipeline
+from rcgdm.outputs import refuse_existing, refuse_inputs_as_outputs
 from rcgdm.predictor import load_predictor, load_reference_latents
+from rcgdm.progress import FILE as PROGRESS_FILE
 from rcgdm.progress import SweepProgress, unique_rows
 from rcgdm.rewards import load_reward
 from rcgdm.runtime import image_generators, image_seed, package_versions
@@ -72,7 +75,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--width", type=positive_int, default=None, help="image width, a multiple of 8 (default: the model's)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--batch_mean_guidance", action="store_true", help="divide the term by the batch size, as the original code")
-    p.add_argument("--overwrite", action="store_true", help="replace images already in the output folders")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run's images and files in --out_dir")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run in --out_dir (same settings)")
     p.add_argument("--grad_path", default="xt", choices=GRAD_PATHS,
                    help="xt: the predictor on the noisy latent (the paper); x0: on the denoised estimate (default: xt)")
@@ -120,6 +123,26 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag} {value} is not a multiple of 8; expected e.g. {value - value % 8 or 8}")
     if args.seed < -1:
         raise UserError(f"--seed {args.seed} is negative; expected -1 (random) or an integer >= 0")
+
+
+RUN_FILES = ("results.csv", "summary.json", "reward_vs_target.png", "shift_vs_target.png", "reward_vs_compute.png", "grid.png")
+
+
+def check_outputs(args: argparse.Namespace, out_dir: Path, combos: list[Combo]) -> None:
+    """Before anything is created: every folder can be made, no input is an output, and an earlier run's
+    files are not replaced unless --overwrite (or --resume, for an interrupted run)."""
+    for combo in combos:
+        check_creatable(combo.folder)
+    outputs = [out_dir / name for name in (*RUN_FILES, PROGRESS_FILE)]
+    inputs = {"--reward_model": args.reward_model, "--predictor": args.predictor}
+    refuse_inputs_as_outputs(inputs, outputs)
+    folders = {combo.folder.resolve() for combo in combos}
+    for flag, path in inputs.items():
+        if Path(path).resolve().parent in folders and fnmatch.fnmatch(Path(path).name, IMAGE_GLOB):
+            raise UserError(f"{flag} {path!r} is named like this run's images, in its folder; inputs are never outputs, "
+                            "expected another path")  # fmt: skip
+    if not (args.overwrite or args.resume):
+        refuse_existing(outputs[: len(RUN_FILES)], "use --overwrite to replace it, or another --out_dir")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -224,8 +247,7 @@ def main() -> None:
     dtype = resolve_dtype(args.dtype, device)
     out_dir, combos = plan(args)
     make_scheduler(args.scheduler, {})  # an unknown name fails before anything loads
-    for combo in combos:
-        check_creatable(combo.folder)
+    check_outputs(args, out_dir, combos)
     models = load_models(args, state, device, dtype)  # every input is checked before any output folder exists
     writable_dir(out_dir)
     with distributed.main_only_lock(state, out_dir / ".rcgdm.lock", f"--out_dir {str(out_dir)!r}"):

@@ -11,10 +11,11 @@ Edit the constants below, or override any of them:
     python3 train.py --num_epochs=5 --lr=3e-4
     python3 train.py --model=tiny --data=synthetic --num_data=256 --num_epochs=3   # offline
 
-Writes `out_path` (the predictor: state_dict + metadata), `<out_path stem>.resume.pth` (each
-epoch; `--resume=True` continues from it), `<stem>.best.pth` (best validation loss), and beside
-them metrics.jsonl, loss_curve.png, loss_by_noise.png (validation loss per timestep bucket) and
-train_summary.json.
+Writes `out_path` (the predictor: state_dict + metadata) and beside it, named from its stem
+(convnet.pth -> convnet.*): `.resume.pth` (each epoch; `--resume=True` continues from it),
+`.best.pth` (best validation loss), `.metrics.jsonl`, `.loss_curve.png`, `.loss_by_noise.png`
+(validation loss per timestep bucket) and `.train_summary.json`. A run never replaces another
+run's files: `--overwrite=True` says it may.
 """
 
 from __future__ import annotations
@@ -32,11 +33,12 @@ from accelerate import Accelerator, PartialState
 
 from rcgdm import distributed, plots
 from rcgdm.atomic import save_json, save_text, save_torch
-from rcgdm.cli import UserError, run_main, writable_dir
+from rcgdm.cli import UserError, check_creatable, run_main, writable_dir
 from rcgdm.config import describe, parse_overrides
 from rcgdm.data import check_num_data, open_source
 from rcgdm.latents import LatentSpec, cached_latents, vae_fingerprint
 from rcgdm.models import load_scheduler, load_vae
+from rcgdm.outputs import refuse_existing, refuse_inputs_as_outputs
 from rcgdm.predictor import ThreeLayerConvNet, predictor_checkpoint, reference_sample
 from rcgdm.runtime import package_versions
 from rcgdm.training import (
@@ -69,6 +71,7 @@ cache_dir = "./cache"  # latent cache
 encode_batch_size = 32
 noise = True  # train on noisy latents x_t (the paper); False: clean latents, for inference.py --grad_path x0
 resume = False  # continue from <out_path stem>.resume.pth
+overwrite = False  # replace an earlier run's files at out_path (otherwise refused)
 wandb = False  # log to Weights & Biases (needs `pip install wandb`)
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))]
@@ -131,27 +134,53 @@ def main() -> None:
         n = state.num_processes
         raise UserError(f"batch_size={cfg.batch_size} is smaller than the {n} processes; expected at least {n}, one sample each")
     out_path = Path(cfg.out_path)
-    state_path = out_path.with_suffix(".resume.pth")
-    if out_path.is_dir():
-        raise UserError(f"out_path {str(out_path)!r} is a directory; expected a file path like convnet.pth")
-    if cfg.resume and not state_path.is_file():
-        raise UserError(f"resume=True but {str(state_path)!r} does not exist; expected a run to continue")
+    files = run_files(out_path)
+    check_outputs(cfg, files)
     labels = load_labels(cfg.labels_path, cfg.num_data)
     train_idx, val_idx = split(cfg.num_data, cfg.val_fraction, cfg.seed)  # an empty side fails here, before any encoding
     writable_dir(out_path.parent, "out_path's folder")
     writable_dir(cfg.cache_dir, "cache_dir")
     with distributed.main_only_lock(state, out_path.parent / f".{out_path.name}.lock", f"out_path {str(out_path)!r}"):
-        train(cfg, state, dev, labels, (train_idx, val_idx), out_path, start_time)
+        if cfg.overwrite and not cfg.resume and state.is_main_process:
+            for path in files.values():  # an earlier run's files go, so none is left to be mistaken for this run's
+                path.unlink(missing_ok=True)
+        train(cfg, state, dev, labels, (train_idx, val_idx), files, start_time)
+
+
+def run_files(out_path: Path) -> dict[str, Path]:
+    """Every file a run writes: out_path, and beside it files named from its stem."""
+    side = ("best.pth", "resume.pth", "metrics.jsonl", "loss_curve.png", "loss_by_noise.png", "train_summary.json")
+    return {"predictor": out_path, **{name.split(".")[0]: out_path.with_suffix(f".{name}") for name in side}}
+
+
+def check_outputs(cfg: SimpleNamespace, files: dict[str, Path]) -> None:
+    """Before anything is created: out_path is a file path, no input is an output, and no earlier run's files are
+    replaced unless resume=True (an interrupted run) or overwrite=True."""
+    out_path = files["predictor"]
+    if out_path.is_dir():
+        raise UserError(f"out_path {str(out_path)!r} is a directory; expected a file path like convnet.pth")
+    check_creatable(out_path.parent, "out_path's folder")
+    check_creatable(cfg.cache_dir, "cache_dir")
+    refuse_inputs_as_outputs({"labels_path": cfg.labels_path}, files.values())
+    if Path(cfg.cache_dir).resolve() in out_path.resolve().parents:
+        raise UserError(f"out_path {str(out_path)!r} is inside cache_dir {cfg.cache_dir!r}; expected a path outside the cache")
+    if cfg.resume:
+        if not files["resume"].is_file():
+            raise UserError(f"resume=True but {str(files['resume'])!r} does not exist; expected a run to continue")
+    elif not cfg.overwrite:
+        if files["resume"].exists():
+            raise UserError(f"{str(files['resume'])!r} holds an interrupted run; resume=True to finish it, or overwrite=True "
+                            "to start again")  # fmt: skip
+        refuse_existing(files.values(), "overwrite=True to replace it, or another out_path")
 
 
 def train(
-    cfg: SimpleNamespace, state: PartialState, dev: torch.device, labels: torch.Tensor, indices: tuple, out_path: Path,
+    cfg: SimpleNamespace, state: PartialState, dev: torch.device, labels: torch.Tensor, indices: tuple, files: dict[str, Path],
     start_time: float,
 ) -> None:  # fmt: skip
     """Encode (or read) the latents, then train for the remaining epochs. indices: (train, validation) from `split`.
     With several processes (rcgdm.distributed) the net trains data-parallel and only the main process writes."""
-    out_dir = out_path.parent
-    state_path, best_path = out_path.with_suffix(".resume.pth"), out_path.with_suffix(".best.pth")
+    out_path, state_path, best_path = files["predictor"], files["resume"], files["best"]
 
     # --- data: cached VAE latents, a seeded train/validation split, the timestep pool
     latents, images_encoded, encode_seconds = encode_dataset(cfg, state, dev)
@@ -182,6 +211,9 @@ def train(
         optimizer.load_state_dict(saved["optimizer"])
         generator.set_state(saved["generator"])
         history = saved["history"]
+        if saved["epoch"] >= cfg.num_epochs:
+            raise UserError(f"resume=True: {str(state_path)!r} already finished epoch {saved['epoch']} of num_epochs="
+                            f"{cfg.num_epochs}; expected a larger num_epochs to train further")  # fmt: skip
         state.print(f"resuming from {state_path} after epoch {saved['epoch']}")
     main = state.is_main_process
     run = start_wandb(cfg) if main else None
@@ -234,16 +266,16 @@ def train(
         if val_loss is not None and val_loss <= min(h["val_loss"] for h in history):
             save_torch(predictor_checkpoint(net, meta, reference), best_path)
         save_state(state_path, vars(cfg), epoch, net, optimizer, generator, history)
-        save_text("".join(json.dumps(h) + "\n" for h in history), out_dir / "metrics.jsonl")
+        save_text("".join(json.dumps(h) + "\n" for h in history), files["metrics"])
 
     # --- outputs
     if not main:
         return
     save_torch(predictor_checkpoint(net, meta, reference), out_path)
-    plots.loss_curve(history, out_dir / "loss_curve.png")
+    plots.loss_curve(history, files["loss_curve"])
     last = history[-1]
     if last["val_loss_by_noise"] is not None:
-        plots.loss_by_noise(last, out_dir / "loss_by_noise.png")
+        plots.loss_by_noise(last, files["loss_by_noise"])
     summary = {
         "images_encoded": images_encoded,
         "encode_seconds": encode_seconds,
@@ -256,7 +288,7 @@ def train(
         "config": vars(cfg),
         "versions": package_versions(),
     }
-    save_json(summary, out_dir / "train_summary.json")
+    save_json(summary, files["train_summary"])
     if run is not None:
         run.finish()
     val_text = f"; final val {last['val_loss']:.4f} vs predict-the-mean {baseline_val:.4f}" if baseline_val is not None else ""
@@ -264,8 +296,8 @@ def train(
     if last["val_loss_by_noise"] is not None:
         buckets = ", ".join(f"{name} {loss:.4f}" for name, loss in last["val_loss_by_noise"].items() if loss is not None)
         print(f"validation by noise level: {buckets}")
-    figures = "loss_curve.png" + (", loss_by_noise.png" if last["val_loss_by_noise"] is not None else "")
-    print(f"wrote {out_path}, {out_dir / 'metrics.jsonl'}, {figures}, {out_dir / 'train_summary.json'}")
+    written = [files[k] for k in ("predictor", "metrics", "loss_curve", "loss_by_noise", "train_summary") if files[k].exists()]
+    print(f"wrote {', '.join(map(str, written))}")
 
 
 if __name__ == "__main__":

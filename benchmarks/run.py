@@ -219,7 +219,7 @@ def bench_train_py_cache(workdir: Path, num_data: int) -> dict:
         start = time.perf_counter()
         subprocess.run([sys.executable, *argv], cwd=ROOT, check=True, capture_output=True)
         wall = time.perf_counter() - start
-        summary = json.loads((out / "train_summary.json").read_text())
+        summary = json.loads((out / "convnet.train_summary.json").read_text())
         runs.append({"wall_seconds": wall, **{k: summary[k] for k in ("encode_seconds", "images_encoded")}})
     first, rerun = runs
     ratio = rerun["wall_seconds"] / first["wall_seconds"]

@@ -51,13 +51,13 @@ def run(name: str, argv: list[str], seconds: dict[str, float]) -> None:
 
 def fake_dataset(folder: Path, reward: str, sizes: Sizes) -> list[str]:
     return ["fake_dataset.py", "--data", "synthetic", "--num_data", str(sizes.num_data), "--weights", "none",
-            "--reward", reward, "--out_dir", str(folder)]  # fmt: skip
+            "--reward", reward, "--out_dir", str(folder), "--overwrite"]  # fmt: skip
 
 
 def train(folder: Path, cache: Path, sizes: Sizes) -> list[str]:
     return ["train.py", "--model=tiny", "--data=synthetic", f"--num_data={sizes.num_data}", "--image_size=32",
             f"--num_epochs={sizes.epochs}", "--batch_size=16", "--val_fraction=0.25", f"--labels_path={folder / LABELS}",
-            f"--out_path={folder / 'convnet.pth'}", f"--cache_dir={cache}"]  # fmt: skip
+            f"--out_path={folder / 'convnet.pth'}", f"--cache_dir={cache}", "--overwrite=True"]  # fmt: skip
 
 
 def inference(folder: Path, out_dir: Path, sizes: Sizes, *sweep: str) -> list[str]:
@@ -78,7 +78,7 @@ def targets(mean: float, std: float) -> list[str]:
 
 def training_numbers(folder: Path) -> dict:
     """Validation loss over all timesteps and on the least noisy bucket, as fractions of predict-the-mean."""
-    summary = json.loads((folder / "train_summary.json").read_text())
+    summary = json.loads((folder / "convnet.train_summary.json").read_text())
     baseline = summary["baseline_val_loss"]
     lowest = next(iter(summary["final_val_loss_by_noise"].values()))
     return {"val_vs_baseline": summary["final_val_loss"] / baseline,
@@ -212,8 +212,8 @@ ASSETS = {
     "figure6/reward_vs_target.png": "tiny_demo_reward_vs_target.png",
     "figure6/shift_vs_target.png": "tiny_demo_shift_vs_target.png",
     "breakdown/guidance_breakdown.png": "tiny_demo_guidance_breakdown.png",
-    "loss_curve.png": "tiny_demo_loss_curve.png",
-    "loss_by_noise.png": "tiny_demo_loss_by_noise.png",
+    "convnet.loss_curve.png": "tiny_demo_loss_curve.png",
+    "convnet.loss_by_noise.png": "tiny_demo_loss_by_noise.png",
     "compressibility/sweep/reward_vs_compute.png": "tiny_demo_reward_vs_compute.png",
 }
 

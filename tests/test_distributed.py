@@ -199,7 +199,7 @@ def test_train_py_in_two_processes_then_resumed_in_one(tmp_path):
     assert not list((two / "cache").glob("*.part*"))
     assert result.stdout.count("wrote ") == 1
 
-    histories = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, two)]
+    histories = [[json.loads(line) for line in (d / "convnet.metrics.jsonl").read_text().splitlines()] for d in (one, two)]
     baseline = histories[0][-1]["baseline_val_loss"]
     best_one, best_two = (min(h["val_loss"] for h in history) for history in histories)
     assert best_one < 0.5 * baseline and best_two < 0.5 * baseline, (best_one, best_two, baseline)
@@ -208,7 +208,7 @@ def test_train_py_in_two_processes_then_resumed_in_one(tmp_path):
 
     with one_thread():
         assert run_script("train.py", *args, "--num_epochs=5", "--resume=True", *outputs("two")) == 0
-    assert [json.loads(line)["epoch"] for line in (two / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+    assert [json.loads(line)["epoch"] for line in (two / "convnet.metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
     net, meta = load_predictor(two / "convnet.pth", latent_channels=4)  # the plain model's keys, no DDP "module." prefix
     assert isinstance(net, ThreeLayerConvNet) and meta["epochs"] == 5
 

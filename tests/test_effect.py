@@ -22,7 +22,7 @@ def trained(tmp_path_factory):
             "--val_fraction=0.25", f"--labels_path={root / LABELS}", f"--out_path={root / 'convnet.pth'}",
             f"--cache_dir={root / 'cache'}"]  # fmt: skip
     assert run_script("train.py", *args) == 0
-    summary = json.loads((root / "train_summary.json").read_text())
+    summary = json.loads((root / "convnet.train_summary.json").read_text())
     assert summary["final_val_loss"] < 0.8 * summary["baseline_val_loss"], summary  # the predictor has learned
     labels = np.load(root / LABELS)
     return root, float(labels.mean()), float(labels.std())

@@ -384,7 +384,7 @@ def test_two_trainings_share_one_cache_and_encode_each_image_once(tmp_path):
 
     a, b = start("a"), start("b")
     assert a.wait(timeout=300) == 0 and b.wait(timeout=300) == 0
-    encoded = [json.loads((tmp_path / n / "train_summary.json").read_text())["images_encoded"] for n in "ab"]
+    encoded = [json.loads((tmp_path / n / "convnet.train_summary.json").read_text())["images_encoded"] for n in "ab"]
     assert sorted(encoded) == [0, 64]
 
 
@@ -425,7 +425,7 @@ def test_training_killed_while_building_the_cache_rebuilds_it(tmp_path):
         killed.wait()
     assert not list((tmp_path / "cache").glob("latents-*.safetensors"))  # nothing half-written under a final name
     assert run_script(*argv) == 0
-    assert json.loads((tmp_path / "out" / "train_summary.json").read_text())["images_encoded"] == 1024
+    assert json.loads((tmp_path / "out" / "convnet.train_summary.json").read_text())["images_encoded"] == 1024
 
 
 def test_a_sweep_killed_midway_resumes_to_the_same_results(tmp_path, reward_model_path, predictor_path):
@@ -443,3 +443,96 @@ def test_a_sweep_killed_midway_resumes_to_the_same_results(tmp_path, reward_mode
     assert not progress.exists()
     images = [sorted(p.relative_to(tmp_path / d) for p in (tmp_path / d).rglob("*_gt_*.png")) for d in ("whole", "killed")]
     assert images[0] == images[1]
+
+
+# --- data loss: no run overwrites what another run, or the user, made -----------------------------------------------------------
+
+
+def train_args(tmp_path, labels, out_path, *extra):
+    return ["train.py", "--model=tiny-random", "--data=synthetic", "--num_data=16", "--image_size=64", "--num_epochs=1",
+            "--val_fraction=0.25", f"--labels_path={labels}", f"--cache_dir={tmp_path / 'cache'}", f"--out_path={out_path}",
+            *extra]  # fmt: skip
+
+
+@pytest.fixture
+def small_labels(tmp_path):
+    labels = tmp_path / "labels.npy"
+    np.save(labels, np.linspace(0, 1, 16, dtype=np.float32)[:, None])
+    return labels
+
+
+def test_train_never_writes_over_its_labels(tmp_path, capsys, small_labels):
+    before = small_labels.read_bytes()
+    assert run_script(*train_args(tmp_path, small_labels, small_labels, "--overwrite=True")) == 2  # the predictor on the labels
+    assert "inputs are never outputs" in error_line(capsys.readouterr().err)
+    side = tmp_path / "run.train_summary.json"  # labels named like a run's side file
+    side.write_bytes(before)
+    assert run_script(*train_args(tmp_path, side, tmp_path / "run.pth")) == 2
+    assert "inputs are never outputs" in error_line(capsys.readouterr().err)
+    assert small_labels.read_bytes() == side.read_bytes() == before
+
+
+def test_two_trainings_in_one_folder_keep_their_own_files(tmp_path, capsys, small_labels):
+    assert run_script(*train_args(tmp_path, small_labels, tmp_path / "out" / "one.pth")) == 0
+    assert run_script(*train_args(tmp_path, small_labels, tmp_path / "out" / "two.pth", "--seed=1")) == 0
+    for name in ("one", "two"):
+        for suffix in (".pth", ".best.pth", ".metrics.jsonl", ".loss_curve.png", ".loss_by_noise.png", ".train_summary.json"):
+            assert (tmp_path / "out" / f"{name}{suffix}").is_file(), (name, suffix)
+    seeds = [json.loads((tmp_path / "out" / f"{n}.train_summary.json").read_text())["config"]["seed"] for n in ("one", "two")]
+    assert seeds == [0, 1]
+    # another run's side file as out_path, or the same out_path again: refused, files intact
+    curve = (tmp_path / "out" / "one.loss_curve.png").read_bytes()
+    for out_path in (tmp_path / "out" / "one.loss_curve.png", tmp_path / "out" / "one.pth"):
+        assert run_script(*train_args(tmp_path, small_labels, out_path)) == 2
+        line = error_line(capsys.readouterr().err)
+        assert "already exists" in line and "overwrite=True" in line
+    assert (tmp_path / "out" / "one.loss_curve.png").read_bytes() == curve
+    assert run_script(*train_args(tmp_path, small_labels, tmp_path / "out" / "one.pth", "--overwrite=True", "--seed=2")) == 0
+    assert json.loads((tmp_path / "out" / "one.train_summary.json").read_text())["config"]["seed"] == 2
+
+
+def test_train_refuses_to_start_over_an_interrupted_run(tmp_path, capsys, small_labels):
+    out = tmp_path / "out" / "convnet.pth"
+    assert run_script(*train_args(tmp_path, small_labels, out)) == 0
+    for path in (out, out.with_suffix(".train_summary.json")):
+        path.unlink()  # as a run killed after an epoch leaves it: the resume state, no final files
+    state = out.with_suffix(".resume.pth").read_bytes()
+    assert run_script(*train_args(tmp_path, small_labels, out)) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "holds an interrupted run" in line and "resume=True" in line and "overwrite=True" in line
+    assert out.with_suffix(".resume.pth").read_bytes() == state
+    assert run_script(*train_args(tmp_path, small_labels, out, "--resume=True")) == 2  # already at num_epochs: one line
+    assert "already finished epoch 1 of num_epochs=1" in error_line(capsys.readouterr().err)
+    assert run_script(*train_args(tmp_path, small_labels, out, "--resume=True", "--num_epochs=2")) == 0
+
+
+def test_a_sweep_never_replaces_an_earlier_sweeps_results(tmp_path, capsys, reward_model_path, predictor_path):
+    base = ["--model", "tiny-random", "--reward_model", reward_model_path, "--predictor", predictor_path, "--seed", "0",
+            "--num_images", "1", "--num_inference_steps", "2", "--out_dir", tmp_path / "out", "--guidance", "0"]  # fmt: skip
+    assert run_script("inference.py", *base, "--target", "1", "2") == 0
+    results = (tmp_path / "out" / "results.csv").read_bytes()
+    assert run_script("inference.py", *base, "--target", "3", "4") == 2  # other targets: no image clash, but the results
+    line = error_line(capsys.readouterr().err)
+    assert "results.csv" in line and "already exists" in line and "--overwrite" in line
+    assert (tmp_path / "out" / "results.csv").read_bytes() == results
+    assert not (tmp_path / "out" / "target3.0guidance0.0").exists()
+    for flag in ("--reward_model", "--predictor"):  # an input where the run writes
+        taken = tmp_path / "out" / "summary.json"
+        args = [*base, "--target", "1", "2", "--overwrite"]
+        args[args.index(flag) + 1] = taken
+        assert run_script("inference.py", *args) == 2
+        assert "inputs are never outputs" in error_line(capsys.readouterr().err)
+    assert run_script("inference.py", *base, "--target", "3", "4", "--overwrite") == 0
+    assert {r["target"] for r in read_rows(tmp_path / "out" / "results.csv")} == {"3.0", "4.0"}
+
+
+def test_fake_dataset_never_replaces_earlier_labels(tmp_path, capsys):
+    base = ["--data", "synthetic", "--weights", "none", "--num_data", "4", "--out_dir", tmp_path / "out"]
+    assert run_script("fake_dataset.py", *base) == 0
+    labels = (tmp_path / "out" / "cifar10_outputs_with_noise.npy").read_bytes()
+    assert run_script("fake_dataset.py", *base, "--seed", "1") == 2
+    line = error_line(capsys.readouterr().err)
+    assert "already exists" in line and "--overwrite" in line
+    assert (tmp_path / "out" / "cifar10_outputs_with_noise.npy").read_bytes() == labels
+    assert run_script("fake_dataset.py", *base, "--seed", "1", "--overwrite") == 0
+    assert (tmp_path / "out" / "cifar10_outputs_with_noise.npy").read_bytes() != labels

@@ -39,7 +39,7 @@ def train(tmp_path, labels, name="run", **overrides):
         **overrides,
     }
     code = run_script("train.py", *[f"--{k}={v}" for k, v in config.items()])
-    summary = tmp_path / name / "train_summary.json"
+    summary = tmp_path / name / "convnet.train_summary.json"
     return code, json.loads(summary.read_text()) if code == 0 else None
 
 
@@ -76,11 +76,11 @@ def test_outputs_and_checkpoint_metadata(tmp_path, labels):
     for key in ("images_encoded", "final_train_loss", "final_val_loss", "baseline_val_loss", "epochs", "seconds"):
         assert key in summary
     assert summary["epochs"] == 2
-    lines = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "run/convnet.metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2]
     assert lines[-1]["val_loss"] == summary["final_val_loss"]
-    assert (tmp_path / "run/loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (tmp_path / "run/loss_by_noise.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "run/convnet.loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "run/convnet.loss_by_noise.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     by_noise = lines[-1]["val_loss_by_noise"]
     assert list(by_noise) == ["t 0-249", "t 250-499", "t 500-749", "t 750-999"] == list(summary["final_val_loss_by_noise"])
     known = [loss for loss in by_noise.values() if loss is not None]
@@ -109,7 +109,7 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, labels):
     code, resumed = train(tmp_path, labels, "split", num_epochs=3, resume=True)
     assert code == 0 and resumed["epochs"] == 3
     assert_same_weights(tmp_path / "full/convnet.pth", tmp_path / "split/convnet.pth")
-    history = [json.loads(line) for line in (tmp_path / "split/metrics.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in (tmp_path / "split/convnet.metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2, 3]
 
 
