@@ -39,13 +39,13 @@ from rcgdm.atomic import atomic_path, save_json, save_text
 from rcgdm.cli import ArgumentParser, UserError, check_creatable, finite_float, positive_int, run_main, writable_dir
 from rcgdm.evaluate import distribution_shift, score_images
 from rcgdm.guidance import GRAD_PATHS
-from rcgdm.models import SD15, load_pipeline
+from rcgdm.models import SD15, load_pipeline, model_fingerprint
 from rcgdm.outputs import refuse_existing, refuse_inputs_as_outputs
 from rcgdm.predictor import load_predictor, load_reference_latents
 from rcgdm.progress import FILE as PROGRESS_FILE
 from rcgdm.progress import SweepProgress, unique_rows
 from rcgdm.rewards import load_reward
-from rcgdm.runtime import image_generators, image_seed, package_versions
+from rcgdm.runtime import image_generators, image_seed, package_versions, sha256_file
 from rcgdm.sampler import SCHEDULERS, RewardGuidance, decode, make_scheduler, sample_latents
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -77,6 +77,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch_mean_guidance", action="store_true", help="divide the term by the batch size, as the original code")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run's images and files in --out_dir")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run in --out_dir (same settings)")
+    p.add_argument("--ignore_provenance", action="store_true",
+                   help="use a predictor recorded as trained for another reward model or model (otherwise refused)")
     p.add_argument("--grad_path", default="xt", choices=GRAD_PATHS,
                    help="xt: the predictor on the noisy latent (the paper); x0: on the denoised estimate (default: xt)")
     p.add_argument("--best_of", type=positive_int, nargs="+", default=[1],
@@ -113,16 +115,34 @@ def plan(args: argparse.Namespace) -> tuple[Path, list[Combo]]:
     return out_dir, combos
 
 
+MAX_TARGET = 1e6  # rewards are O(1)-O(100); beyond this a target is a typo, and figures cannot draw it
+MAX_SIZE = 4096
+MAX_STEPS = 1000  # SD's training timesteps: no scheduler can take more steps than that
+
+
 def check_args(args: argparse.Namespace) -> None:
+    """Everything that can be checked before anything loads."""
     for prompt in args.prompt:
         if not prompt.strip():
             raise UserError("--prompt '' is empty; expected some text")
     for flag in ("height", "width"):
         value = getattr(args, flag)
-        if value is not None and value % 8:
-            raise UserError(f"--{flag} {value} is not a multiple of 8; expected e.g. {value - value % 8 or 8}")
+        if value is not None and (value % 8 or value > MAX_SIZE):
+            example = min(value - value % 8 or 8, MAX_SIZE)
+            raise UserError(f"--{flag} {value} is not a multiple of 8 up to {MAX_SIZE}; expected e.g. {example}")
     if args.seed < -1:
         raise UserError(f"--seed {args.seed} is negative; expected -1 (random) or an integer >= 0")
+    for target in args.target:
+        if abs(target) > MAX_TARGET:
+            raise UserError(f"--target {target:g} is out of range; expected a number from {-MAX_TARGET:g} to {MAX_TARGET:g}")
+    if args.num_inference_steps > MAX_STEPS:
+        raise UserError(f"--num_inference_steps {args.num_inference_steps} is more than the {MAX_STEPS} training timesteps; "
+                        f"expected 1 to {MAX_STEPS}")  # fmt: skip
+    for flag, normalise in (("prompt", lambda p: " ".join(p.split())), ("target", float), ("guidance", float), ("best_of", int)):
+        values = [normalise(v) for v in getattr(args, flag)]
+        repeated = next((v for k, v in enumerate(values) if v in values[:k]), None)
+        if repeated is not None:
+            raise UserError(f"--{flag} has {repeated!r} twice; expected distinct values (a sweep samples each once)")
 
 
 RUN_FILES = ("results.csv", "summary.json", "reward_vs_target.png", "shift_vs_target.png", "reward_vs_compute.png", "grid.png")
@@ -178,7 +198,12 @@ def image_settings(args: argparse.Namespace, seed: int) -> dict:
     keys = ("prompt", "target", "guidance", "num_images", "bs", "seed", "model", "reward_model", "predictor",
             "num_inference_steps", "cfg", "scheduler", "height", "width", "dtype", "batch_mean_guidance", "grad_path",
             "best_of")  # fmt: skip
-    return {**{key: getattr(args, key) for key in keys}, "seed_used": seed}
+    contents = {  # what the files hold, not only their paths: a retrained predictor at the same path is another run
+        "reward_model_sha256": sha256_file(args.reward_model),
+        "predictor_sha256": sha256_file(args.predictor),
+        "model_fingerprint": model_fingerprint(args.model),
+    }
+    return {**{key: getattr(args, key) for key in keys}, **contents, "seed_used": seed}
 
 
 def load_png(path: Path) -> torch.Tensor:
@@ -277,8 +302,14 @@ def load_models(args: argparse.Namespace, state: PartialState, device: torch.dev
         reward, reward_meta = load_reward(args.reward_model, args.reward)
     pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    train_steps = pipe.scheduler.config.num_train_timesteps
+    if args.num_inference_steps > train_steps:
+        raise UserError(f"--num_inference_steps {args.num_inference_steps} is more than --model {args.model!r}'s {train_steps} "
+                        f"training timesteps; expected 1 to {train_steps}")  # fmt: skip
     predictor, predictor_meta = load_predictor(args.predictor, latent_channels=pipe.unet.config.in_channels)
     check_grad_path(args.grad_path, args.predictor, predictor_meta)
+    if not args.ignore_provenance:
+        check_provenance(args, predictor_meta)
     reference = load_reference_latents(args.predictor)
     return Models(pipe, reward.to(device), reward_meta, predictor.to(device), predictor_meta, reference)
 
@@ -389,6 +420,18 @@ def check_images_visible(out_dir: Path, rows: list[dict]) -> None:
         )
 
 
+def check_provenance(args: argparse.Namespace, meta: dict) -> None:
+    """The predictor must come from this reward model's labels and this model's VAE (as train.py recorded)."""
+    recorded = meta.get("reward_model_sha256")
+    if recorded is not None and recorded != sha256_file(args.reward_model):
+        raise UserError(f"--predictor {args.predictor!r} was trained on labels of another reward model than --reward_model "
+                        f"{args.reward_model!r}; expected the pair written together (or --ignore_provenance)")  # fmt: skip
+    trained_on = meta.get("model")
+    if trained_on is not None and trained_on != args.model:
+        raise UserError(f"--predictor {args.predictor!r} was trained on --model {trained_on!r}'s latents, not {args.model!r}; "
+                        "expected the same model (or --ignore_provenance)")  # fmt: skip
+
+
 def check_grad_path(grad_path: str, path: str, meta: dict) -> None:
     """A predictor trained on noisy latents serves --grad_path xt; one trained on clean latents (noise=False), x0."""
     noised = meta.get("noised", True)
@@ -412,8 +455,11 @@ def sample_best_of(args, models: Models, combo: Combo, guidance, seed: int, indi
         generators = image_generators(seed, indices, candidate)
         size = (args.height, args.width)
         latents = sample_latents(pipe, combo.prompt, generators, guidance, args.num_inference_steps, args.cfg, *size)
+        check_finite(latents, "the final latents", combo, args.cfg)
         images = decode(pipe, latents, generators)
         gt, pred = score_images(images, models.reward, models.predictor, pipe.vae)
+        check_finite(gt, "the ground-truth rewards", combo, args.cfg)
+        check_finite(pred, "the predicted rewards", combo, args.cfg)
         shift = distribution_shift(latents, models.reference)
         shift = torch.full_like(gt, float("nan")) if shift is None else shift
         if best is not None:
@@ -424,6 +470,14 @@ def sample_best_of(args, models: Models, combo: Combo, guidance, seed: int, indi
     unet_calls = combo.best_of * len(pipe.scheduler.timesteps)  # one batched call per step covers both CFG branches
     images, gt, pred, shift = best
     return images, gt, pred, (None if shift.isnan().any() else shift), unet_calls
+
+
+def check_finite(values: torch.Tensor, what: str, combo: Combo, cfg: float) -> None:
+    """NaN or inf is never a result: stop with the likely cause."""
+    if not torch.isfinite(values).all():
+        raise UserError(f"{what} became NaN or inf at target {combo.target:g}, guidance {combo.guidance:g}, --cfg {cfg:g}; "
+                        "likely cause: a guidance or cfg too large for this model, or a damaged model; "
+                        "expected smaller values")  # fmt: skip
 
 
 def write_grid(args, pipe, seed: int, out_dir: Path, rows: list[dict], reward_model, predictor, path: Path) -> None:

@@ -40,9 +40,11 @@ from rcgdm.latents import LatentSpec, cached_latents, vae_fingerprint
 from rcgdm.models import load_scheduler, load_vae
 from rcgdm.outputs import refuse_existing, refuse_inputs_as_outputs
 from rcgdm.predictor import ThreeLayerConvNet, predictor_checkpoint, reference_sample
-from rcgdm.runtime import package_versions
+from rcgdm.runtime import package_versions, sha256_file
 from rcgdm.training import (
     add_training_noise,
+    check_labels_source,
+    labels_sidecar,
     load_labels,
     load_state,
     loss_by_noise_level,
@@ -72,12 +74,13 @@ encode_batch_size = 32
 noise = True  # train on noisy latents x_t (the paper); False: clean latents, for inference.py --grad_path x0
 resume = False  # continue from <out_path stem>.resume.pth
 overwrite = False  # replace an earlier run's files at out_path (otherwise refused)
+check_provenance = True  # refuse labels whose sidecar (.json beside them) names other data than `data`
 wandb = False  # log to Weights & Biases (needs `pip install wandb`)
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))]
 # a resumed run must agree with its checkpoint on everything but num_epochs, device, paths and logging
 RESUME_MUST_MATCH = ("lr", "num_data", "batch_size", "model", "data", "image_size", "num_inference_steps", "val_fraction", "seed",
-                     "noise")  # fmt: skip
+                     "noise", "labels_sha256", "vae_fingerprint")  # fmt: skip  (the last two: what the files hold)
 
 CHECKS = {
     "lr": (lambda v: v > 0, "a number > 0"),
@@ -104,16 +107,18 @@ def read_config(argv: list[str]) -> SimpleNamespace:
     return SimpleNamespace(**config)
 
 
-def encode_dataset(cfg: SimpleNamespace, state: PartialState, dev: torch.device) -> tuple[torch.Tensor, int, float]:
-    """(latents (N, C, h, w) float32 on the CPU, images encoded now, seconds from the VAE's load to the latents)."""
+def encode_dataset(cfg: SimpleNamespace, state: PartialState, dev: torch.device) -> tuple[torch.Tensor, int, float, str]:
+    """(latents (N, C, h, w) float32 on the CPU, images encoded now, seconds from the VAE's load to the latents,
+    the VAE's fingerprint)."""
     with state.main_process_first():  # CIFAR-10 and the VAE are downloaded once
         source = open_source(cfg.data, cfg.data_root)
         check_num_data(cfg.num_data, source, flag="num_data")
+        check_labels_source(cfg.labels_path, source.identity, cfg.data, cfg.check_provenance, state.is_main_process)
         vae = load_vae(cfg.model, torch.float16 if dev.type == "cuda" else torch.float32)
     start = time.perf_counter()
     spec = LatentSpec(vae_fingerprint(vae), source.identity, cfg.num_data, cfg.image_size, cfg.seed)
     latents, encoded = cached_latents(vae.to(dev), source, spec, cfg.cache_dir, cfg.encode_batch_size, dev, state)
-    return latents, encoded, time.perf_counter() - start
+    return latents, encoded, time.perf_counter() - start, spec.vae
 
 
 def start_wandb(cfg: SimpleNamespace):
@@ -183,7 +188,9 @@ def train(
     out_path, state_path, best_path = files["predictor"], files["resume"], files["best"]
 
     # --- data: cached VAE latents, a seeded train/validation split, the timestep pool
-    latents, images_encoded, encode_seconds = encode_dataset(cfg, state, dev)
+    latents, images_encoded, encode_seconds, vae_id = encode_dataset(cfg, state, dev)
+    run_config = {**vars(cfg), "labels_sha256": sha256_file(cfg.labels_path), "vae_fingerprint": vae_id}
+    sidecar = labels_sidecar(cfg.labels_path) or {}
     train_idx, val_idx = indices
     x_train, y_train = latents[train_idx].to(dev), labels[train_idx].to(dev)  # GPU-resident on CUDA
     x_val, y_val = latents[val_idx].to(dev), labels[val_idx].to(dev)
@@ -206,7 +213,7 @@ def train(
     generator = torch.Generator().manual_seed(cfg.seed)
     history: list[dict] = []
     if cfg.resume:  # every process loads the same state, so all continue alike
-        saved = load_state(state_path, vars(cfg), RESUME_MUST_MATCH)
+        saved = load_state(state_path, run_config, RESUME_MUST_MATCH)
         net.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         generator.set_state(saved["generator"])
@@ -254,6 +261,8 @@ def train(
             "latent_channels": latents.shape[1],
             "latent_size": list(latents.shape[2:]),
             "model": cfg.model,
+            "labels_sha256": run_config["labels_sha256"],
+            "reward_model_sha256": sidecar.get("reward_model_sha256"),
             "image_size": cfg.image_size,
             "label_mean": labels.mean().item(),
             "label_std": labels.std().item(),
@@ -265,7 +274,7 @@ def train(
             continue
         if val_loss is not None and val_loss <= min(h["val_loss"] for h in history):
             save_torch(predictor_checkpoint(net, meta, reference), best_path)
-        save_state(state_path, vars(cfg), epoch, net, optimizer, generator, history)
+        save_state(state_path, run_config, epoch, net, optimizer, generator, history)
         save_text("".join(json.dumps(h) + "\n" for h in history), files["metrics"])
 
     # --- outputs

@@ -58,8 +58,10 @@ def save_npy(array: np.ndarray, path: str | Path) -> None:
 
 
 def save_json(obj: Any, path: str | Path) -> None:
+    """Strict JSON: NaN and inf are refused (a ValueError), never written as bare NaN."""
+    text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(text)
 
 
 def save_text(text: str, path: str | Path) -> None:

@@ -24,3 +24,10 @@ def load_checkpoint(path: str | Path, expected_format: str) -> dict:
     if found != expected_format:
         raise UserError(f"checkpoint {str(path)!r} has format {found!r}; expected {expected_format!r}")
     return checkpoint
+
+
+def check_finite_state(state_dict: dict, path: str | Path, what: str) -> None:
+    """UserError naming the first tensor of `state_dict` that holds NaN or inf."""
+    for key, tensor in state_dict.items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(f"{what} {str(path)!r}: weight {key!r} holds NaN or inf; expected a finite, trained checkpoint")

@@ -9,6 +9,7 @@ cache folder ``$RCGDM_CACHE_DIR`` (default ``~/.cache/rcgdm``). All load through
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -61,6 +62,18 @@ def resolve_model(name: str) -> str:
     if name in _BUILT_FOLDERS:
         return str(ensure_built(name))
     return name
+
+
+def model_fingerprint(name: str) -> str:
+    """What a model is, for resume checks: a local folder by its files (path, size, mtime), a hub id by itself."""
+    source = Path(resolve_model(name))
+    if not source.is_dir():
+        return name
+    digest = hashlib.sha256()
+    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(source).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return f"folder:{digest.hexdigest()[:16]}"
 
 
 def _from_pretrained(cls, name: str, loader: str = "from_pretrained", **kwargs):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rcgdm.checkpoint import load_checkpoint
+from rcgdm.checkpoint import check_finite_state, load_checkpoint
 from rcgdm.cli import UserError
 
 FORMAT = "rcgdm.predictor/1"
@@ -80,6 +80,8 @@ def load_predictor(path: str | Path, latent_channels: int | None = None) -> tupl
     """Rebuild a trained predictor (eval mode) -> (model, metadata); checks the latent channels if given."""
     checkpoint = load_checkpoint(path, FORMAT)
     channels = checkpoint.get("latent_channels")
+    if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
+        raise UserError(f"predictor {str(path)!r}: field 'latent_channels' is {channels!r}; expected an integer >= 1")
     if latent_channels is not None and channels != latent_channels:
         raise UserError(
             f"predictor {str(path)!r} was trained on {channels}-channel latents; the model's VAE makes {latent_channels}"
@@ -89,6 +91,7 @@ def load_predictor(path: str | Path, latent_channels: int | None = None) -> tupl
         model.load_state_dict(checkpoint["state_dict"])
     except (RuntimeError, KeyError) as err:
         raise UserError(f"predictor {str(path)!r} does not match a {ARCH} ({str(err).splitlines()[0]})") from None
+    check_finite_state(model.state_dict(), path, "predictor")
     return model.eval(), {k: v for k, v in checkpoint.items() if k not in ("state_dict", "reference_latents")}
 
 

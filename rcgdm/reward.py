@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rcgdm.checkpoint import load_checkpoint
+from rcgdm.checkpoint import check_finite_state, load_checkpoint
 from rcgdm.cli import UserError
 from rcgdm.data import DOWNLOAD_TIMEOUT_S, resize
 
@@ -77,6 +77,7 @@ def model_from_checkpoint(checkpoint: dict, path: str | Path) -> nn.Module:
         model.load_state_dict(checkpoint["state_dict"])
     except (RuntimeError, KeyError) as err:
         raise UserError(f"reward model {str(path)!r} does not match a {ARCH} network ({str(err).splitlines()[0]})") from None
+    check_finite_state(model.state_dict(), path, "reward model")
     return model.eval()
 
 

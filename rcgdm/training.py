@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,34 @@ def load_labels(path: str | Path, num_data: int) -> torch.Tensor:
     if bad.size:
         raise UserError(f"labels_path {str(path)!r} has non-finite labels (first at row {bad[0]}); expected finite numbers")
     return torch.from_numpy(labels)
+
+
+def labels_sidecar(path: str | Path) -> dict | None:
+    """The provenance fake_dataset.py wrote beside the labels (same name, .json), or None when there is none."""
+    sidecar = Path(path).with_suffix(".json")
+    if not sidecar.is_file():
+        return None
+    try:
+        data = json.loads(sidecar.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"labels sidecar {str(sidecar)!r} is not readable JSON ({type(err).__name__}); expected the file "
+                        "fake_dataset.py wrote, or none") from None  # fmt: skip
+    if not isinstance(data, dict) or not all(isinstance(data.get(k, ""), str) for k in ("data", "reward_model_sha256")):
+        raise UserError(f"labels sidecar {str(sidecar)!r}: fields 'data' and 'reward_model_sha256' must be strings")
+    return data
+
+
+def check_labels_source(path: str | Path, identity: str, data: str, enforce: bool, speak: bool = True) -> None:
+    """Labels made from other images than `data` are refused (unless enforce=False); without a sidecar, say so once."""
+    sidecar = labels_sidecar(path)
+    if sidecar is None:
+        if speak:
+            print(f"note: labels_path {str(path)!r} has no sidecar .json, so its data source cannot be verified")
+        return
+    recorded = sidecar.get("data")
+    if enforce and recorded is not None and recorded != identity:
+        raise UserError(f"labels_path {str(path)!r} was made from {recorded!r} (its sidecar says), not data={data!r} "
+                        f"({identity}); expected the same data, or check_provenance=False")  # fmt: skip
 
 
 def split(num_data: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
