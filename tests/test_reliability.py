@@ -217,6 +217,8 @@ TRAIN_BAD = [
     (["--out_path=UNDER_A_FILE/c.pth"], "cannot be created"),
     (["--cache_dir=A_FILE"], "is a file"),
     (["--model=no-such/model"], "could not be loaded"),
+    (["--overwrite=2"], "not True or False"),
+    (["--check_provenance=maybe"], "not True or False"),
     (["--nope=1"], "unknown key"),
     (["positional"], "is not --key=value"),
 ]
@@ -244,6 +246,14 @@ INFERENCE_BAD = [
     (["--predictor", "A_FILE"], "cannot be loaded safely"),
     (["--out_dir", "A_FILE"], "is a file"),
     (["--resume"], "holds no interrupted run"),
+    (["--target", "0", "-0"], "twice"),
+    (["--prompt", "a dog", "a  dog"], "twice"),
+    (["--guidance", "1", "1.0"], "twice"),
+    (["--best_of", "2", "2"], "twice"),
+    (["--target", "1e308"], "out of range"),
+    (["--num_inference_steps", "2000"], "more than the 1000 training timesteps"),
+    (["--height", "8192"], "up to 4096"),
+    (["--reward", "other:f"], "does not match the reward"),
 ]
 
 
@@ -536,3 +546,101 @@ def test_fake_dataset_never_replaces_earlier_labels(tmp_path, capsys):
     assert (tmp_path / "out" / "cifar10_outputs_with_noise.npy").read_bytes() == labels
     assert run_script("fake_dataset.py", *base, "--seed", "1", "--overwrite") == 0
     assert (tmp_path / "out" / "cifar10_outputs_with_noise.npy").read_bytes() != labels
+
+
+# --- silent wrong results -------------------------------------------------------------------------------------------------------
+
+
+def test_nan_never_becomes_a_result(tmp_path, capsys, reward_model_path, predictor_path):
+    base = ["--model", "tiny-random", "--reward_model", reward_model_path, "--seed", "0", "--num_images", "1",
+            "--num_inference_steps", "3", "--target", "1"]  # fmt: skip
+    huge = ["--predictor", predictor_path, "--guidance", "1e30", "--out_dir", tmp_path / "a"]
+    assert run_script("inference.py", *base, *huge) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "NaN or inf" in line and "guidance 1e+30" in line
+    assert not list((tmp_path / "a").rglob("*.png")) and not (tmp_path / "a" / "summary.json").exists()
+
+    checkpoint = torch.load(predictor_path, weights_only=True)
+    key = next(iter(checkpoint["state_dict"]))
+    checkpoint["state_dict"][key] = torch.full_like(checkpoint["state_dict"][key], float("nan"))
+    torch.save(checkpoint, tmp_path / "nan.pth")
+    assert run_script("inference.py", *base, "--predictor", tmp_path / "nan.pth", "--out_dir", tmp_path / "b") == 2
+    line = error_line(capsys.readouterr().err)
+    assert "holds NaN or inf" in line and key in line and not (tmp_path / "b").exists()
+
+    with pytest.raises(ValueError):  # strict JSON: a NaN that slipped through would fail loudly, never be written
+        from rcgdm.atomic import save_json
+
+        save_json({"x": float("nan")}, tmp_path / "x.json")
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_a_resumed_sweep_refuses_a_retrained_predictor(tmp_path, capsys, reward_model_path, predictor_path):
+    predictor = tmp_path / "convnet.pth"
+    shutil.copyfile(predictor_path, predictor)
+    # the first combination finishes, the second stops (NaN): an interrupted run, its progress kept
+    args = inference_args(tmp_path / "out", reward_model_path, predictor, "--num_images", "1", "--num_inference_steps", "3",
+                          "--target", "1", "--guidance", "0", "1e30")  # fmt: skip
+    assert run_script(*args) == 2
+    assert "NaN or inf" in error_line(capsys.readouterr().err)
+    assert (tmp_path / "out" / "progress.json").is_file()
+    checkpoint = torch.load(predictor, weights_only=True)
+    checkpoint["state_dict"] = {k: v * 1.01 if v.is_floating_point() else v for k, v in checkpoint["state_dict"].items()}
+    torch.save(checkpoint, predictor)  # retrained at the same path
+    assert run_script(*args, "--resume") == 2
+    line = error_line(capsys.readouterr().err)
+    assert "--predictor holds other content than in the interrupted run" in line
+
+
+def test_train_resume_refuses_other_labels(tmp_path, capsys, small_labels):
+    out = tmp_path / "out" / "convnet.pth"
+    assert run_script(*train_args(tmp_path, small_labels, out)) == 0
+    other = tmp_path / "other.npy"
+    np.save(other, np.zeros((16, 1), np.float32))
+    assert run_script(*train_args(tmp_path, other, out, "--resume=True", "--num_epochs=2")) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "labels_sha256" in line and "resume=False" in line
+
+
+def test_labels_from_other_data_are_refused(tmp_path, capsys):
+    step1 = ["--data", "synthetic:0", "--num_data", "16", "--weights", "none", "--out_dir", tmp_path]
+    assert run_script("fake_dataset.py", *step1) == 0
+    labels = tmp_path / "cifar10_outputs_with_noise.npy"
+    base = ["--model=tiny-random", "--num_data=16", "--image_size=64", "--num_epochs=1", "--val_fraction=0",
+            f"--labels_path={labels}", f"--cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    assert run_script("train.py", *base, "--data=synthetic:1", f"--out_path={tmp_path / 'a.pth'}") == 2
+    line = error_line(capsys.readouterr().err)
+    assert "was made from 'synthetic:0'" in line and "check_provenance=False" in line
+    assert not (tmp_path / "a.pth").exists()
+    unchecked = ["--data=synthetic:1", "--check_provenance=False", f"--out_path={tmp_path / 'b.pth'}"]
+    assert run_script("train.py", *base, *unchecked) == 0
+    assert run_script("train.py", *base, "--data=synthetic", f"--out_path={tmp_path / 'c.pth'}") == 0  # synthetic = synthetic:0
+    meta = torch.load(tmp_path / "c.pth", weights_only=True)
+    assert meta["reward_model_sha256"] == json.loads((tmp_path / "cifar10_outputs_with_noise.json").read_text())["reward_model_sha256"]
+
+
+def test_inference_checks_the_predictor_belongs_to_the_reward_model(tmp_path, capsys):
+    for name, seed in (("a", "0"), ("b", "1")):
+        args = ["--data", "synthetic", "--num_data", "16", "--weights", "none", "--seed", seed, "--out_dir", tmp_path / name]
+        assert run_script("fake_dataset.py", *args) == 0
+    train = ["--model=tiny-random", "--data=synthetic", "--num_data=16", "--image_size=64", "--num_epochs=1", "--val_fraction=0",
+             f"--labels_path={tmp_path / 'a' / 'cifar10_outputs_with_noise.npy'}", f"--cache_dir={tmp_path / 'cache'}",
+             f"--out_path={tmp_path / 'a' / 'convnet.pth'}"]  # fmt: skip
+    assert run_script("train.py", *train) == 0
+    base = ["--num_images", "1", "--num_inference_steps", "2"]
+    args = inference_args(tmp_path / "out", tmp_path / "b" / "reward_model.pth", tmp_path / "a" / "convnet.pth", *base)
+    assert run_script(*args) == 2
+    assert "another reward model" in error_line(capsys.readouterr().err) and not (tmp_path / "out").exists()
+    args[args.index("tiny-random")] = str(tiny_random_copy(tmp_path))
+    args[args.index(str(tmp_path / "b" / "reward_model.pth"))] = tmp_path / "a" / "reward_model.pth"
+    assert run_script(*args) == 2
+    assert "trained on --model 'tiny-random'" in error_line(capsys.readouterr().err)
+    assert run_script(*args, "--ignore_provenance") == 0
+
+
+def tiny_random_copy(tmp_path):
+    from rcgdm.models import ensure_built
+
+    copy = tmp_path / "my-model"
+    shutil.copytree(ensure_built("tiny-random"), copy)
+    return copy
