@@ -616,7 +616,8 @@ def test_labels_from_other_data_are_refused(tmp_path, capsys):
     assert run_script("train.py", *base, *unchecked) == 0
     assert run_script("train.py", *base, "--data=synthetic", f"--out_path={tmp_path / 'c.pth'}") == 0  # synthetic = synthetic:0
     meta = torch.load(tmp_path / "c.pth", weights_only=True)
-    assert meta["reward_model_sha256"] == json.loads((tmp_path / "cifar10_outputs_with_noise.json").read_text())["reward_model_sha256"]
+    sidecar = json.loads((tmp_path / "cifar10_outputs_with_noise.json").read_text())
+    assert meta["reward_model_sha256"] == sidecar["reward_model_sha256"]
 
 
 def test_inference_checks_the_predictor_belongs_to_the_reward_model(tmp_path, capsys):
