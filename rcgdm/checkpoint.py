@@ -23,6 +23,9 @@ def load_checkpoint(path: str | Path, expected_format: str) -> dict:
     found = checkpoint.get("format") if isinstance(checkpoint, dict) else None
     if found != expected_format:
         raise UserError(f"checkpoint {str(path)!r} has format {found!r}; expected {expected_format!r}")
+    if not isinstance(checkpoint.get("state_dict", {}), dict):
+        raise UserError(f"checkpoint {str(path)!r}: field 'state_dict' holds a {type(checkpoint['state_dict']).__name__}; "
+                        "expected a dict of tensors")  # fmt: skip
     return checkpoint
 
 
@@ -31,3 +34,22 @@ def check_finite_state(state_dict: dict, path: str | Path, what: str) -> None:
     for key, tensor in state_dict.items():
         if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise UserError(f"{what} {str(path)!r}: weight {key!r} holds NaN or inf; expected a finite, trained checkpoint")
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def plain_metadata(checkpoint: dict, path: str | Path, skip: tuple[str, ...] = ("state_dict",)) -> dict:
+    """A checkpoint's metadata fields (all but `skip`), which must be plain values (str, number, bool, None, or
+    lists of them): they are recorded in JSON outputs. Anything else is a UserError naming the field."""
+    meta = {}
+    for key, value in checkpoint.items():
+        if key in skip:
+            continue
+        items = value if isinstance(value, list) else [value]
+        if not isinstance(key, str) or not all(isinstance(v, _PLAIN) for v in items):
+            raise UserError(f"checkpoint {str(path)!r}: field {key!r} holds a {type(value).__name__}; expected a plain value")
+        if any(isinstance(v, float) and v != v for v in items):
+            continue  # NaN metadata (e.g. a val_loss) is dropped, never recorded
+        meta[key] = value
+    return meta

@@ -24,8 +24,8 @@ def run_main(main: Callable[[], None]) -> None:
     handled like Ctrl-C, so temporary files are cleaned up either way. Under a launcher
     (rcgdm.distributed), processes other than the main one prefix their messages with their rank."""
     signal.signal(signal.SIGTERM, _interrupt)
-    rank = int(os.environ.get("RANK", "0"))  # under a launcher, only the main process's message is the plain one
-    prefix = f"[process {rank}] " if rank else ""
+    rank = os.environ.get("RANK", "0")  # under a launcher, only the main process's message is the plain one
+    prefix = f"[process {rank}] " if rank not in ("0", "") else ""
     try:
         main()
     except UserError as err:

@@ -30,7 +30,10 @@ T = TypeVar("T")
 
 def launched_processes() -> int:
     """How many processes the launcher started (1 for plain `python3 script.py`)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    text = os.environ.get("WORLD_SIZE", "1")
+    if not text.isdigit() or int(text) < 1:
+        raise UserError(f"environment variable WORLD_SIZE={text!r} is not a process count; expected an integer >= 1 (or unset)")
+    return int(text)
 
 
 def start(device_name: str, flag: str = "--device") -> tuple[PartialState, torch.device]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from rcgdm.cli import UserError
+from rcgdm.cli import UserError, check_creatable
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TINY = "tiny"
@@ -26,7 +26,10 @@ _BUILT_FOLDERS = {"tiny-random": "tiny-random-v4", "sd15-random": "sd15-random-v
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("RCGDM_CACHE_DIR", Path.home() / ".cache" / "rcgdm"))
+    """$RCGDM_CACHE_DIR (default ~/.cache/rcgdm): where random-weight models are built; checked before use."""
+    root = Path(os.environ.get("RCGDM_CACHE_DIR") or Path.home() / ".cache" / "rcgdm")
+    check_creatable(root, "environment variable RCGDM_CACHE_DIR")
+    return root
 
 
 def ensure_built(name: str = "tiny-random") -> Path:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rcgdm.checkpoint import check_finite_state, load_checkpoint
+from rcgdm.checkpoint import check_finite_state, load_checkpoint, plain_metadata
 from rcgdm.cli import UserError
 
 FORMAT = "rcgdm.predictor/1"
@@ -89,10 +89,10 @@ def load_predictor(path: str | Path, latent_channels: int | None = None) -> tupl
     model = ThreeLayerConvNet(in_channels=int(channels))
     try:
         model.load_state_dict(checkpoint["state_dict"])
-    except (RuntimeError, KeyError) as err:
+    except (RuntimeError, KeyError, TypeError, AttributeError, ValueError) as err:
         raise UserError(f"predictor {str(path)!r} does not match a {ARCH} ({str(err).splitlines()[0]})") from None
     check_finite_state(model.state_dict(), path, "predictor")
-    return model.eval(), {k: v for k, v in checkpoint.items() if k not in ("state_dict", "reference_latents")}
+    return model.eval(), plain_metadata(checkpoint, path, skip=("state_dict", "reference_latents"))
 
 
 def load_reference_latents(path: str | Path) -> torch.Tensor | None:

@@ -76,11 +76,22 @@ class SweepProgress:
             path.unlink(missing_ok=True)
 
 
+ROW_FIELDS = {"prompt": str, "target": (int, float), "guidance": (int, float), "best_of": int, "image": int, "file": str}
+
+
 def _read(path: Path) -> tuple[dict, list[dict]]:
     try:
         saved = json.loads(path.read_text())
-        return saved["settings"], saved["rows"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        settings, rows = saved["settings"], saved["rows"]
+        if not isinstance(settings, dict) or not isinstance(rows, list):
+            raise TypeError
+        for row in rows:
+            if not all(isinstance(row.get(k), kind) for k, kind in ROW_FIELDS.items()):
+                raise TypeError
+            if ".." in Path(row["file"]).parts or Path(row["file"]).is_absolute():
+                raise ValueError  # rows name files inside the run folder only
+        return settings, rows
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         reason = type(err).__name__
         raise UserError(f"--resume: {str(path)!r} cannot be read ({reason}); use --overwrite to start again") from None
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rcgdm.checkpoint import check_finite_state, load_checkpoint
+from rcgdm.checkpoint import check_finite_state, load_checkpoint, plain_metadata
 from rcgdm.cli import UserError
 from rcgdm.data import DOWNLOAD_TIMEOUT_S, resize
 
@@ -64,7 +64,7 @@ def reward_checkpoint(model: nn.Module, weights: str, seed: int) -> dict:
 def load_reward_model(path: str | Path) -> tuple[nn.Module, dict]:
     """Rebuild the reward network from a checkpoint written by fake_dataset.py -> (model, metadata)."""
     checkpoint = load_checkpoint(path, FORMAT)
-    return model_from_checkpoint(checkpoint, path), {k: v for k, v in checkpoint.items() if k != "state_dict"}
+    return model_from_checkpoint(checkpoint, path), plain_metadata(checkpoint, path)
 
 
 def model_from_checkpoint(checkpoint: dict, path: str | Path) -> nn.Module:
@@ -75,7 +75,7 @@ def model_from_checkpoint(checkpoint: dict, path: str | Path) -> nn.Module:
     model.fc = nn.Linear(model.fc.in_features, 1)
     try:
         model.load_state_dict(checkpoint["state_dict"])
-    except (RuntimeError, KeyError) as err:
+    except (RuntimeError, KeyError, TypeError, AttributeError, ValueError) as err:
         raise UserError(f"reward model {str(path)!r} does not match a {ARCH} network ({str(err).splitlines()[0]})") from None
     check_finite_state(model.state_dict(), path, "reward model")
     return model.eval()

@@ -25,7 +25,7 @@ from PIL import Image
 from torch import nn
 
 from rcgdm import reward as resnet
-from rcgdm.checkpoint import load_checkpoint
+from rcgdm.checkpoint import load_checkpoint, plain_metadata
 from rcgdm.cli import UserError
 from rcgdm.data import DOWNLOAD_TIMEOUT_S, resize
 
@@ -205,7 +205,7 @@ def load_reward(path: str | Path, user_reward: str | None = None) -> tuple[Rewar
         raise UserError(f"reward model {str(path)!r}: field 'reward' is {name!r}; expected a reward name")
     if user_reward is not None and user_reward != name:
         raise UserError(f"--reward {user_reward!r} does not match the reward {name!r} recorded in {str(path)!r}")
-    meta = {k: v for k, v in checkpoint.items() if k != "state_dict"}
+    meta = plain_metadata(checkpoint, path)
     if name == "resnet18-random":
         model = resnet.model_from_checkpoint(checkpoint, path)
         return ResNetReward(model, checkpoint.get("weights", "?"), checkpoint.get("seed", 0)), meta

@@ -186,6 +186,11 @@ def save_state(path: Path, config: dict, epoch: int, net, optimizer, generator: 
 def load_state(path: Path, config: dict, must_match: tuple[str, ...]) -> dict:
     """A saved training state whose config agrees with `config` on `must_match`."""
     state = load_checkpoint(path, STATE_FORMAT)
+    expected = {"config": dict, "epoch": int, "model": dict, "optimizer": dict, "generator": torch.Tensor, "history": list}
+    for field, kind in expected.items():
+        if not isinstance(state.get(field), kind) or (field == "epoch" and state[field] < 1):
+            raise UserError(f"resume state {str(path)!r}: field {field!r} is not a {kind.__name__} as train.py writes; "
+                            "expected an undamaged file, or overwrite=True to start again")  # fmt: skip
     for key in must_match:
         if state["config"].get(key) != config[key]:
             raise UserError(

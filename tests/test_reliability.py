@@ -645,3 +645,66 @@ def tiny_random_copy(tmp_path):
     copy = tmp_path / "my-model"
     shutil.copytree(ensure_built("tiny-random"), copy)
     return copy
+
+
+# --- crafted files with the right format tag, but wrong fields; odd environments -----------------------------------------------
+
+
+def crafted_predictor(tmp_path, predictor_path, **fields):
+    checkpoint = {**torch.load(predictor_path, weights_only=True), **fields}
+    torch.save(checkpoint, tmp_path / "crafted.pth")
+    return tmp_path / "crafted.pth"
+
+
+CRAFTED_PREDICTORS = [
+    ({"latent_channels": "4"}, "field 'latent_channels'"),
+    ({"latent_channels": None}, "field 'latent_channels'"),
+    ({"state_dict": [1, 2]}, "field 'state_dict'"),
+    ({"state_dict": {"blocks.0.conv1.weight": 5}}, "does not match"),
+    ({"label_mean": torch.zeros(3)}, "field 'label_mean' holds a Tensor"),
+    ({"reference_latents": torch.zeros(3)}, "field 'reference_latents'"),
+    ({"reference_latents": "latents"}, "field 'reference_latents'"),
+]
+
+
+@pytest.mark.parametrize(("fields", "expected"), CRAFTED_PREDICTORS)
+def test_a_crafted_predictor_names_the_field(tmp_path, predictor_path, fields, expected):
+    from rcgdm.predictor import load_predictor, load_reference_latents
+
+    path = crafted_predictor(tmp_path, predictor_path, **fields)
+    with pytest.raises(UserError, match=expected) as err:
+        load_predictor(path, latent_channels=4)
+        load_reference_latents(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("field", "value"), [("epoch", "3"), ("epoch", 0), ("history", {}), ("generator", [1]), ("config", 7)])
+def test_a_crafted_resume_state_names_the_field(tmp_path, field, value):
+    from rcgdm.training import STATE_FORMAT, load_state
+
+    state = {"format": STATE_FORMAT, "config": {}, "epoch": 1, "model": {}, "optimizer": {}, "generator": torch.zeros(3),
+             "history": [], field: value}  # fmt: skip
+    torch.save(state, tmp_path / "s.pth")
+    with pytest.raises(UserError, match=f"field '{field}'"):
+        load_state(tmp_path / "s.pth", {}, ())
+
+
+@pytest.mark.parametrize("rows", [[{"prompt": 1}], "rows", [{"prompt": "p", "target": 1, "guidance": 0, "best_of": 1, "image": 0,
+                                                               "file": "../../etc/passwd"}]])  # fmt: skip
+def test_a_crafted_progress_file_is_one_line(tmp_path, rows):
+    from rcgdm.progress import SweepProgress
+
+    (tmp_path / "progress.json").write_text(json.dumps({"settings": {}, "rows": rows}))
+    with pytest.raises(UserError, match="cannot be read"):
+        SweepProgress.open(tmp_path, {}, resume=True, overwrite=False)
+
+
+@pytest.mark.parametrize(("variable", "value", "expected"), [("WORLD_SIZE", "two", "WORLD_SIZE='two'"),
+                                                             ("RCGDM_CACHE_DIR", "A_FILE", "RCGDM_CACHE_DIR")])  # fmt: skip
+def test_odd_environment_variables_are_one_line(tmp_path, variable, value, expected):
+    (tmp_path / "a_file").write_text("x")
+    env = {**os.environ, variable: str(tmp_path / "a_file") if value == "A_FILE" else value}
+    args = ["--model", "tiny-random", "--reward_model", tmp_path / "none.pth", "--out_dir", tmp_path / "out"]
+    result = subprocess.run([sys.executable, "inference.py", *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert expected in error_line(result.stderr) and not (tmp_path / "out").exists()
