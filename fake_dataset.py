@@ -81,15 +81,15 @@ def main() -> None:
     check_creatable(args.out_dir)
     if not args.overwrite:
         refuse_existing([Path(args.out_dir) / name for name in OUTPUTS], "use --overwrite to replace it, or another --out_dir")
+    with state.main_process_first():  # ImageNet weights are downloaded once; a failure here leaves nothing behind
+        ground_truth = rewards.build_reward(args.reward, args.weights, args.seed).to(device)
     out_dir = writable_dir(args.out_dir)
 
     with distributed.main_only_lock(state, out_dir / ".rcgdm.lock", f"--out_dir {str(out_dir)!r}"):
-        write_labels(args, state, device, source, num_data, out_dir)
+        write_labels(args, state, ground_truth, source, num_data, out_dir)
 
 
-def write_labels(args: argparse.Namespace, state: PartialState, device: torch.device, source, num_data: int, out_dir: Path):
-    with state.main_process_first():  # ImageNet weights are downloaded once
-        ground_truth = rewards.build_reward(args.reward, args.weights, args.seed).to(device)
+def write_labels(args: argparse.Namespace, state: PartialState, ground_truth: Reward, source, num_data: int, out_dir: Path):
     clean = compute_rewards(ground_truth, source, num_data, args.batch_size, state)
     if not state.is_main_process:
         return

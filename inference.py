@@ -42,6 +42,7 @@ from rcgdm.guidance import GRAD_PATHS
 from rcgdm.models import SD15, load_pipeline, model_fingerprint
 from rcgdm.outputs import refuse_existing, refuse_inputs_as_outputs
 from rcgdm.predictor import load_predictor, load_reference_latents
+from rcgdm.progress import ANY_FILE as PROGRESS_GLOB
 from rcgdm.progress import FILE as PROGRESS_FILE
 from rcgdm.progress import SweepProgress, unique_rows
 from rcgdm.rewards import load_reward
@@ -161,8 +162,19 @@ def check_outputs(args: argparse.Namespace, out_dir: Path, combos: list[Combo]) 
         if Path(path).resolve().parent in folders and fnmatch.fnmatch(Path(path).name, IMAGE_GLOB):
             raise UserError(f"{flag} {path!r} is named like this run's images, in its folder; inputs are never outputs, "
                             "expected another path")  # fmt: skip
-    if not (args.overwrite or args.resume):
-        refuse_existing(outputs[: len(RUN_FILES)], "use --overwrite to replace it, or another --out_dir")
+    interrupted = out_dir.is_dir() and any(out_dir.glob(PROGRESS_GLOB))
+    if args.resume and not interrupted:
+        raise UserError(f"--resume: {str(out_dir)!r} holds no interrupted run ({PROGRESS_FILE} is missing)")
+    if args.overwrite or args.resume:
+        return
+    if interrupted:
+        raise UserError(f"--out_dir {str(out_dir)!r} holds an interrupted run; use --resume to finish it, or --overwrite")
+    refuse_existing(outputs[: len(RUN_FILES)], "use --overwrite to replace it, or another --out_dir")
+    for combo in combos:
+        images = sorted(combo.folder.glob(IMAGE_GLOB)) if combo.folder.is_dir() else []
+        if images:
+            raise UserError(f"--out_dir {str(combo.folder)!r} already holds {len(images)} images; "
+                            "use --overwrite or another --out_dir")  # fmt: skip
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -37,7 +37,7 @@ from rcgdm.cli import UserError, check_creatable, run_main, writable_dir
 from rcgdm.config import describe, parse_overrides
 from rcgdm.data import check_num_data, open_source
 from rcgdm.latents import LatentSpec, cached_latents, vae_fingerprint
-from rcgdm.models import load_scheduler, load_vae
+from rcgdm.models import check_vae, load_scheduler, load_vae
 from rcgdm.outputs import refuse_existing, refuse_inputs_as_outputs
 from rcgdm.predictor import ThreeLayerConvNet, predictor_checkpoint, reference_sample
 from rcgdm.runtime import package_versions, sha256_file
@@ -143,6 +143,9 @@ def main() -> None:
     check_outputs(cfg, files)
     labels = load_labels(cfg.labels_path, cfg.num_data)
     train_idx, val_idx = split(cfg.num_data, cfg.val_fraction, cfg.seed)  # an empty side fails here, before any encoding
+    check_vae(cfg.model)  # reads the VAE's config only: a model that cannot be had fails before anything is created
+    if cfg.data != "cifar10":  # cheap to open (cifar10 is downloaded once, later, by the main process first)
+        check_num_data(cfg.num_data, open_source(cfg.data, cfg.data_root), flag="num_data")
     writable_dir(out_path.parent, "out_path's folder")
     writable_dir(cfg.cache_dir, "cache_dir")
     with distributed.main_only_lock(state, out_path.parent / f".{out_path.name}.lock", f"out_path {str(out_path)!r}"):

@@ -128,6 +128,13 @@ def load_pipeline(name: str, dtype: torch.dtype = torch.float32):
     return _from_pretrained(StableDiffusionPipeline, name, **no_safety_checker, **_dtype_kwargs(dtype))
 
 
+def check_vae(name: str) -> None:
+    """Read the VAE's config only (a one-line UserError when the model cannot be had)."""
+    from diffusers import AutoencoderKL
+
+    _from_pretrained(AutoencoderKL, name, loader="load_config", subfolder="vae")
+
+
 def load_vae(name: str, dtype: torch.dtype = torch.float32):
     from diffusers import AutoencoderKL
 
