@@ -289,11 +289,12 @@ def names_the_value(line, args):
 
 
 def outputs(tmp_path):
-    return sorted(p for p in (tmp_path / "out").rglob("*") if p.is_file() and not p.name.startswith("."))
+    """Everything under the run's output folder: folders and lock files included (a refused run creates nothing)."""
+    return sorted((tmp_path / "out").rglob("*")) + ([tmp_path / "out"] if (tmp_path / "out").exists() else [])
 
 
 def assert_refused(capsys, tmp_path, script, base, args, expected):
-    """`script base args` exits 2 with one error line that says `expected` and names the flag or value, writing nothing."""
+    """`script base args` exits 2 with one error line that says `expected` and names the flag or value, creating nothing."""
     assert run_script(script, *base, *args) == 2
     line = error_line(capsys.readouterr().err)
     assert expected in line and names_the_value(line, args)
