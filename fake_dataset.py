@@ -1,7 +1,7 @@
 """Step 1 of the paper: a random "ground-truth" reward and noisy reward labels for a dataset.
 
 The paper's reward is ImageNet ResNet18 with its last layer replaced by a random Linear(512, 1);
---reward picks another (compressibility, aesthetic, or your module:function; see rcgdm/rewards.py).
+--reward picks another (compressibility, aesthetic, or your module:function; see rcgdm/rewards/).
 Each image i (resized to 224) gets the label reward(image_i) + N(0, noise_std^2).
 
     python3 fake_dataset.py                                      # the paper: CIFAR-10 train, 50k
@@ -29,8 +29,8 @@ from rcgdm.atomic import save_json, save_npy, save_torch
 from rcgdm.cli import ArgumentParser, UserError, check_creatable, non_negative_float, positive_int, run_main, writable_dir
 from rcgdm.data import check_num_data, load_batch, open_source
 from rcgdm.outputs import refuse_existing
-from rcgdm.reward import WEIGHT_CHOICES
 from rcgdm.rewards import Reward
+from rcgdm.rewards.resnet18 import WEIGHT_CHOICES
 from rcgdm.runtime import package_versions, sha256_file
 
 REWARD_FILE = "reward_model.pth"

@@ -27,15 +27,16 @@ ARCH = "ThreeLayerConvNet"
 
 
 class ResidualBlock(nn.Module):
-    """conv3x3-BN-ReLU-conv3x3-BN plus a shortcut (1x1 conv + BN when the shape changes), then ReLU."""
+    """conv3x3-BN-ReLU-conv3x3-BN plus a shortcut (1x1 conv + BN when the shape changes), then ReLU.
+    Parameter names are the original code's (conv1, bn1, conv2, bn2, shortcut), so state_dicts cross."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, stride=1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
-        self.shortcut = nn.Identity()
+        self.shortcut = nn.Sequential()  # the identity; empty, as the original's
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Sequential(
                 nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
@@ -47,19 +48,32 @@ class ResidualBlock(nn.Module):
 
 
 class ThreeLayerConvNet(nn.Module):
-    """Latents (B, C, H, W), any H and W -> predicted rewards (B, 1)."""
+    """Latents (B, C, H, W), any H and W -> predicted rewards (B, 1). Named as the original's
+    (layer1..3, avgpool, fc): a state_dict saved by either code loads into the other."""
 
     def __init__(self, in_channels: int = 4) -> None:
         super().__init__()
-        self.blocks = nn.Sequential(
-            ResidualBlock(in_channels, 64, stride=1),
-            ResidualBlock(64, 128, stride=2),
-            ResidualBlock(128, 256, stride=2),
-        )
-        self.head = nn.Linear(256, 1)
+        self.layer1 = ResidualBlock(in_channels, 64, stride=1)
+        self.layer2 = ResidualBlock(64, 128, stride=2)
+        self.layer3 = ResidualBlock(128, 256, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(256, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(F.adaptive_avg_pool2d(self.blocks(x), 1).flatten(1))
+        out = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(self.avgpool(out).flatten(1))
+
+
+_OLD_NAMES = {"blocks.0.": "layer1.", "blocks.1.": "layer2.", "blocks.2.": "layer3.", "head.": "fc."}
+
+
+def current_names(state_dict: dict) -> dict:
+    """A state_dict written before the parameters took the original's names (blocks.0..2, head) -> today's names."""
+    out = {}
+    for key, value in state_dict.items():
+        old = next((prefix for prefix in _OLD_NAMES if isinstance(key, str) and key.startswith(prefix)), None)
+        out[key if old is None else _OLD_NAMES[old] + key[len(old) :]] = value
+    return out
 
 
 REFERENCE_LATENTS = 512
@@ -76,6 +90,16 @@ def predictor_checkpoint(model: ThreeLayerConvNet, meta: dict, reference: torch.
     return {"format": FORMAT, "arch": ARCH, **meta, **extra, "state_dict": model.state_dict()}
 
 
+def load_predictor_state(model: ThreeLayerConvNet, state_dict: dict, path: str | Path) -> ThreeLayerConvNet:
+    """`model` with `state_dict` loaded (either naming: ours, earlier ones, the original's), checked finite, in eval mode."""
+    try:
+        model.load_state_dict(current_names(state_dict))
+    except (RuntimeError, KeyError, TypeError, AttributeError, ValueError) as err:
+        raise UserError(f"predictor {str(path)!r} does not match a {ARCH} ({str(err).splitlines()[0]})") from None
+    check_finite_state(model.state_dict(), path, "predictor")
+    return model.eval()
+
+
 def load_predictor(path: str | Path, latent_channels: int | None = None) -> tuple[ThreeLayerConvNet, dict]:
     """Rebuild a trained predictor (eval mode) -> (model, metadata); checks the latent channels if given."""
     checkpoint = load_checkpoint(path, FORMAT)
@@ -86,12 +110,7 @@ def load_predictor(path: str | Path, latent_channels: int | None = None) -> tupl
         raise UserError(
             f"predictor {str(path)!r} was trained on {channels}-channel latents; the model's VAE makes {latent_channels}"
         )
-    model = ThreeLayerConvNet(in_channels=int(channels))
-    try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except (RuntimeError, KeyError, TypeError, AttributeError, ValueError) as err:
-        raise UserError(f"predictor {str(path)!r} does not match a {ARCH} ({str(err).splitlines()[0]})") from None
-    check_finite_state(model.state_dict(), path, "predictor")
+    model = load_predictor_state(ThreeLayerConvNet(in_channels=channels), checkpoint["state_dict"], path)
     return model.eval(), plain_metadata(checkpoint, path, skip=("state_dict", "reference_latents"))
 
 

@@ -11,8 +11,8 @@ import torch
 from conftest import error_line, run_cli, run_script
 from PIL import Image
 
-from rcgdm import reward
 from rcgdm.data import SyntheticShapes, load_batch, open_source
+from rcgdm.rewards import resnet18 as reward
 
 OUTPUTS = ("reward_model.pth", "cifar10_outputs_with_noise.npy", "cifar10_outputs_with_noise.json")
 

@@ -661,7 +661,7 @@ CRAFTED_PREDICTORS = [
     ({"latent_channels": "4"}, "field 'latent_channels'"),
     ({"latent_channels": None}, "field 'latent_channels'"),
     ({"state_dict": [1, 2]}, "field 'state_dict'"),
-    ({"state_dict": {"blocks.0.conv1.weight": 5}}, "does not match"),
+    ({"state_dict": {"layer1.conv1.weight": 5}}, "does not match"),
     ({"label_mean": torch.zeros(3)}, "field 'label_mean' holds a Tensor"),
     ({"reference_latents": torch.zeros(3)}, "field 'reference_latents'"),
     ({"reference_latents": "latents"}, "field 'reference_latents'"),

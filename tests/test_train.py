@@ -9,10 +9,11 @@ import pytest
 import torch
 from conftest import error_line, latent_labels, run_script, weights
 
+from rcgdm.atomic import save_torch
 from rcgdm.cli import UserError
 from rcgdm.config import parse_overrides
 from rcgdm.models import load_scheduler
-from rcgdm.predictor import ThreeLayerConvNet, load_predictor, load_reference_latents
+from rcgdm.predictor import ThreeLayerConvNet, load_predictor, load_reference_latents, predictor_checkpoint
 from rcgdm.training import add_training_noise
 
 
@@ -138,8 +139,24 @@ def test_convnet_accepts_any_latent_size():
     net = ThreeLayerConvNet().eval()
     for shape in ((2, 4, 8, 8), (1, 4, 64, 64), (3, 4, 13, 7)):
         assert net(torch.randn(shape)).shape == (shape[0], 1)
-    blocks = [(b.conv1.in_channels, b.conv1.out_channels, b.conv1.stride[0]) for b in net.blocks]
+    blocks = [(b.conv1.in_channels, b.conv1.out_channels, b.conv1.stride[0]) for b in (net.layer1, net.layer2, net.layer3)]
     assert blocks == [(4, 64, 1), (64, 128, 2), (128, 256, 2)]
+    names = {key.split(".")[0] for key in net.state_dict()}
+    assert names == {"layer1", "layer2", "layer3", "fc"}  # the original code's names (avgpool has no parameters)
+
+
+def test_checkpoints_with_the_earlier_parameter_names_still_load(tmp_path):
+    from rcgdm.predictor import current_names
+
+    net = ThreeLayerConvNet().eval()
+    old = {key.replace("layer1.", "blocks.0.").replace("layer2.", "blocks.1.").replace("layer3.", "blocks.2.")
+           .replace("fc.", "head."): value for key, value in net.state_dict().items()}  # fmt: skip
+    assert any(key.startswith("blocks.2.shortcut.") for key in old) and "head.weight" in old
+    save_torch(predictor_checkpoint(net, {"latent_channels": 4}) | {"state_dict": old}, tmp_path / "old.pth")
+    loaded, _ = load_predictor(tmp_path / "old.pth", latent_channels=4)
+    x = torch.randn(2, 4, 8, 8)
+    assert torch.equal(loaded(x), net(x))
+    assert current_names(net.state_dict()).keys() == net.state_dict().keys()
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""The ground-truth reward: ResNet18 (ImageNet or random backbone) with a random Linear(512, 1) head.
+"""The paper's ground-truth reward: ResNet18 (ImageNet or random backbone) with a random Linear(512, 1) head.
 
 Checkpoint format (``reward_model.pth``), loadable with ``torch.load(weights_only=True)``::
 
@@ -17,11 +17,10 @@ from torch import nn
 from rcgdm.checkpoint import check_finite_state, load_checkpoint, plain_metadata
 from rcgdm.cli import UserError
 from rcgdm.data import DOWNLOAD_TIMEOUT_S, resize
+from rcgdm.rewards.base import FORMAT, Reward, at_reward_size
 
-FORMAT = "rcgdm.reward/1"
 ARCH = "resnet18-linear1"
 WEIGHT_CHOICES = ("imagenet", "none")
-INPUT_SIZE = 224
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -83,7 +82,7 @@ def model_from_checkpoint(checkpoint: dict, path: str | Path) -> nn.Module:
 
 def preprocess(images: torch.Tensor) -> torch.Tensor:
     """Float images (B, 3, H, W) in [0, 1] -> (B, 3, 224, 224), ImageNet-normalised."""
-    images = resize(images, INPUT_SIZE)
+    images = resize(images, 224)
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
     return (images - mean) / std
@@ -94,3 +93,20 @@ def score(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Ground-truth rewards of float images (B, 3, H, W) in [0, 1] -> float32 (B, 1)."""
     device = next(model.parameters()).device
     return model(preprocess(images.to(device, torch.float32))).float().cpu()
+
+
+class ResNetReward(Reward):
+    name = "resnet18-random"
+
+    def __init__(self, model: nn.Module, weights: str, seed: int) -> None:
+        self.model, self.weights, self.seed = model, weights, seed
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return score(self.model, at_reward_size(images))[:, 0]
+
+    def to(self, device: torch.device) -> Reward:
+        self.model.to(device)
+        return self
+
+    def checkpoint(self) -> dict:
+        return {**reward_checkpoint(self.model.cpu(), self.weights, self.seed), "reward": self.name}

@@ -1,0 +1,47 @@
+"""Your own reward, `module:function` or `path/to/file.py:function`, run only when named on the command line."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rcgdm.cli import UserError
+from rcgdm.rewards.base import Reward, at_reward_size
+
+
+class UserFunction(Reward):
+    """`module:function` (importable, or a .py path): images (B, 3, 224, 224) in [0, 1] -> rewards (B,) or (B, 1)."""
+
+    def __init__(self, spec: str) -> None:
+        self.name = spec
+        module_name, _, function_name = spec.rpartition(":")
+        try:
+            if module_name.endswith(".py"):
+                loader = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+                if loader is None or not Path(module_name).is_file():
+                    raise ImportError(f"no file {module_name}")
+                module = importlib.util.module_from_spec(loader)
+                loader.loader.exec_module(module)
+            else:
+                if str(Path.cwd()) not in sys.path:
+                    sys.path.insert(0, str(Path.cwd()))  # scripts put their own folder first, not the user's
+                module = importlib.import_module(module_name)
+        except Exception as err:  # a user's module can fail to import in any way
+            reason = f"{type(err).__name__}: {err}"
+            raise UserError(f"--reward {spec!r}: module {module_name!r} cannot be imported ({reason})") from None
+        self.function = getattr(module, function_name, None)
+        if not callable(self.function):
+            raise UserError(f"--reward {spec!r}: {module_name!r} has no function {function_name!r}; expected module:function")
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = at_reward_size(images).cpu()
+        rewards = torch.as_tensor(np.asarray(self.function(images), dtype=np.float32)).reshape(-1)
+        if rewards.shape != (len(images),) or not torch.isfinite(rewards).all():
+            raise UserError(f"--reward {self.name!r} returned {tuple(rewards.shape)} values for {len(images)} images, "
+                            "or non-finite ones; expected one finite number per image")  # fmt: skip
+        return rewards
