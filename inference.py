@@ -38,8 +38,8 @@ from rcgdm import distributed, plots
 from rcgdm.atomic import atomic_path, save_json, save_text
 from rcgdm.cli import ArgumentParser, UserError, check_creatable, finite_float, positive_int, run_main, writable_dir
 from rcgdm.evaluate import distribution_shift, score_images
-from rcgdm.guidance import GRAD_PATHS
-from rcgdm.models import SD15, load_pipeline, model_fingerprint
+from rcgdm.guidance import GRAD_PATHS, PREDICTION_TYPES
+from rcgdm.models import SD15, load_pipeline, model_facts, model_fingerprint
 from rcgdm.outputs import refuse_existing, refuse_inputs_as_outputs
 from rcgdm.predictor import load_predictor, load_reference_latents
 from rcgdm.progress import ANY_FILE as PROGRESS_GLOB
@@ -308,20 +308,25 @@ class Models:
 
 
 def load_models(args: argparse.Namespace, state: PartialState, device: torch.device, dtype: torch.dtype) -> Models:
-    """The pipeline (with --scheduler), the ground-truth reward and the predictor, on `device`."""
+    """The pipeline (with --scheduler), the ground-truth reward and the predictor, on `device`. What can be
+    checked from configs and checkpoints is checked before the pipeline's weights load."""
     with state.main_process_first():  # hub downloads happen once
-        pipe = load_pipeline(args.model, dtype).to(device)
+        facts = model_facts(args.model)
+        check_guidable(args, facts)
+        predictor, predictor_meta = load_predictor(args.predictor, latent_channels=facts["in_channels"])
+        check_grad_path(args.grad_path, args.predictor, predictor_meta)
         reward, reward_meta = load_reward(args.reward_model, args.reward)
+        if not args.ignore_provenance:
+            check_provenance(args, predictor_meta)
+        pipe = load_pipeline(args.model, dtype).to(device)
     pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    if not hasattr(pipe.scheduler, "alphas_cumprod"):
+        raise UserError(f"--scheduler {args.scheduler!r} has no alpha_bar schedule; expected one of {', '.join(SCHEDULERS)}")
     train_steps = pipe.scheduler.config.num_train_timesteps
     if args.num_inference_steps > train_steps:
         raise UserError(f"--num_inference_steps {args.num_inference_steps} is more than --model {args.model!r}'s {train_steps} "
                         f"training timesteps; expected 1 to {train_steps}")  # fmt: skip
-    predictor, predictor_meta = load_predictor(args.predictor, latent_channels=pipe.unet.config.in_channels)
-    check_grad_path(args.grad_path, args.predictor, predictor_meta)
-    if not args.ignore_provenance:
-        check_provenance(args, predictor_meta)
     reference = load_reference_latents(args.predictor)
     return Models(pipe, reward.to(device), reward_meta, predictor.to(device), predictor_meta, reference)
 
@@ -430,6 +435,20 @@ def check_images_visible(out_dir: Path, rows: list[dict]) -> None:
             f"{len(missing)} images (first {missing[0]!r}) are not in --out_dir {str(out_dir)!r} as the main process sees it; "
             "with several machines, --out_dir must be on a filesystem they share"
         )
+
+
+NO_SAMPLE_PREDICTION = ("pndm", "euler_a")  # diffusers' PNDM and Euler ancestral step only eps and v models
+
+
+def check_guidable(args: argparse.Namespace, facts: dict) -> None:
+    """Refuse, from configs alone, a model the paper's term cannot be applied to correctly."""
+    kind = facts["prediction_type"]
+    if kind not in PREDICTION_TYPES:
+        raise UserError(f"--model {args.model!r} predicts {kind!r}; expected one of {', '.join(PREDICTION_TYPES)} "
+                        "(see README, model families)")  # fmt: skip
+    if kind == "sample" and args.scheduler.lower() in NO_SAMPLE_PREDICTION:
+        raise UserError(f"--scheduler {args.scheduler} cannot step --model {args.model!r}, which predicts 'sample'; "
+                        "expected e.g. --scheduler ddim or euler")  # fmt: skip
 
 
 def check_provenance(args: argparse.Namespace, meta: dict) -> None:

@@ -10,6 +10,19 @@ noise prediction by
     eps <- eps + sqrt(1 - alpha_bar_t) * guidance * grad_x [ 1/2 || target - mu(x_t) ||^2 ]
 
 mu is the trained predictor, applied to the current noisy latent x_t; the UNet is never differentiated.
+
+Other parametrizations (the scheduler config's `prediction_type`). With x_t = sqrt(a) x0 + sqrt(1-a) eps
+(a = alpha_bar_t) and the model's output held at a fixed x_t:
+
+- ``v_prediction``: v = sqrt(a) eps - sqrt(1-a) x0. Substituting x0 = (x_t - sqrt(1-a) eps) / sqrt(a):
+  sqrt(a) v = a eps - sqrt(1-a) x_t + (1-a) eps = eps - sqrt(1-a) x_t, so eps = sqrt(1-a) x_t + sqrt(a) v.
+  At fixed x_t, d eps = sqrt(a) d v: the paper's eps shift is a v shift of (eps shift) / sqrt(a).
+- ``sample`` (the model predicts x0): eps = (x_t - sqrt(a) x0) / sqrt(1-a), so d eps = -sqrt(a) / sqrt(1-a) d x0:
+  the eps shift is an x0 shift of -(eps shift) * sqrt(1-a) / sqrt(a).
+
+Every type is guided through its equivalent eps (`as_eps`, used by the x0 gradient path too), and the
+shift is added to the model's own output (`guide_output`), so the scheduler steps exactly as it would
+with a model that had predicted the shifted eps.
 """
 
 from __future__ import annotations
@@ -38,27 +51,66 @@ def reward_gradient(predictor: nn.Module, x_t: torch.Tensor, target: float, batc
 GRAD_PATHS = ("xt", "x0")
 
 
-def guide_eps(
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def as_eps(output: torch.Tensor, x_t: torch.Tensor, a: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """The eps equivalent to a model output of `prediction_type` at x_t (a = alpha_bar_t, a tensor)."""
+    if prediction_type == "epsilon":
+        return output
+    if prediction_type == "v_prediction":
+        return (1 - a).sqrt() * x_t + a.sqrt() * output
+    if prediction_type == "sample":
+        return (x_t - a.sqrt() * output) / (1 - a).sqrt()
+    raise ValueError(f"prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+
+
+def output_per_eps(a: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """d output / d eps at fixed x_t: how an eps shift shows in the model's own output."""
+    return {"epsilon": torch.ones_like(a), "v_prediction": 1 / a.sqrt(), "sample": -(1 - a).sqrt() / a.sqrt()}[prediction_type]
+
+
+def eps_shift(
     eps: torch.Tensor,
     x_t: torch.Tensor,
-    alpha_bar_t: torch.Tensor | float,
+    a: torch.Tensor,
     predictor: nn.Module,
     target: float,
     guidance: float,
     batch_mean: bool = False,
     grad_path: str = "xt",
 ) -> torch.Tensor:
-    """eps + sqrt(1 - alpha_bar_t) * guidance * grad_{x_t} 1/2 ||target - mu(.)||^2, in eps's dtype.
+    """sqrt(1 - a) * guidance * grad_{x_t} 1/2 ||target - mu(.)||^2 (a: alpha_bar_t as a tensor of x_t's float dtype).
 
     grad_path "xt" (the paper): mu sees the noisy latent x_t. "x0": mu sees the denoised estimate
     x0_hat = (x_t - sqrt(1 - a) eps) / sqrt(a) with eps held fixed (the UNet is still not
     differentiated), so the gradient w.r.t. x_t is the one w.r.t. x0_hat divided by sqrt(a).
     """
-    dtype = torch.float64 if x_t.dtype == torch.float64 else torch.float32
-    a = torch.as_tensor(alpha_bar_t, dtype=dtype, device=x_t.device)
     if grad_path == "x0":
-        x0_hat = (x_t.to(dtype) - (1 - a).sqrt() * eps.detach().to(dtype)) / a.sqrt()
+        x0_hat = (x_t.to(a.dtype) - (1 - a).sqrt() * eps.detach().to(a.dtype)) / a.sqrt()
         grad = reward_gradient(predictor, x0_hat, target, batch_mean) / a.sqrt()
     else:
         grad = reward_gradient(predictor, x_t, target, batch_mean)
-    return eps + ((1 - a).sqrt() * guidance * grad).to(eps.dtype)
+    return (1 - a).sqrt() * guidance * grad
+
+
+def _alpha_bar(alpha_bar_t: torch.Tensor | float, x_t: torch.Tensor) -> torch.Tensor:
+    dtype = torch.float64 if x_t.dtype == torch.float64 else torch.float32
+    return torch.as_tensor(alpha_bar_t, dtype=dtype, device=x_t.device)
+
+
+def guide_eps(eps: torch.Tensor, x_t: torch.Tensor, alpha_bar_t: torch.Tensor | float, predictor: nn.Module, target: float,
+              guidance: float, batch_mean: bool = False, grad_path: str = "xt") -> torch.Tensor:  # fmt: skip
+    """eps + sqrt(1 - alpha_bar_t) * guidance * grad_{x_t} 1/2 ||target - mu(.)||^2, in eps's dtype (see eps_shift)."""
+    a = _alpha_bar(alpha_bar_t, x_t)
+    return eps + eps_shift(eps, x_t, a, predictor, target, guidance, batch_mean, grad_path).to(eps.dtype)
+
+
+def guide_output(output: torch.Tensor, x_t: torch.Tensor, alpha_bar_t: torch.Tensor | float, prediction_type: str,
+                 predictor: nn.Module, target: float, guidance: float, batch_mean: bool = False,
+                 grad_path: str = "xt") -> torch.Tensor:  # fmt: skip
+    """A model output of `prediction_type` shifted as the paper's eps would be, in the output's dtype."""
+    a = _alpha_bar(alpha_bar_t, x_t)
+    eps = as_eps(output.to(a.dtype), x_t.to(a.dtype), a, prediction_type)
+    shift = eps_shift(eps, x_t, a, predictor, target, guidance, batch_mean, grad_path) * output_per_eps(a, prediction_type)
+    return output + shift.to(output.dtype)

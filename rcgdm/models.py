@@ -119,6 +119,17 @@ def check_model_index(name: str) -> None:
                             "expected a component of diffusers or transformers (custom code is never run)")  # fmt: skip
 
 
+def model_facts(name: str) -> dict:
+    """What the sampler needs to know before loading weights, from the configs alone: the UNet's latent
+    channels and the scheduler's prediction type (a refused pipeline class fails here)."""
+    from diffusers import PNDMScheduler, UNet2DConditionModel
+
+    check_model_index(name)
+    unet = _from_pretrained(UNet2DConditionModel, name, loader="load_config", subfolder="unet")
+    scheduler = _from_pretrained(PNDMScheduler, name, loader="load_config", subfolder="scheduler")  # any class: config only
+    return {"in_channels": unet.get("in_channels"), "prediction_type": scheduler.get("prediction_type", "epsilon")}
+
+
 def load_pipeline(name: str, dtype: torch.dtype = torch.float32):
     """StableDiffusionPipeline for `name`, safety checker off (as the paper's code)."""
     from diffusers import StableDiffusionPipeline

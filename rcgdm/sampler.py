@@ -15,7 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 from rcgdm.cli import UserError
-from rcgdm.guidance import guide_eps
+from rcgdm.guidance import guide_output
 
 SCHEDULERS = {
     "pndm": "PNDMScheduler",
@@ -74,6 +74,7 @@ def sample_latents(
     latents = pipe.prepare_latents(batch, pipe.unet.config.in_channels, height, width, embeddings.dtype, device, generators)
     step_kwargs = pipe.prepare_extra_step_kwargs(generators, 0.0)
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    prediction_type = scheduler.config.get("prediction_type", "epsilon")  # what `eps` below really is: see rcgdm/guidance.py
 
     for t in tqdm(scheduler.timesteps, desc="denoising", leave=False, disable=not progress):
         model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if use_cfg else latents, t)
@@ -86,7 +87,7 @@ def sample_latents(
             x_t = scheduler.scale_model_input(latents, t)
             alpha_bar_t = alphas_cumprod[t.to(device, torch.long)]  # indexed on the device: int(t) would sync the GPU each step
             g = guidance
-            eps = guide_eps(eps, x_t, alpha_bar_t, g.predictor, g.target, g.scale, g.batch_mean, g.grad_path)
+            eps = guide_output(eps, x_t, alpha_bar_t, prediction_type, g.predictor, g.target, g.scale, g.batch_mean, g.grad_path)
         latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
     return latents
 

@@ -167,3 +167,25 @@ def test_distribution_shift_is_the_rms_distance_to_the_nearest_training_latents(
     assert torch.allclose(distribution_shift(latents, reference), torch.tensor([0.3, 0.7]), atol=1e-5)
     assert distribution_shift(latents, None) is None
     assert distribution_shift(torch.randn(2, 4, 16, 16), reference) is None  # sampled at another size: not comparable
+
+
+@pytest.mark.parametrize(("edit", "extra", "expected"), [
+    ({"scheduler": {"prediction_type": "sample"}}, ["--scheduler", "pndm"], "cannot step"),
+    ({"scheduler": {"prediction_type": "flow"}}, [], "predicts 'flow'; expected one of epsilon, v_prediction, sample"),
+    ({"unet": {"in_channels": 16}}, [], "trained on 4-channel latents; the model's VAE makes 16"),
+])  # fmt: skip
+def test_a_model_the_term_cannot_guide_is_refused_before_it_loads(tmp_path, capsys, tiny_model_dir, reward_model_path,
+                                                                    predictor_path, edit, extra, expected):  # fmt: skip
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    for component, changes in edit.items():
+        config = folder / component / ("scheduler_config.json" if component == "scheduler" else "config.json")
+        config.write_text(json.dumps({**json.loads(config.read_text()), **changes}))
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not weights: they must never be read")
+    args = ["--model", folder, "--reward_model", reward_model_path, "--predictor", predictor_path, "--ignore_provenance",
+            "--out_dir", tmp_path / "out", *extra]  # fmt: skip
+    assert run_script("inference.py", *args) == 2
+    assert expected in error_line(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
