@@ -11,6 +11,7 @@ import torch
 from conftest import error_line, read_rows, run_cli, run_script
 from PIL import Image
 
+from inference import RUN_FILES
 from rcgdm.atomic import save_torch
 from rcgdm.predictor import ThreeLayerConvNet, predictor_checkpoint
 
@@ -35,8 +36,10 @@ def test_a_sweep_writes_rows_folders_and_figures(tmp_path, run):
     out = tmp_path / "run"
     rows = read_rows(out / "results.csv")
     assert len(rows) == 2 * 2 * 2 * 3
-    columns = ["prompt", "target", "guidance", "best_of", "image", "seed", "image_seed", "gt", "pred", "unet_calls", "file"]
+    columns = ["prompt", "target", "guidance", "best_of", "image", "seed", "image_seed", "gt", "pred", "shift", "unet_calls",
+               "file"]  # fmt: skip
     assert list(rows[0]) == columns
+    assert all(float(r["shift"]) > 0 for r in rows)  # the predictor carries its training latents
     folders = sorted(p.name for p in out.iterdir() if p.is_dir())
     assert folders == sorted(f"prompt{k}_target{t}guidance{g}" for k in (0, 1) for t in (-4.0, -2.0) for g in (0.0, 10.0))
     for row in rows:
@@ -57,7 +60,8 @@ def test_a_sweep_writes_rows_folders_and_figures(tmp_path, run):
     unguided = {(r["prompt"], r["image"], r["gt"]) for r in rows if float(r["guidance"]) == 0}
     assert len(unguided) == 2 * 3
 
-    for figure in ("reward_vs_target.png", "grid.png"):
+    assert all(c["shift_vs_unguided"] == pytest.approx(1.0) for c in summary["combinations"] if c["guidance"] == 0)
+    for figure in ("reward_vs_target.png", "shift_vs_target.png", "grid.png"):
         assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(out / "grid.png") as grid:
         width, height = grid.size
@@ -97,6 +101,10 @@ def test_random_seed_is_recorded_and_reproduces(tmp_path, run, reward_model_path
 def test_existing_images_are_not_overwritten_silently(tmp_path, run, capsys):
     assert run("--num_images", "2") == 0
     before = sorted((tmp_path / "run").glob("*.png"))
+    assert run("--num_images", "2", "--target", "1") == 2
+    assert "already exists (an earlier run's output); use --overwrite" in error_line(capsys.readouterr().err)
+    for name in RUN_FILES:  # the images alone are still protected
+        (tmp_path / "run" / name).unlink(missing_ok=True)
     assert run("--num_images", "2", "--target", "1") == 2
     assert "already holds 2 images; use --overwrite" in error_line(capsys.readouterr().err)
     assert sorted((tmp_path / "run").glob("*.png")) == before

@@ -86,13 +86,17 @@ def test_batch_mean_divides_by_the_batch_size():
     torch.testing.assert_close(reward_gradient(net, x, 1.0)[1:2], one)  # each image's term is its own
 
 
-def test_images_do_not_depend_on_the_batch_size(pipe, predictor):
-    guidance = RewardGuidance(predictor, target=-3.0, scale=10.0)
-    together = sample_latents(pipe, PROMPT, image_generators(0, range(3)), guidance, num_inference_steps=6, progress=False)
+def test_images_do_not_depend_on_the_batch_size(predictor):
+    import copy
+
+    # float64: in float32, convolutions round differently by batch size and guided sampling amplifies that (~1e-2 here)
+    pipe64 = load_pipeline("tiny-random", torch.float64)
+    guidance = RewardGuidance(copy.deepcopy(predictor).double(), target=-3.0, scale=10.0)
+    together = sample_latents(pipe64, PROMPT, image_generators(0, range(3)), guidance, num_inference_steps=6, progress=False)
     apart = torch.cat(
-        [sample_latents(pipe, PROMPT, image_generators(0, [i]), guidance, 6, progress=False) for i in range(3)]
+        [sample_latents(pipe64, PROMPT, image_generators(0, [i]), guidance, 6, progress=False) for i in range(3)]
     )
-    torch.testing.assert_close(together, apart, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(together, apart, rtol=1e-10, atol=1e-10)
 
 
 def test_batch_mean_guidance_g_at_batch_b_equals_g_over_b(predictor):
@@ -187,5 +191,7 @@ def test_guidance_moves_the_reward_toward_the_target_for_other_prediction_types(
 
     unguided = mean_reward(None)
     for target in (unguided - 1.0, unguided + 1.0):
-        guided = mean_reward(RewardGuidance(predictor, target, 30.0))
-        assert abs(guided - target) < 0.5 * abs(unguided - target), (kind, target, unguided, guided)
+        weak, strong = (mean_reward(RewardGuidance(predictor, target, g)) for g in (2.0, 8.0))
+        toward = 1 if target > unguided else -1  # the random UNet read as another type samples poorly: check the direction
+        assert 0 < toward * (weak - unguided) < toward * (strong - unguided), (kind, target, unguided, weak, strong)
+        assert abs(weak - target) < abs(unguided - target), (kind, target, unguided, weak)
