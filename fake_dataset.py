@@ -28,6 +28,7 @@ from rcgdm import distributed, rewards
 from rcgdm.atomic import save_json, save_npy, save_torch
 from rcgdm.cli import ArgumentParser, UserError, check_creatable, non_negative_float, positive_int, run_main, writable_dir
 from rcgdm.data import check_num_data, load_batch, open_source
+from rcgdm.locking import LOCK_FILE, refuse_if_locked
 from rcgdm.outputs import refuse_existing
 from rcgdm.rewards import Reward
 from rcgdm.rewards.resnet18 import WEIGHT_CHOICES
@@ -79,13 +80,14 @@ def main() -> None:
     source = open_source(args.data, args.data_root)
     num_data = check_num_data(args.num_data, source)
     check_creatable(args.out_dir)
+    refuse_if_locked(Path(args.out_dir) / LOCK_FILE, f"--out_dir {args.out_dir!r}")
     if not args.overwrite:
         refuse_existing([Path(args.out_dir) / name for name in OUTPUTS], "use --overwrite to replace it, or another --out_dir")
     with state.main_process_first():  # ImageNet weights are downloaded once; a failure here leaves nothing behind
         ground_truth = rewards.build_reward(args.reward, args.weights, args.seed).to(device)
     out_dir = writable_dir(args.out_dir)
 
-    with distributed.main_only_lock(state, out_dir / ".rcgdm.lock", f"--out_dir {str(out_dir)!r}"):
+    with distributed.main_only_lock(state, out_dir / LOCK_FILE, f"--out_dir {str(out_dir)!r}"):
         write_labels(args, state, ground_truth, source, num_data, out_dir)
 
 

@@ -39,6 +39,7 @@ from rcgdm.atomic import atomic_path, save_json, save_text
 from rcgdm.cli import ArgumentParser, UserError, check_creatable, finite_float, positive_int, run_main, writable_dir
 from rcgdm.evaluate import distribution_shift, score_images
 from rcgdm.guidance import GRAD_PATHS, PREDICTION_TYPES
+from rcgdm.locking import LOCK_FILE, refuse_if_locked
 from rcgdm.models import SD15, load_pipeline, model_facts, model_fingerprint
 from rcgdm.outputs import refuse_existing, refuse_inputs_as_outputs
 from rcgdm.predictor import load_predictor, load_reference_latents
@@ -154,6 +155,7 @@ def check_outputs(args: argparse.Namespace, out_dir: Path, combos: list[Combo]) 
     files are not replaced unless --overwrite (or --resume, for an interrupted run)."""
     for combo in combos:
         check_creatable(combo.folder)
+    refuse_if_locked(out_dir / LOCK_FILE, f"--out_dir {str(out_dir)!r}")  # a running sweep's files are not an earlier run's
     outputs = [out_dir / name for name in (*RUN_FILES, PROGRESS_FILE)]
     inputs = {"--reward_model": args.reward_model, "--predictor": args.predictor}
     refuse_inputs_as_outputs(inputs, outputs)
@@ -287,7 +289,7 @@ def main() -> None:
     check_outputs(args, out_dir, combos)
     models = load_models(args, state, device, dtype)  # every input is checked before any output folder exists
     writable_dir(out_dir)
-    with distributed.main_only_lock(state, out_dir / ".rcgdm.lock", f"--out_dir {str(out_dir)!r}"):
+    with distributed.main_only_lock(state, out_dir / LOCK_FILE, f"--out_dir {str(out_dir)!r}"):
         progress = open_progress(args, state, out_dir, combos)
         with state.main_process_first():  # folders are readied before anyone writes
             if state.is_main_process:
@@ -357,35 +359,15 @@ def run_sweep(args, state: PartialState, models: Models, out_dir: Path, combos: 
     seconds = dict.fromkeys(range(len(combos)), 0.0)
     desc = "images" if state.num_processes == 1 else f"images (process 0 of {state.num_processes})"
     total, left = (sum(len(indices) for _, indices in units) for units in (mine, todo))
-    bar = tqdm(total=total, initial=total - left, desc=desc, unit="img", disable=not state.is_main_process)
-    for combo, indices in todo:
-        batch_start = time.perf_counter()
-        guidance = RewardGuidance(predictor, combo.target, combo.guidance, args.batch_mean_guidance, args.grad_path)
-        images, gt, pred, shift, unet_calls = sample_best_of(args, models, combo, guidance, seed, indices)
-        rows = []
-        for j, i in enumerate(indices):
-            path = combo.folder / f"{i}_gt_{gt[j]:.4f}_pred_{pred[j]:.4f}.png"
-            save_png(images[j], path)
-            rows.append(
-                {
-                    "prompt": combo.prompt,
-                    "target": combo.target,
-                    "guidance": combo.guidance,
-                    "best_of": combo.best_of,
-                    "image": i,
-                    "seed": seed,
-                    "image_seed": image_seed(seed, i),
-                    "gt": gt[j].item(),
-                    "pred": pred[j].item(),
-                    "shift": None if shift is None else shift[j].item(),
-                    "unet_calls": unet_calls,
-                    "file": path.relative_to(out_dir).as_posix(),
-                }
-            )
-        progress.add(rows)
-        seconds[combos.index(combo)] += time.perf_counter() - batch_start
-        bar.update(len(indices))
-    bar.close()
+    with tqdm(total=total, initial=total - left, desc=desc, unit="img", disable=not state.is_main_process) as bar:
+        for combo, indices in todo:
+            batch_start = time.perf_counter()
+            guidance = RewardGuidance(predictor, combo.target, combo.guidance, args.batch_mean_guidance, args.grad_path)
+            sampled = sample_best_of(args, models, combo, guidance, seed, indices)
+            rows = save_images(combo, indices, seed, out_dir, *sampled)
+            progress.add(rows)
+            seconds[combos.index(combo)] += time.perf_counter() - batch_start
+            bar.update(len(indices))
 
     all_rows = unique_rows(gather_object(progress.rows))
     all_seconds = gather_object([seconds])
@@ -395,6 +377,21 @@ def run_sweep(args, state: PartialState, models: Models, out_dir: Path, combos: 
         provenance = {"reward_model": models.reward_meta, "predictor": models.predictor_meta, "processes": state.num_processes}
         write_outputs(args, pipe, seed, out_dir, combos, all_rows, sampling_seconds, (reward_model, predictor), provenance, start)
         progress.remove_files()
+
+
+def save_images(combo: Combo, indices: range, seed: int, out_dir: Path, images: torch.Tensor, gt: torch.Tensor,
+                pred: torch.Tensor, shift: torch.Tensor | None, unet_calls: int) -> list[dict]:  # fmt: skip
+    """Write a batch's images as {idx}_gt_{gt}_pred_{pred}.png -> their results.csv rows."""
+    rows = []
+    for j, i in enumerate(indices):
+        path = combo.folder / f"{i}_gt_{gt[j]:.4f}_pred_{pred[j]:.4f}.png"
+        save_png(images[j], path)
+        row = {"prompt": combo.prompt, "target": combo.target, "guidance": combo.guidance, "best_of": combo.best_of, "image": i,
+               "seed": seed, "image_seed": image_seed(seed, i), "gt": gt[j].item(), "pred": pred[j].item(),
+               "shift": None if shift is None else shift[j].item(), "unet_calls": unet_calls,
+               "file": path.relative_to(out_dir).as_posix()}  # fmt: skip
+        rows.append(row)
+    return rows
 
 
 def write_outputs(args, pipe, seed: int, out_dir: Path, combos: list[Combo], rows: list[dict], seconds: dict, models: tuple,

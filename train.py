@@ -37,6 +37,7 @@ from rcgdm.cli import UserError, check_creatable, run_main, writable_dir
 from rcgdm.config import describe, parse_overrides
 from rcgdm.data import check_num_data, open_source
 from rcgdm.latents import LatentSpec, cached_latents, vae_fingerprint
+from rcgdm.locking import refuse_if_locked
 from rcgdm.models import check_vae, load_scheduler, load_vae
 from rcgdm.outputs import refuse_existing, refuse_inputs_as_outputs
 from rcgdm.predictor import ThreeLayerConvNet, predictor_checkpoint, reference_sample
@@ -148,11 +149,15 @@ def main() -> None:
         check_num_data(cfg.num_data, open_source(cfg.data, cfg.data_root), flag="num_data")
     writable_dir(out_path.parent, "out_path's folder")
     writable_dir(cfg.cache_dir, "cache_dir")
-    with distributed.main_only_lock(state, out_path.parent / f".{out_path.name}.lock", f"out_path {str(out_path)!r}"):
+    with distributed.main_only_lock(state, lock_file(out_path), f"out_path {str(out_path)!r}"):
         if cfg.overwrite and not cfg.resume and state.is_main_process:
             for path in files.values():  # an earlier run's files go, so none is left to be mistaken for this run's
                 path.unlink(missing_ok=True)
         train(cfg, state, dev, labels, (train_idx, val_idx), files, start_time)
+
+
+def lock_file(out_path: Path) -> Path:
+    return out_path.parent / f".{out_path.name}.lock"
 
 
 def run_files(out_path: Path) -> dict[str, Path]:
@@ -169,6 +174,7 @@ def check_outputs(cfg: SimpleNamespace, files: dict[str, Path]) -> None:
         raise UserError(f"out_path {str(out_path)!r} is a directory; expected a file path like convnet.pth")
     check_creatable(out_path.parent, "out_path's folder")
     check_creatable(cfg.cache_dir, "cache_dir")
+    refuse_if_locked(lock_file(out_path), f"out_path {str(out_path)!r}")  # a running run's files are not an earlier run's
     refuse_inputs_as_outputs({"labels_path": cfg.labels_path}, files.values())
     if Path(cfg.cache_dir).resolve() in out_path.resolve().parents:
         raise UserError(f"out_path {str(out_path)!r} is inside cache_dir {cfg.cache_dir!r}; expected a path outside the cache")
@@ -176,7 +182,7 @@ def check_outputs(cfg: SimpleNamespace, files: dict[str, Path]) -> None:
         if not files["resume"].is_file():
             raise UserError(f"resume=True but {str(files['resume'])!r} does not exist; expected a run to continue")
     elif not cfg.overwrite:
-        if files["resume"].exists():
+        if files["resume"].exists() and not out_path.exists():  # a finished run keeps its resume state beside out_path
             raise UserError(f"{str(files['resume'])!r} holds an interrupted run; resume=True to finish it, or overwrite=True "
                             "to start again")  # fmt: skip
         refuse_existing(files.values(), "overwrite=True to replace it, or another out_path")

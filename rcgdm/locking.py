@@ -10,6 +10,8 @@ from pathlib import Path
 
 from rcgdm.cli import UserError
 
+LOCK_FILE = ".rcgdm.lock"  # an --out_dir's lock (fake_dataset.py, inference.py)
+
 
 @contextlib.contextmanager
 def locked(lock_file: str | Path, what: str, wait: bool = False) -> Iterator[None]:
@@ -27,3 +29,17 @@ def locked(lock_file: str | Path, what: str, wait: bool = False) -> Iterator[Non
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def refuse_if_locked(lock_file: str | Path, what: str) -> None:
+    """UserError if another process holds `lock_file` now; creates nothing (a missing file is free)."""
+    try:
+        fd = os.open(lock_file, os.O_RDWR)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UserError(f"{what} is in use by another run; wait for it to finish, or use another one") from None
+    finally:
+        os.close(fd)

@@ -100,14 +100,14 @@ def test_random_seed_is_recorded_and_reproduces(tmp_path, run, reward_model_path
 
 def test_existing_images_are_not_overwritten_silently(tmp_path, run, capsys):
     assert run("--num_images", "2") == 0
-    before = sorted((tmp_path / "run").glob("*.png"))
+    before = sorted(p for p in (tmp_path / "run").glob("*.png") if NAME.match(p.name))
     assert run("--num_images", "2", "--target", "1") == 2
     assert "already exists (an earlier run's output); use --overwrite" in error_line(capsys.readouterr().err)
     for name in RUN_FILES:  # the images alone are still protected
         (tmp_path / "run" / name).unlink(missing_ok=True)
     assert run("--num_images", "2", "--target", "1") == 2
     assert "already holds 2 images; use --overwrite" in error_line(capsys.readouterr().err)
-    assert sorted((tmp_path / "run").glob("*.png")) == before
+    assert sorted(p for p in (tmp_path / "run").glob("*.png") if NAME.match(p.name)) == before
     assert run("--num_images", "1", "--overwrite") == 0
     assert len([p for p in (tmp_path / "run").glob("*.png") if NAME.match(p.name)]) == 1
 

@@ -365,8 +365,8 @@ def test_a_second_run_on_the_same_out_dir_is_refused(tmp_path, reward_model_path
     from rcgdm.locking import locked
 
     out = tmp_path / "out"
-    first = popen(*inference_args(out, reward_model_path, predictor_path, "--num_images", "8", "--bs", "2",
-                                  "--num_inference_steps", "30"))  # fmt: skip
+    first = popen(*inference_args(out, reward_model_path, predictor_path, "--num_images", "32", "--bs", "2",
+                                  "--num_inference_steps", "50"))  # fmt: skip  (long enough to outlast the second's start)
 
     def first_holds_the_lock():
         if not (out / ".rcgdm.lock").exists():
@@ -382,7 +382,7 @@ def test_a_second_run_on_the_same_out_dir_is_refused(tmp_path, reward_model_path
                             cwd=ROOT, capture_output=True, text=True)  # fmt: skip
     assert second.returncode == 2 and "is in use by another run" in error_line(second.stderr)
     assert first.wait(timeout=300) == 0
-    assert len(read_rows(out / "results.csv")) == 8
+    assert len(read_rows(out / "results.csv")) == 32
 
 
 def test_two_trainings_share_one_cache_and_encode_each_image_once(tmp_path):
@@ -634,7 +634,7 @@ def test_inference_checks_the_predictor_belongs_to_the_reward_model(tmp_path, ca
     assert run_script(*args) == 2
     assert "another reward model" in error_line(capsys.readouterr().err) and not (tmp_path / "out").exists()
     args[args.index("tiny-random")] = str(tiny_random_copy(tmp_path))
-    args[args.index(str(tmp_path / "b" / "reward_model.pth"))] = tmp_path / "a" / "reward_model.pth"
+    args[args.index(tmp_path / "b" / "reward_model.pth")] = tmp_path / "a" / "reward_model.pth"
     assert run_script(*args) == 2
     assert "trained on --model 'tiny-random'" in error_line(capsys.readouterr().err)
     assert run_script(*args, "--ignore_provenance") == 0
