@@ -68,24 +68,35 @@ def psnr(vae, images: torch.Tensor) -> float:
     return (10 * torch.log10(1 / mse)).mean().item()
 
 
-def train_vae(vae, images: torch.Tensor, recipe: Recipe, generator: torch.Generator) -> float:
-    """Reconstruction (MSE) plus a small KL to N(0, I); returns the final running loss."""
-    optimizer = torch.optim.Adam(vae.parameters(), lr=recipe.vae_lr)
-    vae.train()
+def fit(name: str, optimizer: torch.optim.Optimizer, base_lr: float, steps: int, loss_of_a_batch) -> float:
+    """`steps` optimizer steps on loss_of_a_batch() (which draws its own batch), with the cosine schedule and a
+    progress bar -> the final running loss."""
     running = None
-    bar = tqdm(range(recipe.vae_steps), desc="VAE", unit="step")
+    bar = tqdm(range(steps), desc=name, unit="step")
     for step in bar:
-        cosine_lr(optimizer, recipe.vae_lr, step, recipe.vae_steps)
-        batch = images[torch.randint(len(images), (recipe.vae_batch,), generator=generator)]
-        posterior = vae.encode(batch).latent_dist
-        decoded = vae.decode(posterior.sample(generator=generator)).sample
-        loss = F.mse_loss(decoded, batch) + recipe.kl_weight * posterior.kl().mean()
+        cosine_lr(optimizer, base_lr, step, steps)
+        loss = loss_of_a_batch()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 50 == 0:
             bar.set_postfix(loss=f"{running:.4f}")
+    return running
+
+
+def train_vae(vae, images: torch.Tensor, recipe: Recipe, generator: torch.Generator) -> float:
+    """Reconstruction (MSE) plus a small KL to N(0, I); returns the final running loss."""
+
+    def loss_of_a_batch() -> torch.Tensor:
+        batch = images[torch.randint(len(images), (recipe.vae_batch,), generator=generator)]
+        posterior = vae.encode(batch).latent_dist
+        decoded = vae.decode(posterior.sample(generator=generator)).sample
+        return F.mse_loss(decoded, batch) + recipe.kl_weight * posterior.kl().mean()
+
+    optimizer = torch.optim.Adam(vae.parameters(), lr=recipe.vae_lr)
+    vae.train()
+    running = fit("VAE", optimizer, recipe.vae_lr, recipe.vae_steps, loss_of_a_batch)
     vae.eval()
     return running
 
@@ -116,11 +127,8 @@ def train_unet(pipe, latents: torch.Tensor, states: torch.Tensor, empty: torch.T
                generator: torch.Generator) -> float:  # fmt: skip
     """The epsilon loss at uniform timesteps, with caption dropout; returns the final running loss."""
     unet, scheduler = pipe.unet.train(), pipe.scheduler
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=recipe.unet_lr, weight_decay=0.01)
-    running = None
-    bar = tqdm(range(recipe.unet_steps), desc="UNet", unit="step")
-    for step in bar:
-        cosine_lr(optimizer, recipe.unet_lr, step, recipe.unet_steps)
+
+    def loss_of_a_batch() -> torch.Tensor:
         pick = torch.randint(len(latents), (recipe.unet_batch,), generator=generator)
         x0 = latents[pick]
         noise = torch.randn(x0.shape, generator=generator)
@@ -128,13 +136,10 @@ def train_unet(pipe, latents: torch.Tensor, states: torch.Tensor, empty: torch.T
         dropped = torch.rand(len(x0), generator=generator) < recipe.caption_dropout
         context = torch.where(dropped.view(-1, 1, 1), empty, states[pick])
         eps = unet(scheduler.add_noise(x0, noise, timesteps), timesteps, encoder_hidden_states=context).sample
-        loss = F.mse_loss(eps, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{running:.4f}")
+        return F.mse_loss(eps, noise)
+
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=recipe.unet_lr, weight_decay=0.01)
+    running = fit("UNet", optimizer, recipe.unet_lr, recipe.unet_steps, loss_of_a_batch)
     unet.eval()
     return running
 
