@@ -59,7 +59,8 @@ def parse_args() -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--target", type=finite_float, nargs="+", default=[0.0], help="target reward(s) (default: 0)")
     p.add_argument("--guidance", type=finite_float, nargs="+", default=[0.0], help="guidance strength(s) (default: 0)")
-    p.add_argument("--prompt", nargs="+", default=["a nice photo"], help='prompt(s) (default: "a nice photo")')
+    p.add_argument("--prompt", nargs="+", default=["a nice photo"],
+                   help='prompt(s); "" samples unconditionally (default: "a nice photo")')
     p.add_argument("--out_dir", default=None, help="default: imgs/target{target}guidance{guidance}, or imgs/sweep for a sweep")
     p.add_argument("--num_images", type=positive_int, default=4, help="images per combination (default: 4)")
     p.add_argument("--bs", type=positive_int, default=4, help="images per batch (default: 4)")
@@ -125,8 +126,8 @@ MAX_STEPS = 1000  # SD's training timesteps: no scheduler can take more steps th
 def check_args(args: argparse.Namespace) -> None:
     """Everything that can be checked before anything loads."""
     for prompt in args.prompt:
-        if not prompt.strip():
-            raise UserError("--prompt '' is empty; expected some text")
+        if prompt and not prompt.strip():
+            raise UserError(f"--prompt {prompt!r} is blank; expected some text, or '' for unconditional samples")
     for flag in ("height", "width"):
         value = getattr(args, flag)
         if value is not None and (value % 8 or value > MAX_SIZE):
@@ -533,7 +534,7 @@ def write_grid(args, pipe, seed: int, out_dir: Path, rows: list[dict], reward_mo
         grid.append([image for image, _, _ in cells])
         captions.append([f"gt {gt:.3f} / pred {pred:.3f}" for _, gt, pred in cells])
     column_labels = ["unguided"] + [f"target {t:g}" for t in targets]
-    row_labels = [textwrap.fill(prompt, 24) for prompt in args.prompt]
+    row_labels = [textwrap.fill(prompt, 24) or "(unconditional)" for prompt in args.prompt]
     plots.image_grid(row_labels, column_labels, grid, captions, path)
     print(f"grid.png: guidance {strongest:g}, image 0 of each combination")
 

@@ -121,7 +121,7 @@ def test_existing_images_are_not_overwritten_silently(tmp_path, run, capsys):
         (["--num_images", "0"], "--num_images: '0' is too small; expected an integer >= 1"),
         (["--bs", "0"], "--bs: '0' is too small; expected an integer >= 1"),
         (["--scheduler", "warp"], "--scheduler 'warp' is unknown; expected one of pndm, ddim"),
-        (["--prompt", " "], "--prompt '' is empty"),
+        (["--prompt", " "], "--prompt ' ' is blank"),
         (["--height", "60"], "--height 60 is not a multiple of 8"),
         (["--seed", "-5"], "--seed -5 is negative"),
         (["--reward_model", "MISSING"], "does not exist; expected a file written by this project"),

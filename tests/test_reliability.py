@@ -232,7 +232,7 @@ INFERENCE_BAD = [
     (["--bs", "-2"], "too small"),
     (["--seed", "-7"], "negative"),
     (["--seed", "one"], "invalid int value"),
-    (["--prompt", ""], "is empty"),
+    (["--prompt", "  "], "is blank"),
     (["--cfg", "nan"], "not finite"),
     (["--num_inference_steps", "0"], "too small"),
     (["--height", "63"], "not a multiple of 8"),

@@ -13,6 +13,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from rcgdm import models
 from rcgdm.cli import UserError
 from rcgdm.data import COLOURS, SHAPES, SyntheticShapes
+from rcgdm.demo import CFG
 from rcgdm.manifest import MANIFEST, verify_manifest
 from rcgdm.models import TINY_FOLDER, load_pipeline, resolve_model
 from rcgdm.runtime import image_generators
@@ -96,9 +97,9 @@ def test_trained_vae_reconstructs_held_out_images(tiny):
 
 
 def colour_means(pipe, prompt: str, count: int = 8) -> torch.Tensor:
-    """Mean (red, green, blue) of `count` unguided 20-step images of `prompt`."""
+    """Mean (red, green, blue) of `count` unguided 20-step images of `prompt`, at the demo's cfg."""
     generators = image_generators(0, range(count))
-    images = decode(pipe, sample_latents(pipe, prompt, generators, None, 20, 7.5, progress=False), generators)
+    images = decode(pipe, sample_latents(pipe, prompt, generators, None, 20, CFG, progress=False), generators)
     assert images.shape == (count, 3, 32, 32)
     return images.mean((0, 2, 3))
 
