@@ -49,55 +49,59 @@ def loss_by_noise(epoch: dict, path: str | Path) -> None:
     save_figure(fig, path)
 
 
+def _panels(combos: list[dict]) -> tuple:
+    """One panel per prompt of a sweep, side by side -> (figure, [(prompt, axes, the prompt's combinations)])."""
+    prompts = list(dict.fromkeys(c["prompt"] for c in combos))
+    fig, axes = plt.subplots(1, len(prompts), figsize=(5.5 * len(prompts), 4.5), squeeze=False, sharey=True)
+    panels = [(prompt, ax, [c for c in combos if c["prompt"] == prompt]) for prompt, ax in zip(prompts, axes[0], strict=True)]
+    for prompt, ax, _ in panels:
+        if len(prompts) > 1:
+            ax.set_title(repr(prompt) if prompt else "(unconditional)", fontsize=9)
+        ax.set_xlabel("target reward")
+    return fig, panels
+
+
 def reward_vs_target(combos: list[dict], path: str | Path) -> None:
-    """Mean ground-truth (solid) and predicted (dashed) reward against target, std bars, one colour per guidance."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    targets = sorted({c["target"] for c in combos})
+    """Mean ground-truth (solid) and predicted (dashed) reward against target, std bars, one colour per
+    guidance; one panel per prompt."""
+    fig, panels = _panels(combos)
     several_n = len({c["best_of"] for c in combos}) > 1
-    for k, (guidance, best_of) in enumerate(sorted({(c["guidance"], c["best_of"]) for c in combos})):
-        rows = sorted((c for c in combos if (c["guidance"], c["best_of"]) == (guidance, best_of)), key=lambda c: c["target"])
-        xs = [c["target"] for c in rows]
-        colour = f"C{k % 10}"
-        series = f"guidance {guidance:g}" + (f", best of {best_of}" if several_n else "")
-        for kind, style, marker in (("gt", "-", "o"), ("pred", "--", "x")):
-            ax.errorbar(
-                xs,
-                [c[f"{kind}_mean"] for c in rows],
-                yerr=[c[f"{kind}_std"] for c in rows],
-                linestyle=style,
-                marker=marker,
-                color=colour,
-                capsize=3,
-                label=f"{series}, {'ground truth' if kind == 'gt' else 'predicted'}",
-            )
-    ax.plot([min(targets), max(targets)], [min(targets), max(targets)], color="grey", linestyle=":", label="y = target")
-    ax.set_xlabel("target reward")
-    ax.set_ylabel("reward of generated images (mean ± std)")
-    ax.set_title("reward-directed generation")
-    ax.legend(fontsize=8)
+    for _, ax, mine in panels:
+        targets = sorted({c["target"] for c in mine})
+        for k, (guidance, best_of) in enumerate(sorted({(c["guidance"], c["best_of"]) for c in mine})):
+            rows = sorted((c for c in mine if (c["guidance"], c["best_of"]) == (guidance, best_of)), key=lambda c: c["target"])
+            series = f"guidance {guidance:g}" + (f", best of {best_of}" if several_n else "")
+            for kind, style, marker in (("gt", "-", "o"), ("pred", "--", "x")):
+                ax.errorbar([c["target"] for c in rows], [c[f"{kind}_mean"] for c in rows], yerr=[c[f"{kind}_std"] for c in rows],
+                            linestyle=style, marker=marker, color=f"C{k % 10}", capsize=3,
+                            label=f"{series}, {'ground truth' if kind == 'gt' else 'predicted'}")  # fmt: skip
+        ax.plot([min(targets), max(targets)], [min(targets), max(targets)], color="grey", linestyle=":", label="y = target")
+    panels[0][1].set_ylabel("reward of generated images (mean ± std)")
+    panels[0][1].legend(fontsize=8)
+    fig.suptitle("reward-directed generation")
     save_figure(fig, path)
 
 
 def shift_vs_target(combos: list[dict], path: str | Path) -> bool:
     """Distribution shift (mean ± std RMS distance of final latents to the predictor's training latents)
-    against target, one line per guidance, the unguided level dotted: the other half of Figure 6, where
-    overly extrapolated targets leave the data. -> whether there was anything to draw."""
+    against target, one line per guidance, the unguided level dotted; one panel per prompt: the other half
+    of Figure 6, where overly extrapolated targets leave the data. -> whether there was anything to draw."""
     known = [c for c in combos if c["shift_mean"] is not None and c["best_of"] == 1]
     if not known:
         return False
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for k, guidance in enumerate(sorted({c["guidance"] for c in known})):
-        rows = sorted((c for c in known if c["guidance"] == guidance), key=lambda c: c["target"])
-        xs, ys, errors = [c["target"] for c in rows], [c["shift_mean"] for c in rows], [c["shift_std"] for c in rows]
-        if guidance == 0:
-            level = sum(ys) / len(ys)
-            ax.axhline(level, color="grey", linestyle=":", label=f"unguided ({level:.3f})")
-        else:
-            ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, color=f"C{k % 10}", label=f"guidance {guidance:g}")
-    ax.set_xlabel("target reward")
-    ax.set_ylabel("distance to 5 nearest training latents (RMS)")
-    ax.set_title("distribution shift of generated latents")
-    ax.legend(fontsize=8)
+    fig, panels = _panels(known)
+    for _, ax, mine in panels:
+        for k, guidance in enumerate(sorted({c["guidance"] for c in mine})):
+            rows = sorted((c for c in mine if c["guidance"] == guidance), key=lambda c: c["target"])
+            xs, ys, errors = [c["target"] for c in rows], [c["shift_mean"] for c in rows], [c["shift_std"] for c in rows]
+            if guidance == 0:
+                level = sum(ys) / len(ys)
+                ax.axhline(level, color="grey", linestyle=":", label=f"unguided ({level:.3f})")
+            else:
+                ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, color=f"C{k % 10}", label=f"guidance {guidance:g}")
+        ax.legend(fontsize=8)
+    panels[0][1].set_ylabel("distance to 5 nearest training latents (RMS)")
+    fig.suptitle("distribution shift of generated latents")
     save_figure(fig, path)
     return True
 

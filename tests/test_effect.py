@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 from conftest import read_rows, run_script
 
-from rcgdm.demo import GUIDANCE, LABELS, PROMPTS
+from rcgdm.demo import CFG, GUIDANCE, LABELS, PROMPTS
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Labels for 512 synthetic images and a predictor trained on the tiny model's latents -> (folder, mean, std)."""
+    """Labels for 1024 synthetic images and a predictor trained on the tiny model's latents -> (folder, mean, std)."""
     root = tmp_path_factory.mktemp("effect")
-    assert run_script("fake_dataset.py", "--data", "synthetic", "--num_data", "512", "--weights", "none", "--out_dir", root) == 0
-    args = ["--model=tiny", "--data=synthetic", "--num_data=512", "--image_size=32", "--num_epochs=10", "--batch_size=16",
+    assert run_script("fake_dataset.py", "--data", "synthetic", "--num_data", "1024", "--weights", "none", "--out_dir", root) == 0
+    args = ["--model=tiny", "--data=synthetic", "--num_data=1024", "--image_size=32", "--num_epochs=40", "--batch_size=32",
             "--val_fraction=0.25", f"--labels_path={root / LABELS}", f"--out_path={root / 'convnet.pth'}",
             f"--cache_dir={root / 'cache'}"]  # fmt: skip
     assert run_script("train.py", *args) == 0
@@ -33,6 +33,7 @@ def test_the_reward_of_generated_images_follows_the_target(tmp_path, trained):
     targets = [f"{mean + k * std:.3f}" for k in (-2, 0, 2)]
     args = ["--model", "tiny", "--reward_model", root / "reward_model.pth", "--predictor", root / "convnet.pth",
             "--prompt", PROMPTS[0], "--target", *targets, "--guidance", f"{GUIDANCE:g}", "--num_images", "6", "--bs", "6",
+            "--cfg", f"{CFG:g}",
             "--num_inference_steps", "20", "--seed", "0", "--out_dir", tmp_path / "sweep"]  # fmt: skip
     assert run_script("inference.py", *args) == 0
     combos = sorted(json.loads((tmp_path / "sweep" / "summary.json").read_text())["combinations"], key=lambda c: c["target"])
