@@ -120,10 +120,10 @@ def test_the_wrong_predictor_for_the_gradient_path_is_refused(tmp_path, capsys, 
 def test_best_of_n_keeps_the_candidate_closest_to_the_target(tmp_path, reward_model_path, predictor_path):
     import argparse
 
-    from inference import Combo, sample_best_of
+    from inference import Combo, Models, sample_best_of
     from rcgdm.evaluate import score_images
     from rcgdm.models import load_pipeline
-    from rcgdm.predictor import load_predictor
+    from rcgdm.predictor import load_predictor, load_reference_latents
     from rcgdm.rewards import load_reward
     from rcgdm.runtime import image_generators
     from rcgdm.sampler import decode, sample_latents
@@ -132,6 +132,8 @@ def test_best_of_n_keeps_the_candidate_closest_to_the_target(tmp_path, reward_mo
     predictor, _ = load_predictor(predictor_path)
     reward, _ = load_reward(reward_model_path)
     args = argparse.Namespace(num_inference_steps=4, cfg=7.5, height=None, width=None)
+    reference = load_reference_latents(predictor_path)
+    models = Models(pipe, reward, {}, predictor, {}, reference)
     target, indices = -3.0, range(2)
 
     def candidate(k):
@@ -139,18 +141,19 @@ def test_best_of_n_keeps_the_candidate_closest_to_the_target(tmp_path, reward_mo
         images = decode(pipe, sample_latents(pipe, "a nice photo", gens, None, 4, progress=False), gens)
         return images, *score_images(images, reward, predictor, pipe.vae)
 
-    one = sample_best_of(args, pipe, Combo(0, "a nice photo", target, 0.0, 1, tmp_path), None, 0, indices, reward, predictor)
+    one = sample_best_of(args, models, Combo(0, "a nice photo", target, 0.0, 1, tmp_path), None, 0, indices)
     plain = candidate(0)
-    assert torch.equal(one[0], plain[0]) and one[3] == len(pipe.scheduler.timesteps)  # N = 1 is plain sampling
+    assert torch.equal(one[0], plain[0]) and one[4] == len(pipe.scheduler.timesteps)  # N = 1 is plain sampling
 
-    three = sample_best_of(args, pipe, Combo(0, "a nice photo", target, 0.0, 3, tmp_path), None, 0, indices, reward, predictor)
+    three = sample_best_of(args, models, Combo(0, "a nice photo", target, 0.0, 3, tmp_path), None, 0, indices)
     candidates = [candidate(k) for k in range(3)]
     preds = torch.stack([c[2] for c in candidates])  # (3, B)
     best = (preds - target).abs().argmin(dim=0)
     for j in range(len(indices)):
         assert torch.equal(three[0][j], candidates[best[j]][0][j])
         assert three[2][j] == preds[best[j], j]
-    assert three[3] == 3 * one[3]
+    assert three[3] is not None and three[3].shape == (len(indices),)  # the kept candidates' distribution shift
+    assert three[4] == 3 * one[4]
 
 
 def test_a_sweep_draws_the_compute_comparison(tmp_path, reward_model_path, predictor_path):
