@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rcgdm.atomic import save_json
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["", "a yellow circle on a blue background", "a white square on a red background"]
 GUIDANCE = 150.0  # the demo's strength: rewards follow the target, images stay shapes
@@ -90,9 +92,10 @@ def training_numbers(folder: Path) -> dict:
             "lowest_noise_val_vs_baseline": None if lowest is None else lowest / baseline}  # fmt: skip
 
 
-def spearman(xs: list[float], ys: list[float]) -> float:
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    """Rank correlation; None where it is undefined (fewer than two points, or a constant side)."""
     rx, ry = (np.argsort(np.argsort(v)).astype(float) for v in (xs, ys))
-    return float(np.corrcoef(rx, ry)[0, 1]) if len(xs) > 1 and rx.std() > 0 and ry.std() > 0 else float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1]) if len(xs) > 1 and rx.std() > 0 and ry.std() > 0 else None
 
 
 def effect_numbers(sweep: Path, mean: float, std: float, guidance: float, prompt: str = "") -> dict:
@@ -116,6 +119,10 @@ def effect_numbers(sweep: Path, mean: float, std: float, guidance: float, prompt
         "unguided_offset_in_label_std": (unguided - mean) / std,
         "max_shift_vs_unguided": max(shifts, default=None),
     }
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def prompt_colours(sweep: Path) -> dict:
@@ -179,7 +186,7 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, paper_only: bool
     report["prompt_colours"] = prompt_colours(figure6)
     for prompt, e in report["effect"].items():
         print(f"--> {prompt or '(unconditional)'!s} at guidance {GUIDANCE:g}: ground truth per target "
-              f"{', '.join(f'{v:.3f}' for v in e['gt_mean_per_target'])}; Spearman {e['spearman']:.2f}; top - bottom "
+              f"{', '.join(f'{v:.3f}' for v in e['gt_mean_per_target'])}; Spearman {_number(e['spearman'])}; top - bottom "
               f"{e['top_minus_bottom_in_label_std']:.2f} label std; unguided mean {e['unguided_offset_in_label_std']:+.2f} "
               "label std from the label mean")  # fmt: skip
     if not paper_only:
@@ -190,7 +197,7 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, paper_only: bool
         breakdown_figure(out / "breakdown", out / "breakdown" / "guidance_breakdown.png")
         run_compressibility(out, QUICK if quick else COMPRESSIBILITY, seconds, report)
     report["seconds"] = seconds
-    (out / "demo_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    save_json(report, out / "demo_report.json")
     return seconds
 
 
