@@ -17,7 +17,7 @@ from torch import nn
 from rcgdm.checkpoint import check_finite_state, load_checkpoint, plain_metadata
 from rcgdm.cli import UserError
 from rcgdm.data import DOWNLOAD_TIMEOUT_S, resize
-from rcgdm.rewards.base import FORMAT, Reward, at_reward_size
+from rcgdm.rewards.base import FORMAT, SIZE, Reward, at_reward_size
 
 ARCH = "resnet18-linear1"
 WEIGHT_CHOICES = ("imagenet", "none")
@@ -82,7 +82,7 @@ def model_from_checkpoint(checkpoint: dict, path: str | Path) -> nn.Module:
 
 def preprocess(images: torch.Tensor) -> torch.Tensor:
     """Float images (B, 3, H, W) in [0, 1] -> (B, 3, 224, 224), ImageNet-normalised."""
-    images = resize(images, 224)
+    images = resize(images, SIZE)
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
     return (images - mean) / std
