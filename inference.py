@@ -36,16 +36,17 @@ from tqdm import tqdm
 
 from rcgdm import distributed, plots
 from rcgdm.atomic import atomic_path, save_json, save_text
+from rcgdm.checkpoint import load_checkpoint
 from rcgdm.cli import ArgumentParser, UserError, check_creatable, finite_float, positive_int, run_main, writable_dir
 from rcgdm.evaluate import distribution_shift, score_images
 from rcgdm.guidance import GRAD_PATHS, PREDICTION_TYPES
 from rcgdm.locking import LOCK_FILE, refuse_if_locked
 from rcgdm.models import SD15, load_pipeline, model_facts, model_fingerprint
 from rcgdm.outputs import refuse_existing, refuse_inputs_as_outputs
-from rcgdm.predictor import load_predictor, load_reference_latents
-from rcgdm.progress import ANY_FILE as PROGRESS_GLOB
+from rcgdm.predictor import FORMAT as PREDICTOR_FORMAT
+from rcgdm.predictor import predictor_from_checkpoint, reference_from_checkpoint
 from rcgdm.progress import FILE as PROGRESS_FILE
-from rcgdm.progress import SweepProgress, unique_rows
+from rcgdm.progress import SweepProgress, check_start, unique_rows
 from rcgdm.rewards import load_reward
 from rcgdm.runtime import image_generators, image_seed, package_versions, sha256_file
 from rcgdm.sampler import SCHEDULERS, RewardGuidance, decode, make_scheduler, sample_latents
@@ -165,19 +166,17 @@ def check_outputs(args: argparse.Namespace, out_dir: Path, combos: list[Combo]) 
         if Path(path).resolve().parent in folders and fnmatch.fnmatch(Path(path).name, IMAGE_GLOB):
             raise UserError(f"{flag} {path!r} is named like this run's images, in its folder; inputs are never outputs, "
                             "expected another path")  # fmt: skip
-    interrupted = out_dir.is_dir() and any(out_dir.glob(PROGRESS_GLOB))
-    if args.resume and not interrupted:
-        raise UserError(f"--resume: {str(out_dir)!r} holds no interrupted run ({PROGRESS_FILE} is missing)")
+    check_start(out_dir, args.resume, args.overwrite)
     if args.overwrite or args.resume:
         return
-    if interrupted:
-        raise UserError(f"--out_dir {str(out_dir)!r} holds an interrupted run; use --resume to finish it, or --overwrite")
     refuse_existing(outputs[: len(RUN_FILES)], "use --overwrite to replace it, or another --out_dir")
     for combo in combos:
-        images = sorted(combo.folder.glob(IMAGE_GLOB)) if combo.folder.is_dir() else []
-        if images:
-            raise UserError(f"--out_dir {str(combo.folder)!r} already holds {len(images)} images; "
-                            "use --overwrite or another --out_dir")  # fmt: skip
+        refuse_images(combo.folder, sorted(combo.folder.glob(IMAGE_GLOB)) if combo.folder.is_dir() else [])
+
+
+def refuse_images(folder: Path, images: list[Path]) -> None:
+    if images:
+        raise UserError(f"--out_dir {str(folder)!r} already holds {len(images)} images; use --overwrite or another --out_dir")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -200,10 +199,8 @@ def prepare_folders(out_dir: Path, combos: list[Combo], overwrite: bool, progres
         if progress.rows:
             kept = {out_dir / r["file"] for r in progress.rows}
             existing = [p for p in existing if p not in kept]
-        elif existing and not overwrite:
-            raise UserError(
-                f"--out_dir {str(combo.folder)!r} already holds {len(existing)} images; use --overwrite or another --out_dir"
-            )
+        elif not overwrite:
+            refuse_images(combo.folder, existing)
         for path in existing:
             path.unlink()
 
@@ -316,7 +313,9 @@ def load_models(args: argparse.Namespace, state: PartialState, device: torch.dev
     with state.main_process_first():  # hub downloads happen once
         facts = model_facts(args.model)
         check_guidable(args, facts)
-        predictor, predictor_meta = load_predictor(args.predictor, latent_channels=facts["in_channels"])
+        checkpoint = load_checkpoint(args.predictor, PREDICTOR_FORMAT)  # read once: the net and its training latents
+        predictor, predictor_meta = predictor_from_checkpoint(checkpoint, args.predictor, latent_channels=facts["in_channels"])
+        reference = reference_from_checkpoint(checkpoint, args.predictor)
         check_grad_path(args.grad_path, args.predictor, predictor_meta)
         reward, reward_meta = load_reward(args.reward_model, args.reward)
         if not args.ignore_provenance:
@@ -330,7 +329,6 @@ def load_models(args: argparse.Namespace, state: PartialState, device: torch.dev
     if args.num_inference_steps > train_steps:
         raise UserError(f"--num_inference_steps {args.num_inference_steps} is more than --model {args.model!r}'s {train_steps} "
                         f"training timesteps; expected 1 to {train_steps}")  # fmt: skip
-    reference = load_reference_latents(args.predictor)
     return Models(pipe, reward.to(device), reward_meta, predictor.to(device), predictor_meta, reference)
 
 
@@ -489,16 +487,15 @@ def sample_best_of(args, models: Models, combo: Combo, guidance, seed: int, indi
         gt, pred = score_images(images, models.reward, models.predictor, pipe.vae)
         check_finite(gt, "the ground-truth rewards", combo, args.cfg)
         check_finite(pred, "the predicted rewards", combo, args.cfg)
-        shift = distribution_shift(latents, models.reference)
-        shift = torch.full_like(gt, float("nan")) if shift is None else shift
+        shift = distribution_shift(latents, models.reference)  # None for every candidate alike, or a tensor for each
         if best is not None:
             closer = (pred - combo.target).abs() < (best[2] - combo.target).abs()
             images = torch.where(closer.view(-1, 1, 1, 1), images, best[0])
-            gt, pred, shift = (torch.where(closer, new, old) for new, old in zip((gt, pred, shift), best[1:], strict=True))
+            gt, pred = torch.where(closer, gt, best[1]), torch.where(closer, pred, best[2])
+            shift = None if shift is None else torch.where(closer, shift, best[3])
         best = (images, gt, pred, shift)
     unet_calls = combo.best_of * len(pipe.scheduler.timesteps)  # one batched call per step covers both CFG branches
-    images, gt, pred, shift = best
-    return images, gt, pred, (None if shift.isnan().any() else shift), unet_calls
+    return (*best, unet_calls)
 
 
 def check_finite(values: torch.Tensor, what: str, combo: Combo, cfg: float) -> None:

@@ -9,6 +9,7 @@ cache folder ``$RCGDM_CACHE_DIR`` (default ``~/.cache/rcgdm``). All load through
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -58,13 +59,19 @@ def resolve_model(name: str) -> str:
     """`tiny` -> models/tiny-sd (verified); `tiny-random`, `sd15-random` -> their cache folders; an existing
     folder -> itself; anything else is a hub id."""
     if name == TINY:
-        from rcgdm.manifest import verify_manifest
-
-        verify_manifest(TINY_FOLDER)
-        return str(TINY_FOLDER)
+        return str(_verified(TINY_FOLDER))
     if name in _BUILT_FOLDERS:
         return str(ensure_built(name))
     return name
+
+
+@functools.cache
+def _verified(folder: Path) -> Path:
+    """`folder` once its sha256 manifest checks out; hashed once per process, not at every config read."""
+    from rcgdm.manifest import verify_manifest
+
+    verify_manifest(folder)
+    return folder
 
 
 def model_fingerprint(name: str) -> str:

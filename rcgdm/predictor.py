@@ -102,7 +102,11 @@ def load_predictor_state(model: ThreeLayerConvNet, state_dict: dict, path: str |
 
 def load_predictor(path: str | Path, latent_channels: int | None = None) -> tuple[ThreeLayerConvNet, dict]:
     """Rebuild a trained predictor (eval mode) -> (model, metadata); checks the latent channels if given."""
-    checkpoint = load_checkpoint(path, FORMAT)
+    return predictor_from_checkpoint(load_checkpoint(path, FORMAT), path, latent_channels)
+
+
+def predictor_from_checkpoint(checkpoint: dict, path: str | Path, latent_channels: int | None = None) -> tuple:
+    """The predictor of an already loaded checkpoint (read from `path`, named in errors) -> (model, metadata)."""
     channels = checkpoint.get("latent_channels")
     if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
         raise UserError(f"predictor {str(path)!r}: field 'latent_channels' is {channels!r}; expected an integer >= 1")
@@ -111,12 +115,17 @@ def load_predictor(path: str | Path, latent_channels: int | None = None) -> tupl
             f"predictor {str(path)!r} was trained on {channels}-channel latents; the model's VAE makes {latent_channels}"
         )
     model = load_predictor_state(ThreeLayerConvNet(in_channels=channels), checkpoint["state_dict"], path)
-    return model.eval(), plain_metadata(checkpoint, path, skip=("state_dict", "reference_latents"))
+    return model, plain_metadata(checkpoint, path, skip=("state_dict", "reference_latents"))
 
 
 def load_reference_latents(path: str | Path) -> torch.Tensor | None:
     """The training latents a predictor checkpoint carries (K, C, h, w) float32, or None (older checkpoints)."""
-    reference = load_checkpoint(path, FORMAT).get("reference_latents")
+    return reference_from_checkpoint(load_checkpoint(path, FORMAT), path)
+
+
+def reference_from_checkpoint(checkpoint: dict, path: str | Path) -> torch.Tensor | None:
+    """The training latents of an already loaded predictor checkpoint (read from `path`, named in errors)."""
+    reference = checkpoint.get("reference_latents")
     if reference is None:
         return None
     if not isinstance(reference, torch.Tensor) or reference.ndim != 4 or not torch.isfinite(reference).all():

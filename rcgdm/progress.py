@@ -41,15 +41,10 @@ class SweepProgress:
     def open(cls, out_dir: Path, settings: dict, resume: bool, overwrite: bool) -> SweepProgress:
         """Start a run, or with resume=True continue the interrupted one whose settings must match.
         Called by the main process only."""
+        check_start(out_dir, resume, overwrite)
         paths = sorted(out_dir.glob(ANY_FILE))
-        if not paths:
-            if resume:
-                raise UserError(f"--resume: {str(out_dir)!r} holds no interrupted run ({FILE} is missing)")
-            return cls(out_dir, settings, [])
         if not resume:
-            if not overwrite:
-                raise UserError(f"--out_dir {str(out_dir)!r} holds an interrupted run; use --resume to finish it, or --overwrite")
-            return cls(out_dir, settings, [])  # its files go once the new run is ready to write (remove_files)
+            return cls(out_dir, settings, [])  # an interrupted run's files go once the new run is ready to write (remove_files)
         saved_settings, rows = None, []
         for path in paths:
             saved_settings, saved_rows = _read(path)
@@ -74,6 +69,16 @@ class SweepProgress:
         """Remove this run's progress files (every process's): when it completes, or starts afresh."""
         for path in self.path.parent.glob(ANY_FILE):
             path.unlink(missing_ok=True)
+
+
+def check_start(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """UserError unless a run may start in `out_dir`: --resume needs an interrupted run there, and a fresh
+    start over one needs --overwrite. Reads only; checked before anything is created and again under the lock."""
+    interrupted = out_dir.is_dir() and any(out_dir.glob(ANY_FILE))
+    if resume and not interrupted:
+        raise UserError(f"--resume: {str(out_dir)!r} holds no interrupted run ({FILE} is missing)")
+    if interrupted and not resume and not overwrite:
+        raise UserError(f"--out_dir {str(out_dir)!r} holds an interrupted run; use --resume to finish it, or --overwrite")
 
 
 ROW_FIELDS = {"prompt": str, "target": (int, float), "guidance": (int, float), "best_of": int, "image": int, "file": str}
