@@ -49,7 +49,8 @@ from rcgdm.progress import FILE as PROGRESS_FILE
 from rcgdm.progress import SweepProgress, check_start, unique_rows
 from rcgdm.rewards import load_reward
 from rcgdm.runtime import image_generators, image_seed, package_versions, sha256_file
-from rcgdm.sampler import SCHEDULERS, RewardGuidance, decode, make_scheduler, sample_latents
+from rcgdm.sampler import RewardGuidance, decode, sample_latents
+from rcgdm.schedulers import SCHEDULERS, check_steps, make_scheduler, scheduler_support
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 IMAGE_GLOB = "*_gt_*_pred_*.png"
@@ -74,7 +75,7 @@ def parse_args() -> argparse.Namespace:
                    help="module:function: run the user-code reward that --reward_model records (files never run code)")
     p.add_argument("--num_inference_steps", type=positive_int, default=50, help="denoising steps (default: 50)")
     p.add_argument("--cfg", type=finite_float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
-    p.add_argument("--scheduler", default="pndm", help=f"{', '.join(SCHEDULERS)} or a diffusers class name (default: pndm)")
+    p.add_argument("--scheduler", default="pndm", help=f"{', '.join(SCHEDULERS)} or their diffusers class names (default: pndm)")
     p.add_argument("--height", type=positive_int, default=None, help="image height, a multiple of 8 (default: the model's)")
     p.add_argument("--width", type=positive_int, default=None, help="image width, a multiple of 8 (default: the model's)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: fp16 on CUDA, fp32 on CPU")
@@ -283,7 +284,7 @@ def main() -> None:
     state, device = distributed.start(args.device)
     dtype = resolve_dtype(args.dtype, device)
     out_dir, combos = plan(args)
-    make_scheduler(args.scheduler, {})  # an unknown name fails before anything loads
+    scheduler_support(args.scheduler)  # an unknown or unsupported scheduler fails before anything loads
     check_outputs(args, out_dir, combos)
     models = load_models(args, state, device, dtype)  # every input is checked before any output folder exists
     writable_dir(out_dir)
@@ -317,14 +318,13 @@ def load_models(args: argparse.Namespace, state: PartialState, device: torch.dev
         predictor, predictor_meta = predictor_from_checkpoint(checkpoint, args.predictor, latent_channels=facts["in_channels"])
         reference = reference_from_checkpoint(checkpoint, args.predictor)
         check_grad_path(args.grad_path, args.predictor, predictor_meta)
+        check_latent_size(args, facts, predictor_meta)
         reward, reward_meta = load_reward(args.reward_model, args.reward)
         if not args.ignore_provenance:
             check_provenance(args, predictor_meta)
         pipe = load_pipeline(args.model, dtype).to(device)
     pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    if not hasattr(pipe.scheduler, "alphas_cumprod"):
-        raise UserError(f"--scheduler {args.scheduler!r} has no alpha_bar schedule; expected one of {', '.join(SCHEDULERS)}")
     train_steps = pipe.scheduler.config.num_train_timesteps
     if args.num_inference_steps > train_steps:
         raise UserError(f"--num_inference_steps {args.num_inference_steps} is more than --model {args.model!r}'s {train_steps} "
@@ -433,18 +433,27 @@ def check_images_visible(out_dir: Path, rows: list[dict]) -> None:
         )
 
 
-NO_SAMPLE_PREDICTION = ("pndm", "euler_a")  # diffusers' PNDM and Euler ancestral step only eps and v models
-
-
 def check_guidable(args: argparse.Namespace, facts: dict) -> None:
     """Refuse, from configs alone, a model the paper's term cannot be applied to correctly."""
     kind = facts["prediction_type"]
     if kind not in PREDICTION_TYPES:
         raise UserError(f"--model {args.model!r} predicts {kind!r}; expected one of {', '.join(PREDICTION_TYPES)} "
                         "(see README, model families)")  # fmt: skip
-    if kind == "sample" and args.scheduler.lower() in NO_SAMPLE_PREDICTION:
-        raise UserError(f"--scheduler {args.scheduler} cannot step --model {args.model!r}, which predicts 'sample'; "
-                        "expected e.g. --scheduler ddim or euler")  # fmt: skip
+    check_steps(args.scheduler, kind)
+
+
+def check_latent_size(args: argparse.Namespace, facts: dict, meta: dict) -> None:
+    """The predictor must have been trained on latents of the size sampled: its average pool accepts any size, but
+    its features were learned at one scale, so at another its gradient would steer with no guarantee (README)."""
+    trained, scale, default = meta.get("latent_size"), facts["vae_scale_factor"], facts["sample_size"]
+    if trained is None or not isinstance(default, int):
+        return
+    sampled = [(args.height or default * scale) // scale, (args.width or default * scale) // scale]
+    if list(trained) != sampled:
+        h, w = (n * scale for n in trained)
+        raise UserError(f"--predictor {args.predictor!r} was trained on {trained[0]}x{trained[1]} latents ({h}x{w} images); "
+                        f"this run samples {sampled[0]}x{sampled[1]}; expected --height {h} --width {w}, or a predictor "
+                        f"trained at that size (train.py image_size)")  # fmt: skip
 
 
 def check_provenance(args: argparse.Namespace, meta: dict) -> None:

@@ -22,7 +22,14 @@ Other parametrizations (the scheduler config's `prediction_type`). With x_t = sq
 
 Every type is guided through its equivalent eps (`as_eps`, used by the x0 gradient path too), and the
 shift is added to the model's own output (`guide_output`), so the scheduler steps exactly as it would
-with a model that had predicted the shifted eps.
+with a model that had predicted the shifted eps. alpha_bar_t is the noise level the scheduler itself
+sits at (rcgdm/schedulers.py: alphas_cumprod[t], or 1 / (1 + sigma^2) for sigma schedulers).
+
+Zero terminal SNR (alpha_bar_t = 0, the first step of schedules rescaled to zero SNR). Then
+x_t = eps exactly: x_t carries no information about x0, so y and x_t are independent,
+p_t(y | x_t) = p(y) and grad_x log p_t(y | x_t) = 0. The term is zero at that step, and the output is
+left as it is. (The formulas above agree in the limit where they are defined: a v model's output
+cannot express an eps shift there, d eps = sqrt(a) d v = 0, and x0_hat of the x0 path divides by 0.)
 """
 
 from __future__ import annotations
@@ -108,7 +115,10 @@ def guide_eps(eps: torch.Tensor, x_t: torch.Tensor, alpha_bar_t: torch.Tensor | 
 def guide_output(output: torch.Tensor, x_t: torch.Tensor, alpha_bar_t: torch.Tensor | float, prediction_type: str,
                  predictor: nn.Module, target: float, guidance: float, batch_mean: bool = False,
                  grad_path: str = "xt") -> torch.Tensor:  # fmt: skip
-    """A model output of `prediction_type` shifted as the paper's eps would be, in the output's dtype."""
+    """A model output of `prediction_type` shifted as the paper's eps would be, in the output's dtype.
+    alpha_bar_t = 0 (zero terminal SNR) leaves the output as it is (see the module docstring)."""
+    if float(alpha_bar_t) == 0:
+        return output
     a = _alpha_bar(alpha_bar_t, x_t)
     eps = as_eps(output.to(a.dtype), x_t.to(a.dtype), a, prediction_type)
     shift = eps_shift(eps, x_t, a, predictor, target, guidance, batch_mean, grad_path) * output_per_eps(a, prediction_type)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -57,12 +58,23 @@ def ensure_built(name: str = "tiny-random") -> Path:
 
 def resolve_model(name: str) -> str:
     """`tiny` -> models/tiny-sd (verified); `tiny-random`, `sd15-random` -> their cache folders; an existing
-    folder -> itself; anything else is a hub id."""
+    folder -> itself; anything else is a hub id. Every folder (and a hub repo's file list, see `hub_revision`)
+    is checked to hold no code before anything reads it (`check_no_code`)."""
+    if not name.strip():
+        raise UserError(f"--model {name!r} is empty; expected a hub id, a local diffusers folder, or tiny")
     if name == TINY:
-        return str(_verified(TINY_FOLDER))
-    if name in _BUILT_FOLDERS:
-        return str(ensure_built(name))
-    return name
+        folder = _verified(TINY_FOLDER)
+    elif name in _BUILT_FOLDERS:
+        folder = ensure_built(name)
+    elif Path(name).is_dir():
+        folder = Path(name)
+    elif _hub_offline():  # the hub's cache holds a snapshot: a folder like any other
+        folder = _cached_snapshot(name)
+    else:
+        hub_revision(name)
+        return name
+    _checked_folder(folder.resolve(), name)
+    return str(folder)
 
 
 @functools.cache
@@ -75,10 +87,10 @@ def _verified(folder: Path) -> Path:
 
 
 def model_fingerprint(name: str) -> str:
-    """What a model is, for resume checks: a local folder by its files (path, size, mtime), a hub id by itself."""
+    """What a model is, for resume checks: a local folder by its files (path, size, mtime), a hub id by its commit."""
     source = Path(resolve_model(name))
     if not source.is_dir():
-        return name
+        return f"hub:{name}@{hub_revision(name)}"
     digest = hashlib.sha256()
     for path in sorted(p for p in source.rglob("*") if p.is_file()):
         stat = path.stat()
@@ -90,8 +102,9 @@ def _from_pretrained(cls, name: str, loader: str = "from_pretrained", **kwargs):
     """cls.from_pretrained (or another `loader` of cls) with a one-line error naming the model when it can't be had."""
     source = resolve_model(name)
     local = Path(source).is_dir()
+    where = {"local_files_only": True} if local else {"revision": hub_revision(name)}  # the commit that was checked
     try:
-        return getattr(cls, loader)(source, local_files_only=local, **kwargs)
+        return getattr(cls, loader)(source, **where, **kwargs)
     except Exception as err:  # offline hub errors, missing files, bad folders ...
         reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
         hint = "" if local else "; offline, use --model tiny or a local diffusers folder"
@@ -128,13 +141,20 @@ def check_model_index(name: str) -> None:
 
 def model_facts(name: str) -> dict:
     """What the sampler needs to know before loading weights, from the configs alone: the UNet's latent
-    channels and the scheduler's prediction type (a refused pipeline class fails here)."""
-    from diffusers import PNDMScheduler, UNet2DConditionModel
+    channels and size, the VAE's downsampling factor and the scheduler's prediction type (a refused pipeline
+    class fails here)."""
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
 
     check_model_index(name)
     unet = _from_pretrained(UNet2DConditionModel, name, loader="load_config", subfolder="unet")
     scheduler = _from_pretrained(PNDMScheduler, name, loader="load_config", subfolder="scheduler")  # any class: config only
-    return {"in_channels": unet.get("in_channels"), "prediction_type": scheduler.get("prediction_type", "epsilon")}
+    vae = _from_pretrained(AutoencoderKL, name, loader="load_config", subfolder="vae")
+    return {
+        "in_channels": unet.get("in_channels"),
+        "sample_size": unet.get("sample_size"),
+        "vae_scale_factor": 2 ** (len(vae.get("block_out_channels", [0])) - 1),  # as StableDiffusionPipeline computes it
+        "prediction_type": scheduler.get("prediction_type", "epsilon"),
+    }
 
 
 def load_pipeline(name: str, dtype: torch.dtype = torch.float32):
@@ -163,3 +183,125 @@ def load_scheduler(name: str):
     from diffusers import PNDMScheduler
 
     return _from_pretrained(PNDMScheduler, name, subfolder="scheduler")
+
+
+# ----------------------------------------------------------------------------- a model folder is data
+# Files whose presence means code could be loaded from the folder: diffusers (0.30 to 0.37 even without
+# trust_remote_code) and transformers import Python files a folder carries, and native libraries run on load.
+CODE_SUFFIXES = (".py", ".pyc", ".pyo", ".pyw", ".pyd", ".pyx", ".so", ".dll", ".dylib")
+CODE_KEYS = ("auto_map", "custom_pipeline", "trust_remote_code")  # config keys that name code to fetch and run
+MAX_FILES = 10_000
+
+
+def check_file_names(names: list[str], name: str) -> None:
+    """UserError if a model's file list (relative paths) holds code."""
+    code = next((n for n in names if n.lower().endswith(CODE_SUFFIXES)), None)
+    if code is not None:
+        raise UserError(f"--model {name!r} holds the code file {code!r}; expected a model of weights and configs only "
+                        "(code from a model is never run)")  # fmt: skip
+
+
+def check_config(config, file: str, name: str) -> None:
+    """UserError if a JSON config names custom code: a key such as auto_map, or a `_class_name` that is not
+    one of diffusers' or transformers' own classes (model_index.json's components are checked apart)."""
+    stack = [config]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, list):
+            stack.extend(value)
+        if not isinstance(value, dict):
+            continue
+        key = next((k for k in value if k in CODE_KEYS), None)
+        if key is not None:
+            raise UserError(f"--model {name!r}: {file} names custom code ({key!r}); expected stock diffusers and "
+                            "transformers components (code from a model is never run)")  # fmt: skip
+        cls = value.get("_class_name")
+        if isinstance(cls, str) and file != "model_index.json" and not _stock_class(cls):
+            raise UserError(f"--model {name!r}: {file} names the class {cls!r}, which is not diffusers' or transformers'; "
+                            "expected a stock component (code from a model is never run)")  # fmt: skip
+        stack.extend(value.values())
+
+
+def _stock_class(name: str) -> bool:
+    import diffusers
+    import transformers
+
+    for library in (diffusers, transformers):
+        try:
+            if isinstance(getattr(library, name), type):
+                return True
+        except Exception:  # absent, or a lazy import of an optional backend that fails
+            continue
+    return False
+
+
+def _model_files(folder: Path, name: str) -> list[str]:
+    """Every file under `folder`, through links (a hub cache's snapshot is links), as relative paths."""
+    files, seen = [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link loop
+            dirs.clear()
+            continue
+        seen.add(real)
+        files += [(Path(root) / n).relative_to(folder).as_posix() for n in names]
+        if len(files) > MAX_FILES:
+            raise UserError(f"--model {name!r} holds over {MAX_FILES} files; expected a diffusers model folder")
+    return files
+
+
+@functools.cache
+def _checked_folder(folder: Path, name: str) -> None:
+    """The folder holds no code file, and none of its JSON configs names custom code (checked once per process)."""
+    files = _model_files(folder, name)
+    check_file_names(files, name)
+    for file in files:
+        if file.endswith(".json"):
+            check_config(_read_json(folder / file, name), file, name)
+
+
+def _read_json(path: Path, name: str):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"--model {name!r}: {path.name} is not readable JSON ({type(err).__name__}); expected a diffusers "
+                        "model folder") from None  # fmt: skip
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _cached_snapshot(name: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception as err:  # not cached, or not a repo id
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        raise UserError(f"--model {name!r} is not in the hub cache and HF_HUB_OFFLINE is set ({reason}); "
+                        "use --model tiny or a local diffusers folder") from None  # fmt: skip
+
+
+@functools.cache
+def hub_revision(name: str) -> str:
+    """The commit of hub repo `name` that every later load uses, once its file list and JSON configs are checked
+    (`check_file_names`, `check_config`): what is checked is what loads."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    try:
+        info = HfApi().model_info(name)
+        check_file_names([s.rfilename for s in info.siblings or []], name)
+        configs = Path(snapshot_download(name, revision=info.sha, allow_patterns=["*.json"]))
+    except UserError:
+        raise
+    except Exception as err:  # offline, no such repo, a malformed id ...
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        raise UserError(f"--model {name!r} could not be loaded ({reason}); offline, use --model tiny or a local "
+                        "diffusers folder") from None  # fmt: skip
+    for file in _model_files(configs, name):
+        if file.endswith(".json"):
+            check_config(_read_json(configs / file, name), file, name)
+    return info.sha

@@ -9,34 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import diffusers
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from rcgdm.cli import UserError
 from rcgdm.guidance import guide_output
-
-SCHEDULERS = {
-    "pndm": "PNDMScheduler",
-    "ddim": "DDIMScheduler",
-    "ddpm": "DDPMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "heun": "HeunDiscreteScheduler",
-    "lms": "LMSDiscreteScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-    "unipc": "UniPCMultistepScheduler",
-}
-
-
-def make_scheduler(name: str, config) -> diffusers.SchedulerMixin:
-    """A short name (pndm, ddim, euler, dpm++, ...) or any diffusers scheduler class name, built from `config`."""
-    cls = getattr(diffusers, SCHEDULERS.get(name.lower(), name), None)
-    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
-        expected = f"one of {', '.join(SCHEDULERS)} or a diffusers scheduler class name"
-        raise UserError(f"--scheduler {name!r} is unknown; expected {expected}")
-    return cls.from_config(config)
+from rcgdm.schedulers import noise_levels
 
 
 @dataclass
@@ -73,21 +51,20 @@ def sample_latents(
     scheduler.set_timesteps(num_inference_steps, device=device)
     latents = pipe.prepare_latents(batch, pipe.unet.config.in_channels, height, width, embeddings.dtype, device, generators)
     step_kwargs = pipe.prepare_extra_step_kwargs(generators, 0.0)
-    alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    alpha_bar = noise_levels(scheduler)  # on the CPU: reading one never waits for the GPU
     prediction_type = scheduler.config.get("prediction_type", "epsilon")  # what `eps` below really is: see rcgdm/guidance.py
 
-    for t in tqdm(scheduler.timesteps, desc="denoising", leave=False, disable=not progress):
+    for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoising", leave=False, disable=not progress)):
         model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if use_cfg else latents, t)
         eps = pipe.unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False)[0]
         if use_cfg:
             eps_uncond, eps_text = eps.chunk(2)
             eps = eps_uncond + cfg * (eps_text - eps_uncond)
         if guidance is not None and guidance.scale != 0:
-            # the paper's term; x_t is the model input (the DDPM-scaled latent, for any scheduler)
+            # the paper's term; x_t is the model input (the variance-preserving latent, for any scheduler)
             x_t = scheduler.scale_model_input(latents, t)
-            alpha_bar_t = alphas_cumprod[t.to(device, torch.long)]  # indexed on the device: int(t) would sync the GPU each step
             g = guidance
-            eps = guide_output(eps, x_t, alpha_bar_t, prediction_type, g.predictor, g.target, g.scale, g.batch_mean, g.grad_path)
+            eps = guide_output(eps, x_t, alpha_bar[i], prediction_type, g.predictor, g.target, g.scale, g.batch_mean, g.grad_path)
         latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
     return latents
 

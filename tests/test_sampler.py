@@ -9,7 +9,8 @@ from rcgdm.guidance import guide_eps, reward_gradient
 from rcgdm.models import load_pipeline
 from rcgdm.predictor import ThreeLayerConvNet, load_predictor
 from rcgdm.runtime import image_generators
-from rcgdm.sampler import RewardGuidance, decode, make_scheduler, sample_latents
+from rcgdm.sampler import RewardGuidance, decode, sample_latents
+from rcgdm.schedulers import make_scheduler
 
 PROMPT = "a nice photo"
 

@@ -14,6 +14,17 @@ from rcgdm.cli import UserError
 from rcgdm.rewards.base import Reward, at_reward_size
 
 
+def _import_from_cwd(module_name: str):
+    """Import `module_name` as `python -c` would (the working folder first; scripts put their own folder
+    there), leaving sys.path as it was found."""
+    saved = list(sys.path)
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        sys.path[:] = saved
+
+
 class UserFunction(Reward):
     """`module:function` (importable, or a .py path): images (B, 3, 224, 224) in [0, 1] -> rewards (B,) or (B, 1)."""
 
@@ -28,9 +39,7 @@ class UserFunction(Reward):
                 module = importlib.util.module_from_spec(loader)
                 loader.loader.exec_module(module)
             else:
-                if str(Path.cwd()) not in sys.path:
-                    sys.path.insert(0, str(Path.cwd()))  # scripts put their own folder first, not the user's
-                module = importlib.import_module(module_name)
+                module = _import_from_cwd(module_name)
         except Exception as err:  # a user's module can fail to import in any way
             reason = f"{type(err).__name__}: {err}"
             raise UserError(f"--reward {spec!r}: module {module_name!r} cannot be imported ({reason})") from None

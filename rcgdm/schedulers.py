@@ -1,0 +1,98 @@
+"""The samplers the guidance is exact for, and the noise level each one sits at, step by step.
+
+The paper's term is scaled by alpha_bar at the current step (rcgdm/guidance.py). Two kinds of
+diffusers scheduler place their steps differently:
+
+- "alphas" (PNDM, DDIM, DDPM) step on integer training timesteps: alpha_bar = alphas_cumprod[t].
+- "sigmas" (Euler, Euler ancestral, Heun, LMS, DPM++, UniPC) step on a sigma schedule that need not
+  sit on a training timestep (Karras, exponential or beta sigmas; Euler's continuous timesteps, where
+  t is 0.25 log sigma). Their model input is the latent scaled to the variance-preserving form, so
+  x_t = sqrt(a) x0 + sqrt(1 - a) eps with a = 1 / (1 + sigma_i^2), sigma_i = scheduler.sigmas[i] for
+  the i-th entry of scheduler.timesteps (Heun repeats timesteps and sigmas alike).
+
+Any other scheduler class (inversion, inpainting-only, consistency or flow-matching samplers, base
+classes) is refused by class, whatever name it was given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rcgdm.cli import UserError
+
+ALL_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A supported scheduler class: where its noise level comes from and which model outputs it can step."""
+
+    class_name: str
+    noise: str  # "alphas" or "sigmas" (module docstring)
+    prediction_types: tuple[str, ...] = ALL_TYPES
+
+
+SCHEDULERS = {
+    "pndm": Sampler("PNDMScheduler", "alphas", ("epsilon", "v_prediction")),
+    "ddim": Sampler("DDIMScheduler", "alphas"),
+    "ddpm": Sampler("DDPMScheduler", "alphas"),
+    "euler": Sampler("EulerDiscreteScheduler", "sigmas"),
+    "euler_a": Sampler("EulerAncestralDiscreteScheduler", "sigmas", ("epsilon", "v_prediction")),
+    "heun": Sampler("HeunDiscreteScheduler", "sigmas"),
+    "lms": Sampler("LMSDiscreteScheduler", "sigmas"),
+    "dpm++": Sampler("DPMSolverMultistepScheduler", "sigmas"),
+    "unipc": Sampler("UniPCMultistepScheduler", "sigmas"),
+}
+_BY_CLASS = {s.class_name: s for s in SCHEDULERS.values()}
+EXPECTED = f"one of {', '.join(SCHEDULERS)} (or their class names)"
+
+
+def scheduler_support(name: str) -> Sampler:
+    """The supported sampler that a short name or a class name stands for, else UserError."""
+    support = SCHEDULERS.get(name.lower()) or _BY_CLASS.get(name)
+    if support is None:
+        import diffusers
+
+        known = name and isinstance(getattr(diffusers, name, None), type)
+        what = "is not a text-to-image sampler the guidance is exact for" if known else "is unknown"
+        raise UserError(f"--scheduler {name!r} {what}; expected {EXPECTED}")
+    return support
+
+
+def check_steps(name: str, prediction_type: str) -> Sampler:
+    """UserError unless scheduler `name` is supported and can step a model that predicts `prediction_type`."""
+    support = scheduler_support(name)
+    if prediction_type not in support.prediction_types:
+        expected = ", ".join(s for s, v in SCHEDULERS.items() if prediction_type in v.prediction_types)
+        raise UserError(f"--scheduler {name!r} ({support.class_name}) cannot step a model that predicts {prediction_type!r}; "
+                        f"expected one of {expected}")  # fmt: skip
+    return support
+
+
+def make_scheduler(name: str, config):
+    """The scheduler `name` built from a model's scheduler `config`, refused in one line if it cannot step the
+    config's prediction type or the config leaves the variance-preserving family (flow-matching sigmas)."""
+    import diffusers
+
+    support = check_steps(name, config.get("prediction_type", "epsilon"))
+    if config.get("use_flow_sigmas"):
+        raise UserError(f"--scheduler {name!r}: the model's scheduler config uses flow-matching sigmas; expected a "
+                        "diffusion (alpha_bar) schedule")  # fmt: skip
+    try:
+        return getattr(diffusers, support.class_name).from_config(config)
+    except Exception as err:  # a config option this class cannot take, or one needing a package not installed
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        raise UserError(f"--scheduler {name!r} cannot be built from the model's scheduler config ({reason})") from None
+
+
+def noise_levels(scheduler) -> torch.Tensor:
+    """alpha_bar at each entry of `scheduler.timesteps` (after set_timesteps), as the scheduler's step treats its
+    model input: float64 (steps,) on the CPU. See the module docstring."""
+    support = _BY_CLASS[type(scheduler).__name__]
+    steps = len(scheduler.timesteps)
+    if support.noise == "sigmas":
+        sigma = scheduler.sigmas[:steps].detach().cpu().double()
+        return 1 / (1 + sigma**2)  # sigma = inf (zero terminal SNR) gives 0
+    return scheduler.alphas_cumprod.detach().cpu().double()[scheduler.timesteps.detach().cpu().long()]

@@ -1,0 +1,145 @@
+"""The guidance's noise level on every supported scheduler, checked against the scheduler's own numbers in float64."""
+
+from __future__ import annotations
+
+import inspect
+
+import diffusers
+import pytest
+import torch
+
+import rcgdm.sampler
+from rcgdm.cli import UserError
+from rcgdm.guidance import guide_output
+from rcgdm.models import load_pipeline
+from rcgdm.predictor import ThreeLayerConvNet
+from rcgdm.runtime import image_generators
+from rcgdm.sampler import RewardGuidance, sample_latents
+from rcgdm.schedulers import SCHEDULERS, make_scheduler
+
+STEPS = 6
+KARRAS = {"use_karras_sigmas": True}
+# (short name, config changes): every supported class, and the sigma placements that leave the training timesteps
+CASES = [
+    ("pndm", {}), ("ddim", {}), ("ddpm", {}), ("euler", {}), ("euler", KARRAS),
+    ("euler", {"timestep_type": "continuous", "prediction_type": "v_prediction"}), ("euler_a", {}), ("heun", {}),
+    ("heun", KARRAS), ("lms", {}), ("lms", KARRAS), ("dpm++", {}), ("dpm++", KARRAS), ("unipc", {}), ("unipc", KARRAS),
+    ("ddim", {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"}),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir):
+    pipe = load_pipeline("tiny-random", torch.float64)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    torch.manual_seed(0)
+    return ThreeLayerConvNet().double().eval()
+
+
+SCHEDULERS_NOISE = {  # written out here, apart from rcgdm.schedulers: which classes step on sigmas
+    diffusers.PNDMScheduler: "alphas", diffusers.DDIMScheduler: "alphas", diffusers.DDPMScheduler: "alphas",
+    diffusers.EulerDiscreteScheduler: "sigmas", diffusers.EulerAncestralDiscreteScheduler: "sigmas",
+    diffusers.HeunDiscreteScheduler: "sigmas", diffusers.LMSDiscreteScheduler: "sigmas",
+    diffusers.DPMSolverMultistepScheduler: "sigmas", diffusers.UniPCMultistepScheduler: "sigmas",
+}  # fmt: skip
+
+
+def expected_alpha_bars(scheduler) -> list[float]:
+    """alpha_bar per model call, in float64, from the scheduler's own arrays: alphas_cumprod at the timestep for
+    schedulers that step on training timesteps, else the variance-preserving level of the i-th sigma."""
+    timesteps = scheduler.timesteps.tolist()
+    if SCHEDULERS_NOISE[type(scheduler)] == "sigmas":
+        return [1.0 / (1.0 + float(scheduler.sigmas[i]) ** 2) for i in range(len(timesteps))]
+    cumprod = scheduler.alphas_cumprod.double()
+    return [float(cumprod[int(t)]) for t in timesteps]
+
+
+
+
+def used_alpha_bars(pipe, guidance, monkeypatch) -> tuple[list[float], torch.Tensor]:
+    """Sample two images with `guidance`, recording the alpha_bar the sampler hands the term at every model call."""
+    used = []
+
+    def recording(output, x_t, alpha_bar_t, *args, **kwargs):
+        used.append(float(alpha_bar_t))
+        return guide_output(output, x_t, alpha_bar_t, *args, **kwargs)
+
+    monkeypatch.setattr(rcgdm.sampler, "guide_output", recording)
+    latents = sample_latents(pipe, "a nice photo", image_generators(0, range(2)), guidance, STEPS, progress=False)
+    return used, latents
+
+
+@pytest.mark.parametrize(("name", "changes"), CASES, ids=[f"{n}{'-' + '-'.join(c) if c else ''}" for n, c in CASES])
+def test_the_term_uses_the_schedulers_own_noise_level_at_every_step(pipe, predictor, monkeypatch, name, changes):
+    original = pipe.scheduler
+    try:
+        pipe.scheduler = make_scheduler(name, {**original.config, **changes})
+        used, latents = used_alpha_bars(pipe, RewardGuidance(predictor, target=3.0, scale=2.0), monkeypatch)
+        expected = expected_alpha_bars(pipe.scheduler)
+        assert len(used) == len(expected) == len(pipe.scheduler.timesteps)
+        assert used == pytest.approx(expected, rel=1e-12, abs=0)
+        assert torch.isfinite(latents).all()
+        unguided = sample_latents(pipe, "a nice photo", image_generators(0, range(2)), None, STEPS, progress=False)
+        assert (latents - unguided).abs().max() > 1e-4  # the term did act
+    finally:
+        pipe.scheduler = original
+
+
+@pytest.mark.parametrize(("name", "changes"), [c for c in CASES if c[0] in ("ddim", "ddpm", "euler", "euler_a", "lms")])
+def test_at_that_noise_level_the_scheduler_denoises_back_to_x0(pipe, name, changes):
+    """Independent of any formula: build the model input x_t = sqrt(a) x0 + sqrt(1 - a) eps at the level used, and
+    the scheduler's own step, given eps, recovers x0 (the steps below return their x0 estimate)."""
+    from rcgdm.schedulers import noise_levels
+
+    config = {**pipe.scheduler.config, **changes, "prediction_type": "epsilon", "clip_sample": False}
+    scheduler = make_scheduler(name, config)
+    scheduler.set_timesteps(STEPS)
+    generator = torch.Generator().manual_seed(0)
+    x0, eps = (torch.randn(1, 4, 8, 8, generator=generator, dtype=torch.float64) for _ in range(2))
+    for i, (t, a) in enumerate(zip(scheduler.timesteps, noise_levels(scheduler), strict=True)):
+        if a == 0:
+            continue
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        latents = x_t / scheduler.scale_model_input(torch.ones_like(x_t), t)  # the latent whose model input is x_t
+        noisy = "generator" in inspect.signature(scheduler.step).parameters  # ancestral and DDPM steps draw noise
+        out = scheduler.step(eps, t, latents, **({"generator": torch.Generator().manual_seed(i)} if noisy else {}))
+        torch.testing.assert_close(out.pred_original_sample, x0, rtol=1e-6, atol=1e-6)
+
+
+def test_zero_terminal_snr_leaves_that_step_alone(predictor):
+    """alpha_bar = 0: x_t is pure noise and the term is zero (rcgdm/guidance.py), never inf or NaN."""
+    x_t, output = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    for kind in ("epsilon", "v_prediction", "sample"):
+        for path in ("xt", "x0"):
+            assert torch.equal(guide_output(output, x_t, torch.tensor(0.0, dtype=torch.float64), kind, predictor, 3.0, 9.0,
+                                            grad_path=path), output)  # fmt: skip
+            near = guide_output(output, x_t, 1e-12, kind, predictor, 3.0, 9.0, grad_path=path)
+            assert torch.isfinite(near).all()
+
+
+@pytest.mark.parametrize("name", ["DDIMInverseScheduler", "RePaintScheduler", "SchedulerMixin", "FlowMatchEulerDiscreteScheduler",
+                                  "LCMScheduler", "CMStochasticIterativeScheduler"])  # fmt: skip
+def test_other_schedulers_are_refused_by_class(pipe, name):
+    with pytest.raises(UserError, match=f"--scheduler '{name}' is not a text-to-image sampler the guidance is exact for"):
+        make_scheduler(name, pipe.scheduler.config)
+
+
+@pytest.mark.parametrize("name", ["pndm", "PNDMScheduler", "euler_a", "EulerAncestralDiscreteScheduler"])
+def test_a_scheduler_that_cannot_step_sample_models_is_refused_by_class(pipe, name):
+    with pytest.raises(UserError, match="cannot step a model that predicts 'sample'; expected one of ddim, ddpm, euler,"):
+        make_scheduler(name, {**pipe.scheduler.config, "prediction_type": "sample"})
+
+
+def test_flow_matching_sigmas_are_refused(pipe):
+    with pytest.raises(UserError, match="flow-matching sigmas"):
+        make_scheduler("dpm++", {**pipe.scheduler.config, "use_flow_sigmas": True})
+
+
+def test_every_listed_scheduler_builds_on_this_install(pipe):
+    for name, support in SCHEDULERS.items():
+        assert type(make_scheduler(name, pipe.scheduler.config)).__name__ == support.class_name
