@@ -16,6 +16,8 @@ Writes, in --out_dir:
 from __future__ import annotations
 
 import argparse
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +31,7 @@ from rcgdm.atomic import save_json, save_npy, save_torch
 from rcgdm.cli import ArgumentParser, UserError, check_creatable, non_negative_float, positive_int, run_main, writable_dir
 from rcgdm.data import check_num_data, load_batch, open_source
 from rcgdm.locking import LOCK_FILE, refuse_if_locked
-from rcgdm.outputs import refuse_existing
+from rcgdm.outputs import publish, refuse_existing, refuse_outputs_inside_inputs
 from rcgdm.rewards import Reward
 from rcgdm.rewards.resnet18 import WEIGHT_CHOICES
 from rcgdm.runtime import package_versions, sha256_file
@@ -80,6 +82,7 @@ def main() -> None:
     source = open_source(args.data, args.data_root)
     num_data = check_num_data(args.num_data, source)
     check_creatable(args.out_dir)
+    refuse_outputs_inside_inputs({"--out_dir": args.out_dir}, {"--data": args.data if Path(args.data).is_dir() else None})
     refuse_if_locked(Path(args.out_dir) / LOCK_FILE, f"--out_dir {args.out_dir!r}")
     if not args.overwrite:
         refuse_existing([Path(args.out_dir) / name for name in OUTPUTS], "use --overwrite to replace it, or another --out_dir")
@@ -100,13 +103,28 @@ def write_labels(args: argparse.Namespace, state: PartialState, ground_truth: Re
     noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(args.seed)) * args.noise_std
     labels = (clean + noise).numpy().astype(np.float32)
 
+    staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".fake_dataset.", suffix=".tmp"))
+    try:  # the three files replace an earlier run's together, once all are written
+        save_outputs(args, ground_truth, labels, source, staging)
+        publish(staging, out_dir, OUTPUTS)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(
+        f"{num_data} labels from {source.identity}: mean {labels.mean():.4f}, std {labels.std():.4f} "
+        f"(clean reward std {clean.std().item():.4f}, noise std {args.noise_std})"
+    )
+    print(f"wrote {out_dir / REWARD_FILE}, {out_dir / LABELS_FILE}, {out_dir / SIDECAR_FILE}")
+
+
+def save_outputs(args: argparse.Namespace, ground_truth: Reward, labels: np.ndarray, source, out_dir: Path) -> None:
+    """reward_model.pth, the labels and their sidecar JSON, into `out_dir`."""
     save_torch(ground_truth.checkpoint(), out_dir / REWARD_FILE)
     save_npy(labels, out_dir / LABELS_FILE)
     save_json(
         {
             "reward": args.reward,
             "data": source.identity,
-            "num_data": num_data,
+            "num_data": len(labels),
             "noise_std": args.noise_std,
             "seed": args.seed,
             "weights": args.weights,
@@ -117,11 +135,6 @@ def write_labels(args: argparse.Namespace, state: PartialState, ground_truth: Re
         },
         out_dir / SIDECAR_FILE,
     )
-    print(
-        f"{num_data} labels from {source.identity}: mean {labels.mean():.4f}, std {labels.std():.4f} "
-        f"(clean reward std {clean.std().item():.4f}, noise std {args.noise_std})"
-    )
-    print(f"wrote {out_dir / REWARD_FILE}, {out_dir / LABELS_FILE}, {out_dir / SIDECAR_FILE}")
 
 
 if __name__ == "__main__":

@@ -23,9 +23,10 @@ import fnmatch
 import io
 import itertools
 import secrets
+import shutil
 import textwrap
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,10 +42,11 @@ from rcgdm.cli import ArgumentParser, UserError, check_creatable, finite_float, 
 from rcgdm.evaluate import distribution_shift, score_images
 from rcgdm.guidance import GRAD_PATHS, PREDICTION_TYPES
 from rcgdm.locking import LOCK_FILE, refuse_if_locked
-from rcgdm.models import SD15, load_pipeline, model_facts, model_fingerprint
-from rcgdm.outputs import refuse_existing, refuse_inputs_as_outputs
+from rcgdm.models import SD15, load_pipeline, local_model_folder, model_facts, model_fingerprint
+from rcgdm.outputs import STAGING, publish, refuse_existing, refuse_inputs_as_outputs, refuse_outputs_inside_inputs
 from rcgdm.predictor import FORMAT as PREDICTOR_FORMAT
 from rcgdm.predictor import predictor_from_checkpoint, reference_from_checkpoint
+from rcgdm.progress import ANY_FILE as PROGRESS_FILES
 from rcgdm.progress import FILE as PROGRESS_FILE
 from rcgdm.progress import SweepProgress, check_start, unique_rows
 from rcgdm.rewards import load_reward
@@ -167,6 +169,7 @@ def check_outputs(args: argparse.Namespace, out_dir: Path, combos: list[Combo]) 
         if Path(path).resolve().parent in folders and fnmatch.fnmatch(Path(path).name, IMAGE_GLOB):
             raise UserError(f"{flag} {path!r} is named like this run's images, in its folder; inputs are never outputs, "
                             "expected another path")  # fmt: skip
+    refuse_outputs_inside_inputs({"--out_dir": out_dir}, {"--model": local_model_folder(args.model)})
     check_start(out_dir, args.resume, args.overwrite)
     if args.overwrite or args.resume:
         return
@@ -290,10 +293,15 @@ def main() -> None:
     writable_dir(out_dir)
     with distributed.main_only_lock(state, out_dir / LOCK_FILE, f"--out_dir {str(out_dir)!r}"):
         progress = open_progress(args, state, out_dir, combos)
+        run_dir = progress.path.parent  # out_dir, or the staging folder of a run that replaces an earlier one
+        staged = [replace(combo, folder=run_dir / combo.folder.relative_to(out_dir)) for combo in combos]
         with state.main_process_first():  # folders are readied before anyone writes
             if state.is_main_process:
-                prepare_folders(out_dir, combos, args.overwrite, progress)
-        run_sweep(args, state, models, out_dir, combos, progress, start)
+                prepare_folders(run_dir, staged, args.overwrite, progress)
+        rows = run_sweep(args, state, models, run_dir, staged, progress, start)
+        if state.is_main_process and run_dir != out_dir:
+            publish(run_dir, out_dir, [*RUN_FILES, *earlier_files(out_dir, combos), *(row["file"] for row in rows)])
+        state.print(f"wrote {len(rows)} images and {out_dir / 'results.csv'}, summary.json, the figures and grid.png")
 
 
 @dataclass(frozen=True)
@@ -333,23 +341,47 @@ def load_models(args: argparse.Namespace, state: PartialState, device: torch.dev
 
 
 def open_progress(args: argparse.Namespace, state: PartialState, out_dir: Path, combos: list[Combo]) -> SweepProgress:
-    """The main process starts (or resumes) the run; every process gets its settings (the seed) and the rows already done."""
+    """The main process starts (or resumes) the run; every process gets its settings (the seed), the rows already
+    done and the folder the run writes to (`run_folder`)."""
     shared = [None]
     if state.is_main_process:
         seed = args.seed if args.seed >= 0 else secrets.randbelow(2**31)
-        progress = SweepProgress.open(out_dir, image_settings(args, seed), args.resume, args.overwrite)
+        run_dir = run_folder(args, out_dir, combos)
+        progress = SweepProgress.open(run_dir, image_settings(args, seed), args.resume, args.overwrite)
         if progress.rows:
             print(f"--resume: {len(progress.rows)} images already done in {out_dir}")
         elif args.seed < 0:
             print(f"--seed -1: using the random seed {progress.seed} (recorded in summary.json)")
-        shared = [(progress.settings, progress.rows)]
-    settings, rows = broadcast_object_list(shared)[0]
-    return SweepProgress(out_dir, settings, rows, state.process_index)
+        shared = [(progress.settings, progress.rows, str(run_dir))]
+    settings, rows, run_dir = broadcast_object_list(shared)[0]
+    return SweepProgress(Path(run_dir), settings, rows, state.process_index)
+
+
+def run_folder(args: argparse.Namespace, out_dir: Path, combos: list[Combo]) -> Path:
+    """Where the run writes: out_dir; or, when it replaces an earlier run's outputs (--overwrite), a staging folder
+    in it whose files replace the earlier ones only once the run completes, so a run that fails leaves them as
+    they were; --resume continues in the staging folder of an interrupted overwrite."""
+    staging = out_dir / STAGING
+    if args.resume:
+        return staging if any(staging.glob(PROGRESS_FILES)) else out_dir
+    shutil.rmtree(staging, ignore_errors=True)  # an unfinished overwrite's (check_outputs asked for --overwrite)
+    if args.overwrite and earlier_files(out_dir, combos):
+        staging.mkdir()
+        return staging
+    return out_dir
+
+
+def earlier_files(out_dir: Path, combos: list[Combo]) -> list[str]:
+    """What an earlier run left where this one writes (run files, progress files, images), relative to out_dir."""
+    found = [path for name in RUN_FILES if (path := out_dir / name).exists()] + sorted(out_dir.glob(PROGRESS_FILES))
+    found += [path for combo in combos if combo.folder.is_dir() for path in sorted(combo.folder.glob(IMAGE_GLOB))]
+    return [path.relative_to(out_dir).as_posix() for path in found]
 
 
 def run_sweep(args, state: PartialState, models: Models, out_dir: Path, combos: list[Combo], progress: SweepProgress,
-              start: float) -> None:  # fmt: skip
-    """Sample this process's share of the batches; the main process then gathers every row and writes the run's files."""
+              start: float) -> list[dict]:  # fmt: skip
+    """Sample this process's share of the batches; the main process then gathers every row and writes the run's files
+    (into `out_dir`: the run folder, or its staging folder) -> every row of the run."""
     seed = progress.seed
     pipe, reward_model, predictor = models.pipe, models.reward, models.predictor
     batches = [(combo, indices) for combo in combos for indices in distributed.batches(args.num_images, args.bs)]
@@ -372,10 +404,12 @@ def run_sweep(args, state: PartialState, models: Models, out_dir: Path, combos: 
     all_seconds = gather_object([seconds])
     if state.is_main_process:
         check_images_visible(out_dir, all_rows)
-        sampling_seconds = {combo: sum(s[k] for s in all_seconds) for k, combo in enumerate(combos)}
+        final = plan(args)[1]  # the combinations as the summary names them (their folders, not the staging ones)
+        sampling_seconds = {combo: sum(s[k] for s in all_seconds) for k, combo in enumerate(final)}
         provenance = {"reward_model": models.reward_meta, "predictor": models.predictor_meta, "processes": state.num_processes}
-        write_outputs(args, pipe, seed, out_dir, combos, all_rows, sampling_seconds, (reward_model, predictor), provenance, start)
+        write_outputs(args, pipe, seed, out_dir, final, all_rows, sampling_seconds, (reward_model, predictor), provenance, start)
         progress.remove_files()
+    return all_rows
 
 
 def save_images(combo: Combo, indices: range, seed: int, out_dir: Path, images: torch.Tensor, gt: torch.Tensor,
@@ -401,12 +435,12 @@ def write_outputs(args, pipe, seed: int, out_dir: Path, combos: list[Combo], row
     summary = summarise(combos, rows, seconds)
     write_csv(rows, out_dir / "results.csv")
     plots.reward_vs_target(summary, out_dir / "reward_vs_target.png")
-    shift_figure = ", shift_vs_target.png" if plots.shift_vs_target(summary, out_dir / "shift_vs_target.png") else ""
+    plots.shift_vs_target(summary, out_dir / "shift_vs_target.png")
     plots.reward_vs_compute(summary, out_dir / "reward_vs_compute.png")
     write_grid(args, pipe, seed, out_dir, rows, *models, out_dir / "grid.png")
     save_json(
         {
-            "settings": {**vars(args), "seed_used": seed, "out_dir": str(out_dir)},
+            "settings": {**vars(args), "seed_used": seed, "out_dir": str(plan(args)[0])},
             "combinations": summary,
             **provenance,
             "seconds": time.perf_counter() - start,
@@ -420,7 +454,6 @@ def write_outputs(args, pipe, seed: int, out_dir: Path, combos: list[Combo], row
             + f", {c['prompt']!r}: "
             f"ground truth {c['gt_mean']:.4f} ± {c['gt_std']:.4f}, predicted {c['pred_mean']:.4f} ± {c['pred_std']:.4f}"
         )
-    print(f"wrote {len(rows)} images and {out_dir / 'results.csv'}, summary.json, reward_vs_target.png{shift_figure}, grid.png")
 
 
 def check_images_visible(out_dir: Path, rows: list[dict]) -> None:

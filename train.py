@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -38,8 +39,8 @@ from rcgdm.config import describe, parse_overrides
 from rcgdm.data import check_num_data, open_source
 from rcgdm.latents import LatentSpec, cached_latents, vae_fingerprint
 from rcgdm.locking import refuse_if_locked
-from rcgdm.models import check_vae, load_scheduler, load_vae
-from rcgdm.outputs import refuse_existing, refuse_inputs_as_outputs
+from rcgdm.models import check_vae, load_scheduler, load_vae, local_model_folder
+from rcgdm.outputs import STAGING, publish, refuse_existing, refuse_inputs_as_outputs, refuse_outputs_inside_inputs
 from rcgdm.predictor import ThreeLayerConvNet, predictor_checkpoint, reference_sample
 from rcgdm.runtime import package_versions, sha256_file
 from rcgdm.training import (
@@ -140,8 +141,8 @@ def main() -> None:
         n = state.num_processes
         raise UserError(f"batch_size={cfg.batch_size} is smaller than the {n} processes; expected at least {n}, one sample each")
     out_path = Path(cfg.out_path)
-    files = run_files(out_path)
-    check_outputs(cfg, files)
+    files, staged = run_files(out_path), run_files(staging_folder(out_path) / out_path.name)
+    check_outputs(cfg, files, staged)
     labels = load_labels(cfg.labels_path, cfg.num_data)
     train_idx, val_idx = split(cfg.num_data, cfg.val_fraction, cfg.seed)  # an empty side fails here, before any encoding
     check_vae(cfg.model)  # reads the VAE's config only: a model that cannot be had fails before anything is created
@@ -150,14 +151,31 @@ def main() -> None:
     writable_dir(out_path.parent, "out_path's folder")
     writable_dir(cfg.cache_dir, "cache_dir")
     with distributed.main_only_lock(state, lock_file(out_path), f"out_path {str(out_path)!r}"):
-        if cfg.overwrite and not cfg.resume and state.is_main_process:
-            for path in files.values():  # an earlier run's files go, so none is left to be mistaken for this run's
-                path.unlink(missing_ok=True)
-        train(cfg, state, dev, labels, (train_idx, val_idx), files, start_time)
+        # overwriting an earlier run (or resuming such an overwrite): this run's files wait in a staging folder and
+        # replace the earlier ones only once it completes, so a run that fails leaves them as they were
+        writes = staged if (staged["resume"].is_file() if cfg.resume else cfg.overwrite and any_exist(files)) else files
+        if state.is_main_process and not cfg.resume:
+            shutil.rmtree(staging_folder(out_path), ignore_errors=True)  # an unfinished overwrite's, replaced by this run
+            if writes is staged:
+                staging_folder(out_path).mkdir()
+        train(cfg, state, dev, labels, (train_idx, val_idx), writes, start_time)
+        if state.is_main_process and writes is staged:
+            publish(staging_folder(out_path), out_path.parent, [path.name for path in files.values()])
+        if state.is_main_process:
+            written = [files[k] for k in ("predictor", "metrics", "loss_curve", "loss_by_noise", "train_summary")]
+            print(f"wrote {', '.join(str(path) for path in written if path.exists())}")
 
 
 def lock_file(out_path: Path) -> Path:
     return out_path.parent / f".{out_path.name}.lock"
+
+
+def staging_folder(out_path: Path) -> Path:
+    return out_path.parent / f".{out_path.name}{STAGING}"
+
+
+def any_exist(files: dict[str, Path]) -> bool:
+    return any(path.exists() for path in files.values())
 
 
 def run_files(out_path: Path) -> dict[str, Path]:
@@ -166,9 +184,10 @@ def run_files(out_path: Path) -> dict[str, Path]:
     return {"predictor": out_path, **{name.split(".")[0]: out_path.with_suffix(f".{name}") for name in side}}
 
 
-def check_outputs(cfg: SimpleNamespace, files: dict[str, Path]) -> None:
-    """Before anything is created: out_path is a file path, no input is an output, and no earlier run's files are
-    replaced unless resume=True (an interrupted run) or overwrite=True."""
+def check_outputs(cfg: SimpleNamespace, files: dict[str, Path], staged: dict[str, Path]) -> None:
+    """Before anything is created: out_path is a file path, no input is an output or holds one, and no earlier
+    run's files are replaced unless resume=True (an interrupted run, `staged` for an interrupted overwrite) or
+    overwrite=True."""
     out_path = files["predictor"]
     if out_path.is_dir():
         raise UserError(f"out_path {str(out_path)!r} is a directory; expected a file path like convnet.pth")
@@ -178,13 +197,18 @@ def check_outputs(cfg: SimpleNamespace, files: dict[str, Path]) -> None:
     refuse_inputs_as_outputs({"labels_path": cfg.labels_path}, files.values())
     if Path(cfg.cache_dir).resolve() in out_path.resolve().parents:
         raise UserError(f"out_path {str(out_path)!r} is inside cache_dir {cfg.cache_dir!r}; expected a path outside the cache")
+    model_folder = local_model_folder(cfg.model)
+    data_folder = cfg.data if Path(cfg.data).is_dir() else None
+    outputs = {"out_path": out_path, "cache_dir": cfg.cache_dir}
+    refuse_outputs_inside_inputs(outputs, {"model": model_folder, "data": data_folder})
     if cfg.resume:
-        if not files["resume"].is_file():
+        if not (files["resume"].is_file() or staged["resume"].is_file()):
             raise UserError(f"resume=True but {str(files['resume'])!r} does not exist; expected a run to continue")
     elif not cfg.overwrite:
-        if files["resume"].exists() and not out_path.exists():  # a finished run keeps its resume state beside out_path
-            raise UserError(f"{str(files['resume'])!r} holds an interrupted run; resume=True to finish it, or overwrite=True "
-                            "to start again")  # fmt: skip
+        interrupted = staged["resume"] if staged["resume"].exists() else files["resume"]
+        if staged["resume"].exists() or (files["resume"].exists() and not out_path.exists()):  # a finished run keeps
+            raise UserError(f"{str(interrupted)!r} holds an interrupted run; resume=True to finish it, or overwrite=True "
+                            "to start again")  # fmt: skip  (its resume state beside out_path)
         refuse_existing(files.values(), "overwrite=True to replace it, or another out_path")
 
 
@@ -314,8 +338,6 @@ def train(
     if last["val_loss_by_noise"] is not None:
         buckets = ", ".join(f"{name} {loss:.4f}" for name, loss in last["val_loss_by_noise"].items() if loss is not None)
         print(f"validation by noise level: {buckets}")
-    written = [files[k] for k in ("predictor", "metrics", "loss_curve", "loss_by_noise", "train_summary") if files[k].exists()]
-    print(f"wrote {', '.join(map(str, written))}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,14 +19,15 @@ import numpy as np
 import torch
 
 
-def _default_mode() -> int:
-    """What open() would give a new file under this process's umask (mkstemp always gives 0600)."""
+def _umask() -> int:
+    """This process's umask (mkstemp and mkdtemp ignore it: they give 0600 and 0700)."""
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
 
 
-_MODE = _default_mode()
+_MODE = 0o666 & ~_umask()  # what open() would give a new file
+_DIR_MODE = 0o777 & ~_umask()  # what mkdir would give a new folder
 
 
 @contextlib.contextmanager
@@ -67,3 +69,24 @@ def save_json(obj: Any, path: str | Path) -> None:
 def save_text(text: str, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `path` (which must not exist); on success rename it onto `path`, else delete
+    it: a folder appears whole or not at all."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        os.chmod(tmp, _DIR_MODE)
+        os.rename(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def copy_file(source: str | Path, path: str | Path) -> None:
+    """shutil.copyfile, atomically."""
+    with atomic_path(path) as tmp:
+        shutil.copyfile(source, tmp)

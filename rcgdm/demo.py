@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rcgdm.atomic import save_json
+from rcgdm.atomic import copy_file, save_json
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["", "a yellow circle on a blue background", "a white square on a red background"]
@@ -233,7 +232,7 @@ ASSETS = {
 
 def copy_assets(out: Path, assets: Path = ROOT / "asset") -> None:
     for source, name in ASSETS.items():
-        shutil.copyfile(out / source, assets / name)
+        copy_file(out / source, assets / name)
     print(f"figures copied into {assets}")
 
 

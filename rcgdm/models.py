@@ -13,12 +13,11 @@ import functools
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from rcgdm.atomic import atomic_folder
 from rcgdm.cli import UserError, check_creatable
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -42,17 +41,12 @@ def ensure_built(name: str = "tiny-random") -> Path:
     target = cache_root() / _BUILT_FOLDERS[name]
     if (target / "model_index.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
-        build_random_sd(staging / "model", name)
-        try:
-            os.replace(staging / "model", target)
-        except OSError:
-            if not (target / "model_index.json").is_file():  # not a concurrent builder's win
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with atomic_folder(target) as staging:
+            build_random_sd(staging, name)
+    except OSError:
+        if not (target / "model_index.json").is_file():  # not a concurrent builder's win
+            raise
     return target
 
 
@@ -75,6 +69,15 @@ def resolve_model(name: str) -> str:
         return name
     _checked_folder(folder.resolve(), name)
     return str(folder)
+
+
+def local_model_folder(name: str) -> Path | None:
+    """The folder model `name` loads from when it is local (nothing is built, verified or downloaded), else None."""
+    if name == TINY:
+        return TINY_FOLDER
+    if name in _BUILT_FOLDERS:
+        return cache_root() / _BUILT_FOLDERS[name]
+    return Path(name) if name.strip() and Path(name).is_dir() else None
 
 
 @functools.cache

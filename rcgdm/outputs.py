@@ -8,6 +8,7 @@ anything: an input that is also an output is refused, and so is an output that a
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -37,3 +38,33 @@ def refuse_existing(outputs: Iterable[Path], how_to_replace: str) -> None:
     existing = next((path for path in outputs if path.exists()), None)
     if existing is not None:
         raise UserError(f"{str(existing)!r} already exists (an earlier run's output); {how_to_replace}")
+
+
+def refuse_outputs_inside_inputs(outputs: dict[str, str | Path], inputs: dict[str, str | Path | None]) -> None:
+    """UserError if an output (flag -> path) is an input folder (flag -> folder, None when not local) or inside one:
+    writing there would change the input for every later run (a model folder fails its manifest, a data folder
+    gains images)."""
+    for out_flag, out in outputs.items():
+        out_path = Path(out).resolve()
+        for in_flag, folder in inputs.items():
+            if folder is not None and Path(folder).is_dir() and (out_path == Path(folder).resolve() or
+                                                                 Path(folder).resolve() in out_path.parents):  # fmt: skip
+                raise UserError(f"{out_flag} {str(out)!r} is inside {in_flag} {str(folder)!r}; outputs never go into an "
+                                "input, expected a path outside it")  # fmt: skip
+
+
+STAGING = ".overwrite"  # an overwriting run's files wait here until the run completes
+
+
+def publish(staging: Path, target: Path, names: Iterable[str]) -> None:
+    """Move a completed run's files from `staging` onto `target` (`names` relative to both), replacing the earlier
+    run's; a name `staging` lacks is removed from `target` (an earlier run's file this run did not make). Then
+    `staging` goes. Until this is called an overwriting run leaves the earlier files as they were."""
+    for name in dict.fromkeys(names):  # once each: a second pass would remove what the first moved in
+        new, old = staging / name, target / name
+        if new.exists():
+            old.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(new, old)
+        else:
+            old.unlink(missing_ok=True)
+    shutil.rmtree(staging, ignore_errors=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from rcgdm.atomic import save_json
 from rcgdm.cli import UserError
+from rcgdm.outputs import STAGING
 
 FILE = "progress.json"
 ANY_FILE = "progress*.json"
@@ -74,7 +75,7 @@ class SweepProgress:
 def check_start(out_dir: Path, resume: bool, overwrite: bool) -> None:
     """UserError unless a run may start in `out_dir`: --resume needs an interrupted run there, and a fresh
     start over one needs --overwrite. Reads only; checked before anything is created and again under the lock."""
-    interrupted = out_dir.is_dir() and any(out_dir.glob(ANY_FILE))
+    interrupted = any(folder.is_dir() and any(folder.glob(ANY_FILE)) for folder in (out_dir, out_dir / STAGING))
     if resume and not interrupted:
         raise UserError(f"--resume: {str(out_dir)!r} holds no interrupted run ({FILE} is missing)")
     if interrupted and not resume and not overwrite:

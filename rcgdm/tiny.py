@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from rcgdm.atomic import atomic_folder, save_json
+
 TINY_SEED = 0
 _LATENT_GAIN = 18.0  # random encoder means have std ~0.3; 0.3 * 18 * 0.18215 ~ 1
 _FIT_STEPS, _FIT_BATCH, _FIT_IMAGES, _FIT_LR = 40, 32, 256, 3e-3
@@ -228,16 +230,16 @@ def build_random_sd(out_dir: str | Path, arch: str = "tiny-random", seed: int = 
 
 def train_sd(out_dir: str | Path, quick: bool = False) -> dict:
     """Build the tiny architecture, train it (rcgdm.tiny_train), write it with its manifest -> the training summary."""
-    from rcgdm.atomic import save_json
     from rcgdm.manifest import write_manifest
     from rcgdm.tiny_train import Recipe, train_tiny
 
     recipe = Recipe().quick() if quick else Recipe()
     pipe = build_pipeline("tiny", recipe.seed)
     summary = train_tiny(pipe, recipe)
-    pipe.save_pretrained(out_dir)
-    save_json(summary, Path(out_dir) / "training_summary.json")
-    write_manifest(out_dir)
+    with atomic_folder(out_dir) as folder:  # an interrupted run leaves no half-written model folder
+        pipe.save_pretrained(folder)
+        save_json(summary, folder / "training_summary.json")
+        write_manifest(folder)
     return summary
 
 
@@ -259,7 +261,8 @@ def main() -> None:
         print(json.dumps({k: v for k, v in summary.items() if k != "recipe"}, indent=1))
         print(f"trained tiny Stable Diffusion written to {out_dir}")
     else:
-        build_random_sd(out_dir, args.arch)
+        with atomic_folder(out_dir) as folder:
+            build_random_sd(folder, args.arch)
         print(f"{args.arch} Stable Diffusion (random weights) written to {out_dir}")
 
 
