@@ -28,7 +28,17 @@ from tqdm import tqdm
 
 from rcgdm import distributed, rewards
 from rcgdm.atomic import save_json, save_npy, save_torch
-from rcgdm.cli import ArgumentParser, UserError, check_creatable, non_negative_float, positive_int, run_main, writable_dir
+from rcgdm.cli import (
+    ArgumentParser,
+    UserError,
+    check_creatable,
+    non_empty,
+    non_negative_float,
+    positive_int,
+    run_main,
+    seed_int,
+    writable_dir,
+)
 from rcgdm.data import check_num_data, load_batch, open_source
 from rcgdm.locking import LOCK_FILE, refuse_if_locked
 from rcgdm.outputs import publish, refuse_existing, refuse_outputs_inside_inputs
@@ -44,15 +54,16 @@ OUTPUTS = (REWARD_FILE, LABELS_FILE, SIDECAR_FILE)
 
 def parse_args() -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default="cifar10", help="cifar10, synthetic[:SEED] or an image folder (default: cifar10)")
-    p.add_argument("--data_root", default="./data", help="where cifar10 is downloaded (default: ./data)")
+    p.add_argument("--data", type=non_empty, default="cifar10",
+                   help="cifar10, synthetic[:SEED] or an image folder (default: cifar10)")
+    p.add_argument("--data_root", type=non_empty, default="./data", help="where cifar10 is downloaded (default: ./data)")
     p.add_argument("--num_data", type=positive_int, default=None, help="use the first N images (default: all)")
-    p.add_argument("--reward", default="resnet18-random",
+    p.add_argument("--reward", type=non_empty, default="resnet18-random",
                    help="resnet18-random (the paper), compressibility, aesthetic, or module:function (default: resnet18-random)")
     p.add_argument("--weights", default="imagenet", help="ResNet18 backbone: imagenet or none (random) (default: imagenet)")
     p.add_argument("--noise_std", type=non_negative_float, default=0.1, help="label noise std (default: 0.1)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the reward head and the label noise (default: 0)")
-    p.add_argument("--out_dir", default=".", help="output folder (default: .)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seeds the reward head and the label noise (default: 0)")
+    p.add_argument("--out_dir", type=non_empty, default=".", help="output folder (default: .)")
     p.add_argument("--batch_size", type=positive_int, default=256, help="images per forward pass (default: 256)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in --out_dir")

@@ -38,7 +38,17 @@ from tqdm import tqdm
 from rcgdm import distributed, plots
 from rcgdm.atomic import atomic_path, save_json, save_text
 from rcgdm.checkpoint import load_checkpoint
-from rcgdm.cli import ArgumentParser, UserError, check_creatable, finite_float, positive_int, run_main, writable_dir
+from rcgdm.cli import (
+    MAX_SEED,
+    ArgumentParser,
+    UserError,
+    check_creatable,
+    finite_float,
+    non_empty,
+    positive_int,
+    run_main,
+    writable_dir,
+)
 from rcgdm.evaluate import distribution_shift, score_images
 from rcgdm.guidance import GRAD_PATHS, PREDICTION_TYPES
 from rcgdm.locking import LOCK_FILE, refuse_if_locked
@@ -65,15 +75,16 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--guidance", type=finite_float, nargs="+", default=[0.0], help="guidance strength(s) (default: 0)")
     p.add_argument("--prompt", nargs="+", default=["a nice photo"],
                    help='prompt(s); "" samples unconditionally (default: "a nice photo")')
-    p.add_argument("--out_dir", default=None, help="default: imgs/target{target}guidance{guidance}, or imgs/sweep for a sweep")
+    p.add_argument("--out_dir", type=non_empty, default=None,
+                   help="default: imgs/target{target}guidance{guidance}, or imgs/sweep for a sweep")
     p.add_argument("--num_images", type=positive_int, default=4, help="images per combination (default: 4)")
     p.add_argument("--bs", type=positive_int, default=4, help="images per batch (default: 4)")
-    p.add_argument("--seed", type=int, default=-1, help="-1: a random seed, recorded; N >= 0: fixed (default: -1)")
+    p.add_argument("--seed", type=int, default=-1, help=f"-1: a random seed, recorded; 0 to {MAX_SEED}: fixed (default: -1)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N (default: auto)")
-    p.add_argument("--model", default=SD15, help=f"hub id, local diffusers folder, or tiny (default: {SD15})")
-    p.add_argument("--reward_model", default="reward_model.pth", help="ground-truth reward from fake_dataset.py")
-    p.add_argument("--predictor", default="convnet.pth", help="reward predictor from train.py")
-    p.add_argument("--reward", default=None,
+    p.add_argument("--model", type=non_empty, default=SD15, help=f"hub id, local diffusers folder, or tiny (default: {SD15})")
+    p.add_argument("--reward_model", type=non_empty, default="reward_model.pth", help="ground-truth reward from fake_dataset.py")
+    p.add_argument("--predictor", type=non_empty, default="convnet.pth", help="reward predictor from train.py")
+    p.add_argument("--reward", type=non_empty, default=None,
                    help="module:function: run the user-code reward that --reward_model records (files never run code)")
     p.add_argument("--num_inference_steps", type=positive_int, default=50, help="denoising steps (default: 50)")
     p.add_argument("--cfg", type=finite_float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
@@ -137,8 +148,8 @@ def check_args(args: argparse.Namespace) -> None:
         if value is not None and (value % 8 or value > MAX_SIZE):
             example = min(value - value % 8 or 8, MAX_SIZE)
             raise UserError(f"--{flag} {value} is not a multiple of 8 up to {MAX_SIZE}; expected e.g. {example}")
-    if args.seed < -1:
-        raise UserError(f"--seed {args.seed} is negative; expected -1 (random) or an integer >= 0")
+    if not -1 <= args.seed <= MAX_SEED:
+        raise UserError(f"--seed {args.seed} is out of range; expected -1 (random) or a seed from 0 to {MAX_SEED}")
     for target in args.target:
         if abs(target) > MAX_TARGET:
             raise UserError(f"--target {target:g} is out of range; expected a number from {-MAX_TARGET:g} to {MAX_TARGET:g}")

@@ -34,7 +34,7 @@ from accelerate import Accelerator, PartialState
 
 from rcgdm import distributed, plots
 from rcgdm.atomic import save_json, save_text, save_torch
-from rcgdm.cli import UserError, check_creatable, run_main, writable_dir
+from rcgdm.cli import MAX_SEED, UserError, check_creatable, run_main, writable_dir
 from rcgdm.config import describe, parse_overrides
 from rcgdm.data import check_num_data, open_source
 from rcgdm.latents import LatentSpec, cached_latents, vae_fingerprint
@@ -79,7 +79,7 @@ overwrite = False  # replace an earlier run's files at out_path (otherwise refus
 check_provenance = True  # refuse labels whose sidecar (.json beside them) names other data than `data`
 wandb = False  # log to Weights & Biases (needs `pip install wandb`)
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))]
+config_keys = [k for k, v in globals().items() if k.islower() and k[0] != "_" and isinstance(v, (bool, int, float, str))]
 # a resumed run must agree with its checkpoint on everything but num_epochs, device, paths and logging
 RESUME_MUST_MATCH = ("lr", "num_data", "batch_size", "model", "data", "image_size", "num_inference_steps", "val_fraction", "seed",
                      "noise", "labels_sha256", "vae_fingerprint")  # fmt: skip  (the last two: what the files hold)
@@ -92,9 +92,12 @@ CHECKS = {
     "image_size": (lambda v: v >= 8 and v % 8 == 0, "a multiple of 8, >= 8"),
     "num_inference_steps": (lambda v: 1 <= v <= 1000, "an integer from 1 to 1000"),
     "val_fraction": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "seed": (lambda v: v >= 0, "an integer >= 0"),
+    "seed": (lambda v: 0 <= v <= MAX_SEED, f"a seed from 0 to {MAX_SEED}"),
     "encode_batch_size": (lambda v: v >= 1, "an integer >= 1"),
 }
+
+
+PATHS = ("model", "data", "data_root", "labels_path", "out_path", "cache_dir")
 
 
 def read_config(argv: list[str]) -> SimpleNamespace:
@@ -106,6 +109,9 @@ def read_config(argv: list[str]) -> SimpleNamespace:
     for key, (ok, expected) in CHECKS.items():
         if not ok(config[key]):
             raise UserError(f"{key}={config[key]!r} is out of range; expected {expected}")
+    for key in PATHS:  # an empty path would silently mean the working folder
+        if not config[key].strip():
+            raise UserError(f"{key}={config[key]!r} is empty; expected a path or name")
     return SimpleNamespace(**config)
 
 

@@ -15,10 +15,15 @@ def load_checkpoint(path: str | Path, expected_format: str) -> dict:
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
         raise UserError(f"checkpoint {str(path)!r} {what}; expected a file written by this project")
+    kind = _other_kind(path)
+    if kind is not None:
+        raise UserError(f"checkpoint {str(path)!r} is {kind}, not a torch checkpoint; expected a file written by this project")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, hostile pickle, wrong file type ...
+    except Exception as err:  # truncated zip, hostile pickle ...
         first_line = (str(err).splitlines() or [type(err).__name__])[0]
+        if first_line.startswith("Weights only load failed"):  # torch's advice would be to unpickle: never
+            first_line = "it holds objects other than tensors and plain values, which are never unpickled"
         raise UserError(f"checkpoint {str(path)!r} cannot be loaded safely ({first_line[:200]})") from None
     found = checkpoint.get("format") if isinstance(checkpoint, dict) else None
     if found != expected_format:
@@ -27,6 +32,19 @@ def load_checkpoint(path: str | Path, expected_format: str) -> dict:
         raise UserError(f"checkpoint {str(path)!r}: field 'state_dict' holds a {type(checkpoint['state_dict']).__name__}; "
                         "expected a dict of tensors")  # fmt: skip
     return checkpoint
+
+
+_SIGNATURES = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"\x93NUMPY": "a .npy array",
+               b"{": "JSON or text", b"[": "JSON or text"}  # fmt: skip
+
+
+def _other_kind(path: Path) -> str | None:
+    """What a file that is plainly not a torch checkpoint is (from its first bytes), else None."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head:
+        return "empty"
+    return next((kind for signature, kind in _SIGNATURES.items() if head.startswith(signature)), None)
 
 
 def check_finite_state(state_dict: dict, path: str | Path, what: str) -> None:

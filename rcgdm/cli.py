@@ -54,6 +54,27 @@ def positive_int(text: str) -> int:
     return value
 
 
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's signed 64-bit range, which every script's seeds keep to
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a seed, an integer from 0 to MAX_SEED."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; expected a seed from 0 to {MAX_SEED}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range; expected a seed from 0 to {MAX_SEED}")
+    return value
+
+
+def non_empty(text: str) -> str:
+    """argparse type: a path or name that is not blank (an empty path would silently mean the working folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is empty; expected a path or name")
+    return text
+
+
 def finite_float(text: str) -> float:
     """argparse type: a finite float."""
     try:

@@ -129,7 +129,7 @@ def check_model_index(name: str) -> None:
     and a library it names would be imported (run) by older diffusers."""
     from diffusers import StableDiffusionPipeline
 
-    index = _from_pretrained(StableDiffusionPipeline, name, loader="load_config")
+    index = _config(StableDiffusionPipeline, name, "model_index.json")
     found = index.get("_class_name")
     if found != PIPELINE_CLASS:
         raise UserError(f"--model {name!r} is a {found!r}; expected a {PIPELINE_CLASS} (SD 1.x or 2.x)")
@@ -149,15 +149,33 @@ def model_facts(name: str) -> dict:
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
 
     check_model_index(name)
-    unet = _from_pretrained(UNet2DConditionModel, name, loader="load_config", subfolder="unet")
-    scheduler = _from_pretrained(PNDMScheduler, name, loader="load_config", subfolder="scheduler")  # any class: config only
-    vae = _from_pretrained(AutoencoderKL, name, loader="load_config", subfolder="vae")
+    unet = _config(UNet2DConditionModel, name, "unet/config.json")
+    scheduler = _config(PNDMScheduler, name, "scheduler/scheduler_config.json")  # any class: config only
+    vae = _config(AutoencoderKL, name, "vae/config.json")
+    blocks = _field(vae, "block_out_channels", list, name, "vae/config.json", "a list of channel counts")
+    kind = _field(scheduler, "prediction_type", str, name, "scheduler/scheduler_config.json", "a string", "epsilon")
     return {
-        "in_channels": unet.get("in_channels"),
-        "sample_size": unet.get("sample_size"),
-        "vae_scale_factor": 2 ** (len(vae.get("block_out_channels", [0])) - 1),  # as StableDiffusionPipeline computes it
-        "prediction_type": scheduler.get("prediction_type", "epsilon"),
+        "in_channels": _field(unet, "in_channels", int, name, "unet/config.json", "an integer"),
+        "sample_size": _field(unet, "sample_size", int, name, "unet/config.json", "an integer"),
+        "vae_scale_factor": 2 ** (len(blocks) - 1),  # as StableDiffusionPipeline computes it
+        "prediction_type": kind,
     }
+
+
+def _config(cls, name: str, file: str) -> dict:
+    """The JSON config `file` (model_index.json, or subfolder/name) of model `name`, which must be an object."""
+    subfolder = {"subfolder": file.split("/")[0]} if "/" in file else {}
+    config = _from_pretrained(cls, name, loader="load_config", **subfolder)
+    if not isinstance(config, dict):
+        raise UserError(f"--model {name!r}: {file} holds a {type(config).__name__}; expected a JSON object")
+    return config
+
+
+def _field(config: dict, key: str, kind: type, name: str, file: str, expected: str, default=None):
+    value = config.get(key, default)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise UserError(f"--model {name!r}: {file} field {key!r} holds {value!r}; expected {expected}")
+    return value
 
 
 def load_pipeline(name: str, dtype: torch.dtype = torch.float32):
@@ -260,14 +278,14 @@ def _checked_folder(folder: Path, name: str) -> None:
     check_file_names(files, name)
     for file in files:
         if file.endswith(".json"):
-            check_config(_read_json(folder / file, name), file, name)
+            check_config(_read_json(folder, file, name), file, name)
 
 
-def _read_json(path: Path, name: str):
+def _read_json(folder: Path, file: str, name: str):
     try:
-        return json.loads(path.read_text())
+        return json.loads((folder / file).read_text())
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise UserError(f"--model {name!r}: {path.name} is not readable JSON ({type(err).__name__}); expected a diffusers "
+        raise UserError(f"--model {name!r}: {file} is not readable JSON ({type(err).__name__}); expected a diffusers "
                         "model folder") from None  # fmt: skip
 
 
@@ -282,10 +300,9 @@ def _cached_snapshot(name: str) -> Path:
 
     try:
         return Path(snapshot_download(name, local_files_only=True))
-    except Exception as err:  # not cached, or not a repo id
-        reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
-        raise UserError(f"--model {name!r} is not in the hub cache and HF_HUB_OFFLINE is set ({reason}); "
-                        "use --model tiny or a local diffusers folder") from None  # fmt: skip
+    except Exception:  # not cached, or not a repo id
+        raise UserError(f"--model {name!r} could not be loaded (not in the hub cache, and HF_HUB_OFFLINE is set); "
+                        "offline, use --model tiny or a local diffusers folder") from None  # fmt: skip
 
 
 @functools.cache
@@ -306,5 +323,5 @@ def hub_revision(name: str) -> str:
                         "diffusers folder") from None  # fmt: skip
     for file in _model_files(configs, name):
         if file.endswith(".json"):
-            check_config(_read_json(configs / file, name), file, name)
+            check_config(_read_json(configs, file, name), file, name)
     return info.sha

@@ -27,6 +27,10 @@ def load_labels(path: str | Path, num_data: int) -> torch.Tensor:
         labels = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
         raise UserError(f"labels_path {str(path)!r} is not a readable .npy file ({str(err)[:120]})") from None
+    if not isinstance(labels, np.ndarray):  # np.load opens any zip archive (a .npz, a .pth) as an NpzFile
+        labels.close()
+        raise UserError(f"labels_path {str(path)!r} is a zip archive (a .npz or .pth?), not a .npy file; expected the .npy "
+                        "written by fake_dataset.py")  # fmt: skip
     if labels.ndim == 1:
         labels = labels[:, None]
     if labels.ndim != 2 or labels.shape[1] != 1 or labels.dtype.kind not in "fiu":
