@@ -123,7 +123,7 @@ def test_existing_images_are_not_overwritten_silently(tmp_path, run, capsys):
         (["--scheduler", "warp"], "--scheduler 'warp' is unknown; expected one of pndm, ddim"),
         (["--prompt", " "], "--prompt ' ' is blank"),
         (["--height", "60"], "--height 60 is not a multiple of 8"),
-        (["--seed", "-5"], "--seed -5 is negative"),
+        (["--seed", "-5"], "--seed -5 is out of range"),
         (["--reward_model", "MISSING"], "does not exist; expected a file written by this project"),
         (["--predictor", "MISSING"], "does not exist; expected a file written by this project"),
         (["--predictor", "WIDE"], "trained on 8-channel latents; the model's VAE makes 4"),
@@ -179,6 +179,9 @@ def test_distribution_shift_is_the_rms_distance_to_the_nearest_training_latents(
 
 @pytest.mark.parametrize(("edit", "extra", "expected"), [
     ({"scheduler": {"prediction_type": "sample"}}, ["--scheduler", "pndm"], "cannot step"),
+    ({"scheduler": {"prediction_type": "sample"}}, ["--scheduler", "PNDMScheduler"], "(PNDMScheduler) cannot step"),
+    ({"unet": {"sample_size": 16}}, [], "was trained on 8x8 latents (64x64 images); this run samples 16x16"),
+    ({"vae": {"block_out_channels": 7}}, [], "vae/config.json field 'block_out_channels' holds 7; expected a list"),
     ({"scheduler": {"prediction_type": "flow"}}, [], "predicts 'flow'; expected one of epsilon, v_prediction, sample"),
     ({"unet": {"in_channels": 16}}, [], "trained on 4-channel latents; the model's VAE makes 16"),
 ])  # fmt: skip

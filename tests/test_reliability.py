@@ -174,7 +174,7 @@ FAKE_DATASET_BAD = [
     (["--noise_std=-inf"], "not finite"),
     (["--noise_std", "-1"], "negative"),
     (["--noise_std", "lots"], "not a number"),
-    (["--seed", "1.5"], "invalid int value"),
+    (["--seed", "1.5"], "not an integer"),
     (["--batch_size", "0"], "too small"),
     (["--weights", "resnet50"], "unknown"),
     (["--device", "gpu7"], "not a device"),
@@ -185,6 +185,12 @@ FAKE_DATASET_BAD = [
     (["--out_dir", "A_FILE"], "is a file"),
     (["--out_dir", "UNDER_A_FILE"], "cannot be created"),
     (["--bogus", "1"], "unrecognized arguments"),
+    (["--seed", "9223372036854775808"], "out of range"),
+    (["--seed", "-1"], "out of range"),
+    (["--out_dir", ""], "is empty"),
+    (["--data", ""], "is empty"),
+    (["--data_root", " "], "is empty"),
+    (["--reward", ""], "is empty"),
 ]
 
 TRAIN_BAD = [
@@ -221,6 +227,15 @@ TRAIN_BAD = [
     (["--check_provenance=maybe"], "not True or False"),
     (["--nope=1"], "unknown key"),
     (["positional"], "is not --key=value"),
+    (["--seed=9223372036854775808"], "out of range"),
+    (["--out_path="], "is empty"),
+    (["--cache_dir= "], "is empty"),
+    (["--labels_path="], "is empty"),
+    (["--data="], "is empty"),
+    (["--data_root="], "is empty"),
+    (["--model="], "is empty"),
+    (["--labels_path=A_ZIP"], "is a zip archive"),
+    (["--labels_path=A_PNG"], "not a readable .npy file"),
 ]
 
 INFERENCE_BAD = [
@@ -230,7 +245,7 @@ INFERENCE_BAD = [
     (["--num_images", "0"], "too small"),
     (["--num_images", "2.5"], "not an integer"),
     (["--bs", "-2"], "too small"),
-    (["--seed", "-7"], "negative"),
+    (["--seed", "-7"], "out of range"),
     (["--seed", "one"], "invalid int value"),
     (["--prompt", "  "], "is blank"),
     (["--cfg", "nan"], "not finite"),
@@ -254,6 +269,19 @@ INFERENCE_BAD = [
     (["--num_inference_steps", "2000"], "more than the 1000 training timesteps"),
     (["--height", "8192"], "up to 4096"),
     (["--reward", "other:f"], "does not match the reward"),
+    (["--seed", "9223372036854775808"], "out of range"),
+    (["--out_dir", ""], "is empty"),
+    (["--model", ""], "is empty"),
+    (["--predictor", ""], "is empty"),
+    (["--reward_model", " "], "is empty"),
+    (["--reward", ""], "is empty"),
+    (["--scheduler", "SchedulerMixin"], "not a text-to-image sampler"),
+    (["--scheduler", "DDIMInverseScheduler"], "not a text-to-image sampler"),
+    (["--scheduler", "RePaintScheduler"], "not a text-to-image sampler"),
+    (["--predictor", "A_PNG"], "is a PNG image, not a torch checkpoint"),
+    (["--reward_model", "A_NPY"], "is a .npy array, not a torch checkpoint"),
+    (["--predictor", "EMPTY_FILE"], "is empty, not a torch checkpoint"),
+    (["--height", "128"], "was trained on 8x8 latents (64x64 images); this run samples 16x8"),
 ]
 
 
@@ -262,7 +290,17 @@ def paths(tmp_path):
     (tmp_path / "a_dir").mkdir()
     (tmp_path / "empty_dir").mkdir()
     (tmp_path / "a_file").write_text("not a checkpoint")
+    (tmp_path / "empty_file").write_bytes(b"")
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "image.pth", format="PNG")
+    np.save(tmp_path / "array.npy", np.zeros((2, 1), np.float32))
+    torch.save({"format": "rcgdm.reward/1"}, tmp_path / "archive.npy")  # a zip archive under a .npy name
     return {
+        "EMPTY_FILE": str(tmp_path / "empty_file"),
+        "A_PNG": str(tmp_path / "image.pth"),
+        "A_NPY": str(tmp_path / "array.npy"),
+        "A_ZIP": str(tmp_path / "archive.npy"),
         "MISSING": str(tmp_path / "missing"),
         "A_FILE": str(tmp_path / "a_file"),
         "A_DIR": str(tmp_path / "a_dir"),
