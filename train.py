@@ -157,19 +157,27 @@ def main() -> None:
     writable_dir(out_path.parent, "out_path's folder")
     writable_dir(cfg.cache_dir, "cache_dir")
     with distributed.main_only_lock(state, lock_file(out_path), f"out_path {str(out_path)!r}"):
-        # overwriting an earlier run (or resuming such an overwrite): this run's files wait in a staging folder and
-        # replace the earlier ones only once it completes, so a run that fails leaves them as they were
-        writes = staged if (staged["resume"].is_file() if cfg.resume else cfg.overwrite and any_exist(files)) else files
-        if state.is_main_process and not cfg.resume:
-            shutil.rmtree(staging_folder(out_path), ignore_errors=True)  # an unfinished overwrite's, replaced by this run
-            if writes is staged:
-                staging_folder(out_path).mkdir()
+        writes = where_to_write(cfg, files, staged, state.is_main_process)
         train(cfg, state, dev, labels, (train_idx, val_idx), writes, start_time)
-        if state.is_main_process and writes is staged:
-            publish(staging_folder(out_path), out_path.parent, [path.name for path in files.values()])
         if state.is_main_process:
+            if writes is staged:
+                publish(staging_folder(out_path), out_path.parent, [path.name for path in files.values()])
             written = [files[k] for k in ("predictor", "metrics", "loss_curve", "loss_by_noise", "train_summary")]
             print(f"wrote {', '.join(str(path) for path in written if path.exists())}")
+
+
+def where_to_write(cfg: SimpleNamespace, files: dict[str, Path], staged: dict[str, Path], main: bool) -> dict[str, Path]:
+    """`files` (beside out_path); or, when the run replaces an earlier one (overwrite=True) or resumes such a
+    replacement, `staged`: a staging folder whose files replace the earlier ones only once the run completes,
+    so a run that fails leaves them as they were. The main process readies the staging folder."""
+    if cfg.resume:
+        return staged if staged["resume"].is_file() else files
+    replacing = cfg.overwrite and any(path.exists() for path in files.values())
+    if main:
+        shutil.rmtree(staged["predictor"].parent, ignore_errors=True)  # an unfinished replacement's, which this run replaces
+        if replacing:
+            staged["predictor"].parent.mkdir()
+    return staged if replacing else files
 
 
 def lock_file(out_path: Path) -> Path:
@@ -178,10 +186,6 @@ def lock_file(out_path: Path) -> Path:
 
 def staging_folder(out_path: Path) -> Path:
     return out_path.parent / f".{out_path.name}{STAGING}"
-
-
-def any_exist(files: dict[str, Path]) -> bool:
-    return any(path.exists() for path in files.values())
 
 
 def run_files(out_path: Path) -> dict[str, Path]:
@@ -211,10 +215,12 @@ def check_outputs(cfg: SimpleNamespace, files: dict[str, Path], staged: dict[str
         if not (files["resume"].is_file() or staged["resume"].is_file()):
             raise UserError(f"resume=True but {str(files['resume'])!r} does not exist; expected a run to continue")
     elif not cfg.overwrite:
-        interrupted = staged["resume"] if staged["resume"].exists() else files["resume"]
-        if staged["resume"].exists() or (files["resume"].exists() and not out_path.exists()):  # a finished run keeps
-            raise UserError(f"{str(interrupted)!r} holds an interrupted run; resume=True to finish it, or overwrite=True "
-                            "to start again")  # fmt: skip  (its resume state beside out_path)
+        # an unfinished replacement, or a run that stopped before out_path (a finished one keeps its resume state)
+        unfinished = [staged["resume"]] if staged["resume"].exists() else []
+        unfinished += [files["resume"]] if files["resume"].exists() and not out_path.exists() else []
+        if unfinished:
+            raise UserError(f"{str(unfinished[0])!r} holds an interrupted run; resume=True to finish it, or overwrite=True "
+                            "to start again")  # fmt: skip
         refuse_existing(files.values(), "overwrite=True to replace it, or another out_path")
 
 
