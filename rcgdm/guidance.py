@@ -106,12 +106,6 @@ def _alpha_bar(alpha_bar_t: torch.Tensor | float, x_t: torch.Tensor) -> torch.Te
     return torch.as_tensor(alpha_bar_t, dtype=dtype, device=x_t.device)
 
 
-def guide_eps(eps: torch.Tensor, x_t: torch.Tensor, alpha_bar_t: torch.Tensor | float, predictor: nn.Module, target: float,
-              guidance: float, batch_mean: bool = False, grad_path: str = "xt") -> torch.Tensor:  # fmt: skip
-    """eps + sqrt(1 - alpha_bar_t) * guidance * grad_{x_t} 1/2 ||target - mu(.)||^2, in eps's dtype (see eps_shift)."""
-    return guide_output(eps, x_t, alpha_bar_t, "epsilon", predictor, target, guidance, batch_mean, grad_path)
-
-
 def guide_output(output: torch.Tensor, x_t: torch.Tensor, alpha_bar_t: torch.Tensor | float, prediction_type: str,
                  predictor: nn.Module, target: float, guidance: float, batch_mean: bool = False,
                  grad_path: str = "xt") -> torch.Tensor:  # fmt: skip

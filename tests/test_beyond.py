@@ -13,7 +13,7 @@ from PIL import Image
 
 from rcgdm import plots
 from rcgdm.cli import UserError
-from rcgdm.guidance import guide_eps
+from rcgdm.guidance import guide_output
 from rcgdm.predictor import ThreeLayerConvNet
 from rcgdm.rewards import Compressibility, build_reward, load_reward
 
@@ -90,13 +90,13 @@ def test_x0_path_equals_finite_differences_through_x0_hat():
             x0_hat = (z - (1 - a) ** 0.5 * eps) / a**0.5
             return 0.5 * (target - net(x0_hat)).pow(2).sum().item()
 
-    term = guide_eps(eps, x, a, net, target, guidance, grad_path="x0") - eps
+    term = guide_output(eps, x, a, "epsilon", net, target, guidance, grad_path="x0") - eps
     generator = torch.Generator().manual_seed(1)
     for _ in range(4):
         direction = torch.randn(x.shape, generator=generator, dtype=torch.float64)
         numeric = (objective(x + 1e-6 * direction) - objective(x - 1e-6 * direction)) / 2e-6
         assert (term * direction).sum().item() == pytest.approx((1 - a) ** 0.5 * guidance * numeric, rel=1e-5)
-    assert not torch.allclose(term, guide_eps(eps, x, a, net, target, guidance, grad_path="xt") - eps)
+    assert not torch.allclose(term, guide_output(eps, x, a, "epsilon", net, target, guidance, grad_path="xt") - eps)
 
 
 def test_the_wrong_predictor_for_the_gradient_path_is_refused(tmp_path, capsys, reward_model_path, predictor_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rcgdm.guidance import guide_eps, reward_gradient
+from rcgdm.guidance import guide_output, reward_gradient
 from rcgdm.models import load_pipeline
 from rcgdm.predictor import ThreeLayerConvNet, load_predictor
 from rcgdm.runtime import image_generators
@@ -46,7 +46,7 @@ def test_the_term_equals_finite_differences_float64():
     x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
     target, guidance, alpha_bar = 0.7, 5.0, 0.3
     eps = torch.randn_like(x)
-    term = guide_eps(eps, x, alpha_bar, net, target, guidance) - eps
+    term = guide_output(eps, x, alpha_bar, "epsilon", net, target, guidance) - eps
 
     def objective(z):  # 1/2 ||target - mu(z)||^2, summed over images
         with torch.no_grad():
@@ -73,7 +73,7 @@ def test_the_term_points_toward_the_target():
     with torch.no_grad():
         mu = net(x).item()
     for target in (mu - 1, mu + 1):
-        step = -1e-3 * guide_eps(torch.zeros_like(x), x, 0.5, net, target, 1.0)  # the sampler subtracts eps
+        step = -1e-3 * guide_output(torch.zeros_like(x), x, 0.5, "epsilon", net, target, 1.0)  # the sampler subtracts eps
         with torch.no_grad():
             assert abs(net(x + step).item() - target) < abs(mu - target)
 
@@ -164,20 +164,32 @@ def test_other_prediction_types_at_guidance_zero_are_the_stock_pipeline(other_pi
     assert torch.equal(ours, stock.float().cpu())
 
 
+def output_of(kind: str, x0: torch.Tensor, eps: torch.Tensor, a: float) -> torch.Tensor:
+    """What a model of `kind` outputs for x_t = sqrt(a) x0 + sqrt(1 - a) eps, by definition."""
+    return {"epsilon": eps, "v_prediction": a**0.5 * eps - (1 - a) ** 0.5 * x0, "sample": x0}[kind]
+
+
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("grad_path", ["xt", "x0"])
 def test_the_shift_in_any_parametrization_is_the_papers_eps_shift(kind, grad_path):
-    from rcgdm.guidance import as_eps, guide_output
-
+    """Built from definitions alone: x_t from a known x0 and eps; the expected eps shift by autograd through mu
+    (through x0_hat(x_t) = (x_t - sqrt(1 - a) eps) / sqrt(a), eps fixed, on the x0 path); the expected output is
+    the one a model that predicted the shifted eps at the same x_t would give."""
     torch.manual_seed(0)
     net = ThreeLayerConvNet().double().eval()
-    x_t, output = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.randn(2, 4, 8, 8, dtype=torch.float64)
-    a = torch.tensor(0.3, dtype=torch.float64)
-    shifted = guide_output(output, x_t, a, kind, net, 0.7, 5.0, grad_path=grad_path)
-    eps = as_eps(output, x_t, a, kind)
-    expected = guide_eps(eps, x_t, a, net, 0.7, 5.0, grad_path=grad_path)  # the eps form, checked by finite differences above
-    torch.testing.assert_close(as_eps(shifted, x_t, a, kind), expected, rtol=1e-12, atol=1e-12)
-    assert (shifted - output).abs().max() > 1e-3  # there is a shift
+    x0, eps = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    a, target, guidance = 0.3, 0.7, 5.0
+    x_t = a**0.5 * x0 + (1 - a) ** 0.5 * eps
+    z = x_t.clone().requires_grad_(True)
+    seen = (z - (1 - a) ** 0.5 * eps) / a**0.5 if grad_path == "x0" else z
+    (grad,) = torch.autograd.grad(0.5 * (target - net(seen)).pow(2).sum(), z)
+    shifted_eps = eps + (1 - a) ** 0.5 * guidance * grad
+    shifted_x0 = (x_t - (1 - a) ** 0.5 * shifted_eps) / a**0.5  # the same x_t, explained by the shifted eps
+    expected = output_of(kind, shifted_x0, shifted_eps, a)
+    got = guide_output(output_of(kind, x0, eps, a), x_t, torch.tensor(a, dtype=torch.float64), kind, net, target, guidance,
+                       grad_path=grad_path)  # fmt: skip
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    assert (shifted_eps - eps).abs().max() > 1e-3  # there is a shift
 
 
 @pytest.mark.parametrize("kind", ["v_prediction", "sample"])
