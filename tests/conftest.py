@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import csv
 import os
+import random
 import runpy
+import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from pathlib import Path
 
@@ -27,16 +30,40 @@ def tiny_model_dir() -> Path:
 
 
 def run_script(script: str, *args: str, capsys=None) -> int:
-    """Run a root script in this process as `python3 script args`; return its exit status."""
-    argv = sys.argv
+    """Run a root script in this process as `python3 script args`; return its exit status. What a script changes
+    for its process is put back (argv, the SIGTERM handler, the global RNGs, accelerate's state, modules imported
+    from outside the repository and the installed packages), so no test sees another's leftovers."""
+    saved = global_state()
     sys.argv = [script, *map(str, args)]
     try:
         runpy.run_path(str(ROOT / script), run_name="__main__")
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else 1
     finally:
-        sys.argv = argv
+        restore(saved)
     return 0
+
+
+def global_state() -> dict:
+    return {"argv": sys.argv, "sigterm": signal.getsignal(signal.SIGTERM), "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(), "random": random.getstate(), "modules": set(sys.modules)}  # fmt: skip
+
+
+def restore(saved: dict) -> None:
+    from accelerate.state import PartialState
+
+    sys.argv = saved["argv"]
+    signal.signal(signal.SIGTERM, saved["sigterm"])
+    torch.set_rng_state(saved["torch"])
+    np.random.set_state(saved["numpy"])
+    random.setstate(saved["random"])
+    PartialState._reset_state()
+    paths = sysconfig.get_paths()
+    installed = (str(ROOT), *{paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")})
+    for name in set(sys.modules) - saved["modules"]:
+        where = getattr(sys.modules[name], "__file__", None)
+        if where and not where.startswith(installed):  # a user module a script imported (e.g. a --reward)
+            del sys.modules[name]
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -486,12 +486,17 @@ def test_a_sweep_killed_midway_resumes_to_the_same_results(tmp_path, reward_mode
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert not (tmp_path / "killed" / "results.csv").exists()
+    done = [tmp_path / "killed" / row["file"] for row in json.loads(progress.read_text())["rows"]]
+    before = {path: (path.stat().st_ino, path.stat().st_mtime_ns, path.read_bytes()) for path in done}
     assert run_script(*inference_args(tmp_path / "killed", reward_model_path, predictor_path, *extra)) == 2  # no silent overwrite
     assert run_script(*inference_args(tmp_path / "killed", reward_model_path, predictor_path, *extra, "--resume")) == 0
     assert (tmp_path / "whole/results.csv").read_bytes() == (tmp_path / "killed/results.csv").read_bytes()
     assert not progress.exists()
-    images = [sorted(p.relative_to(tmp_path / d) for p in (tmp_path / d).rglob("*_gt_*.png")) for d in ("whole", "killed")]
-    assert images[0] == images[1]
+    # the finished batches' images were not redone: the same files, untouched; every image has the same bytes
+    assert {path: (path.stat().st_ino, path.stat().st_mtime_ns, path.read_bytes()) for path in done} == before
+    folders = (tmp_path / "whole", tmp_path / "killed")
+    whole, resumed = ({p.relative_to(d): p.read_bytes() for p in d.rglob("*_gt_*.png")} for d in folders)
+    assert whole == resumed and len(whole) == 16
 
 
 # --- data loss: no run overwrites what another run, or the user, made -----------------------------------------------------------

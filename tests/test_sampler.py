@@ -28,8 +28,8 @@ def predictor(predictor_path):
 
 
 @pytest.mark.parametrize("scheduler", ["pndm", "ddim", "euler_a"])
-def test_guidance_zero_is_the_stock_pipeline_bit_for_bit(pipe, predictor, scheduler):
-    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+def test_guidance_zero_is_the_stock_pipeline_bit_for_bit(pipe, predictor, scheduler, monkeypatch):
+    monkeypatch.setattr(pipe, "scheduler", make_scheduler(scheduler, pipe.scheduler.config))  # put back, pass or fail
     gens = image_generators(0, range(3))
     stock = pipe(PROMPT, num_images_per_prompt=3, generator=gens, num_inference_steps=6, output_type="pt").images
     for guidance in (None, RewardGuidance(predictor, target=5.0, scale=0.0)):
@@ -37,7 +37,6 @@ def test_guidance_zero_is_the_stock_pipeline_bit_for_bit(pipe, predictor, schedu
         ours = decode(pipe, sample_latents(pipe, PROMPT, gens, guidance, num_inference_steps=6, progress=False), gens)
         assert ours.shape == stock.shape == (3, 3, 64, 64) and ours.dtype == torch.float32
         assert torch.equal(ours, stock.float().cpu())
-    pipe.scheduler = make_scheduler("pndm", pipe.scheduler.config)
 
 
 def test_the_term_equals_finite_differences_float64():
@@ -153,9 +152,9 @@ def other_pipes(tmp_path_factory, tiny_model_dir):
 # diffusers' PNDM cannot step a sample-predicting model: inference.py refuses that pair (test_inference.py)
 @pytest.mark.parametrize(("kind", "scheduler"), [("v_prediction", "pndm"), ("v_prediction", "ddim"), ("v_prediction", "euler"),
                                                  ("sample", "ddim"), ("sample", "euler")])  # fmt: skip
-def test_other_prediction_types_at_guidance_zero_are_the_stock_pipeline(other_pipes, predictor, kind, scheduler):
+def test_other_prediction_types_at_guidance_zero_are_the_stock_pipeline(other_pipes, predictor, kind, scheduler, monkeypatch):
     pipe = other_pipes[kind]
-    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    monkeypatch.setattr(pipe, "scheduler", make_scheduler(scheduler, pipe.scheduler.config))  # put back, pass or fail
     assert pipe.scheduler.config.prediction_type == kind
     gens = image_generators(0, range(2))
     stock = pipe(PROMPT, num_images_per_prompt=2, generator=gens, num_inference_steps=5, output_type="pt").images
@@ -193,9 +192,9 @@ def test_the_shift_in_any_parametrization_is_the_papers_eps_shift(kind, grad_pat
 
 
 @pytest.mark.parametrize("kind", ["v_prediction", "sample"])
-def test_guidance_moves_the_reward_toward_the_target_for_other_prediction_types(other_pipes, predictor, kind):
+def test_guidance_moves_the_reward_toward_the_target_for_other_prediction_types(other_pipes, predictor, kind, monkeypatch):
     pipe = other_pipes[kind]
-    pipe.scheduler = make_scheduler("ddim", pipe.scheduler.config)
+    monkeypatch.setattr(pipe, "scheduler", make_scheduler("ddim", pipe.scheduler.config))  # put back, pass or fail
 
     def mean_reward(guidance):
         latents = sample_latents(pipe, PROMPT, image_generators(0, range(6)), guidance, 10, progress=False)
