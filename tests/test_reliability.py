@@ -619,21 +619,36 @@ def test_nan_never_becomes_a_result(tmp_path, capsys, reward_model_path, predict
     assert not (tmp_path / "x.json").exists()
 
 
-def test_a_resumed_sweep_refuses_a_retrained_predictor(tmp_path, capsys, reward_model_path, predictor_path):
-    predictor = tmp_path / "convnet.pth"
-    shutil.copyfile(predictor_path, predictor)
+def changed(path) -> None:
+    """The checkpoint at `path` rewritten with its weights scaled by 1.01 (a retrained one at the same path)."""
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["state_dict"] = {k: v * 1.01 if v.is_floating_point() else v for k, v in checkpoint["state_dict"].items()}
+    torch.save(checkpoint, path)
+
+
+@pytest.mark.parametrize("flag", ["--predictor", "--reward_model", "--model"])
+def test_a_resumed_sweep_refuses_inputs_whose_content_changed(tmp_path, capsys, tiny_model_dir, reward_model_path,
+                                                              predictor_path, flag):  # fmt: skip
+    inputs = {"--predictor": tmp_path / "convnet.pth", "--reward_model": tmp_path / "reward_model.pth", "--model": tmp_path / "m"}
+    shutil.copyfile(predictor_path, inputs["--predictor"])
+    shutil.copyfile(reward_model_path, inputs["--reward_model"])
+    shutil.copytree(tiny_model_dir, inputs["--model"])
     # the first combination finishes, the second stops (NaN): an interrupted run, its progress kept
-    args = inference_args(tmp_path / "out", reward_model_path, predictor, "--num_images", "1", "--num_inference_steps", "3",
-                          "--target", "1", "--guidance", "0", "1e30")  # fmt: skip
+    args = inference_args(tmp_path / "out", inputs["--reward_model"], inputs["--predictor"], "--num_images", "1",
+                          "--num_inference_steps", "3", "--target", "1", "--guidance", "0", "1e30")
+    args += ["--ignore_provenance"]
+    args[args.index("--model") + 1] = inputs["--model"]
     assert run_script(*args) == 2
     assert "NaN or inf" in error_line(capsys.readouterr().err)
     assert (tmp_path / "out" / "progress.json").is_file()
-    checkpoint = torch.load(predictor, weights_only=True)
-    checkpoint["state_dict"] = {k: v * 1.01 if v.is_floating_point() else v for k, v in checkpoint["state_dict"].items()}
-    torch.save(checkpoint, predictor)  # retrained at the same path
+    if flag == "--model":  # a file of the folder changed (its weights still load)
+        weights = inputs["--model"] / "unet" / "diffusion_pytorch_model.safetensors"
+        os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    else:
+        changed(inputs[flag])
     assert run_script(*args, "--resume") == 2
     line = error_line(capsys.readouterr().err)
-    assert "--predictor holds other content than in the interrupted run" in line
+    assert f"{flag} holds other content than in the interrupted run" in line
 
 
 def test_train_resume_refuses_other_labels(tmp_path, capsys, small_labels):
