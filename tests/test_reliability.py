@@ -112,14 +112,19 @@ def test_a_reward_file_naming_user_code_never_runs_it(tmp_path, capsys, monkeypa
     assert torch.allclose(reward(torch.full((2, 3, 8, 8), 0.25)), torch.tensor([0.25, 0.25]))
 
 
-@pytest.mark.parametrize("field", [["a", "list"], "", "resnet50"])
-def test_a_reward_file_with_a_bad_reward_field_is_refused(tmp_path, field):
+@pytest.mark.parametrize(("field", "expected"), [
+    (["a", "list"], "field 'reward' is ['a', 'list']; expected a reward name"),
+    ("", "field 'reward' is ''; expected a reward name"),
+    ("resnet50", "records the reward 'resnet50'; expected one of resnet18-random, compressibility, aesthetic"),
+])  # fmt: skip
+def test_a_reward_file_with_a_bad_reward_field_is_refused(tmp_path, field, expected):
     from rcgdm.rewards import load_reward
 
     crafted = tmp_path / "reward_model.pth"
     torch.save({"format": "rcgdm.reward/1", "reward": field, "state_dict": {}}, crafted)
-    with pytest.raises(UserError, match="reward"):
+    with pytest.raises(UserError) as refused:  # matched on the field, not on a path that holds "reward" anyway
         load_reward(crafted)
+    assert expected in str(refused.value)
 
 
 def test_a_model_folder_naming_another_library_is_refused_before_any_import(tmp_path, capsys, monkeypatch, tiny_model_dir):
