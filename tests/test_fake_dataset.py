@@ -146,3 +146,19 @@ def test_cli_as_a_user_runs_it(tmp_path):
     bad = run_cli("fake_dataset.py", "--noise_std", "-1")
     assert bad.returncode == 2
     assert error_line(bad.stderr) == "error: argument --noise_std: '-1' is negative; expected a finite number >= 0 (see --help)"
+
+
+def test_the_reward_input_is_resized_and_normalised_as_torchvision_does():
+    """Checked against torchvision's own Resize and the normalisation constants its ImageNet weights record."""
+    from torchvision.models import ResNet18_Weights
+    from torchvision.transforms import InterpolationMode, v2
+
+    from rcgdm.rewards.resnet18 import preprocess
+
+    reference = ResNet18_Weights.IMAGENET1K_V1.transforms()
+    by_torchvision = v2.Compose([v2.Resize((224, 224), interpolation=InterpolationMode.BILINEAR, antialias=True),
+                                 v2.Normalize(mean=reference.mean, std=reference.std)])  # fmt: skip
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    ours = preprocess(images)
+    assert ours.shape == (3, 3, 224, 224) and ours.dtype == torch.float32
+    torch.testing.assert_close(ours, by_torchvision(images), rtol=0, atol=1e-5)

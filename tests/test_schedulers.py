@@ -139,3 +139,31 @@ def test_flow_matching_sigmas_are_refused(pipe):
 def test_every_listed_scheduler_builds_on_this_install(pipe):
     for name, support in SCHEDULERS.items():
         assert type(make_scheduler(name, pipe.scheduler.config)).__name__ == support.class_name
+
+
+@pytest.mark.parametrize("grad_path", ["xt", "x0"])
+def test_guided_euler_sampling_equals_the_steps_computed_by_hand(pipe, predictor, monkeypatch, grad_path):
+    """Karras sigmas, 4 steps, no CFG, float64 (rounded where diffusers' Euler rounds to float32). By hand:
+    x_in = latents / sqrt(1 + s_i^2), a = 1 / (1 + s_i^2), eps' = eps + sqrt(1 - a) g grad 1/2 (target - mu(.))^2
+    (mu on x_in, or on x0_hat with eps fixed), and Euler's step latents += (s_{i+1} - s_i) eps'."""
+    monkeypatch.setattr(pipe, "scheduler", make_scheduler("euler", {**pipe.scheduler.config, **KARRAS}))
+    target, g, steps = 3.0, 4.0, 4
+    guidance = RewardGuidance(predictor, target, g, grad_path=grad_path)
+    ours = sample_latents(pipe, "a nice photo", image_generators(0, range(2)), guidance, steps, cfg=1.0, progress=False)
+    sigmas, timesteps = pipe.scheduler.sigmas, pipe.scheduler.timesteps  # as set for the run above (float32, as diffusers)
+    text, _ = pipe.encode_prompt("a nice photo", pipe.device, 2, False)
+    latents = pipe.prepare_latents(2, 4, 64, 64, torch.float64, pipe.device, image_generators(0, range(2)))
+    for i, t in enumerate(timesteps):
+        s, a = sigmas[i], 1 / (1 + float(sigmas[i]) ** 2)
+        x_in = latents / (s**2 + 1) ** 0.5
+        with torch.no_grad():
+            eps = pipe.unet(x_in, t, encoder_hidden_states=text).sample
+        z = x_in.clone().requires_grad_(True)
+        seen = (z - (1 - a) ** 0.5 * eps) / a**0.5 if grad_path == "x0" else z
+        (grad,) = torch.autograd.grad(0.5 * (target - predictor(seen)).pow(2).sum(), z)
+        guided = eps + (1 - a) ** 0.5 * g * grad
+        latents = latents.float() + (sigmas[i + 1] - s) * guided  # diffusers' Euler step rounds the latents to float32
+    torch.testing.assert_close(ours, latents, rtol=1e-10, atol=1e-10)
+    unguided = sample_latents(pipe, "a nice photo", image_generators(0, range(2)), None, steps, cfg=1.0, progress=False)
+    with torch.no_grad():  # and the term pulls the predicted reward toward the target (above it here)
+        assert predictor(unguided).mean() < predictor(ours).mean() < target
