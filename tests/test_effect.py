@@ -23,7 +23,8 @@ def trained(tmp_path_factory):
             f"--cache_dir={root / 'cache'}"]  # fmt: skip
     assert run_script("train.py", *args) == 0
     summary = json.loads((root / "convnet.train_summary.json").read_text())
-    assert summary["final_val_loss"] < 0.8 * summary["baseline_val_loss"], summary  # the predictor has learned
+    # the predictor has learned: 0.52x the predict-the-mean baseline here (torch 2.14), 0.6x leaves a margin
+    assert summary["final_val_loss"] < 0.6 * summary["baseline_val_loss"], summary
     labels = np.load(root / LABELS)
     return root, float(labels.mean()), float(labels.std())
 
@@ -39,6 +40,6 @@ def test_the_reward_of_generated_images_follows_the_target(tmp_path, trained):
     combos = sorted(json.loads((tmp_path / "sweep" / "summary.json").read_text())["combinations"], key=lambda c: c["target"])
     gt = [c["gt_mean"] for c in combos]
     assert gt[0] < gt[1] < gt[2], gt
-    assert gt[2] - gt[0] >= 0.75 * std, (gt, std)
+    assert gt[2] - gt[0] >= 1.5 * std, (gt, std)  # 2.05 label std here (torch 2.14); unguided it is 0 by construction
     shifts = [float(r["shift"]) for r in read_rows(tmp_path / "sweep" / "results.csv")]
     assert len(shifts) == 18 and all(np.isfinite(shifts)) and min(shifts) > 0

@@ -100,8 +100,11 @@ def test_learning_beats_the_mean_baseline(tmp_path):
     labels = latent_labels(tmp_path / "latent_labels.npy")
     code, summary = train(tmp_path, labels, num_data=1024, num_epochs=8, batch_size=32)
     assert code == 0
-    # noise at the largest timesteps hides the signal, so the best possible loss is well above 0
-    assert summary["final_val_loss"] < 0.9 * summary["baseline_val_loss"], summary
+    # noise at the largest timesteps hides the signal, so the best possible loss is well above 0. This run reaches
+    # 0.75x the baseline (torch 2.14); 0.82x leaves a margin for other versions and still fails a net that learns little
+    assert summary["final_val_loss"] < 0.82 * summary["baseline_val_loss"], summary
+    buckets = summary["final_val_loss_by_noise"]  # and the least noisy latents are the easiest (0.030 against 0.103)
+    assert buckets["t 0-249"] < 0.5 * buckets["t 750-999"], buckets
 
 
 def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, labels):
