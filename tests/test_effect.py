@@ -40,6 +40,6 @@ def test_the_reward_of_generated_images_follows_the_target(tmp_path, trained):
     combos = sorted(json.loads((tmp_path / "sweep" / "summary.json").read_text())["combinations"], key=lambda c: c["target"])
     gt = [c["gt_mean"] for c in combos]
     assert gt[0] < gt[1] < gt[2], gt
-    assert gt[2] - gt[0] >= 1.5 * std, (gt, std)  # 2.05 label std here (torch 2.14); unguided it is 0 by construction
+    assert gt[2] - gt[0] >= 1.5 * std, (gt, std)  # 2.05 label std here (torch 2.14); 1.5 leaves a margin
     shifts = [float(r["shift"]) for r in read_rows(tmp_path / "sweep" / "results.csv")]
     assert len(shifts) == 18 and all(np.isfinite(shifts)) and min(shifts) > 0

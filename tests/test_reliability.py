@@ -772,3 +772,15 @@ def test_odd_environment_variables_are_one_line(tmp_path, variable, value, expec
     result = subprocess.run([sys.executable, "inference.py", *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 2
     assert expected in error_line(result.stderr) and not (tmp_path / "out").exists()
+
+
+def test_a_script_run_in_the_test_process_leaves_no_global_state(tmp_path):
+    """run_script puts back what a script changes for its process, so no test depends on which ran before it."""
+    from accelerate.state import PartialState
+
+    handler, rng = signal.getsignal(signal.SIGTERM), torch.get_rng_state()
+    argv = list(sys.argv)
+    args = ["--data", "synthetic", "--weights", "none", "--num_data", "4", "--seed", "5", "--out_dir", tmp_path / "out"]
+    assert run_script("fake_dataset.py", *args) == 0  # it seeds torch and installs a SIGTERM handler
+    assert signal.getsignal(signal.SIGTERM) is handler and torch.equal(torch.get_rng_state(), rng) and sys.argv == argv
+    assert PartialState._shared_state == {}
