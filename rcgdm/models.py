@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 
 from rcgdm.atomic import atomic_folder
 from rcgdm.cli import UserError, check_creatable
+from rcgdm.model_files import cached_snapshot, checked_folder, hub_offline, hub_revision
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TINY = "tiny"
@@ -62,12 +62,12 @@ def resolve_model(name: str) -> str:
         folder = ensure_built(name)
     elif Path(name).is_dir():
         folder = Path(name)
-    elif _hub_offline():  # the hub's cache holds a snapshot: a folder like any other
-        folder = _cached_snapshot(name)
+    elif hub_offline():  # the hub's cache holds a snapshot: a folder like any other
+        folder = cached_snapshot(name)
     else:
         hub_revision(name)
         return name
-    _checked_folder(folder.resolve(), name)
+    checked_folder(folder.resolve(), name)
     return str(folder)
 
 
@@ -204,124 +204,3 @@ def load_scheduler(name: str):
     from diffusers import PNDMScheduler
 
     return _from_pretrained(PNDMScheduler, name, subfolder="scheduler")
-
-
-# ----------------------------------------------------------------------------- a model folder is data
-# Files whose presence means code could be loaded from the folder: diffusers (0.30 to 0.37 even without
-# trust_remote_code) and transformers import Python files a folder carries, and native libraries run on load.
-CODE_SUFFIXES = (".py", ".pyc", ".pyo", ".pyw", ".pyd", ".pyx", ".so", ".dll", ".dylib")
-CODE_KEYS = ("auto_map", "custom_pipeline", "trust_remote_code")  # config keys that name code to fetch and run
-MAX_FILES = 10_000
-
-
-def check_file_names(names: list[str], name: str) -> None:
-    """UserError if a model's file list (relative paths) holds code."""
-    code = next((n for n in names if n.lower().endswith(CODE_SUFFIXES)), None)
-    if code is not None:
-        raise UserError(f"--model {name!r} holds the code file {code!r}; expected a model of weights and configs only "
-                        "(code from a model is never run)")  # fmt: skip
-
-
-def check_config(config, file: str, name: str) -> None:
-    """UserError if a JSON config names custom code: a key such as auto_map, or a `_class_name` that is not
-    one of diffusers' or transformers' own classes (model_index.json's components are checked apart)."""
-    stack = [config]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, list):
-            stack.extend(value)
-        if not isinstance(value, dict):
-            continue
-        key = next((k for k in value if k in CODE_KEYS), None)
-        if key is not None:
-            raise UserError(f"--model {name!r}: {file} names custom code ({key!r}); expected stock diffusers and "
-                            "transformers components (code from a model is never run)")  # fmt: skip
-        cls = value.get("_class_name")
-        if isinstance(cls, str) and file != "model_index.json" and not _stock_class(cls):
-            raise UserError(f"--model {name!r}: {file} names the class {cls!r}, which is not diffusers' or transformers'; "
-                            "expected a stock component (code from a model is never run)")  # fmt: skip
-        stack.extend(value.values())
-
-
-def _stock_class(name: str) -> bool:
-    import diffusers
-    import transformers
-
-    for library in (diffusers, transformers):
-        try:
-            if isinstance(getattr(library, name), type):
-                return True
-        except Exception:  # absent, or a lazy import of an optional backend that fails
-            continue
-    return False
-
-
-def _model_files(folder: Path, name: str) -> list[str]:
-    """Every file under `folder`, through links (a hub cache's snapshot is links), as relative paths."""
-    files, seen = [], set()
-    for root, dirs, names in os.walk(folder, followlinks=True):
-        real = os.path.realpath(root)
-        if real in seen:  # a link loop
-            dirs.clear()
-            continue
-        seen.add(real)
-        files += [(Path(root) / n).relative_to(folder).as_posix() for n in names]
-        if len(files) > MAX_FILES:
-            raise UserError(f"--model {name!r} holds over {MAX_FILES} files; expected a diffusers model folder")
-    return files
-
-
-@functools.cache
-def _checked_folder(folder: Path, name: str) -> None:
-    """The folder holds no code file, and none of its JSON configs names custom code (checked once per process)."""
-    files = _model_files(folder, name)
-    check_file_names(files, name)
-    for file in files:
-        if file.endswith(".json"):
-            check_config(_read_json(folder, file, name), file, name)
-
-
-def _read_json(folder: Path, file: str, name: str):
-    try:
-        return json.loads((folder / file).read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise UserError(f"--model {name!r}: {file} is not readable JSON ({type(err).__name__}); expected a diffusers "
-                        "model folder") from None  # fmt: skip
-
-
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-def _cached_snapshot(name: str) -> Path:
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(name, local_files_only=True))
-    except Exception:  # not cached, or not a repo id
-        raise UserError(f"--model {name!r} could not be loaded (not in the hub cache, and HF_HUB_OFFLINE is set); "
-                        "offline, use --model tiny or a local diffusers folder") from None  # fmt: skip
-
-
-@functools.cache
-def hub_revision(name: str) -> str:
-    """The commit of hub repo `name` that every later load uses, once its file list and JSON configs are checked
-    (`check_file_names`, `check_config`): what is checked is what loads."""
-    from huggingface_hub import HfApi, snapshot_download
-
-    try:
-        info = HfApi().model_info(name)
-        check_file_names([s.rfilename for s in info.siblings or []], name)
-        configs = Path(snapshot_download(name, revision=info.sha, allow_patterns=["*.json"]))
-    except UserError:
-        raise
-    except Exception as err:  # offline, no such repo, a malformed id ...
-        reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
-        raise UserError(f"--model {name!r} could not be loaded ({reason}); offline, use --model tiny or a local "
-                        "diffusers folder") from None  # fmt: skip
-    for file in _model_files(configs, name):
-        if file.endswith(".json"):
-            check_config(_read_json(configs, file, name), file, name)
-    return info.sha

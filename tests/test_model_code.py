@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import error_line, run_script
 
+import rcgdm.model_files
 import rcgdm.models
 from rcgdm.cli import UserError
 from rcgdm.models import check_vae, load_pipeline, load_vae, model_facts
@@ -96,14 +97,14 @@ def hub(monkeypatch, tmp_path, tiny_model_dir):
 
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    monkeypatch.setattr(rcgdm.models, "_hub_offline", lambda: False)
-    rcgdm.models.hub_revision.cache_clear()
+    monkeypatch.setattr(rcgdm.models, "hub_offline", lambda: False)
+    rcgdm.model_files.hub_revision.cache_clear()
     yield answers
-    rcgdm.models.hub_revision.cache_clear()
+    rcgdm.model_files.hub_revision.cache_clear()
 
 
 def test_a_hub_repo_is_checked_then_pinned_to_that_commit(hub):
-    assert rcgdm.models.hub_revision("org/model") == "0123abcd" * 5
+    assert rcgdm.model_files.hub_revision("org/model") == "0123abcd" * 5
     assert hub.downloads == [("org/model", "0123abcd" * 5, ["*.json"])]  # the configs of the commit whose files were listed
     assert rcgdm.models.model_fingerprint("org/model") == f"hub:org/model@{'0123abcd' * 5}"
 
@@ -115,7 +116,7 @@ def test_a_hub_repo_with_code_is_refused_before_its_weights(hub, bad):
     else:
         edit_json(hub.configs / "text_encoder" / "config.json", auto_map={"AutoModel": "x.Y"})
     with pytest.raises(UserError, match="pipeline.py" if bad == "file" else "names custom code"):
-        rcgdm.models.hub_revision("org/model")
+        rcgdm.model_files.hub_revision("org/model")
     fetched = [] if bad == "file" else [("org/model", "0123abcd" * 5, ["*.json"])]  # a listed .py: nothing is fetched
     assert hub.downloads == fetched
 
