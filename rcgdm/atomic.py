@@ -26,8 +26,9 @@ def _umask() -> int:
     return umask
 
 
-_MODE = 0o666 & ~_umask()  # what open() would give a new file
-_DIR_MODE = 0o777 & ~_umask()  # what mkdir would give a new folder
+_UMASK = _umask()
+_MODE = 0o666 & ~_UMASK  # what open() would give a new file
+_DIR_MODE = 0o777 & ~_UMASK  # what mkdir would give a new folder
 
 
 @contextlib.contextmanager
