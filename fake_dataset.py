@@ -94,7 +94,8 @@ def main() -> None:
     num_data = check_num_data(args.num_data, source)
     check_creatable(args.out_dir)
     refuse_outputs_inside_inputs({"--out_dir": args.out_dir}, {"--data": args.data if Path(args.data).is_dir() else None})
-    refuse_if_locked(Path(args.out_dir) / LOCK_FILE, f"--out_dir {args.out_dir!r}")
+    if state.is_main_process:  # only the main process ever locks: others probing would race with it
+        refuse_if_locked(Path(args.out_dir) / LOCK_FILE, f"--out_dir {args.out_dir!r}")
     if not args.overwrite:
         refuse_existing([Path(args.out_dir) / name for name in OUTPUTS], "use --overwrite to replace it, or another --out_dir")
     with state.main_process_first():  # ImageNet weights are downloaded once; a failure here leaves nothing behind

@@ -171,7 +171,6 @@ def check_outputs(args: argparse.Namespace, out_dir: Path, combos: list[Combo]) 
     files are not replaced unless --overwrite (or --resume, for an interrupted run)."""
     for combo in combos:
         check_creatable(combo.folder)
-    refuse_if_locked(out_dir / LOCK_FILE, f"--out_dir {str(out_dir)!r}")  # a running sweep's files are not an earlier run's
     outputs = [out_dir / name for name in (*RUN_FILES, PROGRESS_FILE)]
     inputs = {"--reward_model": args.reward_model, "--predictor": args.predictor}
     refuse_inputs_as_outputs(inputs, outputs)
@@ -299,6 +298,8 @@ def main() -> None:
     dtype = resolve_dtype(args.dtype, device)
     out_dir, combos = plan(args)
     scheduler_support(args.scheduler)  # an unknown or unsupported scheduler fails before anything loads
+    if state.is_main_process:  # a running sweep's files are not an earlier run's (only the main process ever locks:
+        refuse_if_locked(out_dir / LOCK_FILE, f"--out_dir {str(out_dir)!r}")  # others probing would race with it)
     check_outputs(args, out_dir, combos)
     models = load_models(args, state, device, dtype)  # every input is checked before any output folder exists
     writable_dir(out_dir)

@@ -148,6 +148,8 @@ def main() -> None:
         raise UserError(f"batch_size={cfg.batch_size} is smaller than the {n} processes; expected at least {n}, one sample each")
     out_path = Path(cfg.out_path)
     files, staged = run_files(out_path), run_files(staging_folder(out_path) / out_path.name)
+    if state.is_main_process:  # a running run's files are not an earlier run's (only the main process ever locks)
+        refuse_if_locked(lock_file(out_path), f"out_path {str(out_path)!r}")
     check_outputs(cfg, files, staged)
     labels = load_labels(cfg.labels_path, cfg.num_data)
     train_idx, val_idx = split(cfg.num_data, cfg.val_fraction, cfg.seed)  # an empty side fails here, before any encoding
@@ -203,7 +205,6 @@ def check_outputs(cfg: SimpleNamespace, files: dict[str, Path], staged: dict[str
         raise UserError(f"out_path {str(out_path)!r} is a directory; expected a file path like convnet.pth")
     check_creatable(out_path.parent, "out_path's folder")
     check_creatable(cfg.cache_dir, "cache_dir")
-    refuse_if_locked(lock_file(out_path), f"out_path {str(out_path)!r}")  # a running run's files are not an earlier run's
     refuse_inputs_as_outputs({"labels_path": cfg.labels_path}, files.values())
     if Path(cfg.cache_dir).resolve() in out_path.resolve().parents:
         raise UserError(f"out_path {str(out_path)!r} is inside cache_dir {cfg.cache_dir!r}; expected a path outside the cache")
