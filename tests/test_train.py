@@ -218,3 +218,31 @@ def test_override_parser():
     ]:
         with pytest.raises(UserError, match=message):
             parse_overrides(defaults, bad)
+
+
+def test_the_loss_buckets_are_the_saved_predictors_error_per_noise_level(tmp_path, labels):
+    """Recomputed here: the final predictor on the validation latents, noised as train.py says (seed + 1), its MSE
+    over the timesteps of each quarter of the schedule."""
+    from rcgdm.data import open_source
+    from rcgdm.latents import LatentSpec, encode
+    from rcgdm.models import load_vae
+    from rcgdm.training import split
+
+    code, summary = train(tmp_path, labels, num_epochs=2)
+    assert code == 0
+    source = open_source("synthetic")
+    latents = encode(load_vae("tiny-random"), source, LatentSpec("-", source.identity, 64, 64, 0), 32, torch.device("cpu"))
+    _, val = split(64, 0.25, 0)
+    scheduler = load_scheduler("tiny-random")
+    scheduler.set_timesteps(50)
+    inputs, _, timesteps = add_training_noise(scheduler, latents[val], torch.unique(scheduler.timesteps),
+                                              torch.Generator().manual_seed(0 + 1))  # fmt: skip
+    net = load_predictor(tmp_path / "run" / "convnet.pth", latent_channels=4)[0].eval()
+    y = torch.from_numpy(np.load(labels)[:64][val.numpy()]).float()
+    with torch.no_grad():
+        errors = (net(inputs) - y).pow(2)[:, 0]
+    reported = summary["final_val_loss_by_noise"]
+    for k, name in enumerate(reported):
+        mine = (timesteps >= 250 * k) & (timesteps < 250 * (k + 1))
+        assert reported[name] == (pytest.approx(errors[mine].mean().item(), rel=1e-4) if mine.any() else None), name
+    assert summary["final_val_loss"] == pytest.approx(errors.mean().item(), rel=1e-4)
