@@ -298,8 +298,8 @@ def main() -> None:
     dtype = resolve_dtype(args.dtype, device)
     out_dir, combos = plan(args)
     scheduler_support(args.scheduler)  # an unknown or unsupported scheduler fails before anything loads
-    if state.is_main_process:  # a running sweep's files are not an earlier run's (only the main process ever locks:
-        refuse_if_locked(out_dir / LOCK_FILE, f"--out_dir {str(out_dir)!r}")  # others probing would race with it)
+    if state.is_main_process:  # only the main process ever locks: other processes probing too would race with it
+        refuse_if_locked(out_dir / LOCK_FILE, f"--out_dir {str(out_dir)!r}")  # a running sweep's files are not an earlier run's
     check_outputs(args, out_dir, combos)
     models = load_models(args, state, device, dtype)  # every input is checked before any output folder exists
     writable_dir(out_dir)

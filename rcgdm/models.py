@@ -52,8 +52,8 @@ def ensure_built(name: str = "tiny-random") -> Path:
 
 def resolve_model(name: str) -> str:
     """`tiny` -> models/tiny-sd (verified); `tiny-random`, `sd15-random` -> their cache folders; an existing
-    folder -> itself; anything else is a hub id. Every folder (and a hub repo's file list, see `hub_revision`)
-    is checked to hold no code before anything reads it (`check_no_code`)."""
+    folder -> itself; anything else is a hub id. Every folder, and a hub repo's files at the commit that later loads
+    use, is checked to hold no code before anything reads it (rcgdm/model_files.py)."""
     if not name.strip():
         raise UserError(f"--model {name!r} is empty; expected a hub id, a local diffusers folder, or tiny")
     if name == TINY:
