@@ -16,14 +16,14 @@ from rcgdm.models import load_vae
 from rcgdm.predictor import load_predictor
 from rcgdm.rewards import load_reward
 
-TARGETS, GUIDANCE, IMAGES = ("1", "2"), ("0", "10"), 3
+PROMPTS, TARGETS, GUIDANCE, IMAGES = ("a nice photo", "a red circle"), ("1", "2"), ("0", "10"), 3
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, reward_model_path, predictor_path):
     out = tmp_path_factory.mktemp("report") / "sweep"
     args = ["--model", "tiny-random", "--reward_model", reward_model_path, "--predictor", predictor_path, "--seed", "0",
-            "--target", *TARGETS, "--guidance", *GUIDANCE, "--num_images", str(IMAGES), "--bs", "2",
+            "--prompt", *PROMPTS, "--target", *TARGETS, "--guidance", *GUIDANCE, "--num_images", str(IMAGES), "--bs", "2",
             "--num_inference_steps", "3", "--out_dir", out]  # fmt: skip
     assert run_script("inference.py", *args) == 0
     return out, read_rows(out / "results.csv"), json.loads((out / "summary.json").read_text())
@@ -32,10 +32,11 @@ def sweep(tmp_path_factory, reward_model_path, predictor_path):
 def test_the_summary_is_the_rows_summarised(sweep):
     _, rows, summary = sweep
     combos = summary["combinations"]
-    assert len(combos) == len(TARGETS) * len(GUIDANCE) and len(rows) == len(combos) * IMAGES
-    unguided_shift = {}
+    assert len(combos) == len(PROMPTS) * len(TARGETS) * len(GUIDANCE) and len(rows) == len(combos) * IMAGES
+    unguided_shift = {prompt: [] for prompt in PROMPTS}
     for c in combos:
-        mine = [r for r in rows if float(r["target"]) == c["target"] and float(r["guidance"]) == c["guidance"]]
+        key = (c["prompt"], c["target"], c["guidance"])
+        mine = [r for r in rows if (r["prompt"], float(r["target"]), float(r["guidance"])) == key]
         gt, pred, shift = (np.array([float(r[k]) for r in mine]) for k in ("gt", "pred", "shift"))
         assert c["n"] == len(mine) == IMAGES
         assert c["gt_mean"] == pytest.approx(gt.mean(), rel=1e-6) and c["gt_std"] == pytest.approx(gt.std(), rel=1e-5)
@@ -45,9 +46,9 @@ def test_the_summary_is_the_rows_summarised(sweep):
         # PNDM takes 3 steps in 4 UNet calls (its first timestep twice); one batched call covers both CFG branches
         assert c["unet_calls"] == 4 == int(mine[0]["unet_calls"])
         if c["guidance"] == 0:
-            unguided_shift[c["target"]] = shift.mean()
-    for c in combos:
-        assert c["shift_vs_unguided"] == pytest.approx(c["shift_mean"] / np.mean(list(unguided_shift.values())), rel=1e-6)
+            unguided_shift[c["prompt"]].append(shift.mean())
+    for c in combos:  # relative to the unguided images of the same prompt
+        assert c["shift_vs_unguided"] == pytest.approx(c["shift_mean"] / np.mean(unguided_shift[c["prompt"]]), rel=1e-6)
 
 
 def test_the_saved_images_score_what_their_rows_say(sweep, reward_model_path, predictor_path):
@@ -73,7 +74,7 @@ def test_the_grid_has_a_cell_per_target_and_one_unguided(sweep):
     out, _, _ = sweep
     width, height = Image.open(out / "grid.png").size
     # plots.image_grid: 2.2 x 2.4 inches per cell at 120 dpi, trimmed to the drawing (bbox_inches="tight")
-    columns, rows = 1 + len(TARGETS), 1
+    columns, rows = 1 + len(TARGETS), len(PROMPTS)
     assert 0.8 * 2.2 * 120 * columns < width <= 2.2 * 120 * columns + 60
     assert 0.8 * 2.4 * 120 * rows < height <= 2.4 * 120 * rows + 60
 
