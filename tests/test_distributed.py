@@ -206,9 +206,10 @@ def test_train_py_in_two_processes_then_resumed_in_one(tmp_path):
     histories = [[json.loads(line) for line in (d / "convnet.metrics.jsonl").read_text().splitlines()] for d in (one, two)]
     baseline = histories[0][-1]["baseline_val_loss"]
     best_one, best_two = (min(h["val_loss"] for h in history) for history in histories)
-    assert best_one < 0.5 * baseline and best_two < 0.5 * baseline, (best_one, best_two, baseline)
-    # per-process BatchNorm statistics (8 samples, not 16) are the only change: close, not equal
-    assert abs(best_two - best_one) < 0.25 * baseline, (best_one, best_two, baseline)
+    # both learn: 0.23x and 0.24x the baseline here (torch 2.14); 0.35x leaves a margin
+    assert best_one < 0.35 * baseline and best_two < 0.35 * baseline, (best_one, best_two, baseline)
+    # per-process BatchNorm statistics (8 samples, not 16) are the only change: close (0.014x apart here), not equal
+    assert abs(best_two - best_one) < 0.08 * baseline, (best_one, best_two, baseline)
 
     with one_thread():
         assert run_script("train.py", *args, "--num_epochs=5", "--resume=True", *outputs("two")) == 0
