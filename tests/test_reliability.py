@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -454,12 +455,12 @@ def test_training_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
                 f"--out_path={tmp_path / name / 'convnet.pth'}", *extra]  # fmt: skip
 
     assert run_script(*args("whole")) == 0
-    killed = popen(*args("killed"))
-    state = tmp_path / "killed" / "convnet.resume.pth"
-    wait_for(state.exists, process=killed)
-    time.sleep(0.3)  # into the second epoch
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
+    with open(tmp_path / "log.txt", "w") as log:
+        killed = popen(*args("killed"), log=log)
+        # killed once the second epoch has taken a step (its progress bar says so), not after a fixed time
+        wait_for(lambda: re.search(r"epoch 2/3:[^\r\n]*\| *[1-9]\d*/\d+", (tmp_path / "log.txt").read_text()), process=killed)
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
     assert not (tmp_path / "killed" / "convnet.pth").exists()
     assert run_script(*args("killed", "--resume=True")) == 0
     a, b = weights(tmp_path / "whole/convnet.pth"), weights(tmp_path / "killed/convnet.pth")
@@ -473,8 +474,9 @@ def test_training_killed_while_building_the_cache_rebuilds_it(tmp_path):
             f"--out_path={tmp_path / 'out' / 'convnet.pth'}", "--encode_batch_size=8"]  # fmt: skip
     with open(tmp_path / "log.txt", "w") as log:
         killed = popen(*argv, log=log)
-        wait_for(lambda: "encoding latents:" in (tmp_path / "log.txt").read_text(), process=killed)
-        time.sleep(0.5)
+        # killed once a batch is encoded (the progress bar says so) and the build is under way, not after a fixed time
+        wait_for(lambda: re.search(r"encoding latents:[^\r\n]*\| *[1-9]\d*/1024", (tmp_path / "log.txt").read_text()),
+                 process=killed)  # fmt: skip
         killed.send_signal(signal.SIGKILL)
         killed.wait()
     assert not list((tmp_path / "cache").glob("latents-*.safetensors"))  # nothing half-written under a final name
