@@ -80,7 +80,7 @@ def test_a_training_resume_refuses_a_changed_vae(tmp_path, capsys, tiny_model_di
 def test_ctrl_c_and_sigterm_stop_a_real_sweep_cleanly(tmp_path, reward_model_path, predictor_path, signum):
     out = tmp_path / "out"
     args = sweep(out, reward_model_path, predictor_path, "--guidance", "5", "--num_images", "6", "--bs", "1",
-                 "--num_inference_steps", "20")  # fmt: skip
+                 "--num_inference_steps", "10")  # fmt: skip
     with open(tmp_path / "log", "w") as log:
         running = popen(*args, log=log)
         progress = out / "progress.json"
