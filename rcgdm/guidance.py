@@ -111,9 +111,9 @@ def guide_output(output: torch.Tensor, x_t: torch.Tensor, alpha_bar_t: torch.Ten
                  grad_path: str = "xt") -> torch.Tensor:  # fmt: skip
     """A model output of `prediction_type` shifted as the paper's eps would be, in the output's dtype.
     alpha_bar_t = 0 (zero terminal SNR) leaves the output as it is (see the module docstring)."""
-    if float(alpha_bar_t) == 0:
-        return output
     a = _alpha_bar(alpha_bar_t, x_t)
+    noisy = a > 0  # a tensor test, not a Python one: reading a value on the GPU would wait for it at every step
+    a = torch.where(noisy, a, torch.ones_like(a))  # at a = 0 any level keeps the arithmetic finite; that shift is dropped
     eps = as_eps(output.to(a.dtype), x_t.to(a.dtype), a, prediction_type)
     shift = eps_shift(eps, x_t, a, predictor, target, guidance, batch_mean, grad_path) * output_per_eps(a, prediction_type)
-    return output + shift.to(output.dtype)
+    return output + torch.where(noisy, shift, torch.zeros_like(shift)).to(output.dtype)

@@ -51,7 +51,8 @@ def sample_latents(
     scheduler.set_timesteps(num_inference_steps, device=device)
     latents = pipe.prepare_latents(batch, pipe.unet.config.in_channels, height, width, embeddings.dtype, device, generators)
     step_kwargs = pipe.prepare_extra_step_kwargs(generators, 0.0)
-    alpha_bar = noise_levels(scheduler)  # on the CPU: reading one never waits for the GPU
+    # moved to the device once: a step's value is then indexed there, with no per-step copy that would wait for the GPU
+    alpha_bar = noise_levels(scheduler).to(device, torch.float64 if latents.dtype == torch.float64 else torch.float32)
     prediction_type = scheduler.config.get("prediction_type", "epsilon")  # what `eps` below really is: see rcgdm/guidance.py
 
     for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoising", leave=False, disable=not progress)):
