@@ -23,7 +23,6 @@ import fnmatch
 import io
 import itertools
 import secrets
-import shutil
 import textwrap
 import time
 from dataclasses import dataclass, replace
@@ -53,7 +52,14 @@ from rcgdm.evaluate import distribution_shift, score_images
 from rcgdm.guidance import GRAD_PATHS, PREDICTION_TYPES
 from rcgdm.locking import LOCK_FILE, refuse_if_locked
 from rcgdm.models import SD15, load_pipeline, local_model_folder, model_facts, model_fingerprint
-from rcgdm.outputs import STAGING, publish, refuse_existing, refuse_inputs_as_outputs, refuse_outputs_inside_inputs
+from rcgdm.outputs import (
+    STAGING,
+    publish,
+    refuse_existing,
+    refuse_inputs_as_outputs,
+    refuse_outputs_inside_inputs,
+    uses_staging,
+)
 from rcgdm.predictor import FORMAT as PREDICTOR_FORMAT
 from rcgdm.predictor import predictor_from_checkpoint, reference_from_checkpoint
 from rcgdm.progress import ANY_FILE as PROGRESS_FILES
@@ -374,13 +380,8 @@ def run_folder(args: argparse.Namespace, out_dir: Path, combos: list[Combo]) -> 
     in it whose files replace the earlier ones only once the run completes, so a run that fails leaves them as
     they were; --resume continues in the staging folder of an interrupted overwrite."""
     staging = out_dir / STAGING
-    if args.resume:
-        return staging if any(staging.glob(PROGRESS_FILES)) else out_dir
-    shutil.rmtree(staging, ignore_errors=True)  # an unfinished overwrite's (check_outputs asked for --overwrite)
-    if args.overwrite and earlier_files(out_dir, combos):
-        staging.mkdir()
-        return staging
-    return out_dir
+    replacing = args.overwrite and not args.resume and bool(earlier_files(out_dir, combos))
+    return staging if uses_staging(staging, args.resume, any(staging.glob(PROGRESS_FILES)), replacing) else out_dir
 
 
 def earlier_files(out_dir: Path, combos: list[Combo]) -> list[str]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -40,7 +39,14 @@ from rcgdm.data import check_num_data, open_source
 from rcgdm.latents import LatentSpec, cached_latents, vae_fingerprint
 from rcgdm.locking import refuse_if_locked
 from rcgdm.models import check_vae, load_scheduler, load_vae, local_model_folder
-from rcgdm.outputs import STAGING, publish, refuse_existing, refuse_inputs_as_outputs, refuse_outputs_inside_inputs
+from rcgdm.outputs import (
+    STAGING,
+    publish,
+    refuse_existing,
+    refuse_inputs_as_outputs,
+    refuse_outputs_inside_inputs,
+    uses_staging,
+)
 from rcgdm.predictor import ThreeLayerConvNet, predictor_checkpoint, reference_sample
 from rcgdm.runtime import package_versions, sha256_file
 from rcgdm.training import (
@@ -169,17 +175,10 @@ def main() -> None:
 
 
 def where_to_write(cfg: SimpleNamespace, files: dict[str, Path], staged: dict[str, Path], main: bool) -> dict[str, Path]:
-    """`files` (beside out_path); or, when the run replaces an earlier one (overwrite=True) or resumes such a
-    replacement, `staged`: a staging folder whose files replace the earlier ones only once the run completes,
-    so a run that fails leaves them as they were. The main process readies the staging folder."""
-    if cfg.resume:
-        return staged if staged["resume"].is_file() else files
+    """`files` (beside out_path), or `staged` when the run replaces an earlier one (rcgdm.outputs.uses_staging)."""
     replacing = cfg.overwrite and any(path.exists() for path in files.values())
-    if main:
-        shutil.rmtree(staged["predictor"].parent, ignore_errors=True)  # an unfinished replacement's, which this run replaces
-        if replacing:
-            staged["predictor"].parent.mkdir()
-    return staged if replacing else files
+    staging = uses_staging(staged["predictor"].parent, cfg.resume, staged["resume"].is_file(), replacing, main)
+    return staged if staging else files
 
 
 def lock_file(out_path: Path) -> Path:

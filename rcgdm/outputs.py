@@ -56,6 +56,20 @@ def refuse_outputs_inside_inputs(outputs: dict[str, str | Path], inputs: dict[st
 STAGING = ".overwrite"  # an overwriting run's files wait here until the run completes
 
 
+def uses_staging(staging: Path, resume: bool, unfinished_there: bool, replacing: bool, main: bool = True) -> bool:
+    """Whether a run writes into `staging` rather than in place: when it replaces an earlier run's outputs
+    (`replacing`), so that a run that fails leaves them as they were (`publish` moves its files over them once it
+    completes), or when it resumes an unfinished replacement (`unfinished_there`). Otherwise a leftover staging
+    folder is an unfinished replacement this run supersedes. The main process clears and makes the folder."""
+    if resume:
+        return unfinished_there
+    if main:
+        shutil.rmtree(staging, ignore_errors=True)
+        if replacing:
+            staging.mkdir()
+    return replacing
+
+
 def publish(staging: Path, target: Path, names: Iterable[str]) -> None:
     """Move a completed run's files from `staging` onto `target` (`names` relative to both), replacing the earlier
     run's; a name `staging` lacks is removed from `target` (an earlier run's file this run did not make). Then
