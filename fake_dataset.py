@@ -27,7 +27,6 @@ from accelerate.utils import gather_object
 from tqdm import tqdm
 
 from rcgdm import distributed, rewards
-from rcgdm.atomic import save_json, save_npy, save_torch
 from rcgdm.cli import (
     ArgumentParser,
     UserError,
@@ -40,11 +39,12 @@ from rcgdm.cli import (
     writable_dir,
 )
 from rcgdm.data import check_num_data, load_batch, open_source
-from rcgdm.locking import LOCK_FILE, refuse_if_locked
-from rcgdm.outputs import publish, refuse_existing, refuse_outputs_inside_inputs
+from rcgdm.files.atomic import save_json, save_npy, save_torch
+from rcgdm.files.locking import LOCK_FILE, refuse_if_locked
+from rcgdm.files.outputs import publish, refuse_existing, refuse_outputs_inside_inputs
+from rcgdm.files.provenance import package_versions, sha256_file
 from rcgdm.rewards import Reward
 from rcgdm.rewards.resnet18 import WEIGHT_CHOICES
-from rcgdm.runtime import package_versions, sha256_file
 
 REWARD_FILE = "reward_model.pth"
 LABELS_FILE = "cifar10_outputs_with_noise.npy"

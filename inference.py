@@ -35,8 +35,6 @@ from accelerate.utils import broadcast_object_list, gather_object
 from tqdm import tqdm
 
 from rcgdm import distributed, plots
-from rcgdm.atomic import atomic_path, save_json, save_text
-from rcgdm.checkpoint import load_checkpoint
 from rcgdm.cli import (
     MAX_SEED,
     ArgumentParser,
@@ -49,10 +47,10 @@ from rcgdm.cli import (
     writable_dir,
 )
 from rcgdm.evaluate import distribution_shift, score_images
-from rcgdm.guidance import GRAD_PATHS, PREDICTION_TYPES
-from rcgdm.locking import LOCK_FILE, refuse_if_locked
-from rcgdm.models import SD15, load_pipeline, local_model_folder, model_facts, model_fingerprint
-from rcgdm.outputs import (
+from rcgdm.files.atomic import atomic_path, save_json, save_text
+from rcgdm.files.checkpoint import load_checkpoint
+from rcgdm.files.locking import LOCK_FILE, refuse_if_locked
+from rcgdm.files.outputs import (
     STAGING,
     publish,
     refuse_existing,
@@ -60,15 +58,18 @@ from rcgdm.outputs import (
     refuse_outputs_inside_inputs,
     uses_staging,
 )
+from rcgdm.files.provenance import package_versions, sha256_file
+from rcgdm.guidance import GRAD_PATHS, PREDICTION_TYPES
+from rcgdm.models import SD15, load_pipeline, local_model_folder, model_facts, model_fingerprint
 from rcgdm.predictor import FORMAT as PREDICTOR_FORMAT
 from rcgdm.predictor import predictor_from_checkpoint, reference_from_checkpoint
-from rcgdm.progress import ANY_FILE as PROGRESS_FILES
-from rcgdm.progress import FILE as PROGRESS_FILE
-from rcgdm.progress import SweepProgress, check_start, unique_rows
+from rcgdm.resume import ANY_FILE as PROGRESS_FILES
+from rcgdm.resume import FILE as PROGRESS_FILE
+from rcgdm.resume import SweepProgress, check_start, unique_rows
 from rcgdm.rewards import load_reward
-from rcgdm.runtime import image_generators, image_seed, package_versions, sha256_file
 from rcgdm.sampler import RewardGuidance, decode, sample_latents
 from rcgdm.schedulers import SCHEDULERS, check_steps, make_scheduler, scheduler_support
+from rcgdm.seeds import image_generators, image_seed
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 IMAGE_GLOB = "*_gt_*_pred_*.png"

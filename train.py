@@ -32,14 +32,12 @@ import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
 
 from rcgdm import distributed, plots
-from rcgdm.atomic import save_json, save_text, save_torch
 from rcgdm.cli import MAX_SEED, UserError, check_creatable, run_main, writable_dir
 from rcgdm.config import describe, parse_overrides
 from rcgdm.data import check_num_data, open_source
-from rcgdm.latents import LatentSpec, cached_latents, vae_fingerprint
-from rcgdm.locking import refuse_if_locked
-from rcgdm.models import check_vae, load_scheduler, load_vae, local_model_folder
-from rcgdm.outputs import (
+from rcgdm.files.atomic import save_json, save_text, save_torch
+from rcgdm.files.locking import refuse_if_locked
+from rcgdm.files.outputs import (
     STAGING,
     publish,
     refuse_existing,
@@ -47,8 +45,10 @@ from rcgdm.outputs import (
     refuse_outputs_inside_inputs,
     uses_staging,
 )
+from rcgdm.files.provenance import package_versions, sha256_file
+from rcgdm.latents import LatentSpec, cached_latents, vae_fingerprint
+from rcgdm.models import check_vae, load_scheduler, load_vae, local_model_folder
 from rcgdm.predictor import ThreeLayerConvNet, predictor_checkpoint, reference_sample
-from rcgdm.runtime import package_versions, sha256_file
 from rcgdm.training import (
     add_training_noise,
     check_labels_source,
@@ -175,7 +175,7 @@ def main() -> None:
 
 
 def where_to_write(cfg: SimpleNamespace, files: dict[str, Path], staged: dict[str, Path], main: bool) -> dict[str, Path]:
-    """`files` (beside out_path), or `staged` when the run replaces an earlier one (rcgdm.outputs.uses_staging)."""
+    """`files` (beside out_path), or `staged` when the run replaces an earlier one (rcgdm.files.outputs.uses_staging)."""
     replacing = cfg.overwrite and any(path.exists() for path in files.values())
     staging = uses_staging(staged["predictor"].parent, cfg.resume, staged["resume"].is_file(), replacing, main)
     return staged if staging else files

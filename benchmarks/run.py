@@ -29,14 +29,15 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rcgdm.atomic import save_json, save_text  # noqa: E402
 from rcgdm.data import open_source  # noqa: E402
 from rcgdm.demo import run_demo  # noqa: E402
+from rcgdm.files.atomic import save_json, save_text  # noqa: E402
+from rcgdm.files.provenance import package_versions  # noqa: E402
 from rcgdm.latents import LatentSpec, encode  # noqa: E402
 from rcgdm.models import load_pipeline, load_scheduler, load_vae  # noqa: E402
 from rcgdm.predictor import ThreeLayerConvNet  # noqa: E402
-from rcgdm.runtime import image_generators, package_versions  # noqa: E402
 from rcgdm.sampler import RewardGuidance, sample_latents  # noqa: E402
+from rcgdm.seeds import image_generators  # noqa: E402
 from rcgdm.training import add_training_noise, train_epoch  # noqa: E402
 
 PROMPT = "a nice photo"

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rcgdm.atomic import save_torch
 from rcgdm.cli import ArgumentParser, UserError, check_creatable, run_main, writable_dir
-from rcgdm.outputs import refuse_existing, refuse_inputs_as_outputs
+from rcgdm.files.atomic import save_torch
+from rcgdm.files.outputs import refuse_existing, refuse_inputs_as_outputs
 from rcgdm.predictor import ResidualBlock, ThreeLayerConvNet, predictor_checkpoint
 from rcgdm.rewards.resnet18 import ARCH as REWARD_ARCH
 from rcgdm.rewards.resnet18 import FORMAT as REWARD_FORMAT

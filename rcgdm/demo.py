@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rcgdm.atomic import copy_file, save_json
+from rcgdm.files.atomic import copy_file, save_json
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["", "a yellow circle on a blue background", "a white square on a red background"]

@@ -22,10 +22,22 @@ import torch
 from accelerate import PartialState
 
 from rcgdm.cli import UserError
-from rcgdm.locking import locked
-from rcgdm.runtime import resolve_device
+from rcgdm.files.locking import locked
 
 T = TypeVar("T")
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> CUDA when present, else CPU; anything else must be a usable torch device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device; expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name!r} asks for CUDA but none is available; expected auto or cpu")
+    return device
 
 
 def launched_processes() -> int:
@@ -75,6 +87,6 @@ def my_share(units: Sequence[T], state: PartialState, process: int | None = None
 
 
 def main_only_lock(state: PartialState, lock_file: str | Path, what: str, wait: bool = False):
-    """The main process holds the run's lock (see rcgdm.locking) for all of them; the others hold none."""
+    """The main process holds the run's lock (see rcgdm.files.locking) for all of them; the others hold none."""
     return locked(lock_file, what, wait) if state.is_main_process else contextlib.nullcontext()
 

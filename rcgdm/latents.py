@@ -21,11 +21,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from rcgdm.atomic import atomic_path
 from rcgdm.cli import UserError
 from rcgdm.data import ImageSource, load_batch
 from rcgdm.distributed import batches, main_only_lock, my_share
-from rcgdm.runtime import image_generators
+from rcgdm.files.atomic import atomic_path
+from rcgdm.seeds import image_generators
 
 CACHE_FORMAT = "rcgdm.latents/1"
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from rcgdm.atomic import atomic_folder
 from rcgdm.cli import UserError, check_creatable
+from rcgdm.files.atomic import atomic_folder
 from rcgdm.model_files import cached_snapshot, checked_folder, hub_offline, hub_revision
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -36,7 +36,7 @@ def cache_root() -> Path:
 def ensure_built(name: str = "tiny-random") -> Path:
     """The folder of a locally built random-weight model (`tiny-random`, `sd15-random`), built on first use
     (atomically, so concurrent builders are safe)."""
-    from rcgdm.tiny import build_random_sd
+    from rcgdm.tiny.build import build_random_sd
 
     target = cache_root() / _BUILT_FOLDERS[name]
     if (target / "model_index.json").is_file():
@@ -83,7 +83,7 @@ def local_model_folder(name: str) -> Path | None:
 @functools.cache
 def _verified(folder: Path) -> Path:
     """`folder` once its sha256 manifest checks out; hashed once per process, not at every config read."""
-    from rcgdm.manifest import verify_manifest
+    from rcgdm.tiny.manifest import verify_manifest
 
     verify_manifest(folder)
     return folder

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
-from rcgdm.atomic import atomic_path
+from rcgdm.files.atomic import atomic_path
 
 
 def save_figure(fig, path: str | Path) -> None:

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rcgdm.checkpoint import check_finite_state, load_checkpoint, plain_metadata
 from rcgdm.cli import UserError
+from rcgdm.files.checkpoint import check_finite_state, load_checkpoint, plain_metadata
 
 FORMAT = "rcgdm.predictor/1"
 ARCH = "ThreeLayerConvNet"

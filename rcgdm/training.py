@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from accelerate.utils import reduce
 from tqdm import tqdm
 
-from rcgdm.atomic import save_torch
-from rcgdm.checkpoint import load_checkpoint
 from rcgdm.cli import UserError
+from rcgdm.files.atomic import save_torch
+from rcgdm.files.checkpoint import load_checkpoint
 
 STATE_FORMAT = "rcgdm.train-state/1"
 

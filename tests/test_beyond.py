@@ -125,8 +125,8 @@ def test_best_of_n_keeps_the_candidate_closest_to_the_target(tmp_path, reward_mo
     from rcgdm.models import load_pipeline
     from rcgdm.predictor import load_predictor, load_reference_latents
     from rcgdm.rewards import load_reward
-    from rcgdm.runtime import image_generators
     from rcgdm.sampler import decode, sample_latents
+    from rcgdm.seeds import image_generators
 
     pipe = load_pipeline("tiny-random")
     predictor, _ = load_predictor(predictor_path)

@@ -98,7 +98,7 @@ def test_cifar10_offline_fails_fast_with_a_hint(tmp_path, monkeypatch):
 def test_atomic_writes_leave_only_the_final_file_with_normal_permissions(tmp_path):
     import os
 
-    from rcgdm.atomic import atomic_path, save_json
+    from rcgdm.files.atomic import atomic_path, save_json
 
     save_json({"a": 1}, tmp_path / "x.json")
     umask = os.umask(0)

@@ -21,8 +21,9 @@ from conftest import ROOT, latent_labels, run_script
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from rcgdm import atomic, distributed
+from rcgdm import distributed
 from rcgdm.cli import UserError, run_main
+from rcgdm.files import atomic
 from rcgdm.predictor import ThreeLayerConvNet, load_predictor
 from rcgdm.training import train_epoch
 

@@ -39,7 +39,7 @@ def test_outputs_shapes_and_provenance(tmp_path):
     sidecar = json.loads((tmp_path / "cifar10_outputs_with_noise.json").read_text())
     assert sidecar["data"] == "synthetic:0" and sidecar["num_data"] == 40 and sidecar["noise_std"] == 0.1
     assert sidecar["weights"] == "none" and sidecar["seed"] == 0 and "torch" in sidecar["versions"]
-    from rcgdm.runtime import sha256_file
+    from rcgdm.files.provenance import sha256_file
 
     assert sidecar["reward_model_sha256"] == sha256_file(tmp_path / "reward_model.pth")
 

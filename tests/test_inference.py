@@ -12,7 +12,7 @@ from conftest import error_line, read_rows, run_cli, run_script
 from PIL import Image
 
 from inference import RUN_FILES
-from rcgdm.atomic import save_torch
+from rcgdm.files.atomic import save_torch
 from rcgdm.predictor import ThreeLayerConvNet, predictor_checkpoint
 
 NAME = re.compile(r"^(\d+)_gt_(-?\d+\.\d{4})_pred_(-?\d+\.\d{4})\.png$")
@@ -155,7 +155,7 @@ def test_hub_model_offline_is_a_clear_error(tmp_path, reward_model_path, predict
 def test_guidance_zero_images_match_the_stock_pipeline_through_the_cli(tmp_path, run):
     """The saved PNGs at guidance 0 are the stock pipeline's images, quantised the same way."""
     from rcgdm.models import load_pipeline
-    from rcgdm.runtime import image_generators
+    from rcgdm.seeds import image_generators
 
     assert run("--num_images", "2", "--bs", "2", "--guidance", "0") == 0
     pipe = load_pipeline("tiny-random")

@@ -10,9 +10,9 @@ import pytest
 from conftest import error_line, read_rows, run_script
 from test_reliability import popen, wait_for
 
-from rcgdm.atomic import atomic_folder
-from rcgdm.manifest import verify_manifest
+from rcgdm.files.atomic import atomic_folder
 from rcgdm.models import TINY_FOLDER
+from rcgdm.tiny.manifest import verify_manifest
 
 
 def snapshot(folder) -> dict:

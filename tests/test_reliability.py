@@ -406,7 +406,7 @@ def inference_args(out, reward_model_path, predictor_path, *extra):
 
 
 def test_a_second_run_on_the_same_out_dir_is_refused(tmp_path, reward_model_path, predictor_path):
-    from rcgdm.locking import locked
+    from rcgdm.files.locking import locked
 
     out = tmp_path / "out"
     first = popen(*inference_args(out, reward_model_path, predictor_path, "--num_images", "32", "--bs", "2",
@@ -620,7 +620,7 @@ def test_nan_never_becomes_a_result(tmp_path, capsys, reward_model_path, predict
     assert "holds NaN or inf" in line and key in line and not (tmp_path / "b").exists()
 
     with pytest.raises(ValueError):  # strict JSON: a NaN that slipped through would fail loudly, never be written
-        from rcgdm.atomic import save_json
+        from rcgdm.files.atomic import save_json
 
         save_json({"x": float("nan")}, tmp_path / "x.json")
     assert not (tmp_path / "x.json").exists()
@@ -758,7 +758,7 @@ def test_a_crafted_resume_state_names_the_field(tmp_path, field, value):
 @pytest.mark.parametrize("rows", [[{"prompt": 1}], "rows", [{"prompt": "p", "target": 1, "guidance": 0, "best_of": 1, "image": 0,
                                                                "file": "../../etc/passwd"}]])  # fmt: skip
 def test_a_crafted_progress_file_is_one_line(tmp_path, rows):
-    from rcgdm.progress import SweepProgress
+    from rcgdm.resume import SweepProgress
 
     (tmp_path / "progress.json").write_text(json.dumps({"settings": {}, "rows": rows}))
     with pytest.raises(UserError, match="cannot be read"):

@@ -8,9 +8,9 @@ import torch
 from rcgdm.guidance import guide_output, reward_gradient
 from rcgdm.models import load_pipeline
 from rcgdm.predictor import ThreeLayerConvNet, load_predictor
-from rcgdm.runtime import image_generators
 from rcgdm.sampler import RewardGuidance, decode, sample_latents
 from rcgdm.schedulers import make_scheduler
+from rcgdm.seeds import image_generators
 
 PROMPT = "a nice photo"
 

@@ -13,9 +13,9 @@ from rcgdm.cli import UserError
 from rcgdm.guidance import guide_output
 from rcgdm.models import load_pipeline
 from rcgdm.predictor import ThreeLayerConvNet
-from rcgdm.runtime import image_generators
 from rcgdm.sampler import RewardGuidance, sample_latents
 from rcgdm.schedulers import SCHEDULERS, make_scheduler
+from rcgdm.seeds import image_generators
 
 STEPS = 6
 KARRAS = {"use_karras_sigmas": True}

@@ -14,11 +14,11 @@ from rcgdm import models
 from rcgdm.cli import UserError
 from rcgdm.data import COLOURS, SHAPES, SyntheticShapes
 from rcgdm.demo import CFG
-from rcgdm.manifest import MANIFEST, verify_manifest
 from rcgdm.models import TINY_FOLDER, load_pipeline, resolve_model
-from rcgdm.runtime import image_generators
 from rcgdm.sampler import decode, sample_latents
-from rcgdm.tiny_train import HELD_OUT_SEED, images_and_captions, psnr
+from rcgdm.seeds import image_generators
+from rcgdm.tiny.manifest import MANIFEST, verify_manifest
+from rcgdm.tiny.train import HELD_OUT_SEED, images_and_captions, psnr
 
 # --- tiny-random: the plumbing model -------------------------------------------------------------------------------------------
 
@@ -60,7 +60,7 @@ def test_sd15_facts(tiny_model_dir):
 
 
 def test_random_build_is_deterministic(tmp_path, tiny_model_dir):
-    from rcgdm.tiny import build_random_sd
+    from rcgdm.tiny.build import build_random_sd
 
     build_random_sd(tmp_path / "again", "tiny-random")
     for name in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"):

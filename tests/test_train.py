@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import error_line, latent_labels, run_script, weights
 
-from rcgdm.atomic import save_torch
 from rcgdm.cli import UserError
 from rcgdm.config import parse_overrides
+from rcgdm.files.atomic import save_torch
 from rcgdm.models import load_scheduler
 from rcgdm.predictor import ThreeLayerConvNet, load_predictor, load_reference_latents, predictor_checkpoint
 from rcgdm.training import add_training_noise

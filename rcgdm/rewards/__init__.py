@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rcgdm.checkpoint import load_checkpoint, plain_metadata
 from rcgdm.cli import UserError
+from rcgdm.files.checkpoint import load_checkpoint, plain_metadata
 from rcgdm.rewards import resnet18
 from rcgdm.rewards.aesthetic import Aesthetic
 from rcgdm.rewards.base import FORMAT, SIZE, Reward, at_reward_size

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rcgdm.checkpoint import check_finite_state, load_checkpoint, plain_metadata
 from rcgdm.cli import UserError
 from rcgdm.data import DOWNLOAD_TIMEOUT_S, resize
+from rcgdm.files.checkpoint import check_finite_state, load_checkpoint, plain_metadata
 from rcgdm.rewards.base import FORMAT, SIZE, Reward, at_reward_size
 
 ARCH = "resnet18-linear1"

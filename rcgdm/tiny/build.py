@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from rcgdm.atomic import atomic_folder, save_json
+from rcgdm.files.atomic import atomic_folder, save_json
 
 TINY_SEED = 0
 _LATENT_GAIN = 18.0  # random encoder means have std ~0.3; 0.3 * 18 * 0.18215 ~ 1
@@ -229,9 +229,9 @@ def build_random_sd(out_dir: str | Path, arch: str = "tiny-random", seed: int = 
 
 
 def train_sd(out_dir: str | Path, quick: bool = False) -> dict:
-    """Build the tiny architecture, train it (rcgdm.tiny_train), write it with its manifest -> the training summary."""
-    from rcgdm.manifest import write_manifest
-    from rcgdm.tiny_train import Recipe, train_tiny
+    """Build the tiny architecture, train it (rcgdm.tiny.train), write it with its manifest -> the training summary."""
+    from rcgdm.tiny.manifest import write_manifest
+    from rcgdm.tiny.train import Recipe, train_tiny
 
     recipe = Recipe().quick() if quick else Recipe()
     pipe = build_pipeline("tiny", recipe.seed)

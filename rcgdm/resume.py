@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rcgdm.atomic import save_json
 from rcgdm.cli import UserError
-from rcgdm.outputs import STAGING
+from rcgdm.files.atomic import save_json
+from rcgdm.files.outputs import STAGING
 
 FILE = "progress.json"
 ANY_FILE = "progress*.json"

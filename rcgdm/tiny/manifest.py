@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rcgdm.atomic import save_json
 from rcgdm.cli import UserError
-from rcgdm.runtime import sha256_file
+from rcgdm.files.atomic import save_json
+from rcgdm.files.provenance import sha256_file
 
 MANIFEST = "sha256.json"
 UNLISTED = (MANIFEST, "README.md", "training_summary.json")  # the card and summary describe; they do not load

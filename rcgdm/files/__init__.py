@@ -1,0 +1,1 @@
+"""Run plumbing: atomic writes, locks, output checks, checkpoints, provenance (hashes, versions)."""

@@ -1,0 +1,1 @@
+"""The tiny Stable Diffusion the project tests and demos on: build (random or trained), its training, its manifest."""
