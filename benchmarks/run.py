@@ -33,10 +33,11 @@ from rcgdm.data import open_source  # noqa: E402
 from rcgdm.demo import run_demo  # noqa: E402
 from rcgdm.files.atomic import save_json, save_text  # noqa: E402
 from rcgdm.files.provenance import package_versions  # noqa: E402
+from rcgdm.guidance import RewardGuidance  # noqa: E402
 from rcgdm.latents import LatentSpec, encode  # noqa: E402
 from rcgdm.models import load_pipeline, load_scheduler, load_vae  # noqa: E402
 from rcgdm.predictor import ThreeLayerConvNet  # noqa: E402
-from rcgdm.sampler import RewardGuidance, sample_latents  # noqa: E402
+from rcgdm.sampler import sample_latents  # noqa: E402
 from rcgdm.seeds import image_generators  # noqa: E402
 from rcgdm.training import add_training_noise, train_epoch  # noqa: E402
 
@@ -122,9 +123,9 @@ def bench_guidance(model: str, device: torch.device, dtype: torch.dtype, size: i
     common = {"num_inference_steps": steps, "height": size, "width": size}
     variants = {
         "stock": lambda: pipe(PROMPT, num_images_per_prompt=batch, generator=generators(), output_type="latent", **common),
-        "ours_g0": lambda: sample_latents(pipe, PROMPT, generators(), None, progress=False, **common),
+        "ours_g0": lambda: sample_latents(pipe, PROMPT, generators(), None, progress_bar=False, **common),
         "ours_guided": lambda: sample_latents(
-            pipe, PROMPT, generators(), RewardGuidance(predictor, 1.0, 100.0), progress=False, **common
+            pipe, PROMPT, generators(), RewardGuidance(predictor, 1.0, 100.0), progress_bar=False, **common
         ),
     }
     times = interleaved(variants, repeats, device)
@@ -160,7 +161,8 @@ def bench_images_per_second(model: str, device: torch.device, size: int, steps: 
 
     def ours(guidance):
         gens = generators()
-        return decode(pipe, sample_latents(pipe, PROMPT, gens, guidance, steps, height=size, width=size, progress=False), gens)
+        return decode(pipe, sample_latents(pipe, PROMPT, gens, guidance, steps, height=size, width=size,
+            progress_bar=False), gens)
 
     variants = {
         "stock": lambda: pipe(PROMPT, num_images_per_prompt=batch, generator=generators(), num_inference_steps=steps,

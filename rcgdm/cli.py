@@ -15,6 +15,16 @@ class UserError(Exception):
     """A mistake in the user's input: reported as one line, no traceback, exit status 2."""
 
 
+class InputError(UserError):
+    """A bad value of the library input `name` (an argument: `predictor`, `model`, `scheduler`, ...), worded as the
+    library's: "predictor 'x.pth' was trained on ...". The scripts name their flags after these arguments, so
+    `run_main` reports it as the flag: "--predictor 'x.pth' was trained on ..."."""
+
+    def __init__(self, name: str, detail: str) -> None:
+        super().__init__(f"{name} {detail}")
+        self.name, self.detail = name, detail
+
+
 def _interrupt(signum: int, frame) -> None:
     raise KeyboardInterrupt
 
@@ -29,7 +39,8 @@ def run_main(main: Callable[[], None]) -> None:
     try:
         main()
     except UserError as err:
-        sys.stderr.write(f"{prefix}error: {err}\n")  # one write: processes sharing stderr can't split the line
+        message = f"--{err.name} {err.detail}" if isinstance(err, InputError) else str(err)
+        sys.stderr.write(f"{prefix}error: {message}\n")  # one write: processes sharing stderr can't split the line
         sys.exit(2)
     except KeyboardInterrupt:
         sys.stderr.write(f"{prefix}interrupted: finished files are intact, nothing half-written was kept\n")

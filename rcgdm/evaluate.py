@@ -1,13 +1,11 @@
-"""Scoring generated images, as the paper: the ground-truth reward on the decoded image (resized to
-224), and the predictor on the VAE re-encoding of the decoded image; and how far each image has
+"""Scoring generated images, as the paper: the predictor on the VAE re-encoding of the decoded image (the
+ground-truth reward, rcgdm/rewards, sees the decoded image itself); and how far each image has
 drifted from the data the predictor was trained on (`distribution_shift`)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-
-from rcgdm.rewards import Reward
 
 
 @torch.no_grad()
@@ -19,11 +17,6 @@ def predicted_reward(predictor: nn.Module, vae, images: torch.Tensor) -> torch.T
     latents = vae.encode((images * 2 - 1).to(param.device, param.dtype)).latent_dist.mode() * vae.config.scaling_factor
     device = next(predictor.parameters()).device
     return predictor(latents.to(device, torch.float32)).float().cpu()
-
-
-def score_images(images: torch.Tensor, ground_truth: Reward, predictor: nn.Module, vae) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ground-truth rewards (B,), predicted rewards (B,)) of float images (B, 3, H, W) in [0, 1]."""
-    return ground_truth(images), predicted_reward(predictor, vae, images)[:, 0]
 
 
 NEAREST = 5

@@ -21,7 +21,7 @@ Other parametrizations (the scheduler config's `prediction_type`). With x_t = sq
   the eps shift is an x0 shift of -(eps shift) * sqrt(1-a) / sqrt(a).
 
 Every type is guided through its equivalent eps (`as_eps`, used by the x0 gradient path too), and the
-shift is added to the model's own output (`guide_output`), so the scheduler steps exactly as it would
+shift is added to the model's own output (`RewardGuidance.apply`), so the scheduler steps exactly as it would
 with a model that had predicted the shifted eps. alpha_bar_t is the noise level the scheduler itself
 sits at (rcgdm/schedulers.py: alphas_cumprod[t], or 1 / (1 + sigma^2) for sigma schedulers).
 
@@ -33,6 +33,8 @@ cannot express an eps shift there, d eps = sqrt(a) d v = 0, and x0_hat of the x0
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -106,14 +108,27 @@ def _alpha_bar(alpha_bar_t: torch.Tensor | float, x_t: torch.Tensor) -> torch.Te
     return torch.as_tensor(alpha_bar_t, dtype=dtype, device=x_t.device)
 
 
-def guide_output(output: torch.Tensor, x_t: torch.Tensor, alpha_bar_t: torch.Tensor | float, prediction_type: str,
-                 predictor: nn.Module, target: float, guidance: float, batch_mean: bool = False,
-                 grad_path: str = "xt") -> torch.Tensor:  # fmt: skip
-    """A model output of `prediction_type` shifted as the paper's eps would be, in the output's dtype.
-    alpha_bar_t = 0 (zero terminal SNR) leaves the output as it is (see the module docstring)."""
-    a = _alpha_bar(alpha_bar_t, x_t)
-    noisy = a > 0  # a tensor test, not a Python one: reading a value on the GPU would wait for it at every step
-    a = torch.where(noisy, a, torch.ones_like(a))  # at a = 0 any level keeps the arithmetic finite; that shift is dropped
-    eps = as_eps(output.to(a.dtype), x_t.to(a.dtype), a, prediction_type)
-    shift = eps_shift(eps, x_t, a, predictor, target, guidance, batch_mean, grad_path) * output_per_eps(a, prediction_type)
-    return output + torch.where(noisy, shift, torch.zeros_like(shift)).to(output.dtype)
+@dataclass(frozen=True)
+class RewardGuidance:
+    """Steer sampling toward predictor(x) == target with strength `guidance` (the paper's `guidance`).
+
+    batch_mean=True divides each image's term by the batch size, as the original code's mean loss did;
+    grad_path "x0" lets the predictor see the denoised estimate instead of x_t (see the module docstring)."""
+
+    predictor: nn.Module
+    target: float
+    guidance: float
+    batch_mean: bool = False
+    grad_path: str = "xt"
+
+    def apply(self, output: torch.Tensor, x_t: torch.Tensor, alpha_bar_t: torch.Tensor | float,
+              prediction_type: str) -> torch.Tensor:  # fmt: skip
+        """A model output (B, C, h, w) of `prediction_type` at x_t, shifted as the paper's eps would be, in the output's
+        dtype. alpha_bar_t = 0 (zero terminal SNR) leaves the output as it is (see the module docstring)."""
+        a = _alpha_bar(alpha_bar_t, x_t)
+        noisy = a > 0  # a tensor test, not a Python one: reading a value on the GPU would wait for it at every step
+        a = torch.where(noisy, a, torch.ones_like(a))  # at a = 0 any level keeps the arithmetic finite; that shift is dropped
+        eps = as_eps(output.to(a.dtype), x_t.to(a.dtype), a, prediction_type)
+        shift = eps_shift(eps, x_t, a, self.predictor, self.target, self.guidance, self.batch_mean, self.grad_path)
+        shift = shift * output_per_eps(a, prediction_type)
+        return output + torch.where(noisy, shift, torch.zeros_like(shift)).to(output.dtype)

@@ -3,9 +3,14 @@
 Checkpoint format (``convnet.pth``), loadable with ``torch.load(weights_only=True)``::
 
     {"format": "rcgdm.predictor/1", "arch": "ThreeLayerConvNet", "latent_channels": 4,
-     "latent_size": [64, 64], "model": str, "label_mean": float, "label_std": float,
+     "latent_size": [64, 64], "image_size": int, "model": str, "noised": bool,
+     "labels_sha256": str, "reward_model_sha256": str | None, "label_mean": float, "label_std": float,
      "epochs": int, "val_loss": float | None, "reference_latents": float16 (K, C, h, w),
      "state_dict": {...}}
+
+Inference relies on `latent_channels` and `latent_size` (the latents it guides must match), `noised`
+(True: trained on noisy latents, for grad_path xt; False: clean ones, for x0), and `model` and
+`reward_model_sha256` (the predictor belongs to that model's VAE and that reward model's labels).
 
 `reference_latents` holds up to 512 of the training latents (clean), a seeded sample: inference
 measures how far generated latents drift from them (rcgdm.evaluate.distribution_shift).
@@ -13,14 +18,16 @@ measures how far generated latents drift from them (rcgdm.evaluate.distribution_
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rcgdm.cli import UserError
+from rcgdm.cli import InputError
 from rcgdm.files.checkpoint import check_finite_state, load_checkpoint, plain_metadata
+from rcgdm.files.provenance import sha256_file
 
 FORMAT = "rcgdm.predictor/1"
 ARCH = "ThreeLayerConvNet"
@@ -95,39 +102,70 @@ def load_predictor_state(model: ThreeLayerConvNet, state_dict: dict, path: str |
     try:
         model.load_state_dict(current_names(state_dict))
     except (RuntimeError, KeyError, TypeError, AttributeError, ValueError) as err:
-        raise UserError(f"predictor {str(path)!r} does not match a {ARCH} ({str(err).splitlines()[0]})") from None
+        raise InputError("predictor", f"{str(path)!r} does not match a {ARCH} ({str(err).splitlines()[0]})") from None
     check_finite_state(model.state_dict(), path, "predictor")
     return model.eval()
 
 
-def load_predictor(path: str | Path, latent_channels: int | None = None) -> tuple[ThreeLayerConvNet, dict]:
-    """Rebuild a trained predictor (eval mode) -> (model, metadata); checks the latent channels if given."""
-    return predictor_from_checkpoint(load_checkpoint(path, FORMAT), path, latent_channels)
+@dataclass(frozen=True)
+class TrainedPredictor:
+    """A predictor checkpoint, read once: the net (eval mode), what train.py recorded about it, and its training
+    latents. The checks below compare that record with how a run means to use the net."""
+
+    net: ThreeLayerConvNet
+    meta: dict
+    reference: torch.Tensor | None  # up to 512 clean training latents (K, C, h, w) float32; None in older checkpoints
+    path: str
+
+    def check_grad_path(self, grad_path: str) -> None:
+        """A net trained on noisy latents serves grad_path xt; one trained on clean latents (noise=False), x0."""
+        noised = self.meta.get("noised", True)
+        if noised != (grad_path == "xt"):
+            trained = "noisy latents (train.py noise=True)" if noised else "clean latents (train.py noise=False)"
+            raise InputError("predictor", f"{self.path!r} was trained on {trained}; it serves --grad_path "
+                                          f"{'xt' if noised else 'x0'}, not {grad_path}")  # fmt: skip
+
+    def check_latent_size(self, sampled: tuple[int, int], vae_scale_factor: int) -> None:
+        """The net must have been trained on latents of the size sampled (h, w): its average pool accepts any size, but
+        its features were learned at one scale, so at another its gradient would steer with no guarantee (README)."""
+        trained = self.meta.get("latent_size")
+        if trained is not None and list(trained) != list(sampled):
+            h, w = (n * vae_scale_factor for n in trained)
+            raise InputError("predictor", f"{self.path!r} was trained on {trained[0]}x{trained[1]} latents ({h}x{w} images); "
+                                          f"this run samples {sampled[0]}x{sampled[1]}; expected --height {h} --width {w}, or "
+                                          "a predictor trained at that size (train.py image_size)")  # fmt: skip
+
+    def check_trained_for(self, model: str, reward_model: str | Path | None = None) -> None:
+        """The net must come from this model's VAE latents and, if given, labels of this reward model (its file)."""
+        recorded = self.meta.get("reward_model_sha256")
+        if recorded is not None and reward_model is not None and recorded != sha256_file(reward_model):
+            raise InputError("predictor", f"{self.path!r} was trained on labels of another reward model than --reward_model "
+                                          f"{str(reward_model)!r}; expected the pair written together (or "
+                                          "--ignore_provenance)")  # fmt: skip
+        trained_on = self.meta.get("model")
+        if trained_on is not None and trained_on != model:
+            raise InputError("predictor", f"{self.path!r} was trained on --model {trained_on!r}'s latents, not {model!r}; "
+                                          "expected the same model (or --ignore_provenance)")  # fmt: skip
 
 
-def predictor_from_checkpoint(checkpoint: dict, path: str | Path, latent_channels: int | None = None) -> tuple:
-    """The predictor of an already loaded checkpoint (read from `path`, named in errors) -> (model, metadata)."""
+def load_predictor(path: str | Path, latent_channels: int | None = None) -> TrainedPredictor:
+    """Read a predictor checkpoint (train.py's convnet.pth) once; checks the latent channels if given."""
+    checkpoint = load_checkpoint(path, FORMAT)
     channels = checkpoint.get("latent_channels")
     if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
-        raise UserError(f"predictor {str(path)!r}: field 'latent_channels' is {channels!r}; expected an integer >= 1")
+        raise InputError("predictor", f"{str(path)!r}: field 'latent_channels' is {channels!r}; expected an integer >= 1")
     if latent_channels is not None and channels != latent_channels:
-        raise UserError(
-            f"predictor {str(path)!r} was trained on {channels}-channel latents; the model's VAE makes {latent_channels}"
-        )
-    model = load_predictor_state(ThreeLayerConvNet(in_channels=channels), checkpoint["state_dict"], path)
-    return model, plain_metadata(checkpoint, path, skip=("state_dict", "reference_latents"))
+        raise InputError("predictor", f"{str(path)!r} was trained on {channels}-channel latents; the model's VAE makes "
+                                      f"{latent_channels}")  # fmt: skip
+    net = load_predictor_state(ThreeLayerConvNet(in_channels=channels), checkpoint["state_dict"], path)
+    meta = plain_metadata(checkpoint, path, skip=("state_dict", "reference_latents"))
+    return TrainedPredictor(net, meta, _reference_latents(checkpoint, path), str(path))
 
 
-def load_reference_latents(path: str | Path) -> torch.Tensor | None:
-    """The training latents a predictor checkpoint carries (K, C, h, w) float32, or None (older checkpoints)."""
-    return reference_from_checkpoint(load_checkpoint(path, FORMAT), path)
-
-
-def reference_from_checkpoint(checkpoint: dict, path: str | Path) -> torch.Tensor | None:
-    """The training latents of an already loaded predictor checkpoint (read from `path`, named in errors)."""
+def _reference_latents(checkpoint: dict, path: str | Path) -> torch.Tensor | None:
     reference = checkpoint.get("reference_latents")
     if reference is None:
         return None
     if not isinstance(reference, torch.Tensor) or reference.ndim != 4 or not torch.isfinite(reference).all():
-        raise UserError(f"predictor {str(path)!r}: field 'reference_latents' is not a finite (K, C, h, w) tensor")
+        raise InputError("predictor", f"{str(path)!r}: field 'reference_latents' is not a finite (K, C, h, w) tensor")
     return reference.float()

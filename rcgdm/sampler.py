@@ -7,25 +7,11 @@ With guidance 0 it reproduces `StableDiffusionPipeline.__call__` exactly, for th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from torch import nn
 from tqdm import tqdm
 
-from rcgdm.guidance import guide_output
+from rcgdm.guidance import RewardGuidance
 from rcgdm.schedulers import noise_levels
-
-
-@dataclass
-class RewardGuidance:
-    """Steer sampling toward predictor(x) == target with strength `scale` (the paper's `guidance`)."""
-
-    predictor: nn.Module
-    target: float
-    scale: float
-    batch_mean: bool = False
-    grad_path: str = "xt"  # "x0": the predictor sees the denoised estimate (see rcgdm/guidance.py)
 
 
 @torch.no_grad()
@@ -33,14 +19,15 @@ def sample_latents(
     pipe,
     prompt: str,
     generators: list[torch.Generator],
-    guidance: RewardGuidance | None = None,
+    reward_guidance: RewardGuidance | None = None,
     num_inference_steps: int = 50,
     cfg: float = 7.5,
     height: int | None = None,
     width: int | None = None,
-    progress: bool = True,
+    progress_bar: bool = True,
 ) -> torch.Tensor:
-    """Denoise one batch (one image per generator) -> final latents (B, C, height/8, width/8)."""
+    """Denoise one batch (one image per generator; `cfg` is the classifier-free guidance scale)
+    -> final latents (B, C, height / s, width / s), s = pipe.vae_scale_factor (8 for SD, 4 for the tiny model)."""
     device, batch = pipe._execution_device, len(generators)
     height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
     width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -53,20 +40,19 @@ def sample_latents(
     step_kwargs = pipe.prepare_extra_step_kwargs(generators, 0.0)
     # moved to the device once: a step's value is then indexed there, with no per-step copy that would wait for the GPU
     alpha_bar = noise_levels(scheduler).to(device, torch.float64 if latents.dtype == torch.float64 else torch.float32)
-    prediction_type = scheduler.config.get("prediction_type", "epsilon")  # what `eps` below really is: see rcgdm/guidance.py
+    prediction_type = scheduler.config.get("prediction_type", "epsilon")  # eps, v or x0: see rcgdm/guidance.py
+    guided = reward_guidance is not None and reward_guidance.guidance != 0
 
-    for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoising", leave=False, disable=not progress)):
+    for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoising", leave=False, disable=not progress_bar)):
         model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if use_cfg else latents, t)
-        eps = pipe.unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False)[0]
+        model_output = pipe.unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False)[0]
         if use_cfg:
-            eps_uncond, eps_text = eps.chunk(2)
-            eps = eps_uncond + cfg * (eps_text - eps_uncond)
-        if guidance is not None and guidance.scale != 0:
-            # the paper's term; x_t is the model input (the variance-preserving latent, for any scheduler)
+            uncond_output, text_output = model_output.chunk(2)
+            model_output = uncond_output + cfg * (text_output - uncond_output)
+        if guided:  # the paper's term; x_t is the model input (the variance-preserving latent, for any scheduler)
             x_t = scheduler.scale_model_input(latents, t)
-            g = guidance
-            eps = guide_output(eps, x_t, alpha_bar[i], prediction_type, g.predictor, g.target, g.scale, g.batch_mean, g.grad_path)
-        latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
+            model_output = reward_guidance.apply(model_output, x_t, alpha_bar[i], prediction_type)
+        latents = scheduler.step(model_output, t, latents, **step_kwargs, return_dict=False)[0]
     return latents
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from rcgdm import plots
 from rcgdm.cli import UserError
-from rcgdm.guidance import guide_output
+from rcgdm.guidance import RewardGuidance
 from rcgdm.predictor import ThreeLayerConvNet
 from rcgdm.rewards import Compressibility, build_reward, load_reward
 
@@ -90,13 +90,13 @@ def test_x0_path_equals_finite_differences_through_x0_hat():
             x0_hat = (z - (1 - a) ** 0.5 * eps) / a**0.5
             return 0.5 * (target - net(x0_hat)).pow(2).sum().item()
 
-    term = guide_output(eps, x, a, "epsilon", net, target, guidance, grad_path="x0") - eps
+    term = RewardGuidance(net, target, guidance, grad_path="x0").apply(eps, x, a, "epsilon") - eps
     generator = torch.Generator().manual_seed(1)
     for _ in range(4):
         direction = torch.randn(x.shape, generator=generator, dtype=torch.float64)
         numeric = (objective(x + 1e-6 * direction) - objective(x - 1e-6 * direction)) / 2e-6
         assert (term * direction).sum().item() == pytest.approx((1 - a) ** 0.5 * guidance * numeric, rel=1e-5)
-    assert not torch.allclose(term, guide_output(eps, x, a, "epsilon", net, target, guidance, grad_path="xt") - eps)
+    assert not torch.allclose(term, RewardGuidance(net, target, guidance).apply(eps, x, a, "epsilon") - eps)
 
 
 def test_the_wrong_predictor_for_the_gradient_path_is_refused(tmp_path, capsys, reward_model_path, predictor_path):
@@ -118,42 +118,40 @@ def test_the_wrong_predictor_for_the_gradient_path_is_refused(tmp_path, capsys, 
 
 
 def test_best_of_n_keeps_the_candidate_closest_to_the_target(tmp_path, reward_model_path, predictor_path):
-    import argparse
-
-    from inference import Combo, Models, sample_best_of
-    from rcgdm.evaluate import score_images
+    from rcgdm.evaluate import predicted_reward
     from rcgdm.models import load_pipeline
-    from rcgdm.predictor import load_predictor, load_reference_latents
+    from rcgdm.pipeline import RewardDirectedPipeline
+    from rcgdm.predictor import load_predictor
     from rcgdm.rewards import load_reward
     from rcgdm.sampler import decode, sample_latents
     from rcgdm.seeds import image_generators
+    from rcgdm.sweep.engine import SweepSettings, sample_draw
+    from rcgdm.sweep.plan import Combo, draws
 
-    pipe = load_pipeline("tiny-random")
-    predictor, _ = load_predictor(predictor_path)
+    sd = load_pipeline("tiny-random")
+    predictor = load_predictor(predictor_path)
     reward, _ = load_reward(reward_model_path)
-    args = argparse.Namespace(num_inference_steps=4, cfg=7.5, height=None, width=None)
-    reference = load_reference_latents(predictor_path)
-    models = Models(pipe, reward, {}, predictor, {}, reference)
+    pipe = RewardDirectedPipeline(sd, predictor, reward)
+    settings = SweepSettings(num_images=2, batch_size=2, num_inference_steps=4, cfg=7.5)
     target, indices = -3.0, range(2)
+    one, three = (Combo(0, "a nice photo", target, 0.0, n, tmp_path) for n in (1, 3))
+    (draw,) = draws([one, three])  # the plain image is candidate 0 of best-of-3: sampled once for both
+    kept = sample_draw(pipe, settings, draw, 0, indices)
 
     def candidate(k):
         gens = image_generators(0, indices, k)
-        images = decode(pipe, sample_latents(pipe, "a nice photo", gens, None, 4, progress=False), gens)
-        return images, *score_images(images, reward, predictor, pipe.vae)
+        images = decode(sd, sample_latents(sd, "a nice photo", gens, None, 4, progress_bar=False), gens)
+        return images, predicted_reward(predictor.net, sd.vae, images)[:, 0]
 
-    one = sample_best_of(args, models, Combo(0, "a nice photo", target, 0.0, 1, tmp_path), None, 0, indices)
-    plain = candidate(0)
-    assert torch.equal(one[0], plain[0]) and one[4] == len(pipe.scheduler.timesteps)  # N = 1 is plain sampling
-
-    three = sample_best_of(args, models, Combo(0, "a nice photo", target, 0.0, 3, tmp_path), None, 0, indices)
     candidates = [candidate(k) for k in range(3)]
-    preds = torch.stack([c[2] for c in candidates])  # (3, B)
+    assert torch.equal(kept[one].images, candidates[0][0])  # N = 1 is plain sampling
+    preds = torch.stack([pred for _, pred in candidates])  # (3, B)
     best = (preds - target).abs().argmin(dim=0)
     for j in range(len(indices)):
-        assert torch.equal(three[0][j], candidates[best[j]][0][j])
-        assert three[2][j] == preds[best[j], j]
-    assert three[3] is not None and three[3].shape == (len(indices),)  # the kept candidates' distribution shift
-    assert three[4] == 3 * one[4]
+        assert torch.equal(kept[three].images[j], candidates[best[j]][0][j])
+        assert kept[three].predicted_rewards[j] == preds[best[j], j]
+        assert kept[three].rewards[j] == reward(candidates[best[j]][0][j : j + 1])[0]
+    assert kept[three].shift is not None and kept[three].shift.shape == (len(indices),)  # the kept candidates' shift
 
 
 def test_a_sweep_draws_the_compute_comparison(tmp_path, reward_model_path, predictor_path):

@@ -86,7 +86,8 @@ def test_converted_files_give_the_originals_outputs(tmp_path, capsys, original_f
     assert result.returncode == 0, result.stderr
     assert "unknown" in result.stdout
 
-    predictor, meta = load_predictor(out / "convnet.pth", latent_channels=4)
+    loaded = load_predictor(out / "convnet.pth", latent_channels=4)
+    predictor, meta = loaded.net, loaded.meta
     assert meta["latent_size"] is None and meta["label_mean"] is None and meta["noised"] is True
     latents = torch.randn(5, 4, 16, 16)
     with torch.no_grad():

@@ -215,7 +215,8 @@ def test_train_py_in_two_processes_then_resumed_in_one(tmp_path):
     with one_thread():
         assert run_script("train.py", *args, "--num_epochs=5", "--resume=True", *outputs("two")) == 0
     assert [json.loads(line)["epoch"] for line in (two / "convnet.metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
-    net, meta = load_predictor(two / "convnet.pth", latent_channels=4)  # the plain model's keys, no DDP "module." prefix
+    loaded = load_predictor(two / "convnet.pth", latent_channels=4)  # the plain model's keys, no DDP "module." prefix
+    net, meta = loaded.net, loaded.meta
     assert isinstance(net, ThreeLayerConvNet) and meta["epochs"] == 5
 
 

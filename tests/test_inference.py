@@ -11,9 +11,9 @@ import torch
 from conftest import error_line, read_rows, run_cli, run_script
 from PIL import Image
 
-from inference import RUN_FILES
 from rcgdm.files.atomic import save_torch
 from rcgdm.predictor import ThreeLayerConvNet, predictor_checkpoint
+from rcgdm.sweep.outputs import RUN_FILES
 
 NAME = re.compile(r"^(\d+)_gt_(-?\d+\.\d{4})_pred_(-?\d+\.\d{4})\.png$")
 

@@ -56,7 +56,7 @@ def test_the_saved_images_score_what_their_rows_say(sweep, reward_model_path, pr
     scored before the images were quantised to 8 bits, hence the tolerance)."""
     out, rows, _ = sweep
     reward, _ = load_reward(reward_model_path)
-    predictor, _ = load_predictor(predictor_path, latent_channels=4)
+    predictor = load_predictor(predictor_path, latent_channels=4).net
     vae = load_vae("tiny-random")
     for row in rows:
         path = out / row["file"]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rcgdm.guidance import guide_output, reward_gradient
+from rcgdm.guidance import RewardGuidance, reward_gradient
 from rcgdm.models import load_pipeline
 from rcgdm.predictor import ThreeLayerConvNet, load_predictor
-from rcgdm.sampler import RewardGuidance, decode, sample_latents
+from rcgdm.sampler import decode, sample_latents
 from rcgdm.schedulers import make_scheduler
 from rcgdm.seeds import image_generators
 
@@ -24,7 +24,7 @@ def pipe(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def predictor(predictor_path):
-    return load_predictor(predictor_path, latent_channels=4)[0]
+    return load_predictor(predictor_path, latent_channels=4).net
 
 
 @pytest.mark.parametrize("scheduler", ["pndm", "ddim", "euler_a"])
@@ -32,9 +32,9 @@ def test_guidance_zero_is_the_stock_pipeline_bit_for_bit(pipe, predictor, schedu
     monkeypatch.setattr(pipe, "scheduler", make_scheduler(scheduler, pipe.scheduler.config))  # put back, pass or fail
     gens = image_generators(0, range(3))
     stock = pipe(PROMPT, num_images_per_prompt=3, generator=gens, num_inference_steps=6, output_type="pt").images
-    for guidance in (None, RewardGuidance(predictor, target=5.0, scale=0.0)):
+    for guidance in (None, RewardGuidance(predictor, target=5.0, guidance=0.0)):
         gens = image_generators(0, range(3))
-        ours = decode(pipe, sample_latents(pipe, PROMPT, gens, guidance, num_inference_steps=6, progress=False), gens)
+        ours = decode(pipe, sample_latents(pipe, PROMPT, gens, guidance, num_inference_steps=6, progress_bar=False), gens)
         assert ours.shape == stock.shape == (3, 3, 64, 64) and ours.dtype == torch.float32
         assert torch.equal(ours, stock.float().cpu())
 
@@ -45,7 +45,7 @@ def test_the_term_equals_finite_differences_float64():
     x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
     target, guidance, alpha_bar = 0.7, 5.0, 0.3
     eps = torch.randn_like(x)
-    term = guide_output(eps, x, alpha_bar, "epsilon", net, target, guidance) - eps
+    term = RewardGuidance(net, target, guidance).apply(eps, x, alpha_bar, "epsilon") - eps
 
     def objective(z):  # 1/2 ||target - mu(z)||^2, summed over images
         with torch.no_grad():
@@ -72,7 +72,7 @@ def test_the_term_points_toward_the_target():
     with torch.no_grad():
         mu = net(x).item()
     for target in (mu - 1, mu + 1):
-        step = -1e-3 * guide_output(torch.zeros_like(x), x, 0.5, "epsilon", net, target, 1.0)  # the sampler subtracts eps
+        step = -1e-3 * RewardGuidance(net, target, 1.0).apply(torch.zeros_like(x), x, 0.5, "epsilon")  # the sampler subtracts eps
         with torch.no_grad():
             assert abs(net(x + step).item() - target) < abs(mu - target)
 
@@ -91,10 +91,10 @@ def test_images_do_not_depend_on_the_batch_size(predictor):
 
     # float64: in float32, convolutions round differently by batch size and guided sampling amplifies that (~1e-2 here)
     pipe64 = load_pipeline("tiny-random", torch.float64)
-    guidance = RewardGuidance(copy.deepcopy(predictor).double(), target=-3.0, scale=10.0)
-    together = sample_latents(pipe64, PROMPT, image_generators(0, range(3)), guidance, num_inference_steps=6, progress=False)
+    guidance = RewardGuidance(copy.deepcopy(predictor).double(), target=-3.0, guidance=10.0)
+    together = sample_latents(pipe64, PROMPT, image_generators(0, range(3)), guidance, num_inference_steps=6, progress_bar=False)
     apart = torch.cat(
-        [sample_latents(pipe64, PROMPT, image_generators(0, [i]), guidance, 6, progress=False) for i in range(3)]
+        [sample_latents(pipe64, PROMPT, image_generators(0, [i]), guidance, 6, progress_bar=False) for i in range(3)]
     )
     torch.testing.assert_close(together, apart, rtol=1e-10, atol=1e-10)
 
@@ -104,19 +104,21 @@ def test_batch_mean_guidance_g_at_batch_b_equals_g_over_b(predictor):
 
     pipe64 = load_pipeline("tiny-random", torch.float64)  # float64: sampling amplifies float32 rounding of 30/3 vs 10
     predictor64 = copy.deepcopy(predictor).double()
-    original = RewardGuidance(predictor64, target=-3.0, scale=30.0, batch_mean=True)
-    ours = RewardGuidance(predictor64, target=-3.0, scale=10.0)
-    a = sample_latents(pipe64, PROMPT, image_generators(0, range(3)), original, num_inference_steps=6, progress=False)
-    b = sample_latents(pipe64, PROMPT, image_generators(0, range(3)), ours, num_inference_steps=6, progress=False)
+    original = RewardGuidance(predictor64, target=-3.0, guidance=30.0, batch_mean=True)
+    ours = RewardGuidance(predictor64, target=-3.0, guidance=10.0)
+    a = sample_latents(pipe64, PROMPT, image_generators(0, range(3)), original, num_inference_steps=6, progress_bar=False)
+    b = sample_latents(pipe64, PROMPT, image_generators(0, range(3)), ours, num_inference_steps=6, progress_bar=False)
     assert a.dtype == torch.float64
     torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
-    c = sample_latents(pipe64, PROMPT, image_generators(0, range(3)), RewardGuidance(predictor64, -3.0, 30.0), 6, progress=False)
+    c = sample_latents(pipe64, PROMPT, image_generators(0, range(3)), RewardGuidance(predictor64, -3.0, 30.0), 6,
+        progress_bar=False)
     assert (c - b).abs().max() > 1e-3  # without batch_mean, 30 is not 10
 
 
 def test_guidance_moves_the_predicted_reward_toward_the_target(pipe, predictor):
     def mean_reward(guidance):
-        latents = sample_latents(pipe, PROMPT, image_generators(0, range(8)), guidance, num_inference_steps=10, progress=False)
+        latents = sample_latents(pipe, PROMPT, image_generators(0, range(8)), guidance, num_inference_steps=10,
+            progress_bar=False)
         with torch.no_grad():
             return predictor(latents).mean().item()
 
@@ -159,7 +161,7 @@ def test_other_prediction_types_at_guidance_zero_are_the_stock_pipeline(other_pi
     gens = image_generators(0, range(2))
     stock = pipe(PROMPT, num_images_per_prompt=2, generator=gens, num_inference_steps=5, output_type="pt").images
     gens = image_generators(0, range(2))
-    ours = decode(pipe, sample_latents(pipe, PROMPT, gens, RewardGuidance(predictor, 5.0, 0.0), 5, progress=False), gens)
+    ours = decode(pipe, sample_latents(pipe, PROMPT, gens, RewardGuidance(predictor, 5.0, 0.0), 5, progress_bar=False), gens)
     assert torch.equal(ours, stock.float().cpu())
 
 
@@ -185,8 +187,8 @@ def test_the_shift_in_any_parametrization_is_the_papers_eps_shift(kind, grad_pat
     shifted_eps = eps + (1 - a) ** 0.5 * guidance * grad
     shifted_x0 = (x_t - (1 - a) ** 0.5 * shifted_eps) / a**0.5  # the same x_t, explained by the shifted eps
     expected = output_of(kind, shifted_x0, shifted_eps, a)
-    got = guide_output(output_of(kind, x0, eps, a), x_t, torch.tensor(a, dtype=torch.float64), kind, net, target, guidance,
-                       grad_path=grad_path)  # fmt: skip
+    steer = RewardGuidance(net, target, guidance, grad_path=grad_path)
+    got = steer.apply(output_of(kind, x0, eps, a), x_t, torch.tensor(a, dtype=torch.float64), kind)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
     assert (shifted_eps - eps).abs().max() > 1e-3  # there is a shift
 
@@ -197,7 +199,7 @@ def test_guidance_moves_the_reward_toward_the_target_for_other_prediction_types(
     monkeypatch.setattr(pipe, "scheduler", make_scheduler("ddim", pipe.scheduler.config))  # put back, pass or fail
 
     def mean_reward(guidance):
-        latents = sample_latents(pipe, PROMPT, image_generators(0, range(6)), guidance, 10, progress=False)
+        latents = sample_latents(pipe, PROMPT, image_generators(0, range(6)), guidance, 10, progress_bar=False)
         with torch.no_grad():
             return predictor(latents).mean().item()
 

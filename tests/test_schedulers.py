@@ -8,12 +8,11 @@ import diffusers
 import pytest
 import torch
 
-import rcgdm.sampler
 from rcgdm.cli import UserError
-from rcgdm.guidance import guide_output
+from rcgdm.guidance import RewardGuidance
 from rcgdm.models import load_pipeline
 from rcgdm.predictor import ThreeLayerConvNet
-from rcgdm.sampler import RewardGuidance, sample_latents
+from rcgdm.sampler import sample_latents
 from rcgdm.schedulers import SCHEDULERS, make_scheduler
 from rcgdm.seeds import image_generators
 
@@ -65,24 +64,26 @@ def used_alpha_bars(pipe, guidance, monkeypatch) -> tuple[list[float], torch.Ten
     """Sample two images with `guidance`, recording the alpha_bar the sampler hands the term at every model call."""
     used = []
 
-    def recording(output, x_t, alpha_bar_t, *args, **kwargs):
-        used.append(float(alpha_bar_t))
-        return guide_output(output, x_t, alpha_bar_t, *args, **kwargs)
+    real_apply = RewardGuidance.apply
 
-    monkeypatch.setattr(rcgdm.sampler, "guide_output", recording)
-    latents = sample_latents(pipe, "a nice photo", image_generators(0, range(2)), guidance, STEPS, progress=False)
+    def recording(self, output, x_t, alpha_bar_t, prediction_type):
+        used.append(float(alpha_bar_t))
+        return real_apply(self, output, x_t, alpha_bar_t, prediction_type)
+
+    monkeypatch.setattr(RewardGuidance, "apply", recording)
+    latents = sample_latents(pipe, "a nice photo", image_generators(0, range(2)), guidance, STEPS, progress_bar=False)
     return used, latents
 
 
 @pytest.mark.parametrize(("name", "changes"), CASES, ids=[f"{n}{'-' + '-'.join(c) if c else ''}" for n, c in CASES])
 def test_the_term_uses_the_schedulers_own_noise_level_at_every_step(pipe, predictor, monkeypatch, name, changes):
     monkeypatch.setattr(pipe, "scheduler", make_scheduler(name, {**pipe.scheduler.config, **changes}))  # put back after
-    used, latents = used_alpha_bars(pipe, RewardGuidance(predictor, target=3.0, scale=2.0), monkeypatch)
+    used, latents = used_alpha_bars(pipe, RewardGuidance(predictor, target=3.0, guidance=2.0), monkeypatch)
     expected = expected_alpha_bars(pipe.scheduler)
     assert len(used) == len(expected) == len(pipe.scheduler.timesteps)
     assert used == pytest.approx(expected, rel=1e-12, abs=0)
     assert torch.isfinite(latents).all()
-    unguided = sample_latents(pipe, "a nice photo", image_generators(0, range(2)), None, STEPS, progress=False)
+    unguided = sample_latents(pipe, "a nice photo", image_generators(0, range(2)), None, STEPS, progress_bar=False)
     assert (latents - unguided).abs().max() > 1e-4  # the term did act
 
 
@@ -112,9 +113,9 @@ def test_zero_terminal_snr_leaves_that_step_alone(predictor):
     x_t, output = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.randn(2, 4, 8, 8, dtype=torch.float64)
     for kind in ("epsilon", "v_prediction", "sample"):
         for path in ("xt", "x0"):
-            assert torch.equal(guide_output(output, x_t, torch.tensor(0.0, dtype=torch.float64), kind, predictor, 3.0, 9.0,
-                                            grad_path=path), output)  # fmt: skip
-            near = guide_output(output, x_t, 1e-12, kind, predictor, 3.0, 9.0, grad_path=path)
+            steer = RewardGuidance(predictor, 3.0, 9.0, grad_path=path)
+            assert torch.equal(steer.apply(output, x_t, torch.tensor(0.0, dtype=torch.float64), kind), output)
+            near = steer.apply(output, x_t, 1e-12, kind)
             assert torch.isfinite(near).all()
 
 
@@ -149,7 +150,7 @@ def test_guided_euler_sampling_equals_the_steps_computed_by_hand(pipe, predictor
     monkeypatch.setattr(pipe, "scheduler", make_scheduler("euler", {**pipe.scheduler.config, **KARRAS}))
     target, g, steps = 3.0, 4.0, 4
     guidance = RewardGuidance(predictor, target, g, grad_path=grad_path)
-    ours = sample_latents(pipe, "a nice photo", image_generators(0, range(2)), guidance, steps, cfg=1.0, progress=False)
+    ours = sample_latents(pipe, "a nice photo", image_generators(0, range(2)), guidance, steps, cfg=1.0, progress_bar=False)
     sigmas, timesteps = pipe.scheduler.sigmas, pipe.scheduler.timesteps  # as set for the run above (float32, as diffusers)
     text, _ = pipe.encode_prompt("a nice photo", pipe.device, 2, False)
     latents = pipe.prepare_latents(2, 4, 64, 64, torch.float64, pipe.device, image_generators(0, range(2)))
@@ -164,6 +165,6 @@ def test_guided_euler_sampling_equals_the_steps_computed_by_hand(pipe, predictor
         guided = eps + (1 - a) ** 0.5 * g * grad
         latents = latents.float() + (sigmas[i + 1] - s) * guided  # diffusers' Euler step rounds the latents to float32
     torch.testing.assert_close(ours, latents, rtol=1e-10, atol=1e-10)
-    unguided = sample_latents(pipe, "a nice photo", image_generators(0, range(2)), None, steps, cfg=1.0, progress=False)
+    unguided = sample_latents(pipe, "a nice photo", image_generators(0, range(2)), None, steps, cfg=1.0, progress_bar=False)
     with torch.no_grad():  # and the term pulls the predicted reward toward the target (above it here)
         assert predictor(unguided).mean() < predictor(ours).mean() < target

@@ -99,7 +99,7 @@ def test_trained_vae_reconstructs_held_out_images(tiny):
 def colour_means(pipe, prompt: str, count: int = 8) -> torch.Tensor:
     """Mean (red, green, blue) of `count` unguided 20-step images of `prompt`, at the demo's cfg."""
     generators = image_generators(0, range(count))
-    images = decode(pipe, sample_latents(pipe, prompt, generators, None, 20, CFG, progress=False), generators)
+    images = decode(pipe, sample_latents(pipe, prompt, generators, None, 20, CFG, progress_bar=False), generators)
     assert images.shape == (count, 3, 32, 32)
     return images.mean((0, 2, 3))
 

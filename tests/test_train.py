@@ -13,7 +13,7 @@ from rcgdm.cli import UserError
 from rcgdm.config import parse_overrides
 from rcgdm.files.atomic import save_torch
 from rcgdm.models import load_scheduler
-from rcgdm.predictor import ThreeLayerConvNet, load_predictor, load_reference_latents, predictor_checkpoint
+from rcgdm.predictor import ThreeLayerConvNet, load_predictor, predictor_checkpoint
 from rcgdm.training import add_training_noise
 
 
@@ -86,8 +86,8 @@ def test_outputs_and_checkpoint_metadata(tmp_path, labels):
     assert list(by_noise) == ["t 0-249", "t 250-499", "t 500-749", "t 750-999"] == list(summary["final_val_loss_by_noise"])
     known = [loss for loss in by_noise.values() if loss is not None]
     assert known and min(known) <= summary["final_val_loss"] <= max(known)  # the overall loss mixes the buckets
-    net, meta = load_predictor(tmp_path / "run/convnet.pth", latent_channels=4)
-    reference = load_reference_latents(tmp_path / "run/convnet.pth")
+    loaded = load_predictor(tmp_path / "run/convnet.pth", latent_channels=4)
+    net, meta, reference = loaded.net, loaded.meta, loaded.reference
     assert reference.shape == (48, 4, 8, 8) and reference.dtype == torch.float32  # every training latent (48 < 512)
     assert meta["latent_channels"] == 4 and meta["latent_size"] == [8, 8] and meta["model"] == "tiny-random"
     assert meta["epochs"] == 2 and meta["val_loss"] == summary["final_val_loss"]
@@ -156,7 +156,7 @@ def test_checkpoints_with_the_earlier_parameter_names_still_load(tmp_path):
            .replace("fc.", "head."): value for key, value in net.state_dict().items()}  # fmt: skip
     assert any(key.startswith("blocks.2.shortcut.") for key in old) and "head.weight" in old
     save_torch(predictor_checkpoint(net, {"latent_channels": 4}) | {"state_dict": old}, tmp_path / "old.pth")
-    loaded, _ = load_predictor(tmp_path / "old.pth", latent_channels=4)
+    loaded = load_predictor(tmp_path / "old.pth", latent_channels=4).net
     x = torch.randn(2, 4, 8, 8)
     assert torch.equal(loaded(x), net(x))
     assert current_names(net.state_dict()).keys() == net.state_dict().keys()
@@ -237,7 +237,7 @@ def test_the_loss_buckets_are_the_saved_predictors_error_per_noise_level(tmp_pat
     scheduler.set_timesteps(50)
     inputs, _, timesteps = add_training_noise(scheduler, latents[val], torch.unique(scheduler.timesteps),
                                               torch.Generator().manual_seed(0 + 1))  # fmt: skip
-    net = load_predictor(tmp_path / "run" / "convnet.pth", latent_channels=4)[0].eval()
+    net = load_predictor(tmp_path / "run" / "convnet.pth", latent_channels=4).net.eval()
     y = torch.from_numpy(np.load(labels)[:64][val.numpy()]).float()
     with torch.no_grad():
         errors = (net(inputs) - y).pow(2)[:, 0]

@@ -1,9 +1,9 @@
-"""Resumable sweeps: the rows of finished batches, saved atomically after every batch.
+"""Resuming a sweep: the rows of finished batches, saved atomically after every batch.
 
 `progress.json` in the run folder holds the settings that shape the images and the rows written so
 far; `inference.py --resume` skips the finished batches (same seeds and same batches, so a resumed
 run writes what an uninterrupted one would) and the files are removed once the run completes.
-Under a launcher (rcgdm.distributed) process k > 0 keeps its own `progress.k.json`; a resume reads
+Under a launcher (rcgdm/distributed.py) process k > 0 keeps its own `progress.k.json`; a resume reads
 them all, so it may use another number of processes.
 """
 
@@ -15,31 +15,21 @@ from pathlib import Path
 from rcgdm.cli import UserError
 from rcgdm.files.atomic import save_json
 from rcgdm.files.outputs import STAGING
+from rcgdm.sweep.rows import image_key, is_valid, unique_rows
 
 FILE = "progress.json"
 ANY_FILE = "progress*.json"
 
 
-def row_id(row: dict) -> tuple:
-    """(prompt, target, guidance, best_of, image): one image of a run."""
-    return (row["prompt"], row["target"], row["guidance"], row["best_of"], row["image"])
+class ResumeLog:
+    """The settings of a run and the rows of its finished batches, saved after every batch."""
 
-
-def unique_rows(rows: list[dict]) -> list[dict]:
-    """`rows` without repeats of the same image (the first is kept)."""
-    seen: dict[tuple, dict] = {}
-    for row in rows:
-        seen.setdefault(row_id(row), row)
-    return list(seen.values())
-
-
-class SweepProgress:
     def __init__(self, out_dir: Path, settings: dict, rows: list[dict], process: int = 0) -> None:
         self.path = out_dir / (FILE if process == 0 else f"progress.{process}.json")
         self.settings, self.rows = settings, rows
 
     @classmethod
-    def open(cls, out_dir: Path, settings: dict, resume: bool, overwrite: bool) -> SweepProgress:
+    def open(cls, out_dir: Path, settings: dict, resume: bool, overwrite: bool) -> ResumeLog:
         """Start a run, or with resume=True continue the interrupted one whose settings must match.
         Called by the main process only."""
         check_start(out_dir, resume, overwrite)
@@ -60,7 +50,7 @@ class SweepProgress:
     def finished(self, combination: tuple, image: int) -> bool:
         """Whether image `image` of (prompt, target, guidance, best_of) is done."""
         wanted = (*combination, image)
-        return any(row_id(r) == wanted for r in self.rows)
+        return any(image_key(r) == wanted for r in self.rows)
 
     def add(self, rows: list[dict]) -> None:
         self.rows.extend(rows)
@@ -82,20 +72,14 @@ def check_start(out_dir: Path, resume: bool, overwrite: bool) -> None:
         raise UserError(f"--out_dir {str(out_dir)!r} holds an interrupted run; use --resume to finish it, or --overwrite")
 
 
-ROW_FIELDS = {"prompt": str, "target": (int, float), "guidance": (int, float), "best_of": int, "image": int, "file": str}
-
-
 def _read(path: Path) -> tuple[dict, list[dict]]:
     try:
         saved = json.loads(path.read_text())
         settings, rows = saved["settings"], saved["rows"]
         if not isinstance(settings, dict) or not isinstance(rows, list):
             raise TypeError
-        for row in rows:
-            if not all(isinstance(row.get(k), kind) for k, kind in ROW_FIELDS.items()):
-                raise TypeError
-            if ".." in Path(row["file"]).parts or Path(row["file"]).is_absolute():
-                raise ValueError  # rows name files inside the run folder only
+        if not all(is_valid(row) for row in rows):
+            raise ValueError  # a row of another shape, or naming a file outside the run folder
         return settings, rows
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         reason = type(err).__name__

@@ -1,0 +1,165 @@
+"""The Python API: Stable Diffusion with the paper's reward guidance, in diffusers' style.
+
+    from rcgdm.pipeline import RewardDirectedPipeline
+
+    pipe = RewardDirectedPipeline.from_pretrained("tiny", predictor="demo_out/convnet.pth")
+    out = pipe("a yellow circle on a blue background", target=1.0, guidance=150.0, num_images=4, seed=0,
+               num_inference_steps=20, cfg=3.0)
+    out.images             # float32 (4, 3, H, W) in [0, 1]
+    out.predicted_rewards  # float32 (4,): the predictor on each image's VAE re-encoding
+
+inference.py samples through the same object, so for the same settings and seed it writes the same images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rcgdm.cli import InputError, UserError
+from rcgdm.evaluate import distribution_shift, predicted_reward
+from rcgdm.guidance import GRAD_PATHS, PREDICTION_TYPES, RewardGuidance
+from rcgdm.models import SD15, load_pipeline, model_facts
+from rcgdm.predictor import TrainedPredictor, load_predictor
+from rcgdm.rewards import Reward, load_reward
+from rcgdm.sampler import decode, sample_latents
+from rcgdm.schedulers import check_steps, make_scheduler
+from rcgdm.seeds import image_generators
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One batch of images and what was measured on them (B images; tensors on the CPU, float32)."""
+
+    images: torch.Tensor  # (B, 3, H, W) in [0, 1]
+    predicted_rewards: torch.Tensor  # (B,) the predictor on the VAE re-encoding of each image
+    rewards: torch.Tensor | None  # (B,) the ground-truth reward; None without a reward model
+    shift: torch.Tensor | None  # (B,) distance of the final latents to the predictor's training latents, or None
+
+    def closer_to(self, target: float, other: Scored) -> Scored:
+        """Per image, this batch's image or `other`'s, whichever predicted reward is closer to `target` (ties: other's)."""
+        closer = (self.predicted_rewards - target).abs() < (other.predicted_rewards - target).abs()
+
+        def pick(mine: torch.Tensor | None, theirs: torch.Tensor | None) -> torch.Tensor | None:
+            if mine is None or theirs is None:
+                return None
+            return torch.where(closer.view(-1, *[1] * (mine.ndim - 1)), mine, theirs)
+
+        return Scored(*(pick(getattr(self, f), getattr(other, f)) for f in ("images", "predicted_rewards", "rewards", "shift")))
+
+
+def latent_size(sample_size: int, vae_scale_factor: int, height: int | None, width: int | None) -> tuple[int, int]:
+    """The (h, w) of the latents sampled for images of height x width (default: the model's, sample_size latents)."""
+    default = sample_size * vae_scale_factor
+    return (height or default) // vae_scale_factor, (width or default) // vae_scale_factor
+
+
+class RewardDirectedPipeline:
+    """A diffusers StableDiffusionPipeline (`sd`), a trained reward predictor and, optionally, the ground-truth reward
+    its labels came from. Calling it samples with the paper's term added at every step and scores the images."""
+
+    def __init__(self, sd, predictor: TrainedPredictor, reward: Reward | None = None, reward_meta: dict | None = None):
+        self.sd, self.predictor, self.reward, self.reward_meta = sd, predictor, reward, reward_meta or {}
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str = SD15,
+        predictor: str | Path | TrainedPredictor = "convnet.pth",
+        reward_model: str | Path | None = None,
+        *,
+        user_reward: str | None = None,
+        scheduler: str = "pndm",
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        check_provenance: bool = True,
+    ) -> RewardDirectedPipeline:
+        """Load `model` (hub id, local diffusers folder, tiny, tiny-random) with `scheduler`, the predictor (train.py's
+        checkpoint) and, if given, the ground-truth reward model (fake_dataset.py's; `user_reward` names a module:function
+        reward it records). What configs and checkpoints can tell is checked before the pipeline's weights load."""
+        facts = model_facts(model)
+        if facts["prediction_type"] not in PREDICTION_TYPES:
+            raise InputError("model", f"{model!r} predicts {facts['prediction_type']!r}; expected one of "
+                                      f"{', '.join(PREDICTION_TYPES)} (see README, model families)")  # fmt: skip
+        check_steps(scheduler, facts["prediction_type"])
+        if not isinstance(predictor, TrainedPredictor):
+            predictor = load_predictor(predictor, latent_channels=facts["in_channels"])
+        reward, reward_meta = load_reward(reward_model, user_reward) if reward_model is not None else (None, {})
+        if check_provenance:
+            predictor.check_trained_for(model, reward_model)
+        sd = load_pipeline(model, dtype).to(device)
+        sd.scheduler = make_scheduler(scheduler, sd.scheduler.config)
+        sd.set_progress_bar_config(disable=True)
+        predictor = TrainedPredictor(predictor.net.to(device), predictor.meta, predictor.reference, predictor.path)
+        return cls(sd, predictor, None if reward is None else reward.to(device), reward_meta)
+
+    def check(self, num_inference_steps: int, grad_path: str, height: int | None, width: int | None) -> None:
+        """InputError unless this pipeline can sample with these settings as the predictor was trained for."""
+        train_steps = self.sd.scheduler.config.num_train_timesteps
+        if not 1 <= num_inference_steps <= train_steps:
+            raise InputError("num_inference_steps", f"{num_inference_steps} is outside the model's {train_steps} training "
+                                                    f"timesteps; expected 1 to {train_steps}")  # fmt: skip
+        if grad_path not in GRAD_PATHS:
+            raise InputError("grad_path", f"{grad_path!r} is unknown; expected one of {', '.join(GRAD_PATHS)}")
+        self.predictor.check_grad_path(grad_path)
+        size = latent_size(self.sd.unet.config.sample_size, self.sd.vae_scale_factor, height, width)
+        self.predictor.check_latent_size(size, self.sd.vae_scale_factor)
+
+    def sample(self, prompt: str, reward_guidance: RewardGuidance | None, seed: int, indices, candidate: int = 0,
+               num_inference_steps: int = 50, cfg: float = 7.5, height: int | None = None,
+               width: int | None = None) -> Scored:  # fmt: skip
+        """Images `indices` of a run seeded `seed` (candidate k of best-of-N; 0 is the plain image), one batch, scored.
+        Image i starts from the seed (seed, i, candidate), so it is the same whatever batch it is sampled in."""
+        generators = image_generators(seed, indices, candidate)
+        latents = sample_latents(self.sd, prompt, generators, reward_guidance, num_inference_steps, cfg, height, width,
+                                 progress_bar=False)  # fmt: skip
+        _check_finite(latents, "the final latents", reward_guidance, cfg)
+        images = decode(self.sd, latents, generators)
+        rewards = None if self.reward is None else self.reward(images)
+        predicted = predicted_reward(self.predictor.net, self.sd.vae, images)[:, 0]
+        if rewards is not None:
+            _check_finite(rewards, "the ground-truth rewards", reward_guidance, cfg)
+        _check_finite(predicted, "the predicted rewards", reward_guidance, cfg)
+        return Scored(images, predicted, rewards, distribution_shift(latents, self.predictor.reference))
+
+    def __call__(
+        self,
+        prompt: str = "",
+        target: float = 0.0,
+        guidance: float = 0.0,
+        *,
+        num_images: int = 1,
+        seed: int = 0,
+        num_inference_steps: int = 50,
+        cfg: float = 7.5,
+        height: int | None = None,
+        width: int | None = None,
+        grad_path: str = "xt",
+        batch_mean: bool = False,
+        best_of: int = 1,
+        batch_size: int = 4,
+    ) -> Scored:
+        """Sample `num_images` images of `prompt` steered toward predicted reward `target` with strength `guidance`
+        (0: the plain model), in batches of `batch_size`; `cfg` is the classifier-free guidance scale; best_of N keeps,
+        per image, the candidate whose predicted reward is closest to the target."""
+        self.check(num_inference_steps, grad_path, height, width)
+        steer = RewardGuidance(self.predictor.net, target, guidance, batch_mean, grad_path)
+        batches = []
+        for indices in batches(num_images, batch_size):  # the batches inference.py --bs samples
+            best = None
+            for candidate in range(best_of):
+                scored = self.sample(prompt, steer, seed, indices, candidate, num_inference_steps, cfg, height, width)
+                best = scored if best is None else scored.closer_to(target, best)
+            batches.append(best)
+        return Scored(*(None if getattr(batches[0], f) is None else torch.cat([getattr(b, f) for b in batches])
+                        for f in ("images", "predicted_rewards", "rewards", "shift")))  # fmt: skip
+
+
+def _check_finite(values: torch.Tensor, what: str, steer: RewardGuidance | None, cfg: float) -> None:
+    """NaN or inf is never a result: stop with the likely cause."""
+    if not torch.isfinite(values).all():
+        where = "" if steer is None else f"target {steer.target:g}, guidance {steer.guidance:g}, "
+        raise UserError(f"{what} became NaN or inf at {where}--cfg {cfg:g}; likely cause: a guidance or cfg too large "
+                        "for this model, or a damaged model; expected smaller values")  # fmt: skip

@@ -1,0 +1,114 @@
+"""Sampling a sweep: each distinct image once (plan.draws), best-of-N per combination, a row per image written
+after every batch (resume.ResumeLog), the batches split between processes under a launcher (rcgdm/distributed.py)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from tqdm import tqdm
+
+from rcgdm import distributed
+from rcgdm.cli import UserError
+from rcgdm.files.png import save_png
+from rcgdm.guidance import RewardGuidance
+from rcgdm.pipeline import RewardDirectedPipeline, Scored
+from rcgdm.seeds import image_seed
+from rcgdm.sweep.plan import Combo, Draw, draws
+from rcgdm.sweep.resume import ResumeLog
+from rcgdm.sweep.rows import combo_key, image_name, unique_rows
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """What every combination of a sweep samples with."""
+
+    num_images: int
+    batch_size: int
+    num_inference_steps: int
+    cfg: float
+    height: int | None = None
+    width: int | None = None
+    batch_mean: bool = False
+    grad_path: str = "xt"
+
+
+def run_sweep(pipe: RewardDirectedPipeline, settings: SweepSettings, combos: list[Combo], out_dir: Path, log: ResumeLog,
+              state: PartialState) -> tuple[list[dict], list[float]]:  # fmt: skip
+    """Sample this process's share of the batches into `out_dir` (the combinations' folders lie in it), skipping those
+    `log` holds -> (every row of the run, gathered from all processes; sampling seconds per combination). Work shared
+    by several combinations counts its seconds to each in equal parts."""
+    batches = distributed.batches(settings.num_images, settings.batch_size)
+    units = [(draw, indices) for draw in draws(combos) for indices in batches]
+    mine = distributed.my_share(units, state)
+    todo = [(draw, indices) for draw, indices in mine if not all(log.finished(c.key(), i) for c in draw.combos for i in indices)]
+    seconds = [0.0] * len(combos)
+    desc = "images" if state.num_processes == 1 else f"images (process 0 of {state.num_processes})"
+    total, left = (sum(len(indices) * len(draw.combos) for draw, indices in part) for part in (mine, todo))
+    with tqdm(total=total, initial=total - left, desc=desc, unit="img", disable=not state.is_main_process) as bar:
+        for draw, indices in todo:
+            start = time.perf_counter()
+            best = sample_draw(pipe, settings, draw, log.seed, indices)
+            steps = len(pipe.sd.scheduler.timesteps)  # one batched UNet call per step covers both CFG branches
+            rows = [row for combo in draw.combos
+                    for row in save_images(combo, indices, log.seed, out_dir, best[combo], combo.best_of * steps)]  # fmt: skip
+            log.add([row for row in rows if not log.finished(combo_key(row), row["image"])])
+            for combo in draw.combos:
+                seconds[combos.index(combo)] += (time.perf_counter() - start) / len(draw.combos)
+            bar.update(len(indices) * len(draw.combos))
+    all_seconds = gather_object([seconds])
+    return unique_rows(gather_object(log.rows)), [sum(s[k] for s in all_seconds) for k in range(len(combos))]
+
+
+def sample_draw(pipe: RewardDirectedPipeline, settings: SweepSettings, draw: Draw, seed: int,
+                indices: range) -> dict[Combo, Scored]:  # fmt: skip
+    """Images `indices` of every combination of `draw`: candidates 0 .. N-1 sampled once, and per combination (best of
+    N, target T) the candidate of its first N whose predicted reward is closest to T (candidate 0: the plain image)."""
+    s = settings
+    steer = RewardGuidance(pipe.predictor.net, draw.target, draw.guidance, s.batch_mean, s.grad_path)
+    best: dict[Combo, Scored] = {}
+    for candidate in range(draw.candidates):
+        scored = pipe.sample(draw.prompt, steer, seed, indices, candidate, s.num_inference_steps, s.cfg, s.height, s.width)
+        for combo in draw.combos:
+            if candidate < combo.best_of:
+                best[combo] = scored.closer_to(combo.target, best[combo]) if candidate else scored
+    return best
+
+
+def save_images(combo: Combo, indices: range, seed: int, out_dir: Path, scored: Scored, unet_calls: int) -> list[dict]:
+    """Write a batch's images as {idx}_gt_{gt}_pred_{pred}.png in the combination's folder -> their rows."""
+    rows = []
+    for j, i in enumerate(indices):
+        gt, pred = scored.rewards[j].item(), scored.predicted_rewards[j].item()
+        path = combo.folder / image_name(i, gt, pred)
+        save_png(scored.images[j], path)
+        rows.append({"prompt": combo.prompt, "target": combo.target, "guidance": combo.guidance, "best_of": combo.best_of,
+                     "image": i, "seed": seed, "image_seed": image_seed(seed, i), "gt": gt, "pred": pred,
+                     "shift": None if scored.shift is None else scored.shift[j].item(), "unet_calls": unet_calls,
+                     "file": path.relative_to(out_dir).as_posix()})  # fmt: skip
+    return rows
+
+
+def unguided_first_images(pipe: RewardDirectedPipeline, settings: SweepSettings, combos: list[Combo],
+                          seed: int) -> dict[str, tuple[torch.Tensor, float, float]]:  # fmt: skip
+    """Image 0 of every prompt the sweep samples at no guidance 0, unguided, as (image (3, H, W), gt, pred): the
+    grid's first column needs it."""
+    out, s = {}, settings
+    for prompt in dict.fromkeys(c.prompt for c in combos if not any(d.prompt == c.prompt and d.guidance == 0 for d in combos)):
+        scored = pipe.sample(prompt, None, seed, [0], 0, s.num_inference_steps, s.cfg, s.height, s.width)
+        out[prompt] = (scored.images[0], scored.rewards.item(), scored.predicted_rewards.item())
+    return out
+
+
+def check_images_visible(out_dir: Path, rows: list[dict]) -> None:
+    """The main process reads the images back for grid.png: every process must have written them where it can see them."""
+    missing = [row["file"] for row in rows if not (out_dir / row["file"]).is_file()]
+    if missing:
+        raise UserError(
+            f"{len(missing)} images (first {missing[0]!r}) are not in --out_dir {str(out_dir)!r} as the main process sees it; "
+            "with several machines, --out_dir must be on a filesystem they share"
+        )

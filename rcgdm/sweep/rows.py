@@ -1,0 +1,40 @@
+"""One row per image of a run (results.csv, progress files), and the key that ties rows to their combination."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+COLUMNS = ("prompt", "target", "guidance", "best_of", "image", "seed", "image_seed", "gt", "pred", "shift", "unet_calls", "file")
+KEY = ("prompt", "target", "guidance", "best_of")  # a combination of the sweep; with "image", one image of the run
+TYPES = {"prompt": str, "target": (int, float), "guidance": (int, float), "best_of": int, "image": int, "file": str}
+IMAGE_GLOB = "*_gt_*_pred_*.png"
+
+
+def image_name(index: int, gt: float, pred: float) -> str:
+    """{idx}_gt_{gt:.4f}_pred_{pred:.4f}.png, the original code's name for an image."""
+    return f"{index}_gt_{gt:.4f}_pred_{pred:.4f}.png"
+
+
+def combo_key(row: dict) -> tuple:
+    """(prompt, target, guidance, best_of) of a row (or of anything with those fields, as a dict)."""
+    return tuple(row[field] for field in KEY)
+
+
+def image_key(row: dict) -> tuple:
+    """(prompt, target, guidance, best_of, image): one image of a run."""
+    return (*combo_key(row), row["image"])
+
+
+def unique_rows(rows: list[dict]) -> list[dict]:
+    """`rows` without repeats of the same image (the first is kept)."""
+    seen: dict[tuple, dict] = {}
+    for row in rows:
+        seen.setdefault(image_key(row), row)
+    return list(seen.values())
+
+
+def is_valid(row: object) -> bool:
+    """Whether `row`, read back from a file, has the key fields' types and names a file inside the run folder."""
+    if not isinstance(row, dict) or not all(isinstance(row.get(k), kind) for k, kind in TYPES.items()):
+        return False
+    return ".." not in Path(row["file"]).parts and not Path(row["file"]).is_absolute()
