@@ -121,52 +121,53 @@ def read_config(argv: list[str]) -> SimpleNamespace:
     return SimpleNamespace(**config)
 
 
-def encode_dataset(cfg: SimpleNamespace, state: PartialState, dev: torch.device) -> tuple[torch.Tensor, int, float, str]:
+def encode_dataset(config: SimpleNamespace, state: PartialState, dev: torch.device) -> tuple[torch.Tensor, int, float, str]:
     """(latents (N, C, h, w) float32 on the CPU, images encoded now, seconds from the VAE's load to the latents,
     the VAE's fingerprint)."""
     with state.main_process_first():  # CIFAR-10 and the VAE are downloaded once
-        source = open_source(cfg.data, cfg.data_root)
-        check_num_data(cfg.num_data, source, flag="num_data")
-        check_labels_source(cfg.labels_path, source.identity, cfg.data, cfg.check_provenance, state.is_main_process)
-        vae = load_vae(cfg.model, torch.float16 if dev.type == "cuda" else torch.float32)
+        source = open_source(config.data, config.data_root)
+        check_num_data(config.num_data, source, flag="num_data")
+        check_labels_source(config.labels_path, source.identity, config.data, config.check_provenance, state.is_main_process)
+        vae = load_vae(config.model, torch.float16 if dev.type == "cuda" else torch.float32)
     start = time.perf_counter()
-    spec = LatentSpec(vae_fingerprint(vae), source.identity, cfg.num_data, cfg.image_size, cfg.seed)
-    latents, encoded = cached_latents(vae.to(dev), source, spec, cfg.cache_dir, cfg.encode_batch_size, dev, state)
+    spec = LatentSpec(vae_fingerprint(vae), source.identity, config.num_data, config.image_size, config.seed)
+    latents, encoded = cached_latents(vae.to(dev), source, spec, config.cache_dir, config.encode_batch_size, dev, state)
     return latents, encoded, time.perf_counter() - start, spec.vae
 
 
-def start_wandb(cfg: SimpleNamespace):
-    if not cfg.wandb:
+def start_wandb(config: SimpleNamespace):
+    if not config.wandb:
         return None
     try:
         import wandb as wandb_module
     except ImportError:
         raise UserError("wandb=True but wandb is not installed; pip install wandb, or use wandb=False") from None
-    return wandb_module.init(project="rcgdm", config=vars(cfg))
+    return wandb_module.init(project="rcgdm", config=vars(config))
 
 
 def main() -> None:
-    cfg = read_config(sys.argv[1:])
+    config = read_config(sys.argv[1:])
     start_time = time.perf_counter()
-    state, dev = distributed.start(cfg.device, "device")
-    if cfg.batch_size < state.num_processes:
+    state, dev = distributed.start(config.device, "device")
+    if config.batch_size < state.num_processes:
         n = state.num_processes
-        raise UserError(f"batch_size={cfg.batch_size} is smaller than the {n} processes; expected at least {n}, one sample each")
-    out_path = Path(cfg.out_path)
+        raise UserError(f"batch_size={config.batch_size} is smaller than the {n} processes; "
+                        f"expected at least {n}, one sample each")  # fmt: skip
+    out_path = Path(config.out_path)
     files, staged = run_files(out_path), run_files(staging_folder(out_path) / out_path.name)
     if state.is_main_process:  # a running run's files are not an earlier run's (only the main process ever locks)
         refuse_if_locked(lock_file(out_path), f"out_path {str(out_path)!r}")
-    check_outputs(cfg, files, staged)
-    labels = load_labels(cfg.labels_path, cfg.num_data)
-    train_idx, val_idx = split(cfg.num_data, cfg.val_fraction, cfg.seed)  # an empty side fails here, before any encoding
-    check_vae(cfg.model)  # reads the VAE's config only: a model that cannot be had fails before anything is created
-    if cfg.data != "cifar10":  # cheap to open (cifar10 is downloaded once, later, by the main process first)
-        check_num_data(cfg.num_data, open_source(cfg.data, cfg.data_root), flag="num_data")
+    check_outputs(config, files, staged)
+    labels = load_labels(config.labels_path, config.num_data)
+    train_idx, val_idx = split(config.num_data, config.val_fraction, config.seed)  # an empty side fails here, before any encoding
+    check_vae(config.model)  # reads the VAE's config only: a model that cannot be had fails before anything is created
+    if config.data != "cifar10":  # cheap to open (cifar10 is downloaded once, later, by the main process first)
+        check_num_data(config.num_data, open_source(config.data, config.data_root), flag="num_data")
     writable_dir(out_path.parent, "out_path's folder")
-    writable_dir(cfg.cache_dir, "cache_dir")
+    writable_dir(config.cache_dir, "cache_dir")
     with distributed.main_only_lock(state, lock_file(out_path), f"out_path {str(out_path)!r}"):
-        writes = where_to_write(cfg, files, staged, state.is_main_process)
-        train(cfg, state, dev, labels, (train_idx, val_idx), writes, start_time)
+        writes = where_to_write(config, files, staged, state.is_main_process)
+        train(config, state, dev, labels, (train_idx, val_idx), writes, start_time)
         if state.is_main_process:
             if writes is staged:
                 publish(staging_folder(out_path), out_path.parent, [path.name for path in files.values()])
@@ -174,10 +175,10 @@ def main() -> None:
             print(f"wrote {', '.join(str(path) for path in written if path.exists())}")
 
 
-def where_to_write(cfg: SimpleNamespace, files: dict[str, Path], staged: dict[str, Path], main: bool) -> dict[str, Path]:
+def where_to_write(config: SimpleNamespace, files: dict[str, Path], staged: dict[str, Path], main: bool) -> dict[str, Path]:
     """`files` (beside out_path), or `staged` when the run replaces an earlier one (rcgdm.files.outputs.uses_staging)."""
-    replacing = cfg.overwrite and any(path.exists() for path in files.values())
-    staging = uses_staging(staged["predictor"].parent, cfg.resume, staged["resume"].is_file(), replacing, main)
+    replacing = config.overwrite and any(path.exists() for path in files.values())
+    staging = uses_staging(staged["predictor"].parent, config.resume, staged["resume"].is_file(), replacing, main)
     return staged if staging else files
 
 
@@ -195,7 +196,7 @@ def run_files(out_path: Path) -> dict[str, Path]:
     return {"predictor": out_path, **{name.split(".")[0]: out_path.with_suffix(f".{name}") for name in side}}
 
 
-def check_outputs(cfg: SimpleNamespace, files: dict[str, Path], staged: dict[str, Path]) -> None:
+def check_outputs(config: SimpleNamespace, files: dict[str, Path], staged: dict[str, Path]) -> None:
     """Before anything is created: out_path is a file path, no input is an output or holds one, and no earlier
     run's files are replaced unless resume=True (an interrupted run, `staged` for an interrupted overwrite) or
     overwrite=True."""
@@ -203,18 +204,18 @@ def check_outputs(cfg: SimpleNamespace, files: dict[str, Path], staged: dict[str
     if out_path.is_dir():
         raise UserError(f"out_path {str(out_path)!r} is a directory; expected a file path like convnet.pth")
     check_creatable(out_path.parent, "out_path's folder")
-    check_creatable(cfg.cache_dir, "cache_dir")
-    refuse_inputs_as_outputs({"labels_path": cfg.labels_path}, files.values())
-    if Path(cfg.cache_dir).resolve() in out_path.resolve().parents:
-        raise UserError(f"out_path {str(out_path)!r} is inside cache_dir {cfg.cache_dir!r}; expected a path outside the cache")
-    model_folder = local_model_folder(cfg.model)
-    data_folder = cfg.data if Path(cfg.data).is_dir() else None
-    outputs = {"out_path": out_path, "cache_dir": cfg.cache_dir}
+    check_creatable(config.cache_dir, "cache_dir")
+    refuse_inputs_as_outputs({"labels_path": config.labels_path}, files.values())
+    if Path(config.cache_dir).resolve() in out_path.resolve().parents:
+        raise UserError(f"out_path {str(out_path)!r} is inside cache_dir {config.cache_dir!r}; expected a path outside the cache")
+    model_folder = local_model_folder(config.model)
+    data_folder = config.data if Path(config.data).is_dir() else None
+    outputs = {"out_path": out_path, "cache_dir": config.cache_dir}
     refuse_outputs_inside_inputs(outputs, {"model": model_folder, "data": data_folder})
-    if cfg.resume:
+    if config.resume:
         if not (files["resume"].is_file() or staged["resume"].is_file()):
             raise UserError(f"resume=True but {str(files['resume'])!r} does not exist; expected a run to continue")
-    elif not cfg.overwrite:
+    elif not config.overwrite:
         # an unfinished replacement, or a run that stopped before out_path (a finished one keeps its resume state)
         unfinished = [staged["resume"]] if staged["resume"].exists() else []
         unfinished += [files["resume"]] if files["resume"].exists() and not out_path.exists() else []
@@ -225,7 +226,7 @@ def check_outputs(cfg: SimpleNamespace, files: dict[str, Path], staged: dict[str
 
 
 def train(
-    cfg: SimpleNamespace, state: PartialState, dev: torch.device, labels: torch.Tensor, indices: tuple, files: dict[str, Path],
+    config: SimpleNamespace, state: PartialState, dev: torch.device, labels: torch.Tensor, indices: tuple, files: dict[str, Path],
     start_time: float,
 ) -> None:  # fmt: skip
     """Encode (or read) the latents, then train for the remaining epochs. indices: (train, validation) from `split`.
@@ -233,42 +234,42 @@ def train(
     out_path, state_path, best_path = files["predictor"], files["resume"], files["best"]
 
     # --- data: cached VAE latents, a seeded train/validation split, the timestep pool
-    latents, images_encoded, encode_seconds, vae_id = encode_dataset(cfg, state, dev)
-    run_config = {**vars(cfg), "labels_sha256": sha256_file(cfg.labels_path), "vae_fingerprint": vae_id}
-    sidecar = labels_sidecar(cfg.labels_path) or {}
+    latents, images_encoded, encode_seconds, vae_id = encode_dataset(config, state, dev)
+    run_config = {**vars(config), "labels_sha256": sha256_file(config.labels_path), "vae_fingerprint": vae_id}
+    sidecar = labels_sidecar(config.labels_path) or {}
     train_idx, val_idx = indices
     x_train, y_train = latents[train_idx].to(dev), labels[train_idx].to(dev)  # GPU-resident on CUDA
     x_val, y_val = latents[val_idx].to(dev), labels[val_idx].to(dev)
-    reference = reference_sample(latents[train_idx], cfg.seed)  # stored with the predictor: inference's distribution shift
-    scheduler = load_scheduler(cfg.model)
-    scheduler.set_timesteps(cfg.num_inference_steps)
+    reference = reference_sample(latents[train_idx], config.seed)  # stored with the predictor: inference's distribution shift
+    scheduler = load_scheduler(config.model)
+    scheduler.set_timesteps(config.num_inference_steps)
     timestep_pool = torch.unique(scheduler.timesteps)
 
     # validation sees the same noise and timesteps every epoch, so its loss is comparable across epochs
-    val_generator = torch.Generator().manual_seed(cfg.seed + 1)
+    val_generator = torch.Generator().manual_seed(config.seed + 1)
     val_inputs, _, val_timesteps = add_training_noise(scheduler, x_val, timestep_pool, val_generator)
-    if not cfg.noise:
+    if not config.noise:
         val_inputs = x_val
     baseline_val = F.mse_loss(y_train.mean().expand_as(y_val), y_val).item() if len(val_idx) else None
 
     # --- model, optimizer, RNG (restored on resume)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(config.seed)
     net = ThreeLayerConvNet(in_channels=latents.shape[1]).to(dev)
-    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
+    generator = torch.Generator().manual_seed(config.seed)
     history: list[dict] = []
-    if cfg.resume:  # every process loads the same state, so all continue alike
+    if config.resume:  # every process loads the same state, so all continue alike
         saved = load_state(state_path, run_config, RESUME_MUST_MATCH)
         net.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         generator.set_state(saved["generator"])
         history = saved["history"]
-        if saved["epoch"] >= cfg.num_epochs:
+        if saved["epoch"] >= config.num_epochs:
             raise UserError(f"resume=True: {str(state_path)!r} already finished epoch {saved['epoch']} of num_epochs="
-                            f"{cfg.num_epochs}; expected a larger num_epochs to train further")  # fmt: skip
+                            f"{config.num_epochs}; expected a larger num_epochs to train further")  # fmt: skip
         state.print(f"resuming from {state_path} after epoch {saved['epoch']}")
     main = state.is_main_process
-    run = start_wandb(cfg) if main else None
+    run = start_wandb(config) if main else None
     # several processes: DDP through accelerate averages the gradients; `net` stays the plain model that is saved
     trained_net = net
     if state.num_processes > 1:
@@ -277,17 +278,16 @@ def train(
 
     where = f"device {dev}" + (f", {state.num_processes} processes" if state.num_processes > 1 else "")
     state.print(f"training on {len(train_idx)} latents {tuple(latents.shape[1:])}, validating on {len(val_idx)}, {where}")
-    for epoch in range(len(history) + 1, cfg.num_epochs + 1):
+    for epoch in range(len(history) + 1, config.num_epochs + 1):
         epoch_start = time.perf_counter()
-        desc = f"epoch {epoch}/{cfg.num_epochs}"
-        train_loss = train_epoch(
-            trained_net, optimizer, scheduler, x_train, y_train, timestep_pool, generator, cfg.batch_size, desc, cfg.noise, shard
-        )
+        desc = f"epoch {epoch}/{config.num_epochs}"
+        train_loss = train_epoch(trained_net, optimizer, scheduler, x_train, y_train, timestep_pool, generator,
+                                 config.batch_size, desc, config.noise, shard)  # fmt: skip
         if not math.isfinite(train_loss):
             kept = f"the last good checkpoint {state_path} is kept" if history else "no checkpoint was written"
-            raise UserError(f"training loss became {train_loss} in epoch {epoch}; {kept}; try a smaller lr (now {cfg.lr})")
+            raise UserError(f"training loss became {train_loss} in epoch {epoch}; {kept}; try a smaller lr (now {config.lr})")
         val_loss = mean_squared_error(net, val_inputs, y_val) if len(val_idx) else None
-        by_noise = loss_by_noise_level(net, val_inputs, y_val, val_timesteps) if len(val_idx) and cfg.noise else None
+        by_noise = loss_by_noise_level(net, val_inputs, y_val, val_timesteps) if len(val_idx) and config.noise else None
         history.append(
             {
                 "epoch": epoch,
@@ -305,15 +305,15 @@ def train(
         meta = {
             "latent_channels": latents.shape[1],
             "latent_size": list(latents.shape[2:]),
-            "model": cfg.model,
+            "model": config.model,
             "labels_sha256": run_config["labels_sha256"],
             "reward_model_sha256": sidecar.get("reward_model_sha256"),
-            "image_size": cfg.image_size,
+            "image_size": config.image_size,
             "label_mean": labels.mean().item(),
             "label_std": labels.std().item(),
             "epochs": epoch,
             "val_loss": val_loss,
-            "noised": cfg.noise,
+            "noised": config.noise,
         }
         if not main:
             continue
@@ -339,7 +339,7 @@ def train(
         "final_val_loss_by_noise": last["val_loss_by_noise"],
         "epochs": last["epoch"],
         "seconds": time.perf_counter() - start_time,
-        "config": vars(cfg),
+        "config": vars(config),
         "versions": package_versions(),
     }
     save_json(summary, files["train_summary"])

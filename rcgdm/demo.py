@@ -126,13 +126,12 @@ def _number(value: float | None) -> str:
 
 def prompt_colours(sweep: Path) -> dict:
     """Mean of each colour channel of the unguided images, per prompt: prompts that name colours show them."""
-    from PIL import Image
+    from rcgdm.files.png import load_png
 
     rows = [r for r in _rows(sweep) if float(r["guidance"]) == 0]
     out = {}
     for prompt in dict.fromkeys(r["prompt"] for r in rows):
-        pixels = np.stack([np.asarray(Image.open(sweep / r["file"]).convert("RGB"), np.float32) / 255
-                           for r in rows if r["prompt"] == prompt])  # fmt: skip
+        pixels = np.stack([load_png(sweep / r["file"]).permute(1, 2, 0).numpy() for r in rows if r["prompt"] == prompt])
         out[prompt] = dict(zip(("red", "green", "blue"), pixels.mean((0, 1, 2)).round(3).tolist(), strict=True))
     return out
 
@@ -144,20 +143,14 @@ def _rows(sweep: Path) -> list[dict]:
 
 def breakdown_figure(folder: Path, path: Path) -> None:
     """Rows: images 0..3 of the top target; columns: rising guidance. Where the shapes dissolve is where to stop."""
-    import torch
-    from PIL import Image
-
+    from rcgdm.files.png import load_png
     from rcgdm.plots import image_grid
 
     rows = _rows(folder)
     levels = sorted({float(r["guidance"]) for r in rows})
     images = sorted({int(r["image"]) for r in rows})[:4]
     cell = {(int(r["image"]), float(r["guidance"])): r for r in rows}
-
-    def load(row: dict) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(Image.open(folder / row["file"]).convert("RGB"), np.float32) / 255).permute(2, 0, 1)
-
-    grid = [[load(cell[i, g]) for g in levels] for i in images]
+    grid = [[load_png(folder / cell[i, g]["file"]) for g in levels] for i in images]
     captions = [[f"gt {float(cell[i, g]['gt']):.2f} / shift {float(cell[i, g]['shift']):.2f}" for g in levels] for i in images]
     image_grid([f"image {i}" for i in images], [f"guidance {g:g}" for g in levels], grid, captions, path)
 

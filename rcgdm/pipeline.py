@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from rcgdm.cli import InputError, UserError
+from rcgdm.distributed import batches
 from rcgdm.evaluate import distribution_shift, predicted_reward
 from rcgdm.guidance import GRAD_PATHS, PREDICTION_TYPES, RewardGuidance
 from rcgdm.models import SD15, load_pipeline, model_facts
@@ -146,14 +147,14 @@ class RewardDirectedPipeline:
         per image, the candidate whose predicted reward is closest to the target."""
         self.check(num_inference_steps, grad_path, height, width)
         steer = RewardGuidance(self.predictor.net, target, guidance, batch_mean, grad_path)
-        batches = []
+        kept = []
         for indices in batches(num_images, batch_size):  # the batches inference.py --bs samples
             best = None
             for candidate in range(best_of):
                 scored = self.sample(prompt, steer, seed, indices, candidate, num_inference_steps, cfg, height, width)
                 best = scored if best is None else scored.closer_to(target, best)
-            batches.append(best)
-        return Scored(*(None if getattr(batches[0], f) is None else torch.cat([getattr(b, f) for b in batches])
+            kept.append(best)
+        return Scored(*(None if getattr(kept[0], f) is None else torch.cat([getattr(b, f) for b in kept])
                         for f in ("images", "predicted_rewards", "rewards", "shift")))  # fmt: skip
 
 

@@ -150,7 +150,7 @@ def test_best_of_n_keeps_the_candidate_closest_to_the_target(tmp_path, reward_mo
     for j in range(len(indices)):
         assert torch.equal(kept[three].images[j], candidates[best[j]][0][j])
         assert kept[three].predicted_rewards[j] == preds[best[j], j]
-        assert kept[three].rewards[j] == reward(candidates[best[j]][0][j : j + 1])[0]
+        assert kept[three].rewards[j] == reward(candidates[best[j]][0])[j]
     assert kept[three].shift is not None and kept[three].shift.shape == (len(indices),)  # the kept candidates' shift
 
 

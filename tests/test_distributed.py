@@ -106,23 +106,23 @@ def test_a_sweep_resumes_with_another_number_of_processes(tmp_path, monkeypatch,
     args, one = sweep
     real_atomic_path, pngs = atomic.atomic_path, []
 
-    def interrupt_on_the_third_image(path):
+    def interrupt_on_the_fifth_image(path):  # the first of batch 1: batch 0 wrote images 0, 1 of both unguided combinations
         if path.suffix == ".png":
             pngs.append(path)
-            if len(pngs) == 3:
+            if len(pngs) == 5:
                 raise KeyboardInterrupt
         return real_atomic_path(path)
 
-    monkeypatch.setattr(atomic, "atomic_path", interrupt_on_the_third_image)
+    monkeypatch.setattr(atomic, "atomic_path", interrupt_on_the_fifth_image)
     with one_thread():
         assert run_script("inference.py", *args, "--out_dir", tmp_path / "resumed") == 130
     monkeypatch.undo()
     progress = json.loads((tmp_path / "resumed" / "progress.json").read_text())
-    assert [r["image"] for r in progress["rows"]] == [0, 1]  # batch 0 done, batch 1 not
+    assert [(r["target"], r["image"]) for r in progress["rows"]] == [(-1, 0), (-1, 1), (1, 0), (1, 1)]  # batch 0 done
 
     result = launch(tmp_path, "inference.py", *args, "--out_dir", tmp_path / "resumed", "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "--resume: 2 images already done" in result.stdout
+    assert "--resume: 4 images already done" in result.stdout
     assert_same_sweep(one, tmp_path / "resumed")
 
 

@@ -1,0 +1,76 @@
+"""The Python API (rcgdm.pipeline) and the sweep engine under it: the API gives inference.py's images, and a
+sweep samples each distinct image once."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import read_rows, run_script
+
+from rcgdm.cli import InputError
+from rcgdm.files.png import load_png
+from rcgdm.models import ensure_built
+from rcgdm.pipeline import RewardDirectedPipeline
+
+
+@pytest.fixture(scope="module")
+def api(reward_model_path, predictor_path):
+    return RewardDirectedPipeline.from_pretrained("tiny-random", predictor_path, reward_model_path)
+
+
+def test_the_api_gives_the_scripts_images_and_rewards(tmp_path, api, reward_model_path, predictor_path):
+    settings = {"target": 1.5, "guidance": 20.0, "num_images": 3, "seed": 5, "num_inference_steps": 3, "batch_size": 2}
+    out = api("a nice photo", **settings)
+    assert out.images.shape == (3, 3, 64, 64) and out.images.dtype == torch.float32
+    assert out.predicted_rewards.shape == out.rewards.shape == out.shift.shape == (3,)
+
+    args = ["--model", "tiny-random", "--reward_model", reward_model_path, "--predictor", predictor_path, "--target", "1.5",
+            "--guidance", "20", "--num_images", "3", "--seed", "5", "--num_inference_steps", "3", "--bs", "2",
+            "--out_dir", tmp_path / "run"]  # fmt: skip
+    assert run_script("inference.py", *args) == 0
+    rows = read_rows(tmp_path / "run" / "results.csv")
+    for j, row in enumerate(rows):
+        saved = load_png(tmp_path / "run" / row["file"])
+        assert torch.equal(saved, (out.images[j] * 255).round() / 255)  # the PNG holds the API's image, to the bit
+        assert float(row["pred"]) == out.predicted_rewards[j].item() and float(row["gt"]) == out.rewards[j].item()
+    unguided = api("a nice photo", target=1.5, guidance=0.0, num_images=3, seed=5, num_inference_steps=3)
+    assert (unguided.images - out.images).abs().max() > 1e-3  # the guidance acted
+
+
+def test_the_api_refuses_what_the_predictor_was_not_trained_for(api, predictor_path):
+    with pytest.raises(InputError, match="it serves --grad_path xt, not x0") as err:
+        api("a nice photo", target=1.0, guidance=1.0, grad_path="x0", num_inference_steps=2)
+    assert err.value.name == "predictor"
+    with pytest.raises(InputError, match="trained on 8x8 latents") as err:
+        api("a nice photo", height=32, width=32, num_inference_steps=2)
+    with pytest.raises(InputError, match="trained on --model 'tiny-random'"):  # the same weights under another name
+        RewardDirectedPipeline.from_pretrained(str(ensure_built("tiny-random")), predictor_path)
+
+
+def test_a_sweep_samples_each_distinct_image_once(tmp_path, monkeypatch, reward_model_path, predictor_path):
+    """Unguided images do not depend on the target, and candidate k of best-of-N is the same for every N > k."""
+    calls = []
+    real_sample = RewardDirectedPipeline.sample
+
+    def counting(self, prompt, reward_guidance, seed, indices, *args, **kwargs):
+        calls.append(len(indices))
+        return real_sample(self, prompt, reward_guidance, seed, indices, *args, **kwargs)
+
+    monkeypatch.setattr(RewardDirectedPipeline, "sample", counting)
+    args = ["--model", "tiny-random", "--reward_model", reward_model_path, "--predictor", predictor_path, "--seed", "0",
+            "--target", "-1", "1", "--guidance", "0", "10", "--best_of", "1", "2", "--num_images", "2",
+            "--num_inference_steps", "3", "--out_dir", tmp_path / "sweep"]  # fmt: skip
+    assert run_script("inference.py", *args) == 0
+    # 2 candidates x (guidance 0 for both targets, guidance 10 per target) = 6 batches of 2, where every combination
+    # sampled alone would take 2 targets x 2 strengths x (1 + 2) candidates = 12
+    assert calls == [2] * 6
+    rows = read_rows(tmp_path / "sweep" / "results.csv")
+    assert len(rows) == 16 and [float(r["unet_calls"]) for r in rows[:4]] == [4, 4, 8, 8]  # the cost of each alone
+
+    def images(target, guidance, best_of):
+        mine = [r for r in rows if (float(r["target"]), float(r["guidance"]), int(r["best_of"])) == (target, guidance, best_of)]
+        return np.stack([load_png(tmp_path / "sweep" / r["file"]).numpy() for r in mine])
+
+    assert np.array_equal(images(-1, 0, 1), images(1, 0, 1))  # one unguided set, written for both targets
+    assert not np.array_equal(images(-1, 10, 1), images(1, 10, 1))
