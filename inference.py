@@ -181,7 +181,7 @@ def load(args: argparse.Namespace, state: PartialState, device: torch.device, dt
         predictor.check_latent_size(latent_size(facts["sample_size"], scale, args.height, args.width), scale)
         pipe = RewardDirectedPipeline.from_pretrained(
             args.model, predictor, args.reward_model, user_reward=args.reward, scheduler=args.scheduler, device=device,
-            dtype=dtype, check_provenance=not args.ignore_provenance,
+            dtype=dtype, ignore_provenance=args.ignore_provenance,
         )  # fmt: skip
     pipe.check(args.num_inference_steps, args.grad_path, args.height, args.width)
     return pipe

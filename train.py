@@ -126,7 +126,7 @@ def encode_dataset(config: SimpleNamespace, state: PartialState, dev: torch.devi
     the VAE's fingerprint)."""
     with state.main_process_first():  # CIFAR-10 and the VAE are downloaded once
         source = open_source(config.data, config.data_root)
-        check_num_data(config.num_data, source, flag="num_data")
+        check_num_data(config.num_data, source)
         check_labels_source(config.labels_path, source.identity, config.data, config.check_provenance, state.is_main_process)
         vae = load_vae(config.model, torch.float16 if dev.type == "cuda" else torch.float32)
     start = time.perf_counter()
@@ -148,7 +148,7 @@ def start_wandb(config: SimpleNamespace):
 def main() -> None:
     config = read_config(sys.argv[1:])
     start_time = time.perf_counter()
-    state, dev = distributed.start(config.device, "device")
+    state, dev = distributed.start(config.device)
     if config.batch_size < state.num_processes:
         n = state.num_processes
         raise UserError(f"batch_size={config.batch_size} is smaller than the {n} processes; "
@@ -162,7 +162,7 @@ def main() -> None:
     train_idx, val_idx = split(config.num_data, config.val_fraction, config.seed)  # an empty side fails here, before any encoding
     check_vae(config.model)  # reads the VAE's config only: a model that cannot be had fails before anything is created
     if config.data != "cifar10":  # cheap to open (cifar10 is downloaded once, later, by the main process first)
-        check_num_data(config.num_data, open_source(config.data, config.data_root), flag="num_data")
+        check_num_data(config.num_data, open_source(config.data, config.data_root))
     writable_dir(out_path.parent, "out_path's folder")
     writable_dir(config.cache_dir, "cache_dir")
     with distributed.main_only_lock(state, lock_file(out_path), f"out_path {str(out_path)!r}"):

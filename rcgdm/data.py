@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from rcgdm.cli import UserError
+from rcgdm.cli import InputError, UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 SYNTHETIC_SIZE = 50_000
@@ -120,7 +120,8 @@ class ImageFolder(ImageSource):
             key=lambda p: p.relative_to(self.root).as_posix(),
         )
         if not self.files:
-            raise UserError(f"--data {str(self.root)!r} holds no images; expected a folder with {'/'.join(IMAGE_SUFFIXES)} files")
+            suffixes = "/".join(IMAGE_SUFFIXES)
+            raise InputError("data", f"{str(self.root)!r} holds no images; expected a folder with {suffixes} files")
 
     @property
     def identity(self) -> str:  # type: ignore[override]
@@ -158,8 +159,8 @@ class Cifar10Train(ImageSource):
         try:
             self.images = CIFAR10(str(self.root), train=True, download=True).data  # (N, 32, 32, 3) uint8
         except Exception as err:  # network errors come in many types
-            raise UserError(
-                f"--data cifar10 could not be loaded or downloaded into {str(self.root)!r} ({type(err).__name__}); "
+            raise InputError("data",
+                f"cifar10 could not be loaded or downloaded into {str(self.root)!r} ({type(err).__name__}); "
                 "offline, use --data synthetic or --data PATH_TO_IMAGE_FOLDER"
             ) from None
         finally:
@@ -179,12 +180,12 @@ def open_source(spec: str, data_root: str | Path = "./data") -> ImageSource:
     if spec == "synthetic" or spec.startswith("synthetic:"):
         seed_text = spec.partition(":")[2] or "0"
         if not seed_text.isdigit():
-            raise UserError(f"--data {spec!r} has a bad seed; expected synthetic or synthetic:N with N >= 0")
+            raise InputError("data", f"{spec!r} has a bad seed; expected synthetic or synthetic:N with N >= 0")
         return SyntheticShapes(seed=int(seed_text))
     path = Path(spec)
     if not path.is_dir():
         what = "is a file" if path.exists() else "does not exist"
-        raise UserError(f"--data {spec!r} {what}; expected cifar10, synthetic or an image folder")
+        raise InputError("data", f"{spec!r} {what}; expected cifar10, synthetic or an image folder")
     return ImageFolder(path)
 
 
@@ -206,10 +207,10 @@ def load_batch(source: ImageSource, indices: range | list[int], size: int) -> to
     return torch.cat([resize(source[index].unsqueeze(0).float() / 255.0, size) for index in indices])
 
 
-def check_num_data(num_data: int | None, source: ImageSource, flag: str = "--num_data") -> int:
+def check_num_data(num_data: int | None, source: ImageSource) -> int:
     """Resolve None to 'all' and check 1 <= num_data <= len(source)."""
     if num_data is None:
         return len(source)
     if not 1 <= num_data <= len(source):
-        raise UserError(f"{flag} {num_data} is out of range; expected 1 to {len(source)} (the images in {source.identity})")
+        raise InputError("num_data", f"{num_data} is out of range; expected 1 to {len(source)} (the images in {source.identity})")
     return num_data

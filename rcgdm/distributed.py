@@ -21,7 +21,7 @@ from typing import TypeVar
 import torch
 from accelerate import PartialState
 
-from rcgdm.cli import UserError
+from rcgdm.cli import InputError, UserError
 from rcgdm.files.locking import locked
 
 T = TypeVar("T")
@@ -34,9 +34,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device; expected auto, cpu, cuda or cuda:N") from None
+        raise InputError("device", f"{name!r} is not a device; expected auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name!r} asks for CUDA but none is available; expected auto or cpu")
+        raise InputError("device", f"{name!r} asks for CUDA but none is available; expected auto or cpu")
     return device
 
 
@@ -48,7 +48,7 @@ def launched_processes() -> int:
     return int(text)
 
 
-def start(device_name: str, flag: str = "--device") -> tuple[PartialState, torch.device]:
+def start(device_name: str) -> tuple[PartialState, torch.device]:
     """This process's accelerate state and device. With several processes, auto and cuda give each
     process its own GPU (LOCAL_RANK); cpu runs them on the CPU, over gloo."""
     device = resolve_device(device_name)
@@ -57,9 +57,8 @@ def start(device_name: str, flag: str = "--device") -> tuple[PartialState, torch
         _warn_if_cpu_launch_fell_back()
         return PartialState(cpu=device.type == "cpu"), device
     if device.type == "cuda" and device_name not in ("auto", "cuda"):
-        raise UserError(
-            f"{flag} {device_name!r} puts all {processes} processes on one GPU; expected auto or cuda (one GPU per process)"
-        )
+        raise InputError("device", f"{device_name!r} puts all {processes} processes on one GPU; expected auto or cuda "
+                                   "(one GPU per process)")  # fmt: skip
     state = PartialState(cpu=device.type == "cpu")
     return state, state.device
 

@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from rcgdm.cli import UserError
+from rcgdm.cli import InputError, UserError
 
 # Files whose presence means code could be loaded from the folder: diffusers (0.30 to 0.37 even without
 # trust_remote_code) and transformers import Python files a folder carries, and native libraries run on load.
@@ -25,7 +25,7 @@ def check_file_names(names: list[str], name: str) -> None:
     """UserError if a model's file list (relative paths) holds code."""
     code = next((n for n in names if n.lower().endswith(CODE_SUFFIXES)), None)
     if code is not None:
-        raise UserError(f"--model {name!r} holds the code file {code!r}; expected a model of weights and configs only "
+        raise InputError("model", f"{name!r} holds the code file {code!r}; expected a model of weights and configs only "
                         "(code from a model is never run)")  # fmt: skip
 
 
@@ -41,11 +41,11 @@ def check_config(config, file: str, name: str) -> None:
             continue
         key = next((k for k in value if k in CODE_KEYS), None)
         if key is not None:
-            raise UserError(f"--model {name!r}: {file} names custom code ({key!r}); expected stock diffusers and "
+            raise InputError("model", f"{name!r}: {file} names custom code ({key!r}); expected stock diffusers and "
                             "transformers components (code from a model is never run)")  # fmt: skip
         cls = value.get("_class_name")
         if isinstance(cls, str) and file != "model_index.json" and not _stock_class(cls):
-            raise UserError(f"--model {name!r}: {file} names the class {cls!r}, which is not diffusers' or transformers'; "
+            raise InputError("model", f"{name!r}: {file} names the class {cls!r}, which is not diffusers' or transformers'; "
                             "expected a stock component (code from a model is never run)")  # fmt: skip
         stack.extend(value.values())
 
@@ -74,7 +74,7 @@ def _model_files(folder: Path, name: str) -> list[str]:
         seen.add(real)
         files += [(Path(root) / n).relative_to(folder).as_posix() for n in names]
         if len(files) > MAX_FILES:
-            raise UserError(f"--model {name!r} holds over {MAX_FILES} files; expected a diffusers model folder")
+            raise InputError("model", f"{name!r} holds over {MAX_FILES} files; expected a diffusers model folder")
     return files
 
 
@@ -96,7 +96,7 @@ def _read_json(folder: Path, file: str, name: str):
     try:
         return json.loads((folder / file).read_text())
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise UserError(f"--model {name!r}: {file} is not readable JSON ({type(err).__name__}); expected a diffusers "
+        raise InputError("model", f"{name!r}: {file} is not readable JSON ({type(err).__name__}); expected a diffusers "
                         "model folder") from None  # fmt: skip
 
 
@@ -112,7 +112,7 @@ def cached_snapshot(name: str) -> Path:
     try:
         return Path(snapshot_download(name, local_files_only=True))
     except Exception:  # not cached, or not a repo id
-        raise UserError(f"--model {name!r} could not be loaded (not in the hub cache, and HF_HUB_OFFLINE is set); "
+        raise InputError("model", f"{name!r} could not be loaded (not in the hub cache, and HF_HUB_OFFLINE is set); "
                         "offline, use --model tiny or a local diffusers folder") from None  # fmt: skip
 
 
@@ -130,7 +130,7 @@ def hub_revision(name: str) -> str:
         raise
     except Exception as err:  # offline, no such repo, a malformed id ...
         reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
-        raise UserError(f"--model {name!r} could not be loaded ({reason}); offline, use --model tiny or a local "
+        raise InputError("model", f"{name!r} could not be loaded ({reason}); offline, use --model tiny or a local "
                         "diffusers folder") from None  # fmt: skip
     _check_configs(configs, _model_files(configs, name), name)
     return info.sha

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from rcgdm.cli import UserError, check_creatable
+from rcgdm.cli import InputError, check_creatable
 from rcgdm.files.atomic import atomic_folder
 from rcgdm.model_files import cached_snapshot, checked_folder, hub_offline, hub_revision
 
@@ -55,7 +55,7 @@ def resolve_model(name: str) -> str:
     folder -> itself; anything else is a hub id. Every folder, and a hub repo's files at the commit that later loads
     use, is checked to hold no code before anything reads it (rcgdm/model_files.py)."""
     if not name.strip():
-        raise UserError(f"--model {name!r} is empty; expected a hub id, a local diffusers folder, or tiny")
+        raise InputError("model", f"{name!r} is empty; expected a hub id, a local diffusers folder, or tiny")
     if name == TINY:
         folder = _verified(TINY_FOLDER)
     elif name in _BUILT_FOLDERS:
@@ -111,7 +111,7 @@ def _from_pretrained(cls, name: str, loader: str = "from_pretrained", **kwargs):
     except Exception as err:  # offline hub errors, missing files, bad folders ...
         reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
         hint = "" if local else "; offline, use --model tiny or a local diffusers folder"
-        raise UserError(f"--model {name!r} could not be loaded ({reason}){hint}") from None
+        raise InputError("model", f"{name!r} could not be loaded ({reason}){hint}") from None
 
 
 def _dtype_kwargs(dtype: torch.dtype) -> dict:
@@ -132,13 +132,13 @@ def check_model_index(name: str) -> None:
     index = _config(StableDiffusionPipeline, name, "model_index.json")
     found = index.get("_class_name")
     if found != PIPELINE_CLASS:
-        raise UserError(f"--model {name!r} is a {found!r}; expected a {PIPELINE_CLASS} (SD 1.x or 2.x)")
+        raise InputError("model", f"{name!r} is a {found!r}; expected a {PIPELINE_CLASS} (SD 1.x or 2.x)")
     for component, spec in index.items():
         if component.startswith("_") or not isinstance(spec, list) or spec == [None, None]:
             continue  # settings such as requires_safety_checker, and absent components
         library = spec[0]
         if library not in COMPONENT_LIBRARIES:
-            raise UserError(f"--model {name!r}: model_index.json names {component} from {library!r}; "
+            raise InputError("model", f"{name!r}: model_index.json names {component} from {library!r}; "
                             "expected a component of diffusers or transformers (custom code is never run)")  # fmt: skip
 
 
@@ -167,14 +167,14 @@ def _config(cls, name: str, file: str) -> dict:
     subfolder = {"subfolder": file.split("/")[0]} if "/" in file else {}
     config = _from_pretrained(cls, name, loader="load_config", **subfolder)
     if not isinstance(config, dict):
-        raise UserError(f"--model {name!r}: {file} holds a {type(config).__name__}; expected a JSON object")
+        raise InputError("model", f"{name!r}: {file} holds a {type(config).__name__}; expected a JSON object")
     return config
 
 
 def _field(config: dict, key: str, kind: type, name: str, file: str, expected: str, default=None):
     value = config.get(key, default)
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise UserError(f"--model {name!r}: {file} field {key!r} holds {value!r}; expected {expected}")
+        raise InputError("model", f"{name!r}: {file} field {key!r} holds {value!r}; expected {expected}")
     return value
 
 

@@ -75,7 +75,7 @@ class RewardDirectedPipeline:
         scheduler: str = "pndm",
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
-        check_provenance: bool = True,
+        ignore_provenance: bool = False,
     ) -> RewardDirectedPipeline:
         """Load `model` (hub id, local diffusers folder, tiny, tiny-random) with `scheduler`, the predictor (train.py's
         checkpoint) and, if given, the ground-truth reward model (fake_dataset.py's; `user_reward` names a module:function
@@ -88,7 +88,7 @@ class RewardDirectedPipeline:
         if not isinstance(predictor, TrainedPredictor):
             predictor = load_predictor(predictor, latent_channels=facts["in_channels"])
         reward, reward_meta = load_reward(reward_model, user_reward) if reward_model is not None else (None, {})
-        if check_provenance:
+        if not ignore_provenance:
             predictor.check_trained_for(model, reward_model)
         sd = load_pipeline(model, dtype).to(device)
         sd.scheduler = make_scheduler(scheduler, sd.scheduler.config)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rcgdm.cli import UserError
+from rcgdm.cli import InputError
 
 ALL_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -57,7 +57,7 @@ def scheduler_support(name: str) -> Sampler:
 
         known = name and isinstance(getattr(diffusers, name, None), type)
         what = "is not a text-to-image sampler the guidance is exact for" if known else "is unknown"
-        raise UserError(f"--scheduler {name!r} {what}; expected {EXPECTED}")
+        raise InputError("scheduler", f"{name!r} {what}; expected {EXPECTED}")
     return support
 
 
@@ -66,7 +66,7 @@ def check_steps(name: str, prediction_type: str) -> Sampler:
     support = scheduler_support(name)
     if prediction_type not in support.prediction_types:
         expected = ", ".join(s for s, v in SCHEDULERS.items() if prediction_type in v.prediction_types)
-        raise UserError(f"--scheduler {name!r} ({support.class_name}) cannot step a model that predicts {prediction_type!r}; "
+        raise InputError("scheduler", f"{name!r} ({support.class_name}) cannot step a model that predicts {prediction_type!r}; "
                         f"expected one of {expected}")  # fmt: skip
     return support
 
@@ -78,13 +78,13 @@ def make_scheduler(name: str, config):
 
     support = check_steps(name, config.get("prediction_type", "epsilon"))
     if config.get("use_flow_sigmas"):
-        raise UserError(f"--scheduler {name!r}: the model's scheduler config uses flow-matching sigmas; expected a "
+        raise InputError("scheduler", f"{name!r}: the model's scheduler config uses flow-matching sigmas; expected a "
                         "diffusion (alpha_bar) schedule")  # fmt: skip
     try:
         return getattr(diffusers, support.class_name).from_config(config)
     except Exception as err:  # a config option this class cannot take, or one needing a package not installed
         reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
-        raise UserError(f"--scheduler {name!r} cannot be built from the model's scheduler config ({reason})") from None
+        raise InputError("scheduler", f"{name!r} cannot be built from the model's scheduler config ({reason})") from None
 
 
 def noise_levels(scheduler) -> torch.Tensor:

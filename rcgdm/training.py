@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from accelerate.utils import reduce
 from tqdm import tqdm
 
-from rcgdm.cli import UserError
+from rcgdm.cli import InputError, UserError
 from rcgdm.files.atomic import save_torch
 from rcgdm.files.checkpoint import load_checkpoint
 
@@ -22,25 +22,25 @@ def load_labels(path: str | Path, num_data: int) -> torch.Tensor:
     """The first `num_data` rows of a labels .npy (float, (M, 1) or (M,), finite) -> float32 (num_data, 1)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"labels_path {str(path)!r} does not exist; expected the .npy written by fake_dataset.py")
+        raise InputError("labels_path", f"{str(path)!r} does not exist; expected the .npy written by fake_dataset.py")
     try:
         labels = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
-        raise UserError(f"labels_path {str(path)!r} is not a readable .npy file ({str(err)[:120]})") from None
+        raise InputError("labels_path", f"{str(path)!r} is not a readable .npy file ({str(err)[:120]})") from None
     if not isinstance(labels, np.ndarray):  # np.load opens any zip archive (a .npz, a .pth) as an NpzFile
         labels.close()
-        raise UserError(f"labels_path {str(path)!r} is a zip archive (a .npz or .pth?), not a .npy file; expected the .npy "
+        raise InputError("labels_path", f"{str(path)!r} is a zip archive (a .npz or .pth?), not a .npy file; expected the .npy "
                         "written by fake_dataset.py")  # fmt: skip
     if labels.ndim == 1:
         labels = labels[:, None]
     if labels.ndim != 2 or labels.shape[1] != 1 or labels.dtype.kind not in "fiu":
-        raise UserError(f"labels_path {str(path)!r} holds {labels.dtype} {labels.shape}; expected numbers of shape (N, 1)")
+        raise InputError("labels_path", f"{str(path)!r} holds {labels.dtype} {labels.shape}; expected numbers of shape (N, 1)")
     if labels.shape[0] < num_data:
-        raise UserError(f"labels_path {str(path)!r} has {labels.shape[0]} rows; num_data={num_data} needs at least that many")
+        raise InputError("labels_path", f"{str(path)!r} has {labels.shape[0]} rows; num_data={num_data} needs at least that many")
     labels = labels[:num_data].astype(np.float32)
     bad = np.flatnonzero(~np.isfinite(labels[:, 0]))
     if bad.size:
-        raise UserError(f"labels_path {str(path)!r} has non-finite labels (first at row {bad[0]}); expected finite numbers")
+        raise InputError("labels_path", f"{str(path)!r} has non-finite labels (first at row {bad[0]}); expected finite numbers")
     return torch.from_numpy(labels)
 
 
@@ -68,7 +68,7 @@ def check_labels_source(path: str | Path, identity: str, data: str, enforce: boo
         return
     recorded = sidecar.get("data")
     if enforce and recorded is not None and recorded != identity:
-        raise UserError(f"labels_path {str(path)!r} was made from {recorded!r} (its sidecar says), not data={data!r} "
+        raise InputError("labels_path", f"{str(path)!r} was made from {recorded!r} (its sidecar says), not data={data!r} "
                         f"({identity}); expected the same data, or check_provenance=False")  # fmt: skip
 
 

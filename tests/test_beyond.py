@@ -70,7 +70,7 @@ def test_bad_module_rewards_are_one_line(tmp_path, monkeypatch, capsys, source, 
 
 
 def test_unknown_and_offline_rewards(capsys, tmp_path):
-    with pytest.raises(UserError, match="--reward 'beauty' is unknown"):
+    with pytest.raises(UserError, match="reward 'beauty' is unknown"):
         build_reward("beauty")
     args = ["--data", "synthetic", "--num_data", "4", "--reward", "aesthetic", "--out_dir", tmp_path]
     assert run_script("fake_dataset.py", *args) == 2

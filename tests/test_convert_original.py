@@ -14,7 +14,8 @@ from test_reliability import WritesAMarker
 from torch import nn
 
 from rcgdm.predictor import ThreeLayerConvNet, load_predictor
-from rcgdm.rewards.resnet18 import load_reward_model, score
+from rcgdm.rewards import load_reward
+from rcgdm.rewards.resnet18 import score
 
 
 def original_module() -> types.ModuleType:
@@ -93,7 +94,8 @@ def test_converted_files_give_the_originals_outputs(tmp_path, capsys, original_f
     with torch.no_grad():
         torch.testing.assert_close(predictor(latents), convnet(latents), rtol=0, atol=1e-6)
 
-    model, reward_meta = load_reward_model(out / "reward_model.pth")
+    loaded, reward_meta = load_reward(out / "reward_model.pth")
+    model = loaded.model
     assert reward_meta["reward"] == "resnet18-random" and reward_meta["weights"] is None
     images = torch.rand(3, 3, 32, 32)
     from rcgdm.rewards.resnet18 import preprocess

@@ -81,7 +81,7 @@ def test_num_data_range():
     assert check_num_data(None, source) == 5
     assert check_num_data(3, source) == 3
     for bad in (0, -1, 6):
-        with pytest.raises(UserError, match=f"--num_data {bad} is out of range; expected 1 to 5"):
+        with pytest.raises(UserError, match=f"num_data {bad} is out of range; expected 1 to 5"):
             check_num_data(bad, source)
 
 
@@ -90,7 +90,7 @@ def test_cifar10_offline_fails_fast_with_a_hint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(CIFAR10, "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")  # nothing listens there
     start = time.monotonic()
-    with pytest.raises(UserError, match="--data synthetic"):
+    with pytest.raises(UserError, match="data synthetic"):
         open_source("cifar10", tmp_path)
     assert time.monotonic() - start < 30
 

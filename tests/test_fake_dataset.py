@@ -12,6 +12,7 @@ from conftest import error_line, run_cli, run_script
 from PIL import Image
 
 from rcgdm.data import SyntheticShapes, load_batch, open_source
+from rcgdm.rewards import load_reward
 from rcgdm.rewards import resnet18 as reward
 
 OUTPUTS = ("reward_model.pth", "cifar10_outputs_with_noise.npy", "cifar10_outputs_with_noise.json")
@@ -25,7 +26,8 @@ def _run(out_dir, *extra, data="synthetic", num_data=40):
 
 
 def _clean_rewards(out_dir, source, n):
-    model, meta = reward.load_reward_model(out_dir / "reward_model.pth")
+    loaded, meta = load_reward(out_dir / "reward_model.pth")
+    model = loaded.model
     return reward.score(model, load_batch(source, range(n), 224)).numpy(), meta
 
 
@@ -71,7 +73,7 @@ def test_row_order_follows_the_folder_order(tmp_path):
     labels = np.load(tmp_path / "out" / "cifar10_outputs_with_noise.npy")
     source = open_source(str(images))
     assert [p.name for p in source.files] == ["a.jpg", "1.png", "2.png", "c.webp"]
-    model, _ = reward.load_reward_model(tmp_path / "out" / "reward_model.pth")
+    model = load_reward(tmp_path / "out" / "reward_model.pth")[0].model
     one_by_one = np.concatenate([reward.score(model, load_batch(source, [i], 224)).numpy() for i in range(4)])
     np.testing.assert_allclose(labels, one_by_one, rtol=1e-4, atol=1e-5)
     assert len(np.unique(labels.round(5))) == 4

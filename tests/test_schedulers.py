@@ -122,7 +122,7 @@ def test_zero_terminal_snr_leaves_that_step_alone(predictor):
 @pytest.mark.parametrize("name", ["DDIMInverseScheduler", "RePaintScheduler", "SchedulerMixin", "FlowMatchEulerDiscreteScheduler",
                                   "LCMScheduler", "CMStochasticIterativeScheduler"])  # fmt: skip
 def test_other_schedulers_are_refused_by_class(pipe, name):
-    with pytest.raises(UserError, match=f"--scheduler '{name}' is not a text-to-image sampler the guidance is exact for"):
+    with pytest.raises(UserError, match=f"scheduler '{name}' is not a text-to-image sampler the guidance is exact for"):
         make_scheduler(name, pipe.scheduler.config)
 
 

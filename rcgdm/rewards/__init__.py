@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rcgdm.cli import UserError
+from rcgdm.cli import InputError, UserError
 from rcgdm.files.checkpoint import load_checkpoint, plain_metadata
 from rcgdm.rewards import resnet18
 from rcgdm.rewards.aesthetic import Aesthetic
@@ -37,7 +37,7 @@ def build_reward(name: str, weights: str = "imagenet", seed: int = 0) -> Reward:
         return Aesthetic()
     if ":" in name:
         return UserFunction(name)
-    raise UserError(f"--reward {name!r} is unknown; expected one of {', '.join(BUILT_IN)} or module:function")
+    raise InputError("reward", f"{name!r} is unknown; expected one of {', '.join(BUILT_IN)} or module:function")
 
 
 def load_reward(path: str | Path, user_reward: str | None = None) -> tuple[Reward, dict]:
@@ -51,7 +51,7 @@ def load_reward(path: str | Path, user_reward: str | None = None) -> tuple[Rewar
     if not isinstance(name, str) or not name:
         raise UserError(f"reward model {str(path)!r}: field 'reward' is {name!r}; expected a reward name")
     if user_reward is not None and user_reward != name:
-        raise UserError(f"--reward {user_reward!r} does not match the reward {name!r} recorded in {str(path)!r}")
+        raise InputError("reward", f"{user_reward!r} does not match the reward {name!r} recorded in {str(path)!r}")
     meta = plain_metadata(checkpoint, path)
     if name == "resnet18-random":
         model = resnet18.model_from_checkpoint(checkpoint, path)

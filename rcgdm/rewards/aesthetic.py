@@ -7,7 +7,7 @@ import socket
 import torch
 from torch import nn
 
-from rcgdm.cli import UserError
+from rcgdm.cli import InputError
 from rcgdm.data import DOWNLOAD_TIMEOUT_S
 from rcgdm.rewards.base import FORMAT, Reward, at_reward_size
 
@@ -46,8 +46,8 @@ class Aesthetic(Reward):
             if head_state is None:
                 head_state = torch.load(hf_hub_download(AESTHETIC_REPO, AESTHETIC_FILE), map_location="cpu", weights_only=True)
         except Exception as err:  # offline hub errors come in many types
-            raise UserError(
-                f"--reward aesthetic: {CLIP_ID} or {AESTHETIC_REPO} could not be loaded ({type(err).__name__}); "
+            raise InputError("reward",
+                f"aesthetic: {CLIP_ID} or {AESTHETIC_REPO} could not be loaded ({type(err).__name__}); "
                 "offline, use --reward compressibility or resnet18-random"
             ) from None
         finally:

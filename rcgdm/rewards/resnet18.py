@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rcgdm.cli import UserError
+from rcgdm.cli import InputError, UserError
 from rcgdm.data import DOWNLOAD_TIMEOUT_S, resize
-from rcgdm.files.checkpoint import check_finite_state, load_checkpoint, plain_metadata
+from rcgdm.files.checkpoint import check_finite_state
 from rcgdm.rewards.base import FORMAT, SIZE, Reward, at_reward_size
 
 ARCH = "resnet18-linear1"
@@ -35,8 +35,8 @@ def _resnet18(weights: str) -> nn.Module:
     try:
         return resnet18(weights=ResNet18_Weights.IMAGENET1K_V1)
     except Exception as err:  # network errors come in many types
-        raise UserError(
-            f"--weights imagenet: the ImageNet ResNet18 weights could not be loaded or downloaded ({type(err).__name__}); "
+        raise InputError("weights",
+            f"imagenet: the ImageNet ResNet18 weights could not be loaded or downloaded ({type(err).__name__}); "
             "offline, use --weights none for a random backbone"
         ) from None
     finally:
@@ -49,7 +49,7 @@ def build_reward_model(weights: str, seed: int) -> nn.Module:
     The new head (and, for weights='none', the whole backbone) is initialised from `seed`.
     """
     if weights not in WEIGHT_CHOICES:
-        raise UserError(f"--weights {weights!r} is unknown; expected one of {', '.join(WEIGHT_CHOICES)}")
+        raise InputError("weights", f"{weights!r} is unknown; expected one of {', '.join(WEIGHT_CHOICES)}")
     torch.manual_seed(seed)
     model = _resnet18(weights)
     model.fc = nn.Linear(model.fc.in_features, 1)
@@ -58,12 +58,6 @@ def build_reward_model(weights: str, seed: int) -> nn.Module:
 
 def reward_checkpoint(model: nn.Module, weights: str, seed: int) -> dict:
     return {"format": FORMAT, "arch": ARCH, "weights": weights, "seed": seed, "state_dict": model.state_dict()}
-
-
-def load_reward_model(path: str | Path) -> tuple[nn.Module, dict]:
-    """Rebuild the reward network from a checkpoint written by fake_dataset.py -> (model, metadata)."""
-    checkpoint = load_checkpoint(path, FORMAT)
-    return model_from_checkpoint(checkpoint, path), plain_metadata(checkpoint, path)
 
 
 def model_from_checkpoint(checkpoint: dict, path: str | Path) -> nn.Module:

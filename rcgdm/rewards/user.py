@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rcgdm.cli import UserError
+from rcgdm.cli import InputError
 from rcgdm.rewards.base import Reward, at_reward_size
 
 
@@ -42,15 +42,15 @@ class UserFunction(Reward):
                 module = _import_from_cwd(module_name)
         except Exception as err:  # a user's module can fail to import in any way
             reason = f"{type(err).__name__}: {err}"
-            raise UserError(f"--reward {spec!r}: module {module_name!r} cannot be imported ({reason})") from None
+            raise InputError("reward", f"{spec!r}: module {module_name!r} cannot be imported ({reason})") from None
         self.function = getattr(module, function_name, None)
         if not callable(self.function):
-            raise UserError(f"--reward {spec!r}: {module_name!r} has no function {function_name!r}; expected module:function")
+            raise InputError("reward", f"{spec!r}: {module_name!r} has no function {function_name!r}; expected module:function")
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         images = at_reward_size(images).cpu()
         rewards = torch.as_tensor(np.asarray(self.function(images), dtype=np.float32)).reshape(-1)
         if rewards.shape != (len(images),) or not torch.isfinite(rewards).all():
-            raise UserError(f"--reward {self.name!r} returned {tuple(rewards.shape)} values for {len(images)} images, "
+            raise InputError("reward", f"{self.name!r} returned {tuple(rewards.shape)} values for {len(images)} images, "
                             "or non-finite ones; expected one finite number per image")  # fmt: skip
         return rewards
