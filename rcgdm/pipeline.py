@@ -110,12 +110,12 @@ class RewardDirectedPipeline:
 
     def sample(self, prompt: str, reward_guidance: RewardGuidance | None, seed: int, indices, candidate: int = 0,
                num_inference_steps: int = 50, cfg: float = 7.5, height: int | None = None,
-               width: int | None = None) -> Scored:  # fmt: skip
+               width: int | None = None, progress_bar: bool = True) -> Scored:  # fmt: skip
         """Images `indices` of a run seeded `seed` (candidate k of best-of-N; 0 is the plain image), one batch, scored.
         Image i starts from the seed (seed, i, candidate), so it is the same whatever batch it is sampled in."""
         generators = image_generators(seed, indices, candidate)
         latents = sample_latents(self.sd, prompt, generators, reward_guidance, num_inference_steps, cfg, height, width,
-                                 progress_bar=False)  # fmt: skip
+                                 progress_bar)  # fmt: skip
         _check_finite(latents, "the final latents", reward_guidance, cfg)
         images = decode(self.sd, latents, generators)
         rewards = None if self.reward is None else self.reward(images)
