@@ -27,6 +27,7 @@ class ResumeLog:
     def __init__(self, out_dir: Path, settings: dict, rows: list[dict], process: int = 0) -> None:
         self.path = out_dir / (FILE if process == 0 else f"progress.{process}.json")
         self.settings, self.rows = settings, rows
+        self._done = {image_key(row) for row in rows}
 
     @classmethod
     def open(cls, out_dir: Path, settings: dict, resume: bool, overwrite: bool) -> ResumeLog:
@@ -49,11 +50,11 @@ class ResumeLog:
 
     def finished(self, combination: tuple, image: int) -> bool:
         """Whether image `image` of (prompt, target, guidance, best_of) is done."""
-        wanted = (*combination, image)
-        return any(image_key(r) == wanted for r in self.rows)
+        return (*combination, image) in self._done
 
     def add(self, rows: list[dict]) -> None:
         self.rows.extend(rows)
+        self._done.update(image_key(row) for row in rows)
         save_json({"settings": self.settings, "rows": self.rows}, self.path)
 
     def remove_files(self) -> None:

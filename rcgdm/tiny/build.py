@@ -4,7 +4,7 @@ All use the same diffusers classes and folder layout as SD v1.5 (UNet2DCondition
 AutoencoderKL with 4 latent channels, CLIPTextModel + CLIPTokenizer, PNDMScheduler with SD's
 betas), so every code path that loads SD v1.5 loads these too.
 
-- `tiny` (`--model tiny`): TRAINED on captioned synthetic shapes (rcgdm/tiny_train.py) and
+- `tiny` (`--model tiny`): TRAINED on captioned synthetic shapes (rcgdm/tiny/train.py) and
   committed under models/tiny-sd (32x32 images, 4x8x8 latents); loading checks its sha256 manifest.
   `python -m rcgdm.tiny --train OUT_DIR` retrains it (about an hour on 2 CPU cores).
 - `tiny-random` (`--model tiny-random`): RANDOM weights, built in seconds (64x64 images, 4x8x8
