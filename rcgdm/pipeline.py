@@ -13,12 +13,13 @@ inference.py samples through the same object, so for the same settings and seed 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rcgdm.cli import InputError, UserError
+from rcgdm.cli import MAX_SEED, InputError, UserError
 from rcgdm.distributed import batches
 from rcgdm.evaluate import distribution_shift, predicted_reward
 from rcgdm.guidance import GRAD_PATHS, PREDICTION_TYPES, RewardGuidance
@@ -145,6 +146,8 @@ class RewardDirectedPipeline:
         """Sample `num_images` images of `prompt` steered toward predicted reward `target` with strength `guidance`
         (0: the plain model), in batches of `batch_size`; `cfg` is the classifier-free guidance scale; best_of N keeps,
         per image, the candidate whose predicted reward is closest to the target."""
+        _check_call(target=target, guidance=guidance, cfg=cfg, num_images=num_images, seed=seed, best_of=best_of,
+                    batch_size=batch_size, height=height, width=width)  # fmt: skip
         self.check(num_inference_steps, grad_path, height, width)
         steer = RewardGuidance(self.predictor.net, target, guidance, batch_mean, grad_path)
         kept = []
@@ -156,6 +159,22 @@ class RewardDirectedPipeline:
             kept.append(best)
         return Scored(*(None if getattr(kept[0], f) is None else torch.cat([getattr(b, f) for b in kept])
                         for f in ("images", "predicted_rewards", "rewards", "shift")))  # fmt: skip
+
+
+def _check_call(**values) -> None:
+    """InputError naming the first call argument that is not a finite number / integer in range."""
+    for name in ("target", "guidance", "cfg"):
+        value = values[name]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise InputError(name, f"{value!r} is not a finite number; expected one")
+    for name, low in (("num_images", 1), ("best_of", 1), ("batch_size", 1), ("seed", 0), ("height", 8), ("width", 8)):
+        value = values[name]
+        if value is None and name in ("height", "width"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_SEED:
+            raise InputError(name, f"{value!r} is out of range; expected an integer from {low} to {MAX_SEED}")
+        if name in ("height", "width") and value % 8:
+            raise InputError(name, f"{value} is not a multiple of 8; expected e.g. {value - value % 8 or 8}")
 
 
 def _check_finite(values: torch.Tensor, what: str, steer: RewardGuidance | None, cfg: float) -> None:

@@ -44,6 +44,11 @@ def test_the_api_refuses_what_the_predictor_was_not_trained_for(api, predictor_p
     assert err.value.name == "predictor"
     with pytest.raises(InputError, match="trained on 8x8 latents") as err:
         api("a nice photo", height=32, width=32, num_inference_steps=2)
+    bad_calls = (({"target": float("nan")}, "target nan is not a finite number"), ({"num_images": 0}, "num_images 0 is out"),
+                 ({"height": 60}, "height 60 is not a multiple of 8"), ({"seed": -1}, "seed -1 is out of range"))
+    for bad, expected in bad_calls:
+        with pytest.raises(InputError, match=expected):
+            api("a nice photo", **bad)
     with pytest.raises(InputError, match="trained on --model 'tiny-random'"):  # the same weights under another name
         RewardDirectedPipeline.from_pretrained(str(ensure_built("tiny-random")), predictor_path)
 
