@@ -87,7 +87,8 @@ class RewardDirectedPipeline:
                                       f"{', '.join(PREDICTION_TYPES)} (see README, model families)")  # fmt: skip
         check_steps(scheduler, facts["prediction_type"])
         if not isinstance(predictor, TrainedPredictor):
-            predictor = load_predictor(predictor, latent_channels=facts["in_channels"])
+            predictor = load_predictor(predictor)
+        predictor.check_latent_channels(facts["in_channels"])
         reward, reward_meta = load_reward(reward_model, user_reward) if reward_model is not None else (None, {})
         if not ignore_provenance:
             predictor.check_trained_for(model, reward_model)

@@ -117,6 +117,13 @@ class TrainedPredictor:
     reference: torch.Tensor | None  # up to 512 clean training latents (K, C, h, w) float32; None in older checkpoints
     path: str
 
+    def check_latent_channels(self, latent_channels: int) -> None:
+        """The net must take the latents of the model's VAE (`latent_channels` channels)."""
+        channels = self.net.layer1.conv1.in_channels
+        if channels != latent_channels:
+            raise InputError("predictor", f"{self.path!r} was trained on {channels}-channel latents; the model's VAE makes "
+                                          f"{latent_channels}")  # fmt: skip
+
     def check_grad_path(self, grad_path: str) -> None:
         """A net trained on noisy latents serves grad_path xt; one trained on clean latents (noise=False), x0."""
         noised = self.meta.get("noised", True)
@@ -154,12 +161,12 @@ def load_predictor(path: str | Path, latent_channels: int | None = None) -> Trai
     channels = checkpoint.get("latent_channels")
     if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
         raise InputError("predictor", f"{str(path)!r}: field 'latent_channels' is {channels!r}; expected an integer >= 1")
-    if latent_channels is not None and channels != latent_channels:
-        raise InputError("predictor", f"{str(path)!r} was trained on {channels}-channel latents; the model's VAE makes "
-                                      f"{latent_channels}")  # fmt: skip
     net = load_predictor_state(ThreeLayerConvNet(in_channels=channels), checkpoint["state_dict"], path)
     meta = plain_metadata(checkpoint, path, skip=("state_dict", "reference_latents"))
-    return TrainedPredictor(net, meta, _reference_latents(checkpoint, path), str(path))
+    predictor = TrainedPredictor(net, meta, _reference_latents(checkpoint, path), str(path))
+    if latent_channels is not None:
+        predictor.check_latent_channels(latent_channels)
+    return predictor
 
 
 def _reference_latents(checkpoint: dict, path: str | Path) -> torch.Tensor | None:
