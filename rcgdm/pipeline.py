@@ -14,7 +14,7 @@ inference.py samples through the same object, so for the same settings and seed 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -49,7 +49,13 @@ class Scored:
                 return None
             return torch.where(closer.view(-1, *[1] * (mine.ndim - 1)), mine, theirs)
 
-        return Scored(*(pick(getattr(self, f), getattr(other, f)) for f in ("images", "predicted_rewards", "rewards", "shift")))
+        return Scored(*(pick(getattr(self, f.name), getattr(other, f.name)) for f in fields(Scored)))
+
+    @staticmethod
+    def concat(batches: list[Scored]) -> Scored:
+        """Batches of one sample, in order, as one (a field None in the first batch is None in all)."""
+        return Scored(*(None if getattr(batches[0], f.name) is None else torch.cat([getattr(b, f.name) for b in batches])
+                        for f in fields(Scored)))  # fmt: skip
 
 
 def latent_size(sample_size: int, vae_scale_factor: int, height: int | None, width: int | None) -> tuple[int, int]:
@@ -158,8 +164,7 @@ class RewardDirectedPipeline:
                 scored = self.sample(prompt, steer, seed, indices, candidate, num_inference_steps, cfg, height, width)
                 best = scored if best is None else scored.closer_to(target, best)
             kept.append(best)
-        return Scored(*(None if getattr(kept[0], f) is None else torch.cat([getattr(b, f) for b in kept])
-                        for f in ("images", "predicted_rewards", "rewards", "shift")))  # fmt: skip
+        return Scored.concat(kept)
 
 
 def _check_call(**values) -> None:

@@ -17,10 +17,9 @@ from rcgdm.cli import UserError
 from rcgdm.files.png import save_png
 from rcgdm.guidance import RewardGuidance
 from rcgdm.pipeline import RewardDirectedPipeline, Scored
-from rcgdm.seeds import image_seed
 from rcgdm.sweep.plan import Combo, Draw, draws
 from rcgdm.sweep.resume import ResumeLog
-from rcgdm.sweep.rows import combo_key, image_name, unique_rows
+from rcgdm.sweep.rows import combo_key, image_name, image_row, unique_rows
 
 
 @dataclass(frozen=True)
@@ -86,10 +85,8 @@ def save_images(combo: Combo, indices: range, seed: int, out_dir: Path, scored: 
         gt, pred = scored.rewards[j].item(), scored.predicted_rewards[j].item()
         path = combo.folder / image_name(i, gt, pred)
         save_png(scored.images[j], path)
-        rows.append({"prompt": combo.prompt, "target": combo.target, "guidance": combo.guidance, "best_of": combo.best_of,
-                     "image": i, "seed": seed, "image_seed": image_seed(seed, i), "gt": gt, "pred": pred,
-                     "shift": None if scored.shift is None else scored.shift[j].item(), "unet_calls": unet_calls,
-                     "file": path.relative_to(out_dir).as_posix()})  # fmt: skip
+        shift = None if scored.shift is None else scored.shift[j].item()
+        rows.append(image_row(combo.key(), i, seed, gt, pred, shift, unet_calls, path.relative_to(out_dir).as_posix()))
     return rows
 
 
@@ -98,7 +95,8 @@ def unguided_first_images(pipe: RewardDirectedPipeline, settings: SweepSettings,
     """Image 0 of every prompt the sweep samples at no guidance 0, unguided, as (image (3, H, W), gt, pred): the
     grid's first column needs it."""
     out, s = {}, settings
-    for prompt in dict.fromkeys(c.prompt for c in combos if not any(d.prompt == c.prompt and d.guidance == 0 for d in combos)):
+    sampled_unguided = {c.prompt for c in combos if c.guidance == 0}
+    for prompt in dict.fromkeys(c.prompt for c in combos if c.prompt not in sampled_unguided):
         scored = pipe.sample(prompt, None, seed, [0], 0, s.num_inference_steps, s.cfg, s.height, s.width)
         out[prompt] = (scored.images[0], scored.rewards.item(), scored.predicted_rewards.item())
     return out

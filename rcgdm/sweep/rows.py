@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rcgdm.seeds import image_seed
+
 COLUMNS = ("prompt", "target", "guidance", "best_of", "image", "seed", "image_seed", "gt", "pred", "shift", "unet_calls", "file")
 KEY = ("prompt", "target", "guidance", "best_of")  # a combination of the sweep; with "image", one image of the run
 TYPES = {"prompt": str, "target": (int, float), "guidance": (int, float), "best_of": int, "image": int, "file": str}
@@ -13,6 +15,13 @@ IMAGE_GLOB = "*_gt_*_pred_*.png"
 def image_name(index: int, gt: float, pred: float) -> str:
     """{idx}_gt_{gt:.4f}_pred_{pred:.4f}.png, the original code's name for an image."""
     return f"{index}_gt_{gt:.4f}_pred_{pred:.4f}.png"
+
+
+def image_row(combo_key: tuple, image: int, seed: int, gt: float, pred: float, shift: float | None, unet_calls: int,
+              file: str) -> dict:  # fmt: skip
+    """The results row of image `image` of the combination `combo_key` (the fields of COLUMNS, in order)."""
+    return {**dict(zip(KEY, combo_key, strict=True)), "image": image, "seed": seed, "image_seed": image_seed(seed, image),
+            "gt": gt, "pred": pred, "shift": shift, "unet_calls": unet_calls, "file": file}  # fmt: skip
 
 
 def combo_key(row: dict) -> tuple:
