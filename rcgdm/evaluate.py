@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rcgdm.latent_scaling import for_denoiser
+
 
 @torch.no_grad()
 def predicted_reward(predictor: nn.Module, vae, images: torch.Tensor) -> torch.Tensor:
@@ -14,7 +16,7 @@ def predicted_reward(predictor: nn.Module, vae, images: torch.Tensor) -> torch.T
 
     The latent is the posterior mean (SD's posterior is narrow, so a sample differs negligibly)."""
     param = next(vae.parameters())
-    latents = vae.encode((images * 2 - 1).to(param.device, param.dtype)).latent_dist.mode() * vae.config.scaling_factor
+    latents = for_denoiser(vae, vae.encode((images * 2 - 1).to(param.device, param.dtype)).latent_dist.mode())
     device = next(predictor.parameters()).device
     return predictor(latents.to(device, torch.float32)).float().cpu()
 

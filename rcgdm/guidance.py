@@ -1,4 +1,4 @@
-"""The paper's reward guidance, for an epsilon-predicting diffusion model.
+"""The paper's reward guidance, for diffusion models of any prediction type and for flow-matching models.
 
 The seed README adds to every denoising step
 
@@ -20,16 +20,31 @@ Other parametrizations (the scheduler config's `prediction_type`). With x_t = sq
 - ``sample`` (the model predicts x0): eps = (x_t - sqrt(a) x0) / sqrt(1-a), so d eps = -sqrt(a) / sqrt(1-a) d x0:
   the eps shift is an x0 shift of -(eps shift) * sqrt(1-a) / sqrt(a).
 
+Flow matching (SD3; rcgdm/families.py), ``flow_prediction``. Here x_t = (1 - sigma) x0 + sigma eps, and the
+model predicts the velocity v = dx_t/dsigma = eps - x0 (diffusers' flow-matching schedulers step
+x <- x + (sigma_next - sigma) v). The score of x_t is -E[eps | x_t] / sigma, so, as above, conditioning on y
+shifts eps by
+
+    eps <- eps + sigma * guidance * grad_x [ 1/2 || target - mu(x_t) ||^2 ]
+
+(the noise's scale, sigma, in place of sqrt(1 - a)). Since x0 = x_t - sigma v, eps = x_t + (1 - sigma) v, so at
+fixed x_t, d eps = (1 - sigma) d v: the eps shift is a velocity shift of (eps shift) / (1 - sigma). The x0 path
+sees x0_hat = (x_t - sigma eps) / (1 - sigma), so its gradient w.r.t. x_t is the one w.r.t. x0_hat divided by
+(1 - sigma). In one notation for both: x_t = s x0 + n eps with s = sqrt(a), n = sqrt(1 - a) (diffusion) or
+s = 1 - sigma, n = sigma (flow); the code below is written in s and n.
+
 Every type is guided through its equivalent eps (`as_eps`, used by the x0 gradient path too), and the
 shift is added to the model's own output (`RewardGuidance.apply`), so the scheduler steps exactly as it would
 with a model that had predicted the shifted eps. alpha_bar_t is the noise level the scheduler itself
-sits at (rcgdm/schedulers.py: alphas_cumprod[t], or 1 / (1 + sigma^2) for sigma schedulers).
+sits at (rcgdm/schedulers.py: alphas_cumprod[t], or 1 / (1 + sigma^2) for sigma schedulers); for flow matching
+the level is the scheduler's sigma itself.
 
-Zero terminal SNR (alpha_bar_t = 0, the first step of schedules rescaled to zero SNR). Then
+Zero terminal SNR (alpha_bar_t = 0, the first step of schedules rescaled to zero SNR; sigma = 1 in flow matching,
+where schedules start). Then
 x_t = eps exactly: x_t carries no information about x0, so y and x_t are independent,
 p_t(y | x_t) = p(y) and grad_x log p_t(y | x_t) = 0. The term is zero at that step, and the output is
 left as it is. (The formulas above agree in the limit where they are defined: a v model's output
-cannot express an eps shift there, d eps = sqrt(a) d v = 0, and x0_hat of the x0 path divides by 0.)
+cannot express an eps shift there, d eps = s d v = 0, and x0_hat of the x0 path divides by s = 0.)
 """
 
 from __future__ import annotations
@@ -60,52 +75,62 @@ def reward_gradient(predictor: nn.Module, x_t: torch.Tensor, target: float, batc
 GRAD_PATHS = ("xt", "x0")
 
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
 
 
-def as_eps(output: torch.Tensor, x_t: torch.Tensor, a: torch.Tensor, prediction_type: str) -> torch.Tensor:
-    """The eps equivalent to a model output of `prediction_type` at x_t (a = alpha_bar_t, a tensor)."""
+def signal_and_noise(level: torch.Tensor, prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, n) of x_t = s x0 + n eps at a noise `level`: alpha_bar_t, or sigma_t for flow_prediction."""
+    if prediction_type == "flow_prediction":
+        return 1 - level, level
+    return level.sqrt(), (1 - level).sqrt()
+
+
+def as_eps(output: torch.Tensor, x_t: torch.Tensor, s: torch.Tensor, n: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """The eps equivalent to a model output of `prediction_type` at x_t = s x0 + n eps (s, n: tensors)."""
     if prediction_type == "epsilon":
         return output
     if prediction_type == "v_prediction":
-        return (1 - a).sqrt() * x_t + a.sqrt() * output
+        return n * x_t + s * output
     if prediction_type == "sample":
-        return (x_t - a.sqrt() * output) / (1 - a).sqrt()
+        return (x_t - s * output) / n
+    if prediction_type == "flow_prediction":
+        return x_t + s * output
     raise ValueError(f"prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
 
 
-def output_per_eps(a: torch.Tensor, prediction_type: str) -> torch.Tensor:
+def output_per_eps(s: torch.Tensor, n: torch.Tensor, prediction_type: str) -> torch.Tensor:
     """d output / d eps at fixed x_t: how an eps shift shows in the model's own output."""
-    return {"epsilon": torch.ones_like(a), "v_prediction": 1 / a.sqrt(), "sample": -(1 - a).sqrt() / a.sqrt()}[prediction_type]
+    return {"epsilon": torch.ones_like(s), "v_prediction": 1 / s, "sample": -n / s, "flow_prediction": 1 / s}[prediction_type]
 
 
 def eps_shift(
     eps: torch.Tensor,
     x_t: torch.Tensor,
-    a: torch.Tensor,
+    s: torch.Tensor,
+    n: torch.Tensor,
     predictor: nn.Module,
     target: float,
     guidance: float,
     batch_mean: bool = False,
     grad_path: str = "xt",
 ) -> torch.Tensor:
-    """sqrt(1 - a) * guidance * grad_{x_t} 1/2 ||target - mu(.)||^2 (a: alpha_bar_t as a tensor of x_t's float dtype).
+    """n * guidance * grad_{x_t} 1/2 ||target - mu(.)||^2 at x_t = s x0 + n eps (s, n: tensors of x_t's float dtype).
 
     grad_path "xt" (the paper): mu sees the noisy latent x_t. "x0": mu sees the denoised estimate
-    x0_hat = (x_t - sqrt(1 - a) eps) / sqrt(a) with eps held fixed (the UNet is still not
-    differentiated), so the gradient w.r.t. x_t is the one w.r.t. x0_hat divided by sqrt(a).
+    x0_hat = (x_t - n eps) / s with eps held fixed (the UNet is still not differentiated), so the gradient
+    w.r.t. x_t is the one w.r.t. x0_hat divided by s.
     """
     if grad_path == "x0":
-        x0_hat = (x_t.to(a.dtype) - (1 - a).sqrt() * eps.detach().to(a.dtype)) / a.sqrt()
-        grad = reward_gradient(predictor, x0_hat, target, batch_mean) / a.sqrt()
+        x0_hat = (x_t.to(s.dtype) - n * eps.detach().to(s.dtype)) / s
+        grad = reward_gradient(predictor, x0_hat, target, batch_mean) / s
     else:
         grad = reward_gradient(predictor, x_t, target, batch_mean)
-    return (1 - a).sqrt() * guidance * grad
+    return n * guidance * grad
 
 
-def _alpha_bar(alpha_bar_t: torch.Tensor | float, x_t: torch.Tensor) -> torch.Tensor:
+def _level(level: torch.Tensor | float, x_t: torch.Tensor) -> torch.Tensor:
     dtype = torch.float64 if x_t.dtype == torch.float64 else torch.float32
-    return torch.as_tensor(alpha_bar_t, dtype=dtype, device=x_t.device)
+    return torch.as_tensor(level, dtype=dtype, device=x_t.device)
 
 
 @dataclass(frozen=True)
@@ -121,14 +146,15 @@ class RewardGuidance:
     batch_mean: bool = False
     grad_path: str = "xt"
 
-    def apply(self, output: torch.Tensor, x_t: torch.Tensor, alpha_bar_t: torch.Tensor | float,
+    def apply(self, output: torch.Tensor, x_t: torch.Tensor, level: torch.Tensor | float,
               prediction_type: str) -> torch.Tensor:  # fmt: skip
         """A model output (B, C, h, w) of `prediction_type` at x_t, shifted as the paper's eps would be, in the output's
-        dtype. alpha_bar_t = 0 (zero terminal SNR) leaves the output as it is (see the module docstring)."""
-        a = _alpha_bar(alpha_bar_t, x_t)
-        noisy = a > 0  # a tensor test, not a Python one: reading a value on the GPU would wait for it at every step
-        a = torch.where(noisy, a, torch.ones_like(a))  # at a = 0 any level keeps the arithmetic finite; that shift is dropped
-        eps = as_eps(output.to(a.dtype), x_t.to(a.dtype), a, prediction_type)
-        shift = eps_shift(eps, x_t, a, self.predictor, self.target, self.guidance, self.batch_mean, self.grad_path)
-        shift = shift * output_per_eps(a, prediction_type)
+        dtype. `level` is alpha_bar_t, or sigma_t for flow_prediction. No signal left (alpha_bar_t = 0, sigma_t = 1)
+        leaves the output as it is (see the module docstring)."""
+        s, n = signal_and_noise(_level(level, x_t), prediction_type)
+        noisy = s > 0  # a tensor test, not a Python one: reading a value on the GPU would wait for it at every step
+        s, n = torch.where(noisy, s, torch.ones_like(s)), torch.where(noisy, n, torch.zeros_like(n))  # finite; dropped below
+        eps = as_eps(output.to(s.dtype), x_t.to(s.dtype), s, n, prediction_type)
+        shift = eps_shift(eps, x_t, s, n, self.predictor, self.target, self.guidance, self.batch_mean, self.grad_path)
+        shift = shift * output_per_eps(s, n, prediction_type)
         return output + torch.where(noisy, shift, torch.zeros_like(shift)).to(output.dtype)

@@ -1,7 +1,7 @@
 """The latent cache: every image is encoded by the SD VAE once; later runs encode zero images.
 
 A cache file ``latents-<key>.safetensors`` holds float32 latents (N, C, h, w), already multiplied
-by the VAE's scaling factor. Its key hashes everything that changes the latents: the VAE's
+by the VAE's scaling factor (less its shift factor first, for SD3). Its key hashes everything that changes the latents: the VAE's
 config and weights, the data source's identity, N, the image size and the seed. The metadata
 stores that description and a sha256 of the tensor, checked on every load: a truncated, altered
 or mismatched file is rebuilt, never used.
@@ -25,6 +25,7 @@ from rcgdm.cli import UserError
 from rcgdm.data import ImageSource, load_batch
 from rcgdm.distributed import batches, main_only_lock, my_share
 from rcgdm.files.atomic import atomic_path
+from rcgdm.latent_scaling import for_denoiser
 from rcgdm.seeds import image_generators
 
 CACHE_FORMAT = "rcgdm.latents/1"
@@ -62,7 +63,7 @@ def encode(
     progress: bool = True,
 ) -> torch.Tensor:  # fmt: skip
     """Images 0..N-1 (or the batches `only`), resized and scaled to [-1, 1] -> one latent_dist sample
-    each, times the scaling factor: float32 (N, C, h, w) on the CPU."""
+    each, in the denoiser's scale (rcgdm/latent_scaling.py): float32 (N, C, h, w) on the CPU."""
     dtype = next(vae.parameters()).dtype
     todo = batches(spec.num_data, batch_size) if only is None else only  # a latent's last bits depend on its batch
     chunks = []
@@ -73,7 +74,7 @@ def encode(
             generators = image_generators(spec.seed, indices)
             noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=g) for g in generators])
             sample = dist.mean.float() + dist.std.float() * noise.to(device)
-            chunks.append((sample * vae.config.scaling_factor).cpu().contiguous())  # the VAE may return channels-last
+            chunks.append(for_denoiser(vae, sample).cpu().contiguous())  # the VAE may return channels-last
             bar.update(len(indices))
     return torch.cat(chunks)
 

@@ -1,10 +1,11 @@
-"""Where Stable Diffusion comes from: a hub id, a local diffusers folder, `tiny`, `tiny-random` or `sd15-random`.
+"""Where a model comes from: a hub id, a local diffusers folder, `tiny`, or a random-weight build.
 
 `tiny` is the trained tiny model committed under models/tiny-sd (its sha256 manifest is checked on
-every load). `tiny-random` (random weights, for plumbing tests) and `sd15-random` (SD v1.5's
-architecture with random weights, ~4 GB, for benchmarks) are built once (offline, seeded) into the
-cache folder ``$RCGDM_CACHE_DIR`` (default ``~/.cache/rcgdm``). All load through the same
-`from_pretrained` path as SD v1.5.
+every load). `tiny-random` (random weights, for plumbing tests), `tiny-sdxl-random` and `tiny-sd3-random`
+(the same for SDXL and SD3, rcgdm/tiny/families.py) and `sd15-random` (SD v1.5's architecture with random
+weights, ~4 GB, for benchmarks) are built once (offline, seeded) into the cache folder ``$RCGDM_CACHE_DIR``
+(default ``~/.cache/rcgdm``). All load through the same `from_pretrained` path as the real models; which
+pipeline class loads a model is its family's (rcgdm/families.py).
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ from pathlib import Path
 import torch
 
 from rcgdm.cli import InputError, check_creatable
+from rcgdm.families import Family, family_of, refusal
 from rcgdm.files.atomic import atomic_folder
 from rcgdm.model_files import cached_snapshot, checked_folder, hub_offline, hub_revision
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TINY = "tiny"
 TINY_FOLDER = Path(__file__).resolve().parents[1] / "models" / "tiny-sd"
-_BUILT_FOLDERS = {"tiny-random": "tiny-random-v4", "sd15-random": "sd15-random-v1"}
+_BUILT_FOLDERS = {"tiny-random": "tiny-random-v4", "sd15-random": "sd15-random-v1", "tiny-sdxl-random": "tiny-sdxl-random-v1",
+                  "tiny-sd3-random": "tiny-sd3-random-v1"}  # fmt: skip
 
 
 def cache_root() -> Path:
@@ -34,16 +37,22 @@ def cache_root() -> Path:
 
 
 def ensure_built(name: str = "tiny-random") -> Path:
-    """The folder of a locally built random-weight model (`tiny-random`, `sd15-random`), built on first use
-    (atomically, so concurrent builders are safe)."""
+    """The folder of a locally built random-weight model (`tiny-random`, `sd15-random`, `tiny-sdxl-random`,
+    `tiny-sd3-random`), built on first use (atomically, so concurrent builders are safe)."""
     from rcgdm.tiny.build import build_random_sd
+    from rcgdm.tiny.families import build_random_sd3, build_random_sdxl
 
     target = cache_root() / _BUILT_FOLDERS[name]
     if (target / "model_index.json").is_file():
         return target
     try:
         with atomic_folder(target) as staging:
-            build_random_sd(staging, name)
+            if name == "tiny-sdxl-random":
+                build_random_sdxl(staging)
+            elif name == "tiny-sd3-random":
+                build_random_sd3(staging)
+            else:
+                build_random_sd(staging, name)
     except OSError:
         if not (target / "model_index.json").is_file():  # not a concurrent builder's win
             raise
@@ -119,20 +128,19 @@ def _dtype_kwargs(dtype: torch.dtype) -> dict:
     return {} if dtype == torch.float32 else {"torch_dtype": dtype}
 
 
-PIPELINE_CLASS = "StableDiffusionPipeline"
 COMPONENT_LIBRARIES = ("diffusers", "transformers", "stable_diffusion")  # the last: diffusers' safety checker module
 
 
-def check_model_index(name: str) -> None:
-    """Read only `model_index.json` and refuse, before anything is imported or loaded, a model that is not a
-    StableDiffusionPipeline or that names a component outside diffusers and transformers: the folder is data,
-    and a library it names would be imported (run) by older diffusers."""
-    from diffusers import StableDiffusionPipeline
+def check_model_index(name: str) -> Family:
+    """Read only `model_index.json` and refuse, before anything is imported or loaded, a model whose pipeline class is
+    not a supported family's (rcgdm/families.py) or that names a component outside diffusers and transformers: the
+    folder is data, and a library it names would be imported (run) by older diffusers. -> the model's family."""
+    from diffusers import DiffusionPipeline
 
-    index = _config(StableDiffusionPipeline, name, "model_index.json")
-    found = index.get("_class_name")
-    if found != PIPELINE_CLASS:
-        raise InputError("model", f"{name!r} is a {found!r}; expected a {PIPELINE_CLASS} (SD 1.x or 2.x)")
+    index = _config(DiffusionPipeline, name, "model_index.json")
+    family = family_of(index.get("_class_name"))
+    if family is None:
+        raise InputError("model", f"{name!r} {refusal(index.get('_class_name'))}")
     for component, spec in index.items():
         if component.startswith("_") or not isinstance(spec, list) or spec == [None, None]:
             continue  # settings such as requires_safety_checker, and absent components
@@ -140,24 +148,34 @@ def check_model_index(name: str) -> None:
         if library not in COMPONENT_LIBRARIES:
             raise InputError("model", f"{name!r}: model_index.json names {component} from {library!r}; "
                             "expected a component of diffusers or transformers (custom code is never run)")  # fmt: skip
+    return family
 
 
 def model_facts(name: str) -> dict:
-    """What the sampler needs to know before loading weights, from the configs alone: the UNet's latent
-    channels and size, the VAE's downsampling factor and the scheduler's prediction type (a refused pipeline
-    class fails here)."""
+    """What the sampler needs to know before loading weights, from the configs alone: the family, the denoiser's
+    latent channels, size and patch size, the VAE's downsampling factor and the prediction type (`flow_prediction`
+    for flow-matching families; a refused pipeline class fails here)."""
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
 
-    check_model_index(name)
-    unet = _config(UNet2DConditionModel, name, "unet/config.json")
+    family = check_model_index(name)
+    denoiser_file = f"{family.denoiser}/config.json"
+    denoiser = _config(UNet2DConditionModel, name, denoiser_file)  # any model class: config only
     scheduler = _config(PNDMScheduler, name, "scheduler/scheduler_config.json")  # any class: config only
     vae = _config(AutoencoderKL, name, "vae/config.json")
     blocks = _field(vae, "block_out_channels", list, name, "vae/config.json", "a list of channel counts")
-    kind = _field(scheduler, "prediction_type", str, name, "scheduler/scheduler_config.json", "a string", "epsilon")
+    if vae.get("latents_mean") is not None or vae.get("latents_std") is not None:
+        raise InputError("model", f"{name!r}: vae/config.json sets latents_mean/latents_std, a per-channel latent "
+                                  "normalisation the sampler does not apply; expected a VAE with scaling (and shift) factors")  # fmt: skip
+    if family.flow:
+        kind = "flow_prediction"
+    else:
+        kind = _field(scheduler, "prediction_type", str, name, "scheduler/scheduler_config.json", "a string", "epsilon")
     return {
-        "in_channels": _field(unet, "in_channels", int, name, "unet/config.json", "an integer"),
-        "sample_size": _field(unet, "sample_size", int, name, "unet/config.json", "an integer"),
-        "vae_scale_factor": 2 ** (len(blocks) - 1),  # as StableDiffusionPipeline computes it
+        "family": family.name,
+        "in_channels": _field(denoiser, "in_channels", int, name, denoiser_file, "an integer"),
+        "sample_size": _field(denoiser, "sample_size", int, name, denoiser_file, "an integer"),
+        "patch_size": _field(denoiser, "patch_size", int, name, denoiser_file, "an integer", 1),
+        "vae_scale_factor": 2 ** (len(blocks) - 1),  # as the pipelines compute it
         "prediction_type": kind,
     }
 
@@ -179,12 +197,19 @@ def _field(config: dict, key: str, kind: type, name: str, file: str, expected: s
 
 
 def load_pipeline(name: str, dtype: torch.dtype = torch.float32):
-    """StableDiffusionPipeline for `name`, safety checker off (as the paper's code)."""
-    from diffusers import StableDiffusionPipeline
+    """The pipeline of `name`'s family (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline);
+    components the model leaves out (SD's safety checker, SD3's T5) are None; no safety checker (as the paper's code)
+    and no watermark (SDXL), so that images are the model's own."""
+    import diffusers
 
-    check_model_index(name)
-    no_safety_checker = {"safety_checker": None, "requires_safety_checker": False}
-    return _from_pretrained(StableDiffusionPipeline, name, **no_safety_checker, **_dtype_kwargs(dtype))
+    family = check_model_index(name)
+    index = _config(diffusers.DiffusionPipeline, name, "model_index.json")
+    absent = {component: None for component, spec in index.items() if spec == [None, None]}
+    extra = {
+        "sd": {"safety_checker": None, "requires_safety_checker": False},
+        "sdxl": {"add_watermarker": False},
+    }.get(family.name, {})
+    return _from_pretrained(getattr(diffusers, family.pipeline), name, **{**absent, **extra}, **_dtype_kwargs(dtype))
 
 
 def check_vae(name: str) -> None:
@@ -201,6 +226,9 @@ def load_vae(name: str, dtype: torch.dtype = torch.float32):
 
 
 def load_scheduler(name: str):
-    from diffusers import PNDMScheduler
+    """The scheduler train.py noises with: PNDM on the model's betas (alphas_cumprod at training timesteps), or for a
+    flow-matching family FlowMatchEuler on the model's shift (sigmas)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, PNDMScheduler
 
-    return _from_pretrained(PNDMScheduler, name, subfolder="scheduler")
+    flow = check_model_index(name).flow
+    return _from_pretrained(FlowMatchEulerDiscreteScheduler if flow else PNDMScheduler, name, subfolder="scheduler")

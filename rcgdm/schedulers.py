@@ -9,9 +9,12 @@ diffusers scheduler place their steps differently:
   t is 0.25 log sigma). Their model input is the latent scaled to the variance-preserving form, so
   x_t = sqrt(a) x0 + sqrt(1 - a) eps with a = 1 / (1 + sigma_i^2), sigma_i = scheduler.sigmas[i] for
   the i-th entry of scheduler.timesteps (Heun repeats timesteps and sigmas alike).
+- "flow" (flow-matching Euler and Heun, for SD3) step on sigmas of x_t = (1 - sigma) x0 + sigma eps, and the
+  level is sigma_i = scheduler.sigmas[i] itself (= timesteps[i] / num_train_timesteps); they step only a
+  velocity-predicting model, and the diffusion samplers only the others.
 
-Any other scheduler class (inversion, inpainting-only, consistency or flow-matching samplers, base
-classes) is refused by class, whatever name it was given.
+Any other scheduler class (inversion, inpainting-only, consistency samplers, base classes) is refused by
+class, whatever name it was given.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 from rcgdm.cli import InputError
 
 ALL_TYPES = ("epsilon", "v_prediction", "sample")
+FLOW = ("flow_prediction",)
 
 
 @dataclass(frozen=True)
@@ -30,7 +34,7 @@ class Sampler:
     """A supported scheduler class: where its noise level comes from and which model outputs it can step."""
 
     class_name: str
-    noise: str  # "alphas" or "sigmas" (module docstring)
+    noise: str  # "alphas", "sigmas" or "flow" (module docstring)
     prediction_types: tuple[str, ...] = ALL_TYPES
 
 
@@ -44,6 +48,8 @@ SCHEDULERS = {
     "lms": Sampler("LMSDiscreteScheduler", "sigmas"),
     "dpm++": Sampler("DPMSolverMultistepScheduler", "sigmas"),
     "unipc": Sampler("UniPCMultistepScheduler", "sigmas"),
+    "flow_euler": Sampler("FlowMatchEulerDiscreteScheduler", "flow", FLOW),
+    "flow_heun": Sampler("FlowMatchHeunDiscreteScheduler", "flow", FLOW),
 }
 _BY_CLASS = {s.class_name: s for s in SCHEDULERS.values()}
 EXPECTED = f"one of {', '.join(SCHEDULERS)} (or their class names)"
@@ -71,15 +77,21 @@ def check_steps(name: str, prediction_type: str) -> Sampler:
     return support
 
 
-def make_scheduler(name: str, config):
-    """The scheduler `name` built from a model's scheduler `config`, refused in one line if it cannot step the
-    config's prediction type or the config leaves the variance-preserving family (flow-matching sigmas)."""
+def make_scheduler(name: str, config, prediction_type: str | None = None):
+    """The scheduler `name` built from a model's scheduler `config` for a model predicting `prediction_type` (default:
+    the config's), refused in one line if it cannot step that type, or if the config leaves the schedules the guidance
+    is exact for: flow-matching sigmas on a diffusion sampler, or resolution-dependent (dynamic) or stochastic flow
+    sigmas."""
     import diffusers
 
-    support = check_steps(name, config.get("prediction_type", "epsilon"))
-    if config.get("use_flow_sigmas"):
+    support = check_steps(name, prediction_type or config.get("prediction_type", "epsilon"))
+    if support.noise != "flow" and config.get("use_flow_sigmas"):
         raise InputError("scheduler", f"{name!r}: the model's scheduler config uses flow-matching sigmas; expected a "
                         "diffusion (alpha_bar) schedule")  # fmt: skip
+    for option in ("use_dynamic_shifting", "stochastic_sampling") if support.noise == "flow" else ():
+        if config.get(option):
+            raise InputError("scheduler", f"{name!r}: the model's scheduler config sets {option}; expected a fixed, "
+                            "deterministic flow schedule (shift only)")  # fmt: skip
     try:
         return getattr(diffusers, support.class_name).from_config(config)
     except Exception as err:  # a config option this class cannot take, or one needing a package not installed
@@ -88,11 +100,19 @@ def make_scheduler(name: str, config):
 
 
 def noise_levels(scheduler) -> torch.Tensor:
-    """alpha_bar at each entry of `scheduler.timesteps` (after set_timesteps), as the scheduler's step treats its
-    model input: float64 (steps,) on the CPU. See the module docstring."""
+    """The noise level at each entry of `scheduler.timesteps` (after set_timesteps), as the scheduler's step treats its
+    model input: alpha_bar, or sigma for a flow sampler; float64 (steps,) on the CPU. See the module docstring."""
     support = _BY_CLASS[type(scheduler).__name__]
     steps = len(scheduler.timesteps)
+    if support.noise == "flow":
+        return scheduler.sigmas[:steps].detach().cpu().double()
     if support.noise == "sigmas":
         sigma = scheduler.sigmas[:steps].detach().cpu().double()
         return 1 / (1 + sigma**2)  # sigma = inf (zero terminal SNR) gives 0
     return scheduler.alphas_cumprod.detach().cpu().double()[scheduler.timesteps.detach().cpu().long()]
+
+
+def is_flow(scheduler) -> bool:
+    """Whether `scheduler` (an instance) is a flow-matching sampler."""
+    support = _BY_CLASS.get(type(scheduler).__name__)
+    return support is not None and support.noise == "flow"

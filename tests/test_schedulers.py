@@ -119,7 +119,7 @@ def test_zero_terminal_snr_leaves_that_step_alone(predictor):
             assert torch.isfinite(near).all()
 
 
-@pytest.mark.parametrize("name", ["DDIMInverseScheduler", "RePaintScheduler", "SchedulerMixin", "FlowMatchEulerDiscreteScheduler",
+@pytest.mark.parametrize("name", ["DDIMInverseScheduler", "RePaintScheduler", "SchedulerMixin", "FlowMatchLCMScheduler",
                                   "LCMScheduler", "CMStochasticIterativeScheduler"])  # fmt: skip
 def test_other_schedulers_are_refused_by_class(pipe, name):
     with pytest.raises(UserError, match=f"scheduler '{name}' is not a text-to-image sampler the guidance is exact for"):
@@ -139,7 +139,15 @@ def test_flow_matching_sigmas_are_refused(pipe):
 
 def test_every_listed_scheduler_builds_on_this_install(pipe):
     for name, support in SCHEDULERS.items():
-        assert type(make_scheduler(name, pipe.scheduler.config)).__name__ == support.class_name
+        kind = "flow_prediction" if support.noise == "flow" else None  # flow samplers step only velocity models
+        assert type(make_scheduler(name, pipe.scheduler.config, kind)).__name__ == support.class_name
+
+
+@pytest.mark.parametrize(("name", "kind"), [("flow_euler", "epsilon"), ("flow_heun", "v_prediction"), ("euler", "flow_prediction"),
+                                            ("dpm++", "flow_prediction")])  # fmt: skip
+def test_flow_and_diffusion_samplers_do_not_cross(pipe, name, kind):
+    with pytest.raises(UserError, match=f"cannot step a model that predicts '{kind}'"):
+        make_scheduler(name, pipe.scheduler.config, kind)
 
 
 @pytest.mark.parametrize("grad_path", ["xt", "x0"])
