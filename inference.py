@@ -31,6 +31,7 @@ from accelerate.utils import broadcast_object_list
 
 from rcgdm import distributed
 from rcgdm.cli import MAX_SEED, ArgumentParser, UserError, finite_float, non_empty, positive_int, run_main, writable_dir
+from rcgdm.families import FAMILIES, Family
 from rcgdm.files.locking import LOCK_FILE, refuse_if_locked
 from rcgdm.files.outputs import publish
 from rcgdm.files.provenance import package_versions, sha256_file
@@ -65,9 +66,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--predictor", type=non_empty, default="convnet.pth", help="reward predictor from train.py")
     p.add_argument("--reward", type=non_empty, default=None,
                    help="module:function: run the user-code reward that --reward_model records (files never run code)")
-    p.add_argument("--num_inference_steps", type=positive_int, default=50, help="denoising steps (default: 50)")
-    p.add_argument("--cfg", type=finite_float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
-    p.add_argument("--scheduler", default="pndm", help=f"{', '.join(SCHEDULERS)} or their diffusers class names (default: pndm)")
+    p.add_argument("--num_inference_steps", type=positive_int, default=None,
+                   help=f"denoising steps (default: the model family's: {family_defaults('steps')})")
+    p.add_argument("--cfg", type=finite_float, default=None,
+                   help=f"classifier-free guidance scale (default: the model family's: {family_defaults('cfg')})")
+    p.add_argument("--scheduler", default=None, help=f"{', '.join(SCHEDULERS)} or their diffusers class names "
+                                                     f"(default: the model family's: {family_defaults('scheduler')})")
     p.add_argument("--height", type=positive_int, default=None, help="image height, a multiple of 8 (default: the model's)")
     p.add_argument("--width", type=positive_int, default=None, help="image width, a multiple of 8 (default: the model's)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: fp16 on CUDA, fp32 on CPU")
@@ -103,7 +107,7 @@ def check_args(args: argparse.Namespace) -> None:
     for target in args.target:
         if abs(target) > MAX_TARGET:
             raise UserError(f"--target {target:g} is out of range; expected a number from {-MAX_TARGET:g} to {MAX_TARGET:g}")
-    if args.num_inference_steps > MAX_STEPS:
+    if args.num_inference_steps is not None and args.num_inference_steps > MAX_STEPS:
         raise UserError(f"--num_inference_steps {args.num_inference_steps} is more than the {MAX_STEPS} training timesteps; "
                         f"expected 1 to {MAX_STEPS}")  # fmt: skip
     for flag, normalise in (("prompt", lambda p: " ".join(p.split())), ("target", float), ("guidance", float), ("best_of", int)):
@@ -111,6 +115,19 @@ def check_args(args: argparse.Namespace) -> None:
         repeated = next((v for k, v in enumerate(values) if v in values[:k]), None)
         if repeated is not None:
             raise UserError(f"--{flag} has {repeated!r} twice; expected distinct values (a sweep samples each once)")
+
+
+def family_defaults(setting: str) -> str:
+    """A setting's default per model family, for --help: "50 (SD 1.x/2.x), 50 (SDXL), 28 (SD3)"."""
+    return ", ".join(f"{getattr(family, setting):g} ({family.label})" if setting == "cfg" else
+                     f"{getattr(family, setting)} ({family.label})" for family in FAMILIES.values())  # fmt: skip
+
+
+def fill_family_defaults(args: argparse.Namespace, family: Family) -> None:
+    """Steps, cfg and scheduler left open take the model family's own (rcgdm/families.py)."""
+    args.num_inference_steps = args.num_inference_steps or family.steps
+    args.cfg = family.cfg if args.cfg is None else args.cfg
+    args.scheduler = args.scheduler or family.scheduler
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -141,12 +158,16 @@ def main() -> None:
     state, device = distributed.start(args.device)
     dtype = resolve_dtype(args.dtype, device)
     out_dir, combos = plan(args.prompt, args.target, args.guidance, args.best_of, args.out_dir)
-    scheduler_support(args.scheduler)  # an unknown or unsupported scheduler fails before anything loads
+    if args.scheduler is not None:
+        scheduler_support(args.scheduler)  # an unknown or unsupported scheduler fails before anything loads
+    with state.main_process_first():  # hub downloads happen once
+        facts = model_facts(args.model)  # configs only; the family fills the settings left open
+    fill_family_defaults(args, FAMILIES[facts["family"]])
     if state.is_main_process:  # only the main process ever locks: other processes probing too would race with it
         refuse_if_locked(out_dir / LOCK_FILE, f"--out_dir {str(out_dir)!r}")  # a running sweep's files are not an earlier run's
     inputs = {"--reward_model": args.reward_model, "--predictor": args.predictor}
     check_outputs(out_dir, combos, inputs, local_model_folder(args.model), args.resume, args.overwrite)
-    pipe = load(args, state, device, dtype)  # every input is checked before any output folder exists
+    pipe = load(args, facts, state, device, dtype)  # every input is checked before any output folder exists
     writable_dir(out_dir)
     with distributed.main_only_lock(state, out_dir / LOCK_FILE, f"--out_dir {str(out_dir)!r}"):
         log = open_log(args, state, out_dir, combos)
@@ -170,12 +191,12 @@ def main() -> None:
         state.print(f"wrote {len(rows)} images and {out_dir / 'results.csv'}, summary.json, the figures and grid.png")
 
 
-def load(args: argparse.Namespace, state: PartialState, device: torch.device, dtype: torch.dtype) -> RewardDirectedPipeline:
-    """The pipeline with --scheduler, the predictor and the ground-truth reward, on `device`. What configs and
-    checkpoints can tell is checked before the pipeline's weights load."""
+def load(args: argparse.Namespace, facts: dict, state: PartialState, device: torch.device,
+         dtype: torch.dtype) -> RewardDirectedPipeline:  # fmt: skip
+    """The pipeline with --scheduler, the predictor and the ground-truth reward, on `device`. What configs (`facts`:
+    rcgdm.models.model_facts) and checkpoints can tell is checked before the pipeline's weights load."""
     with state.main_process_first():  # hub downloads happen once
-        facts = model_facts(args.model)
-        predictor = load_predictor(args.predictor, latent_channels=facts["in_channels"])
+        predictor = load_predictor(args.predictor, family=facts["family"], latent_channels=facts["in_channels"])
         predictor.check_grad_path(args.grad_path)
         scale = facts["vae_scale_factor"]
         predictor.check_latent_size(latent_size(facts["sample_size"], scale, args.height, args.width), scale)

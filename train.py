@@ -4,7 +4,9 @@ Each image is resized to `image_size`, scaled to [-1, 1] and encoded once by the
 latent_dist sample times the scaling factor; cached in `cache_dir`). Every training step noises
 each latent with `scheduler.add_noise` at a timestep drawn uniformly from the `num_inference_steps`
 schedule, with fresh noise, and a 3-layer residual ConvNet learns to predict the image's reward
-label from the noisy latent (it is not told t). MSE loss, Adam.
+label from the noisy latent (it is not told t). MSE loss, Adam. For SDXL the same, on SDXL's VAE; for
+SD3 the VAE's shift and scaling factors apply and the noise is flow matching's, (1 - sigma) x0 + sigma eps
+at the sigmas of the model's `num_inference_steps` schedule (rcgdm/families.py, rcgdm/training.py).
 
 Edit the constants below, or override any of them:
 
@@ -47,7 +49,7 @@ from rcgdm.files.outputs import (
 )
 from rcgdm.files.provenance import package_versions, sha256_file
 from rcgdm.latents import LatentSpec, cached_latents, vae_fingerprint
-from rcgdm.models import check_vae, load_scheduler, load_vae, local_model_folder
+from rcgdm.models import check_model_index, check_vae, load_scheduler, load_vae, local_model_folder
 from rcgdm.predictor import ThreeLayerConvNet, predictor_checkpoint, reference_sample
 from rcgdm.training import (
     add_training_noise,
@@ -67,7 +69,7 @@ lr = 0.001
 num_data = 50000
 num_epochs = 100
 batch_size = 10
-model = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # hub id, local diffusers folder, or "tiny"
+model = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # hub id or local diffusers folder (SD 1.x/2.x, SDXL, SD3), or "tiny"
 data = "cifar10"  # cifar10, synthetic[:SEED], or an image folder
 data_root = "./data"
 labels_path = "cifar10_outputs_with_noise.npy"
@@ -160,14 +162,15 @@ def main() -> None:
     check_outputs(config, files, staged)
     labels = load_labels(config.labels_path, config.num_data)
     train_idx, val_idx = split(config.num_data, config.val_fraction, config.seed)  # an empty side fails here, before any encoding
-    check_vae(config.model)  # reads the VAE's config only: a model that cannot be had fails before anything is created
+    family = check_model_index(config.model).name  # configs only: a model that cannot be had fails before anything is created
+    check_vae(config.model)
     if config.data != "cifar10":  # cheap to open (cifar10 is downloaded once, later, by the main process first)
         check_num_data(config.num_data, open_source(config.data, config.data_root))
     writable_dir(out_path.parent, "out_path's folder")
     writable_dir(config.cache_dir, "cache_dir")
     with distributed.main_only_lock(state, lock_file(out_path), f"out_path {str(out_path)!r}"):
         writes = where_to_write(config, files, staged, state.is_main_process)
-        train(config, state, dev, labels, (train_idx, val_idx), writes, start_time)
+        train(config, family, state, dev, labels, (train_idx, val_idx), writes, start_time)
         if state.is_main_process:
             if writes is staged:
                 publish(staging_folder(out_path), out_path.parent, [path.name for path in files.values()])
@@ -226,10 +229,11 @@ def check_outputs(config: SimpleNamespace, files: dict[str, Path], staged: dict[
 
 
 def train(
-    config: SimpleNamespace, state: PartialState, dev: torch.device, labels: torch.Tensor, indices: tuple, files: dict[str, Path],
-    start_time: float,
+    config: SimpleNamespace, family: str, state: PartialState, dev: torch.device, labels: torch.Tensor, indices: tuple,
+    files: dict[str, Path], start_time: float,
 ) -> None:  # fmt: skip
-    """Encode (or read) the latents, then train for the remaining epochs. indices: (train, validation) from `split`.
+    """Encode (or read) the latents, then train for the remaining epochs. indices: (train, validation) from `split`;
+    `family`: the model's (rcgdm/families.py), recorded in the predictor.
     With several processes (rcgdm.distributed) the net trains data-parallel and only the main process writes."""
     out_path, state_path, best_path = files["predictor"], files["resume"], files["best"]
 
@@ -303,6 +307,7 @@ def train(
         if run is not None:
             run.log(history[-1])
         meta = {
+            "family": family,
             "latent_channels": latents.shape[1],
             "latent_size": list(latents.shape[2:]),
             "model": config.model,

@@ -128,6 +128,7 @@ def _dtype_kwargs(dtype: torch.dtype) -> dict:
     return {} if dtype == torch.float32 else {"torch_dtype": dtype}
 
 
+DIFFUSION_TYPES = ("epsilon", "v_prediction", "sample")  # what an alpha_bar family's scheduler config may say
 COMPONENT_LIBRARIES = ("diffusers", "transformers", "stable_diffusion")  # the last: diffusers' safety checker module
 
 
@@ -165,11 +166,14 @@ def model_facts(name: str) -> dict:
     blocks = _field(vae, "block_out_channels", list, name, "vae/config.json", "a list of channel counts")
     if vae.get("latents_mean") is not None or vae.get("latents_std") is not None:
         raise InputError("model", f"{name!r}: vae/config.json sets latents_mean/latents_std, a per-channel latent "
-                                  "normalisation the sampler does not apply; expected a VAE with scaling (and shift) factors")  # fmt: skip
+                                  "normalisation the sampler does not apply; expected scaling (and shift) only")  # fmt: skip
     if family.flow:
         kind = "flow_prediction"
     else:
         kind = _field(scheduler, "prediction_type", str, name, "scheduler/scheduler_config.json", "a string", "epsilon")
+        if kind not in DIFFUSION_TYPES:
+            raise InputError("model", f"{name!r} predicts {kind!r}; expected one of {', '.join(DIFFUSION_TYPES)} "
+                                      "(see README, model families)")  # fmt: skip
     return {
         "family": family.name,
         "in_channels": _field(denoiser, "in_channels", int, name, denoiser_file, "an integer"),

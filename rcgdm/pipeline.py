@@ -22,7 +22,8 @@ import torch
 from rcgdm.cli import MAX_SEED, InputError, UserError
 from rcgdm.distributed import batches
 from rcgdm.evaluate import distribution_shift, predicted_reward
-from rcgdm.guidance import GRAD_PATHS, PREDICTION_TYPES, RewardGuidance
+from rcgdm.families import FAMILIES, Family, family_of
+from rcgdm.guidance import GRAD_PATHS, RewardGuidance
 from rcgdm.models import SD15, load_pipeline, model_facts
 from rcgdm.predictor import TrainedPredictor, load_predictor
 from rcgdm.rewards import Reward, load_reward
@@ -65,11 +66,14 @@ def latent_size(sample_size: int, vae_scale_factor: int, height: int | None, wid
 
 
 class RewardDirectedPipeline:
-    """A diffusers StableDiffusionPipeline (`sd`), a trained reward predictor and, optionally, the ground-truth reward
-    its labels came from. Calling it samples with the paper's term added at every step and scores the images."""
+    """A diffusers pipeline of a supported family (`sd`: StableDiffusionPipeline, StableDiffusionXLPipeline or
+    StableDiffusion3Pipeline), a trained reward predictor and, optionally, the ground-truth reward its labels came
+    from. Calling it samples with the paper's term added at every step and scores the images. Steps and the
+    classifier-free guidance scale default to the family's own (rcgdm/families.py)."""
 
     def __init__(self, sd, predictor: TrainedPredictor, reward: Reward | None = None, reward_meta: dict | None = None):
         self.sd, self.predictor, self.reward, self.reward_meta = sd, predictor, reward, reward_meta or {}
+        self.family: Family = family_of(type(sd).__name__)
 
     @classmethod
     def from_pretrained(
@@ -79,30 +83,35 @@ class RewardDirectedPipeline:
         reward_model: str | Path | None = None,
         *,
         user_reward: str | None = None,
-        scheduler: str = "pndm",
+        scheduler: str | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         ignore_provenance: bool = False,
     ) -> RewardDirectedPipeline:
-        """Load `model` (hub id, local diffusers folder, tiny, tiny-random) with `scheduler`, the predictor (train.py's
-        checkpoint) and, if given, the ground-truth reward model (fake_dataset.py's; `user_reward` names a module:function
-        reward it records). What configs and checkpoints can tell is checked before the pipeline's weights load."""
+        """Load `model` (hub id, local diffusers folder, tiny, tiny-random; SD 1.x/2.x, SDXL or SD3) with `scheduler`
+        (default: its family's, rcgdm/families.py), the predictor (train.py's checkpoint) and, if given, the ground-truth
+        reward model (fake_dataset.py's; `user_reward` names a module:function reward it records). What configs and
+        checkpoints can tell is checked before the pipeline's weights load."""
         facts = model_facts(model)
-        if facts["prediction_type"] not in PREDICTION_TYPES:
-            raise InputError("model", f"{model!r} predicts {facts['prediction_type']!r}; expected one of "
-                                      f"{', '.join(PREDICTION_TYPES)} (see README, model families)")  # fmt: skip
+        family = FAMILIES[facts["family"]]
+        scheduler = scheduler or family.scheduler
         check_steps(scheduler, facts["prediction_type"])
         if not isinstance(predictor, TrainedPredictor):
             predictor = load_predictor(predictor)
+        predictor.check_family(family.name)
         predictor.check_latent_channels(facts["in_channels"])
         reward, reward_meta = load_reward(reward_model, user_reward) if reward_model is not None else (None, {})
         if not ignore_provenance:
             predictor.check_trained_for(model, reward_model)
         sd = load_pipeline(model, dtype).to(device)
-        sd.scheduler = make_scheduler(scheduler, sd.scheduler.config)
+        sd.scheduler = make_scheduler(scheduler, sd.scheduler.config, facts["prediction_type"])
         sd.set_progress_bar_config(disable=True)
         predictor = TrainedPredictor(predictor.net.to(device), predictor.meta, predictor.reference, predictor.path)
         return cls(sd, predictor, None if reward is None else reward.to(device), reward_meta)
+
+    def defaults(self, num_inference_steps: int | None, cfg: float | None) -> tuple[int, float]:
+        """Steps and classifier-free guidance scale, the family's own where None."""
+        return num_inference_steps or self.family.steps, self.family.cfg if cfg is None else cfg
 
     def check(self, num_inference_steps: int, grad_path: str, height: int | None, width: int | None) -> None:
         """InputError unless this pipeline can sample with these settings as the predictor was trained for."""
@@ -113,15 +122,23 @@ class RewardDirectedPipeline:
         if grad_path not in GRAD_PATHS:
             raise InputError("grad_path", f"{grad_path!r} is unknown; expected one of {', '.join(GRAD_PATHS)}")
         self.predictor.check_grad_path(grad_path)
-        size = latent_size(self.sd.unet.config.sample_size, self.sd.vae_scale_factor, height, width)
+        denoiser = getattr(self.sd, self.family.denoiser).config
+        size = latent_size(denoiser.sample_size, self.sd.vae_scale_factor, height, width)
+        patch = denoiser.get("patch_size", 1)  # SD3's transformer cuts the latents into patch x patch tokens
+        for name, value in zip(("height", "width"), size, strict=True):
+            if value % patch:
+                multiple = patch * self.sd.vae_scale_factor
+                raise InputError(name, f"{value * self.sd.vae_scale_factor} is not a multiple of {multiple}; expected "
+                                       f"a multiple of {multiple} (latent patches of {patch})")  # fmt: skip
         self.predictor.check_latent_size(size, self.sd.vae_scale_factor)
 
     def sample(self, prompt: str, reward_guidance: RewardGuidance | None, seed: int, indices, candidate: int = 0,
-               num_inference_steps: int = 50, cfg: float = 7.5, height: int | None = None,
+               num_inference_steps: int | None = None, cfg: float | None = None, height: int | None = None,
                width: int | None = None, progress_bar: bool = True) -> Scored:  # fmt: skip
         """Images `indices` of a run seeded `seed` (candidate k of best-of-N; 0 is the plain image), one batch, scored.
         Image i starts from the seed (seed, i, candidate), so it is the same whatever batch it is sampled in."""
         generators = image_generators(seed, indices, candidate)
+        num_inference_steps, cfg = self.defaults(num_inference_steps, cfg)
         latents = sample_latents(self.sd, prompt, generators, reward_guidance, num_inference_steps, cfg, height, width,
                                  progress_bar)  # fmt: skip
         _check_finite(latents, "the final latents", reward_guidance, cfg)
@@ -141,8 +158,8 @@ class RewardDirectedPipeline:
         *,
         num_images: int = 1,
         seed: int = 0,
-        num_inference_steps: int = 50,
-        cfg: float = 7.5,
+        num_inference_steps: int | None = None,
+        cfg: float | None = None,
         height: int | None = None,
         width: int | None = None,
         grad_path: str = "xt",
@@ -152,7 +169,8 @@ class RewardDirectedPipeline:
     ) -> Scored:
         """Sample `num_images` images of `prompt` steered toward predicted reward `target` with strength `guidance`
         (0: the plain model), in batches of `batch_size`; `cfg` is the classifier-free guidance scale; best_of N keeps,
-        per image, the candidate whose predicted reward is closest to the target."""
+        per image, the candidate whose predicted reward is closest to the target. Steps and cfg default to the family's."""
+        num_inference_steps, cfg = self.defaults(num_inference_steps, cfg)
         _check_call(target=target, guidance=guidance, cfg=cfg, num_images=num_images, seed=seed, best_of=best_of,
                     batch_size=batch_size, height=height, width=width)  # fmt: skip
         self.check(num_inference_steps, grad_path, height, width)

@@ -2,13 +2,14 @@
 
 Checkpoint format (``convnet.pth``), loadable with ``torch.load(weights_only=True)``::
 
-    {"format": "rcgdm.predictor/1", "arch": "ThreeLayerConvNet", "latent_channels": 4,
+    {"format": "rcgdm.predictor/1", "arch": "ThreeLayerConvNet", "family": "sd", "latent_channels": 4,
      "latent_size": [64, 64], "image_size": int, "model": str, "noised": bool,
      "labels_sha256": str, "reward_model_sha256": str | None, "label_mean": float, "label_std": float,
      "epochs": int, "val_loss": float | None, "reference_latents": float16 (K, C, h, w),
      "state_dict": {...}}
 
-Inference relies on `latent_channels` and `latent_size` (the latents it guides must match), `noised`
+Inference relies on `family` (sd, sdxl, sd3: rcgdm/families.py; absent in older checkpoints, which are all sd),
+`latent_channels` and `latent_size` (the latents it guides must match), `noised`
 (True: trained on noisy latents, for grad_path xt; False: clean ones, for x0), and `model` and
 `reward_model_sha256` (the predictor belongs to that model's VAE and that reward model's labels).
 
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rcgdm.cli import InputError
+from rcgdm.families import FAMILIES
 from rcgdm.files.checkpoint import check_finite_state, load_checkpoint, plain_metadata
 from rcgdm.files.provenance import sha256_file
 
@@ -117,6 +119,15 @@ class TrainedPredictor:
     reference: torch.Tensor | None  # up to 512 clean training latents (K, C, h, w) float32; None in older checkpoints
     path: str
 
+    def check_family(self, family: str) -> None:
+        """The net must come from a model of this family: latents of another family's VAE, noised another way, are
+        another input (even at the same channel count, as SD and SDXL)."""
+        trained = self.meta.get("family", "sd")
+        if trained != family:
+            label = FAMILIES[trained].label if trained in FAMILIES else repr(trained)
+            raise InputError("predictor", f"{self.path!r} was trained on {label} latents; the model is "
+                                          f"{FAMILIES[family].label}; expected one train.py trained on this model")  # fmt: skip
+
     def check_latent_channels(self, latent_channels: int) -> None:
         """The net must take the latents of the model's VAE (`latent_channels` channels)."""
         channels = self.net.layer1.conv1.in_channels
@@ -155,8 +166,8 @@ class TrainedPredictor:
                                           "expected the same model (or --ignore_provenance)")  # fmt: skip
 
 
-def load_predictor(path: str | Path, latent_channels: int | None = None) -> TrainedPredictor:
-    """Read a predictor checkpoint (train.py's convnet.pth) once; checks the latent channels if given."""
+def load_predictor(path: str | Path, family: str | None = None, latent_channels: int | None = None) -> TrainedPredictor:
+    """Read a predictor checkpoint (train.py's convnet.pth) once; checks the family and latent channels if given."""
     checkpoint = load_checkpoint(path, FORMAT)
     channels = checkpoint.get("latent_channels")
     if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
@@ -164,6 +175,8 @@ def load_predictor(path: str | Path, latent_channels: int | None = None) -> Trai
     net = load_predictor_state(ThreeLayerConvNet(in_channels=channels), checkpoint["state_dict"], path)
     meta = plain_metadata(checkpoint, path, skip=("state_dict", "reference_latents"))
     predictor = TrainedPredictor(net, meta, _reference_latents(checkpoint, path), str(path))
+    if family is not None:
+        predictor.check_family(family)
     if latent_channels is not None:
         predictor.check_latent_channels(latent_channels)
     return predictor

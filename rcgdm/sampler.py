@@ -13,8 +13,8 @@ from tqdm import tqdm
 
 from rcgdm.families import Family, family_of
 from rcgdm.guidance import RewardGuidance
-from rcgdm.schedulers import noise_levels
 from rcgdm.latent_scaling import for_decoder
+from rcgdm.schedulers import noise_levels
 
 
 @torch.no_grad()
@@ -73,8 +73,9 @@ def prompt_conditioning(pipe, family: Family, prompt: str, batch: int, use_cfg: 
         text, uncond = pipe.encode_prompt(prompt, device, batch, use_cfg)
         return {"encoder_hidden_states": torch.cat([uncond, text]) if use_cfg else text}
     prompts = {"prompt_2": None, "prompt_3": None} if family.name == "sd3" else {}
-    text, uncond, pooled, uncond_pooled = pipe.encode_prompt(prompt=prompt, **prompts, device=device,
-                                                             num_images_per_prompt=batch, do_classifier_free_guidance=use_cfg)  # fmt: skip
+    text, uncond, pooled, uncond_pooled = pipe.encode_prompt(
+        prompt=prompt, **prompts, device=device, num_images_per_prompt=batch, do_classifier_free_guidance=use_cfg
+    )
 
     def with_uncond(unconditional: torch.Tensor, conditional: torch.Tensor) -> torch.Tensor:
         return (torch.cat([unconditional, conditional]) if use_cfg else conditional).to(device)

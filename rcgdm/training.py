@@ -14,6 +14,7 @@ from tqdm import tqdm
 from rcgdm.cli import InputError, UserError
 from rcgdm.files.atomic import save_torch
 from rcgdm.files.checkpoint import load_checkpoint
+from rcgdm.schedulers import is_flow
 
 STATE_FORMAT = "rcgdm.train-state/1"
 
@@ -86,13 +87,18 @@ def split(num_data: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, 
 
 
 def add_training_noise(scheduler, x0: torch.Tensor, timestep_pool: torch.Tensor, generator: torch.Generator):
-    """Noise each latent at a timestep drawn uniformly from `timestep_pool`, with fresh Gaussian noise.
+    """Noise each latent at a timestep drawn uniformly from `timestep_pool`, with fresh Gaussian noise, as the model's
+    sampler sees its latents: scheduler.add_noise(x0, noise, t) = sqrt(a_t) x0 + sqrt(1 - a_t) noise for a diffusion
+    scheduler; (1 - sigma) x0 + sigma noise, sigma = t / num_train_timesteps, for a flow-matching one (SD3).
 
-    x0 (B, C, h, w) -> (noisy latents (B, C, h, w), noise, timesteps (B,)); noisy = scheduler.add_noise(x0, noise, t).
+    x0 (B, C, h, w) -> (noisy latents (B, C, h, w), noise, timesteps (B,)).
     """
     picks = torch.randint(len(timestep_pool), (x0.shape[0],), generator=generator)
     timesteps = timestep_pool[picks]
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    if is_flow(scheduler):
+        sigma = (timesteps.to(x0.device, x0.dtype) / scheduler.config.num_train_timesteps).view(-1, 1, 1, 1)
+        return (1 - sigma) * x0 + sigma * noise, noise, timesteps
     return scheduler.add_noise(x0, noise, timesteps.to(x0.device)), noise, timesteps
 
 

@@ -143,8 +143,8 @@ def test_every_listed_scheduler_builds_on_this_install(pipe):
         assert type(make_scheduler(name, pipe.scheduler.config, kind)).__name__ == support.class_name
 
 
-@pytest.mark.parametrize(("name", "kind"), [("flow_euler", "epsilon"), ("flow_heun", "v_prediction"), ("euler", "flow_prediction"),
-                                            ("dpm++", "flow_prediction")])  # fmt: skip
+@pytest.mark.parametrize(("name", "kind"), [("flow_euler", "epsilon"), ("flow_heun", "v_prediction"),
+                                            ("euler", "flow_prediction"), ("dpm++", "flow_prediction")])  # fmt: skip
 def test_flow_and_diffusion_samplers_do_not_cross(pipe, name, kind):
     with pytest.raises(UserError, match=f"cannot step a model that predicts '{kind}'"):
         make_scheduler(name, pipe.scheduler.config, kind)
