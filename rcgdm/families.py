@@ -25,11 +25,12 @@ class Family:
     steps: int  # its default number of denoising steps
     scheduler: str  # its model's scheduler, a short name of rcgdm/schedulers.py
     label: str  # for messages and the README
+    float32_vae: bool = False  # its VAE overflows in float16: with force_upcast its pipeline decodes in float32
 
 
 FAMILIES = {
     "sd": Family("sd", "StableDiffusionPipeline", "unet", False, 7.5, 50, "pndm", "SD 1.x/2.x"),
-    "sdxl": Family("sdxl", "StableDiffusionXLPipeline", "unet", False, 5.0, 50, "euler", "SDXL"),
+    "sdxl": Family("sdxl", "StableDiffusionXLPipeline", "unet", False, 5.0, 50, "euler", "SDXL", float32_vae=True),
     "sd3": Family("sd3", "StableDiffusion3Pipeline", "transformer", True, 7.0, 28, "flow_euler", "SD3"),
 }
 _BY_PIPELINE = {family.pipeline: family for family in FAMILIES.values()}

@@ -213,7 +213,16 @@ def load_pipeline(name: str, dtype: torch.dtype = torch.float32):
         "sd": {"safety_checker": None, "requires_safety_checker": False},
         "sdxl": {"add_watermarker": False},
     }.get(family.name, {})
-    return _from_pretrained(getattr(diffusers, family.pipeline), name, **{**absent, **extra}, **_dtype_kwargs(dtype))
+    pipe = _from_pretrained(getattr(diffusers, family.pipeline), name, **{**absent, **extra}, **_dtype_kwargs(dtype))
+    _float32_vae_if_needed(pipe.vae, family, dtype)
+    return pipe
+
+
+def _float32_vae_if_needed(vae, family: Family, dtype: torch.dtype) -> None:
+    """SDXL's VAE overflows in float16: its pipeline upcasts it to decode when the config says force_upcast. Here it
+    stays float32 for every encode and decode (its weights rounded to float16 first, as the pipeline's upcast)."""
+    if family.float32_vae and dtype == torch.float16 and vae.config.force_upcast:
+        vae.to(torch.float32)
 
 
 def check_vae(name: str) -> None:
@@ -226,7 +235,10 @@ def check_vae(name: str) -> None:
 def load_vae(name: str, dtype: torch.dtype = torch.float32):
     from diffusers import AutoencoderKL
 
-    return _from_pretrained(AutoencoderKL, name, subfolder="vae", **_dtype_kwargs(dtype))
+    family = check_model_index(name)
+    vae = _from_pretrained(AutoencoderKL, name, subfolder="vae", **_dtype_kwargs(dtype))
+    _float32_vae_if_needed(vae, family, dtype)
+    return vae
 
 
 def load_scheduler(name: str):

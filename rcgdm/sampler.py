@@ -99,6 +99,7 @@ def denoise(pipe, family: Family, model_input: torch.Tensor, t: torch.Tensor, co
 @torch.no_grad()
 def decode(pipe, latents: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
     """Final latents -> float32 images (B, 3, H, W) in [0, 1] on the CPU, through the pipeline's VAE and image processor."""
+    latents = latents.to(pipe.vae.dtype)  # a float32 VAE under a float16 model (SDXL) decodes float32 latents
     images = pipe.vae.decode(for_decoder(pipe.vae, latents), return_dict=False, generator=generators)[0]
     images = pipe.image_processor.postprocess(images, output_type="pt", do_denormalize=[True] * len(images))
     return images.float().cpu()
