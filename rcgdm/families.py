@@ -37,7 +37,7 @@ _BY_PIPELINE = {family.pipeline: family for family in FAMILIES.values()}
 REFUSED = {  # known families and why the term is not applied to them
     "FluxPipeline": "FLUX is guidance-distilled (no classifier-free guidance to combine with) and packs its latents "
     "2x2 into tokens, which a convolutional latent predictor cannot read",
-    "StableDiffusionXLImg2ImgPipeline": "an image-to-image pipeline (refiner); expected a text-to-image one",
+    "StableDiffusionXLImg2ImgPipeline": "an image-to-image pipeline (SDXL's refiner), not a text-to-image one",
 }
 
 

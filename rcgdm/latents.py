@@ -1,8 +1,9 @@
 """The latent cache: every image is encoded by the SD VAE once; later runs encode zero images.
 
-A cache file ``latents-<key>.safetensors`` holds float32 latents (N, C, h, w), already multiplied
-by the VAE's scaling factor (less its shift factor first, for SD3). Its key hashes everything that changes the latents: the VAE's
-config and weights, the data source's identity, N, the image size and the seed. The metadata
+A cache file ``latents-<key>.safetensors`` holds float32 latents (N, C, h, w), already in the
+denoiser's scale (times the VAE's scaling factor, less its shift factor first for SD3). Its key
+hashes everything that changes the latents: the VAE's config and weights, the data source's
+identity, N, the image size and the seed. The metadata
 stores that description and a sha256 of the tensor, checked on every load: a truncated, altered
 or mismatched file is rebuilt, never used.
 """

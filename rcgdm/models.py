@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from rcgdm.cli import InputError, check_creatable
-from rcgdm.families import Family, family_of, refusal
+from rcgdm.families import FAMILIES, Family, family_of, refusal
 from rcgdm.files.atomic import atomic_folder
 from rcgdm.model_files import cached_snapshot, checked_folder, hub_offline, hub_revision
 
@@ -161,6 +161,9 @@ def model_facts(name: str) -> dict:
     family = check_model_index(name)
     denoiser_file = f"{family.denoiser}/config.json"
     denoiser = _config(UNet2DConditionModel, name, denoiser_file)  # any model class: config only
+    if family.name == "sdxl" and denoiser.get("addition_embed_type") != "text_time":
+        raise InputError("model", f"{name!r}: model_index.json says {family.pipeline}, but {denoiser_file} has no "
+                                  "'text_time' added conditioning; expected an SDXL UNet")  # fmt: skip
     scheduler = _config(PNDMScheduler, name, "scheduler/scheduler_config.json")  # any class: config only
     vae = _config(AutoencoderKL, name, "vae/config.json")
     blocks = _field(vae, "block_out_channels", list, name, "vae/config.json", "a list of channel counts")
@@ -206,7 +209,7 @@ def load_pipeline(name: str, dtype: torch.dtype = torch.float32):
     and no watermark (SDXL), so that images are the model's own."""
     import diffusers
 
-    family = check_model_index(name)
+    family = FAMILIES[model_facts(name)["family"]]  # refuses what the configs show cannot be guided
     index = _config(diffusers.DiffusionPipeline, name, "model_index.json")
     absent = {component: None for component, spec in index.items() if spec == [None, None]}
     extra = {

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import error_line, read_rows, run_script
+
 from rcgdm.cli import UserError
 from rcgdm.guidance import RewardGuidance
 from rcgdm.models import load_pipeline, model_facts
@@ -131,8 +131,8 @@ def test_the_three_scripts_run_on_the_family_and_its_predictor_is_refused_by_ano
 
 
 def test_flux_and_unknown_pipelines_are_refused_with_the_reason(tmp_path):
-    for name, reason in (("FluxPipeline", "FLUX is guidance-distilled"), ("KandinskyPipeline", "is a 'KandinskyPipeline'; "
-                                                                                            "expected a StableDiffusionPipeline")):  # fmt: skip
+    unknown = "is a 'KandinskyPipeline'; expected a StableDiffusionPipeline"
+    for name, reason in (("FluxPipeline", "FLUX is guidance-distilled"), ("KandinskyPipeline", unknown)):
         folder = tmp_path / name
         folder.mkdir()
         (folder / "model_index.json").write_text(json.dumps({"_class_name": name, "transformer": ["diffusers", "X"]}))

@@ -139,8 +139,11 @@ def test_a_model_folder_naming_another_library_is_refused_before_any_import(tmp_
 
     with pytest.raises(UserError, match="names unet from 'evil_library'"):
         load_pipeline(str(folder))
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
+    with pytest.raises(UserError, match="is a 'FluxPipeline': FLUX is guidance-distilled"):
+        load_pipeline(str(folder))
     (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
-    with pytest.raises(UserError, match="is a 'StableDiffusionXLPipeline'; expected a StableDiffusionPipeline"):
+    with pytest.raises(UserError, match=r"says StableDiffusionXLPipeline, but unet/config\.json has no 'text_time'"):
         load_pipeline(str(folder))
     assert not marker.exists()
 
