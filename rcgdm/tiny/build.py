@@ -8,7 +8,7 @@ betas), so every code path that loads SD v1.5 loads these too.
   committed under models/tiny-sd (32x32 images, 4x8x8 latents); loading checks its sha256 manifest.
   `python -m rcgdm.tiny --train OUT_DIR` retrains it (about an hour on 2 CPU cores).
 - `tiny-random` (`--model tiny-random`): RANDOM weights, built in seconds (64x64 images, 4x8x8
-  latents), for tests of the plumbing. Its VAE posterior is narrowed (`_shape_like_a_trained_vae`)
+  latents), for tests of the plumbing. Its VAE posterior is narrowed (`shape_like_a_trained_vae`)
   and its UNet gets a few dozen epsilon-loss steps (`_fit_unet`), so that samples stay at a
   trained model's scale; it shows no learned behaviour.
 - `sd15-random`: SD v1.5's exact architecture with random weights (~4 GB), for speed benchmarks.
@@ -33,7 +33,7 @@ TINY_SEED = 0
 _LATENT_GAIN = 18.0  # random encoder means have std ~0.3; 0.3 * 18 * 0.18215 ~ 1
 _FIT_STEPS, _FIT_BATCH, _FIT_IMAGES, _FIT_LR = 40, 32, 256, 3e-3
 _FIT_PROMPTS = ("", "a nice photo", "a cat with a glass of water.", "an astronaut on the horseback", "a dog")
-_SPECIALS = ("<|startoftext|>", "<|endoftext|>")
+SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 
 
 def caption_words() -> list[str]:
@@ -43,12 +43,12 @@ def caption_words() -> list[str]:
     return sorted({*COLOURS, *SHAPES, "a", "an", "and", "on", "background"})
 
 
-def _write_tokenizer(folder: Path, words: bool) -> None:
+def write_tokenizer(folder: Path, words: bool) -> None:
     """A CLIP BPE vocabulary: every character, alone and word-final (`</w>`); with `words`, also each
     caption word as one token, through merges that build it letter by letter (longest words first, so
     that a short word's merge never splits a longer word)."""
     chars = string.ascii_lowercase + string.digits + string.punctuation
-    tokens = list(_SPECIALS) + list(chars) + [c + "</w>" for c in chars]
+    tokens = list(SPECIAL_TOKENS) + list(chars) + [c + "</w>" for c in chars]
     merges = []
     for word in sorted(caption_words(), key=len, reverse=True) if words else []:
         prefix = word[0]
@@ -63,7 +63,7 @@ def _write_tokenizer(folder: Path, words: bool) -> None:
     (folder / "merges.txt").write_text("\n".join(["#version: 0.2", *dict.fromkeys(merges)]) + "\n")
 
 
-def _shape_like_a_trained_vae(vae) -> None:
+def shape_like_a_trained_vae(vae) -> None:
     """Give the random VAE a trained one's latent statistics: a narrow posterior (std ~ e^-6) and
     latents of roughly unit std after the scaling factor. Left random, the posterior std is ~1 and a
     latent sample is mostly sampling noise, which no reward predictor could learn from."""
@@ -160,31 +160,36 @@ ARCHITECTURES = {
 }
 
 
+def clip_tokenizer(words: bool, model_max_length: int):
+    """A CLIPTokenizer over the vocabulary `write_tokenizer` writes (with `words`, each caption word one token)."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(Path(tmp) / "tok", words)
+        tokenizer = CLIPTokenizer(str(Path(tmp) / "tok" / "vocab.json"), str(Path(tmp) / "tok" / "merges.txt"),
+                                  pad_token=SPECIAL_TOKENS[1], model_max_length=model_max_length)  # fmt: skip
+    if words:
+        split = [w for w in caption_words() if tokenizer.tokenize(w) != [w + "</w>"]]
+        assert not split, f"caption words split into several tokens: {split}"
+    return tokenizer
+
+
+def clip_text_config(tokenizer, sizes: dict) -> dict:
+    """A CLIP text encoder's config for `tokenizer` (its vocabulary, positions, special tokens) and `sizes`."""
+    bos, eos = (tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS)
+    return {"vocab_size": len(tokenizer), "max_position_embeddings": tokenizer.model_max_length, "bos_token_id": bos,
+            "eos_token_id": eos, "pad_token_id": eos, **sizes}  # fmt: skip
+
+
 def build_pipeline(arch: str = "tiny", seed: int = TINY_SEED):
     """A StableDiffusionPipeline of architecture `arch` with freshly initialised weights (seeded)."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     sizes = ARCHITECTURES[arch]
-    with tempfile.TemporaryDirectory() as tmp:
-        _write_tokenizer(Path(tmp) / "tok", sizes["tokenizer"]["words"])
-        tokenizer = CLIPTokenizer(
-            str(Path(tmp) / "tok" / "vocab.json"),
-            str(Path(tmp) / "tok" / "merges.txt"),
-            pad_token="<|endoftext|>",
-            model_max_length=sizes["tokenizer"]["model_max_length"],
-        )
-    if sizes["tokenizer"]["words"]:
-        split = [w for w in caption_words() if tokenizer.tokenize(w) != [w + "</w>"]]
-        assert not split, f"caption words split into several tokens: {split}"
+    tokenizer = clip_tokenizer(**sizes["tokenizer"])
     torch.manual_seed(seed)
-    special = {
-        "bos_token_id": tokenizer.convert_tokens_to_ids(_SPECIALS[0]),
-        "eos_token_id": tokenizer.convert_tokens_to_ids(_SPECIALS[1]),
-        "pad_token_id": tokenizer.convert_tokens_to_ids(_SPECIALS[1]),
-    }
-    positions = sizes["tokenizer"]["model_max_length"]
-    text_config = {"vocab_size": len(tokenizer), "max_position_embeddings": positions, **special, **sizes["text"]}
+    text_config = clip_text_config(tokenizer, sizes["text"])
     blocks = len(sizes["vae"]["block_out_channels"])
     vae = AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",) * blocks,
@@ -222,7 +227,7 @@ def build_random_sd(out_dir: str | Path, arch: str = "tiny-random", seed: int = 
     """
     pipe = build_pipeline(arch, seed)
     if arch == "tiny-random":
-        _shape_like_a_trained_vae(pipe.vae)
+        shape_like_a_trained_vae(pipe.vae)
         _fit_unet(pipe, seed)
     pipe.save_pretrained(out_dir)
     return Path(out_dir)

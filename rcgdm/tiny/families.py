@@ -15,12 +15,11 @@ They show no learned behaviour.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import torch
 
-from rcgdm.tiny.build import _SPECIALS, _shape_like_a_trained_vae, _write_tokenizer
+from rcgdm.tiny.build import clip_text_config, clip_tokenizer, shape_like_a_trained_vae
 
 _TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "projection_dim": 32}
 _VAE = {"block_out_channels": (16, 32, 32, 32), "layers_per_block": 1, "norm_num_groups": 8, "sample_size": 64}
@@ -28,14 +27,10 @@ _VAE = {"block_out_channels": (16, 32, 32, 32), "layers_per_block": 1, "norm_num
 
 def _tokenizer_and_text_encoder(projection: bool):
     """A CLIP tokenizer (characters only, 77 positions) and a CLIP text encoder, with a projection if asked."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    with tempfile.TemporaryDirectory() as tmp:
-        _write_tokenizer(Path(tmp) / "tok", words=False)
-        tokenizer = CLIPTokenizer(str(Path(tmp) / "tok" / "vocab.json"), str(Path(tmp) / "tok" / "merges.txt"),
-                                  pad_token="<|endoftext|>", model_max_length=77)  # fmt: skip
-    ids = {f"{k}_token_id": tokenizer.convert_tokens_to_ids(_SPECIALS[i]) for k, i in (("bos", 0), ("eos", 1), ("pad", 1))}
-    config = CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=77, **ids, **_TEXT)
+    tokenizer = clip_tokenizer(words=False, model_max_length=77)
+    config = CLIPTextConfig(**clip_text_config(tokenizer, _TEXT))
     return tokenizer, (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
@@ -46,7 +41,7 @@ def _vae(latent_channels: int, scaling_factor: float, shift_factor: float | None
     vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
                         latent_channels=latent_channels, scaling_factor=scaling_factor, shift_factor=shift_factor,
                         **_VAE)  # fmt: skip
-    _shape_like_a_trained_vae(vae)
+    shape_like_a_trained_vae(vae)
     return vae
 
 
