@@ -76,6 +76,26 @@ def test_the_flow_matching_shift_is_the_papers_eps_shift_as_a_velocity(grad_path
     assert torch.equal(steer.apply(eps - x0, x_t, 1.0, "flow_prediction"), eps - x0)  # sigma = 1: no signal, no term
 
 
+@pytest.mark.parametrize("scheduler", ["flow_euler", "flow_heun"])
+def test_the_flow_term_uses_the_sigma_the_transformer_is_told(pipes, monkeypatch, scheduler):
+    """At every transformer call the term's level is the sigma of that call's timestep, t / num_train_timesteps (Heun
+    calls twice per step, at both ends), with the model's shift; sigma = 1 at the start, where the term is zero."""
+    pipe = pipes["sd3"]
+    monkeypatch.setattr(pipe, "scheduler", make_scheduler(scheduler, pipe.scheduler.config, "flow_prediction"))
+    used, real_apply = [], RewardGuidance.apply
+
+    def recording(self, output, x_t, level, prediction_type):
+        used.append(float(level))
+        return real_apply(self, output, x_t, level, prediction_type)
+
+    monkeypatch.setattr(RewardGuidance, "apply", recording)
+    sample_latents(pipe, PROMPT, image_generators(0, range(1)), RewardGuidance(predictor("sd3"), 1.0, 2.0), 5, 1.0,
+                   progress_bar=False)  # fmt: skip
+    told = [float(t) / pipe.scheduler.config.num_train_timesteps for t in pipe.scheduler.timesteps]
+    assert len(used) == len(told) == (5 if scheduler == "flow_euler" else 9)
+    assert used == pytest.approx(told, rel=1e-6) and used[0] == 1.0
+
+
 @pytest.mark.parametrize("family", ["sdxl", "sd3"])
 def test_guidance_moves_the_predicted_reward_toward_targets_above_and_below(family):
     pipe = load_pipeline(MODELS[family], torch.float64)
