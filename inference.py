@@ -178,13 +178,13 @@ def main() -> None:
                 prepare_folders(run_dir, staged, args.overwrite, log)
         settings = SweepSettings(args.num_images, args.bs, args.num_inference_steps, args.cfg, args.height, args.width,
                                  args.batch_mean_guidance, args.grad_path)  # fmt: skip
-        rows, seconds = run_sweep(pipe, settings, staged, run_dir, log, state)
+        rows, costs = run_sweep(pipe, settings, staged, run_dir, log, state)
         if state.is_main_process:
             check_images_visible(run_dir, rows)
             record = {"settings": {**vars(args), "seed_used": log.seed, "out_dir": str(out_dir)},
                       "reward_model": pipe.reward_meta, "predictor": pipe.predictor.meta, "processes": state.num_processes,
                       "seconds": time.perf_counter() - start, "versions": package_versions()}  # fmt: skip
-            write_report(run_dir, combos, rows, seconds, record, unguided_first_images(pipe, settings, combos, log.seed))
+            write_report(run_dir, combos, rows, costs, record, unguided_first_images(pipe, settings, combos, log.seed))
             log.remove_files()
             if run_dir != out_dir:
                 publish(run_dir, out_dir, [*RUN_FILES, *earlier_files(out_dir, combos), *(row["file"] for row in rows)])

@@ -18,7 +18,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +34,7 @@ from rcgdm.files.atomic import save_json, save_text  # noqa: E402
 from rcgdm.files.provenance import package_versions  # noqa: E402
 from rcgdm.guidance import RewardGuidance  # noqa: E402
 from rcgdm.latents import LatentSpec, encode  # noqa: E402
+from rcgdm.memory import PeakMemory  # noqa: E402
 from rcgdm.models import load_pipeline, load_scheduler, load_vae  # noqa: E402
 from rcgdm.predictor import ThreeLayerConvNet  # noqa: E402
 from rcgdm.sampler import sample_latents  # noqa: E402
@@ -60,40 +60,6 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     fn()
     sync(device)
     return time.perf_counter() - start
-
-
-class PeakMemory:
-    """Peak memory above the level at entry: CUDA's allocator statistics, or the process RSS sampled every 2 ms."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.peak = device, 0
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.start = torch.cuda.memory_allocated(self.device)
-        else:
-            import psutil
-
-            self.process, self.stop = psutil.Process(), threading.Event()
-            self.start = self.peak = self.process.memory_info().rss
-            self.thread = threading.Thread(target=self._poll, daemon=True)
-            self.thread.start()
-        return self
-
-    def _poll(self) -> None:
-        while not self.stop.wait(0.002):
-            self.peak = max(self.peak, self.process.memory_info().rss)
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self.stop.set()
-            self.thread.join()
-        self.used = self.peak - self.start
 
 
 def interleaved(variants: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, list[float]]:

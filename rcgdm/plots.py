@@ -130,6 +130,37 @@ def reward_vs_compute(combos: list[dict], path: str | Path) -> dict[str, list[tu
     return drawn
 
 
+def reward_vs_distance(combos: list[dict], path: str | Path) -> bool:
+    """Mean ground truth against MMD^2 to the unguided images of the same prompt (± its standard error), one point per
+    combination, one colour per guidance, each labelled with its target; one panel per prompt: what the guidance bought
+    (reward) against what it cost (distance from the model's own distribution). -> whether there was anything to draw."""
+    known = [c for c in combos if c.get("mmd_to_unguided") is not None]
+    if not known:
+        return False
+    fig, panels = _panels(known)
+    series = sorted({(c["guidance"], c["best_of"]) for c in known})
+    for _, ax, mine in panels:
+        for k, (guidance, best_of) in enumerate(series):
+            rows = sorted((c for c in mine if (c["guidance"], c["best_of"]) == (guidance, best_of)), key=lambda c: c["target"])
+            if not rows:
+                continue
+            label = f"guidance {guidance:g}" + (f", best of {best_of}" if best_of > 1 else "")
+            ax.errorbar([c["mmd_to_unguided"] for c in rows], [c["gt_mean"] for c in rows],
+                        xerr=[c["mmd_to_unguided_se"] for c in rows], linestyle="none", marker="o", capsize=3,
+                        color=f"C{k % 10}", label=label)  # fmt: skip
+            unguided = guidance == 0 and best_of == 1  # one set of images, whatever the target
+            for c in rows[:1] if unguided else rows:
+                ax.annotate("unguided" if unguided else f"{c['target']:g}", (c["mmd_to_unguided"], c["gt_mean"]),
+                            textcoords="offset points", xytext=(4, 4), fontsize=7)  # fmt: skip
+        ax.axvline(0, color="grey", linestyle=":")
+        ax.set_xlabel("MMD² to the unguided images (± s.e.)")
+        ax.legend(fontsize=8)
+    panels[0][1].set_ylabel("mean ground-truth reward (labels: target)")
+    fig.suptitle("reward bought against distance from the unguided distribution")
+    save_figure(fig, path)
+    return True
+
+
 def image_grid(rows: list[str], columns: list[str], images: list[list], captions: list[list[str]], path: str | Path) -> None:
     """A rows x columns grid of images (float tensors (3, H, W) in [0, 1]) with row, column and per-image captions."""
     fig, axes = plt.subplots(len(rows), len(columns), figsize=(2.2 * len(columns), 2.4 * len(rows)), squeeze=False)

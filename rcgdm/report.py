@@ -1,5 +1,11 @@
-"""The report of a sweep, from its rows: per-combination summaries (printed and in summary.json), results.csv,
-the figures (drawn by plots.py: reward_vs_target, shift_vs_target, reward_vs_compute) and grid.png."""
+"""The report of a sweep, from its rows and images: per-combination summaries (printed and in summary.json), results.csv,
+the figures (drawn by plots.py: reward_vs_target, shift_vs_target, reward_vs_compute, reward_vs_distance) and grid.png.
+
+Per combination, beside the rewards: calibration (target error: mean ground truth minus target; predictor gap: mean
+prediction minus mean ground truth on the same images, which grows when the predictor is being exploited), what
+the images lost or moved against the unguided images of the same prompt (diversity ratio, MMD^2 with its standard
+error: rcgdm/calibration.py; None without a guidance-0 combination of that prompt), and the cost per image (seconds,
+UNet calls, peak memory of the sampling)."""
 
 from __future__ import annotations
 
@@ -11,24 +17,28 @@ from pathlib import Path
 import torch
 
 from rcgdm import plots
+from rcgdm.calibration import diversity, image_features, median_bandwidth, mmd2
 from rcgdm.files.atomic import save_json, save_text
 from rcgdm.files.png import load_png
+from rcgdm.sweep.engine import SweepCosts
 from rcgdm.sweep.plan import Combo
 from rcgdm.sweep.rows import COLUMNS, combo_key
 
 
-def write_report(out_dir: Path, combos: list[Combo], rows: list[dict], seconds: list[float], record: dict,
+def write_report(out_dir: Path, combos: list[Combo], rows: list[dict], costs: SweepCosts, record: dict,
                  unguided: dict[str, tuple]) -> list[dict]:  # fmt: skip
     """Write the run's files into `out_dir` and print a line per combination -> the per-combination summaries.
     `record` goes into summary.json beside the summaries (settings, provenance, versions); `unguided` holds (image, gt,
     pred) of image 0 of each prompt the sweep has no guidance 0 for (the grid's first column)."""
     order = {combo.key(): n for n, combo in enumerate(combos)}
     rows = sorted(rows, key=lambda r: (order[combo_key(r)], r["image"]))
-    summary = summarise(combos, rows, seconds)
+    summary = summarise(combos, rows, costs)
+    add_image_measures(out_dir, rows, summary)
     write_csv(rows, out_dir / "results.csv")
     plots.reward_vs_target(summary, out_dir / "reward_vs_target.png")
     plots.shift_vs_target(summary, out_dir / "shift_vs_target.png")
     plots.reward_vs_compute(summary, out_dir / "reward_vs_compute.png")
+    plots.reward_vs_distance(summary, out_dir / "reward_vs_distance.png")
     write_grid(out_dir, combos, rows, unguided, out_dir / "grid.png")
     save_json({"settings": record["settings"], "combinations": summary, **{k: v for k, v in record.items() if k != "settings"}},
               out_dir / "summary.json")  # fmt: skip
@@ -36,15 +46,23 @@ def write_report(out_dir: Path, combos: list[Combo], rows: list[dict], seconds: 
         print(
             f"target {c['target']:g}, guidance {c['guidance']:g}" + (f", best of {c['best_of']}" if c["best_of"] > 1 else "")
             + f", {c['prompt']!r}: "
-            f"ground truth {c['gt_mean']:.4f} ± {c['gt_std']:.4f}, predicted {c['pred_mean']:.4f} ± {c['pred_std']:.4f}"
+            f"ground truth {c['gt_mean']:.4f} ± {c['gt_std']:.4f}, predicted {c['pred_mean']:.4f} ± {c['pred_std']:.4f}; "
+            f"target error {c['target_error']:+.4f}, predictor gap {c['predictor_gap']:+.4f}" + _versus_unguided(c)
         )
     return summary
 
 
-def summarise(combos: list[Combo], rows: list[dict], seconds: list[float]) -> list[dict]:
-    """Per combination: rewards (mean, std, distance to target), distribution shift, compute and time."""
+def _versus_unguided(c: dict) -> str:
+    if c["mmd_to_unguided"] is None:
+        return ""
+    return (f", diversity {c['diversity_vs_unguided']:.2f}x unguided, MMD^2 to unguided {c['mmd_to_unguided']:.4f} "
+            f"± {c['mmd_to_unguided_se']:.4f}")  # fmt: skip
+
+
+def summarise(combos: list[Combo], rows: list[dict], costs: SweepCosts) -> list[dict]:
+    """Per combination: rewards (mean, std, distance to target), calibration, distribution shift, compute, time, memory."""
     out = []
-    for combo, combo_seconds in zip(combos, seconds, strict=True):
+    for combo, combo_seconds, peak in zip(combos, costs.seconds, costs.peak_memory_bytes, strict=True):
         mine = [r for r in rows if combo_key(r) == combo.key()]
         gt, pred = torch.tensor([r["gt"] for r in mine]), torch.tensor([r["pred"] for r in mine])
         shifts = [r.get("shift") for r in mine]
@@ -58,6 +76,9 @@ def summarise(combos: list[Combo], rows: list[dict], seconds: list[float]) -> li
                 "n": len(mine),
                 "unet_calls": sum(r["unet_calls"] for r in mine) / len(mine),
                 "gt_distance": (gt - combo.target).abs().mean().item(),
+                "target_error": gt.mean().item() - combo.target,
+                "abs_target_error": abs(gt.mean().item() - combo.target),
+                "predictor_gap": pred.mean().item() - gt.mean().item(),
                 "gt_mean": gt.mean().item(),
                 "gt_std": gt.std(correction=0).item(),
                 "pred_mean": pred.mean().item(),
@@ -66,6 +87,8 @@ def summarise(combos: list[Combo], rows: list[dict], seconds: list[float]) -> li
                 "shift_std": None if shift is None else shift.std(correction=0).item(),
                 "folder": str(combo.folder),
                 "sampling_seconds": combo_seconds,
+                "seconds_per_image": combo_seconds / len(mine),
+                "peak_memory_bytes": peak,
             }
         )
     for c in out:  # shift relative to the unguided images of the same prompt, when the run has them
@@ -73,6 +96,26 @@ def summarise(combos: list[Combo], rows: list[dict], seconds: list[float]) -> li
         known = c["shift_mean"] is not None and unguided and None not in unguided
         c["shift_vs_unguided"] = c["shift_mean"] / (sum(unguided) / len(unguided)) if known else None
     return out
+
+
+def add_image_measures(out_dir: Path, rows: list[dict], summary: list[dict]) -> None:
+    """Add to each combination's summary its images' diversity and, against the unguided images of its prompt (guidance
+    0, best of 1; paired by image index), its diversity ratio and MMD^2 with standard error (rcgdm/calibration.py)."""
+    features = {}
+    for c in summary:
+        mine = [r for r in rows if combo_key(r) == combo_key(c)]
+        features[combo_key(c)] = image_features(torch.stack([load_png(out_dir / r["file"]) for r in mine]))
+    for c in summary:
+        own = features[combo_key(c)]
+        c["diversity"] = diversity(own)
+        reference = next((u for u in summary if u["prompt"] == c["prompt"] and u["guidance"] == 0 and u["best_of"] == 1), None)
+        unguided = None if reference is None else features[combo_key(reference)]
+        bandwidth = None if unguided is None else median_bandwidth(unguided)
+        measured = None if bandwidth is None or len(own) != len(unguided) else mmd2(own, unguided, bandwidth)
+        spread = None if unguided is None else diversity(unguided)
+        c["diversity_vs_unguided"] = c["diversity"] / spread if spread and c["diversity"] is not None else None
+        c["mmd_to_unguided"], c["mmd_to_unguided_se"] = measured or (None, None)
+        c["mmd_bandwidth"] = bandwidth
 
 
 def write_csv(rows: list[dict], path: Path) -> None:

@@ -154,13 +154,21 @@ def test_best_of_n_keeps_the_candidate_closest_to_the_target(tmp_path, reward_mo
     assert kept[three].shift is not None and kept[three].shift.shape == (len(indices),)  # the kept candidates' shift
 
 
-def test_a_sweep_draws_the_compute_comparison(tmp_path, reward_model_path, predictor_path):
+def test_a_sweep_draws_the_compute_comparison_and_measures_every_combination(tmp_path, reward_model_path, predictor_path):
     args = ["--model", "tiny-random", "--reward_model", reward_model_path, "--predictor", predictor_path, "--seed", "0",
-            "--target", "-3", "--guidance", "0", "10", "--best_of", "1", "2", "--num_images", "2",
+            "--target", "-3", "--guidance", "0", "10", "--best_of", "1", "2", "--num_images", "3",
             "--num_inference_steps", "3", "--out_dir", tmp_path / "sweep"]  # fmt: skip
     assert run_script("inference.py", *args) == 0
     summary = json.loads((tmp_path / "sweep" / "summary.json").read_text())["combinations"]
-    assert (tmp_path / "sweep" / "reward_vs_compute.png").read_bytes()[:4] == b"\x89PNG"
+    for name in ("reward_vs_compute.png", "reward_vs_distance.png"):
+        assert (tmp_path / "sweep" / name).read_bytes()[:4] == b"\x89PNG"
+    for c in summary:  # calibration, diversity, distance to the unguided images and cost, for every combination
+        assert c["target_error"] == pytest.approx(c["gt_mean"] - c["target"]) and c["abs_target_error"] >= 0
+        assert c["predictor_gap"] == pytest.approx(c["pred_mean"] - c["gt_mean"])
+        assert c["diversity"] > 0 and c["diversity_vs_unguided"] > 0 and c["mmd_to_unguided_se"] >= 0
+        assert c["seconds_per_image"] > 0 and c["peak_memory_bytes"] > 0
+        unguided = (c["guidance"], c["best_of"]) == (0, 1)
+        assert (c["mmd_to_unguided"] == 0 and c["diversity_vs_unguided"] == 1) if unguided else c["mmd_to_unguided"] != 0
     drawn = plots.reward_vs_compute(summary, tmp_path / "again.png")
     assert set(drawn) == {"guidance 0", "guidance 10"}
     calls_per_sample = 4  # PNDM: 3 steps take 4 UNet calls (its first step is repeated)

@@ -16,10 +16,21 @@ from rcgdm import distributed
 from rcgdm.cli import UserError
 from rcgdm.files.png import save_png
 from rcgdm.guidance import RewardGuidance
+from rcgdm.memory import PeakMemory
 from rcgdm.pipeline import RewardDirectedPipeline, Scored
 from rcgdm.sweep.plan import Combo, Draw, draws
 from rcgdm.sweep.resume import ResumeLog
 from rcgdm.sweep.rows import combo_key, image_name, image_row, unique_rows
+
+
+@dataclass(frozen=True)
+class SweepCosts:
+    """Per combination of a sweep: sampling seconds (work shared by several combinations counts to each in equal
+    parts), and the peak memory while its images were sampled (bytes: CUDA peak allocation, or peak RSS on the CPU;
+    the highest over processes; None when this run sampled none of them, as a resumed run that had them)."""
+
+    seconds: list[float]
+    peak_memory_bytes: list[int | None]
 
 
 @dataclass(frozen=True)
@@ -37,30 +48,35 @@ class SweepSettings:
 
 
 def run_sweep(pipe: RewardDirectedPipeline, settings: SweepSettings, combos: list[Combo], out_dir: Path, log: ResumeLog,
-              state: PartialState) -> tuple[list[dict], list[float]]:  # fmt: skip
+              state: PartialState) -> tuple[list[dict], SweepCosts]:  # fmt: skip
     """Sample this process's share of the batches into `out_dir` (the combinations' folders lie in it), skipping those
-    `log` holds -> (every row of the run, gathered from all processes; sampling seconds per combination). Work shared
-    by several combinations counts its seconds to each in equal parts."""
+    `log` holds -> (every row of the run, gathered from all processes; the costs per combination)."""
     batches = distributed.batches(settings.num_images, settings.batch_size)
     units = [(draw, indices) for draw in draws(combos) for indices in batches]
     mine = distributed.my_share(units, state)
     todo = [(draw, indices) for draw, indices in mine if not all(log.finished(c.key(), i) for c in draw.combos for i in indices)]
-    seconds = [0.0] * len(combos)
+    seconds, peaks = [0.0] * len(combos), [None] * len(combos)
+    device = pipe.sd._execution_device
     desc = "images" if state.num_processes == 1 else f"images (process 0 of {state.num_processes})"
     total, left = (sum(len(indices) * len(draw.combos) for draw, indices in part) for part in (mine, todo))
     with tqdm(total=total, initial=total - left, desc=desc, unit="img", disable=not state.is_main_process) as bar:
         for draw, indices in todo:
             start = time.perf_counter()
-            best = sample_draw(pipe, settings, draw, log.seed, indices)
+            with PeakMemory(device, interval=0.01) as memory:
+                best = sample_draw(pipe, settings, draw, log.seed, indices)
             steps = len(pipe.sd.scheduler.timesteps)  # one batched UNet call per step covers both CFG branches
             rows = [row for combo in draw.combos
                     for row in save_images(combo, indices, log.seed, out_dir, best[combo], combo.best_of * steps)]  # fmt: skip
             log.add([row for row in rows if not log.finished(combo_key(row), row["image"])])
             for combo in draw.combos:
-                seconds[combos.index(combo)] += (time.perf_counter() - start) / len(draw.combos)
+                k = combos.index(combo)
+                seconds[k] += (time.perf_counter() - start) / len(draw.combos)
+                peaks[k] = max(peaks[k] or 0, memory.peak)
             bar.update(len(indices) * len(draw.combos))
-    all_seconds = gather_object([seconds])
-    return unique_rows(gather_object(log.rows)), [sum(s[k] for s in all_seconds) for k in range(len(combos))]
+    every = gather_object([(seconds, peaks)])
+    costs = SweepCosts([sum(s[k] for s, _ in every) for k in range(len(combos))],
+                       [max((p[k] for _, p in every if p[k] is not None), default=None) for k in range(len(combos))])  # fmt: skip
+    return unique_rows(gather_object(log.rows)), costs
 
 
 def sample_draw(pipe: RewardDirectedPipeline, settings: SweepSettings, draw: Draw, seed: int,
