@@ -7,6 +7,7 @@ the predictor on its VAE re-encoding (train.py).
 
     python3 inference.py --target 1 --guidance 100 --num_images 100
     python3 inference.py --target 2 4 6 8 10 --guidance 0 100 --prompt "a nice photo" "a dog"   # a sweep
+    python3 inference.py --target 2 4 6 8 10 --guidance 0 auto   # auto: a strength per target (rcgdm/sweep/auto.py)
 
 --target, --guidance and --prompt take several values: the run covers every combination
 (rcgdm/sweep). Image i always starts from the seed (--seed, i), whatever --bs, so columns of a sweep
@@ -14,7 +15,8 @@ are comparable, and an image several combinations share (unguided images do not 
 target) is sampled once. Writes per combination `{idx}_gt_{gt:.4f}_pred_{pred:.4f}.png`, and for
 the run (rcgdm/report.py) results.csv, summary.json, reward_vs_target.png, shift_vs_target.png
 (distribution shift: distance of the final latents to the predictor's training latents),
-reward_vs_compute.png (reward against UNet calls per image, for best-of-N) and grid.png.
+reward_vs_compute.png (reward against UNet calls per image, for best-of-N), reward_vs_distance.png (reward against
+MMD^2 to the unguided images: what the guidance bought and cost) and grid.png.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from rcgdm.pipeline import RewardDirectedPipeline, latent_size
 from rcgdm.predictor import load_predictor
 from rcgdm.report import write_report
 from rcgdm.schedulers import SCHEDULERS, scheduler_support
+from rcgdm.sweep.auto import AUTO
 from rcgdm.sweep.engine import SweepSettings, check_images_visible, run_sweep, unguided_first_images
 from rcgdm.sweep.outputs import RUN_FILES, check_outputs, earlier_files, prepare_folders, run_folder
 from rcgdm.sweep.plan import Combo, plan
@@ -52,7 +55,10 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def parse_args() -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--target", type=finite_float, nargs="+", default=[0.0], help="target reward(s) (default: 0)")
-    p.add_argument("--guidance", type=finite_float, nargs="+", default=[0.0], help="guidance strength(s) (default: 0)")
+    p.add_argument("--guidance", type=guidance_value, nargs="+", default=[0.0],
+                   help="guidance strength(s), or auto: the smallest a short pilot finds to reach the target (default: 0)")
+    p.add_argument("--auto_tolerance", type=finite_float, default=None,
+                   help=f"--guidance auto: how close the pilot must come (default: {AUTO_TOLERANCE_STDS:g} x the label std)")
     p.add_argument("--prompt", nargs="+", default=["a nice photo"],
                    help='prompt(s); "" samples unconditionally (default: "a nice photo")')
     p.add_argument("--out_dir", type=non_empty, default=None,
@@ -110,11 +116,31 @@ def check_args(args: argparse.Namespace) -> None:
     if args.num_inference_steps is not None and args.num_inference_steps > MAX_STEPS:
         raise UserError(f"--num_inference_steps {args.num_inference_steps} is more than the {MAX_STEPS} training timesteps; "
                         f"expected 1 to {MAX_STEPS}")  # fmt: skip
-    for flag, normalise in (("prompt", lambda p: " ".join(p.split())), ("target", float), ("guidance", float), ("best_of", int)):
+    if args.auto_tolerance is not None and args.auto_tolerance <= 0:
+        raise UserError(f"--auto_tolerance {args.auto_tolerance:g} is not positive; expected a number > 0")
+    for flag, normalise in (("prompt", lambda p: " ".join(p.split())), ("target", float), ("guidance", str), ("best_of", int)):
         values = [normalise(v) for v in getattr(args, flag)]
         repeated = next((v for k, v in enumerate(values) if v in values[:k]), None)
         if repeated is not None:
             raise UserError(f"--{flag} has {repeated!r} twice; expected distinct values (a sweep samples each once)")
+
+
+AUTO_TOLERANCE_STDS = 0.1  # --guidance auto's default tolerance, in label std (the predictor records it)
+
+
+def guidance_value(text: str) -> float | str:
+    """argparse type: a finite strength, or "auto"."""
+    return AUTO if text.strip().lower() == AUTO else finite_float(text)
+
+
+def auto_tolerance(args: argparse.Namespace, predictor_meta: dict) -> float:
+    """--auto_tolerance, or AUTO_TOLERANCE_STDS label std of the predictor's training labels."""
+    if args.auto_tolerance is not None or AUTO not in args.guidance:
+        return args.auto_tolerance or 0.0
+    label_std = predictor_meta.get("label_std")
+    if not isinstance(label_std, int | float) or not label_std > 0:
+        raise UserError(f"--guidance auto: --predictor {args.predictor!r} records no label std; expected --auto_tolerance")
+    return AUTO_TOLERANCE_STDS * label_std
 
 
 def family_defaults(setting: str) -> str:
@@ -142,7 +168,7 @@ def image_settings(args: argparse.Namespace, seed: int) -> dict:
     """Everything that shapes the images: a resumed run must match it."""
     keys = ("prompt", "target", "guidance", "num_images", "bs", "seed", "model", "reward_model", "predictor",
             "num_inference_steps", "cfg", "scheduler", "height", "width", "dtype", "batch_mean_guidance", "grad_path",
-            "best_of")  # fmt: skip
+            "best_of", "auto_tolerance")  # fmt: skip
     contents = {  # what the files hold, not only their paths: a retrained predictor at the same path is another run
         "reward_model_sha256": sha256_file(args.reward_model),
         "predictor_sha256": sha256_file(args.predictor),
@@ -168,6 +194,7 @@ def main() -> None:
     inputs = {"--reward_model": args.reward_model, "--predictor": args.predictor}
     check_outputs(out_dir, combos, inputs, local_model_folder(args.model), args.resume, args.overwrite)
     pipe = load(args, facts, state, device, dtype)  # every input is checked before any output folder exists
+    tolerance = auto_tolerance(args, pipe.predictor.meta)
     writable_dir(out_dir)
     with distributed.main_only_lock(state, out_dir / LOCK_FILE, f"--out_dir {str(out_dir)!r}"):
         log = open_log(args, state, out_dir, combos)
@@ -177,14 +204,14 @@ def main() -> None:
             if state.is_main_process:
                 prepare_folders(run_dir, staged, args.overwrite, log)
         settings = SweepSettings(args.num_images, args.bs, args.num_inference_steps, args.cfg, args.height, args.width,
-                                 args.batch_mean_guidance, args.grad_path)  # fmt: skip
-        rows, costs = run_sweep(pipe, settings, staged, run_dir, log, state)
+                                 args.batch_mean_guidance, args.grad_path, tolerance)  # fmt: skip
+        rows, stats = run_sweep(pipe, settings, staged, run_dir, log, state)
         if state.is_main_process:
             check_images_visible(run_dir, rows)
             record = {"settings": {**vars(args), "seed_used": log.seed, "out_dir": str(out_dir)},
                       "reward_model": pipe.reward_meta, "predictor": pipe.predictor.meta, "processes": state.num_processes,
                       "seconds": time.perf_counter() - start, "versions": package_versions()}  # fmt: skip
-            write_report(run_dir, combos, rows, costs, record, unguided_first_images(pipe, settings, combos, log.seed))
+            write_report(run_dir, combos, rows, stats, record, unguided_first_images(pipe, settings, combos, log.seed))
             log.remove_files()
             if run_dir != out_dir:
                 publish(run_dir, out_dir, [*RUN_FILES, *earlier_files(out_dir, combos), *(row["file"] for row in rows)])

@@ -120,15 +120,40 @@ def effect_numbers(sweep: Path, mean: float, std: float, guidance: float, prompt
     }
 
 
-def _number(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
+def auto_vs_fixed(sweep: Path, std: float, guidance: float, prompt: str) -> dict:
+    """For one prompt, `--guidance auto` beside the fixed `guidance`, over the sweep's targets: mean |ground truth -
+    target|, mean MMD^2 to the unguided images, the ground truth's spread across targets (max - min, in label std),
+    total UNet calls of the images (and of auto's pilots), and how many targets auto reported unreachable."""
+    combos = [c for c in json.loads((sweep / "summary.json").read_text())["combinations"] if c["prompt"] == prompt]
+    out = {}
+    for name in (f"{guidance:g}", "auto"):
+        mine = [c for c in combos if c["guidance"] == (name if name == "auto" else guidance)]
+        gt = [c["gt_mean"] for c in mine]
+        out[name] = {
+            "mean_abs_target_error": float(np.mean([c["abs_target_error"] for c in mine])),
+            "mean_mmd_to_unguided": _mean([c["mmd_to_unguided"] for c in mine]),
+            "gt_spread_in_label_std": (max(gt) - min(gt)) / std,
+            "unet_calls": sum(c["unet_calls_with_pilot"] * c["n"] for c in mine),
+            "unreachable": sum(1 for c in mine if c["auto"] is not None and not c["auto"]["reached"]),
+            "chosen_guidance": [None if c["auto"] is None else c["auto"]["chosen_guidance"] for c in mine],
+        }
+    return out
+
+
+def _mean(values: list[float | None]) -> float | None:
+    """The mean, or None when a value is missing (MMD needs 3 images per combination; --quick samples 1)."""
+    return None if None in values else float(np.mean(values))
+
+
+def _number(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def prompt_colours(sweep: Path) -> dict:
     """Mean of each colour channel of the unguided images, per prompt: prompts that name colours show them."""
     from rcgdm.files.png import load_png
 
-    rows = [r for r in _rows(sweep) if float(r["guidance"]) == 0]
+    rows = [r for r in _rows(sweep) if r["guidance"] != "auto" and float(r["guidance"]) == 0]
     out = {}
     for prompt in dict.fromkeys(r["prompt"] for r in rows):
         pixels = np.stack([load_png(sweep / r["file"]).permute(1, 2, 0).numpy() for r in rows if r["prompt"] == prompt])
@@ -172,15 +197,22 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, paper_only: bool
           f"timesteps" + ("" if lowest is None else f", {lowest:.2f}x on the least noisy bucket"))  # fmt: skip
 
     figure6 = out / "figure6"
-    sweep = ["--prompt", *PROMPTS, "--target", *targets(mean, std), "--guidance", "0", f"{GUIDANCE:g}"]
+    sweep = ["--prompt", *PROMPTS, "--target", *targets(mean, std), "--guidance", "0", f"{GUIDANCE:g}", "auto"]
     run("inference", inference(out, figure6, sizes, *sweep), seconds)
     report["effect"] = {prompt: effect_numbers(figure6, mean, std, GUIDANCE, prompt) for prompt in PROMPTS}
+    report["auto_vs_fixed"] = {prompt: auto_vs_fixed(figure6, std, GUIDANCE, prompt) for prompt in PROMPTS}
     report["prompt_colours"] = prompt_colours(figure6)
     for prompt, e in report["effect"].items():
         print(f"--> {prompt or '(unconditional)'!s} at guidance {GUIDANCE:g}: ground truth per target "
               f"{', '.join(f'{v:.3f}' for v in e['gt_mean_per_target'])}; Spearman {_number(e['spearman'])}; top - bottom "
               f"{e['top_minus_bottom_in_label_std']:.2f} label std; unguided mean {e['unguided_offset_in_label_std']:+.2f} "
               "label std from the label mean")  # fmt: skip
+    for prompt, methods in report["auto_vs_fixed"].items():
+        print(f"--> {prompt or '(unconditional)'!s}: " + "; ".join(
+            f"guidance {name}: |ground truth - target| {m['mean_abs_target_error']:.3f}, MMD^2 to unguided "
+            f"{_number(m['mean_mmd_to_unguided'], 3)}, spread across targets {m['gt_spread_in_label_std']:.2f} label std, "
+            f"{m['unet_calls']:.0f} UNet calls" + (f" ({m['unreachable']} targets unreachable)" if m["unreachable"] else "")
+            for name, m in methods.items()))  # fmt: skip
     if not paper_only:
         top = targets(mean, std)[-1]
         levels = [f"{g:g}" for g in BREAKDOWN_GUIDANCE]
@@ -216,6 +248,7 @@ ASSETS = {
     "figure6/grid.png": "tiny_demo_grid.png",
     "figure6/reward_vs_target.png": "tiny_demo_reward_vs_target.png",
     "figure6/shift_vs_target.png": "tiny_demo_shift_vs_target.png",
+    "figure6/reward_vs_distance.png": "tiny_demo_reward_vs_distance.png",
     "breakdown/guidance_breakdown.png": "tiny_demo_guidance_breakdown.png",
     "convnet.loss_curve.png": "tiny_demo_loss_curve.png",
     "convnet.loss_by_noise.png": "tiny_demo_loss_by_noise.png",

@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
 from rcgdm.files.atomic import atomic_path
+from rcgdm.sweep.rows import guidance_label, guidance_order
 
 
 def save_figure(fig, path: str | Path) -> None:
@@ -61,6 +62,11 @@ def _panels(combos: list[dict]) -> tuple:
     return fig, panels
 
 
+def _series(combos: list[dict]) -> list[tuple]:
+    """The (guidance, best_of) pairs of `combos`, in order (numbers, then auto)."""
+    return sorted({(c["guidance"], c["best_of"]) for c in combos}, key=lambda s: (guidance_order(s[0]), s[1]))
+
+
 def reward_vs_target(combos: list[dict], path: str | Path) -> None:
     """Mean ground-truth (solid) and predicted (dashed) reward against target, std bars, one colour per
     guidance; one panel per prompt."""
@@ -68,9 +74,9 @@ def reward_vs_target(combos: list[dict], path: str | Path) -> None:
     several_n = len({c["best_of"] for c in combos}) > 1
     for _, ax, mine in panels:
         targets = sorted({c["target"] for c in mine})
-        for k, (guidance, best_of) in enumerate(sorted({(c["guidance"], c["best_of"]) for c in mine})):
+        for k, (guidance, best_of) in enumerate(_series(mine)):
             rows = sorted((c for c in mine if (c["guidance"], c["best_of"]) == (guidance, best_of)), key=lambda c: c["target"])
-            series = f"guidance {guidance:g}" + (f", best of {best_of}" if several_n else "")
+            series = f"guidance {guidance_label(guidance)}" + (f", best of {best_of}" if several_n else "")
             for kind, style, marker in (("gt", "-", "o"), ("pred", "--", "x")):
                 ax.errorbar([c["target"] for c in rows], [c[f"{kind}_mean"] for c in rows], yerr=[c[f"{kind}_std"] for c in rows],
                             linestyle=style, marker=marker, color=f"C{k % 10}", capsize=3,
@@ -91,14 +97,15 @@ def shift_vs_target(combos: list[dict], path: str | Path) -> bool:
         return False
     fig, panels = _panels(known)
     for _, ax, mine in panels:
-        for k, guidance in enumerate(sorted({c["guidance"] for c in mine})):
+        for k, guidance in enumerate(sorted({c["guidance"] for c in mine}, key=guidance_order)):
             rows = sorted((c for c in mine if c["guidance"] == guidance), key=lambda c: c["target"])
             xs, ys, errors = [c["target"] for c in rows], [c["shift_mean"] for c in rows], [c["shift_std"] for c in rows]
             if guidance == 0:
                 level = sum(ys) / len(ys)
                 ax.axhline(level, color="grey", linestyle=":", label=f"unguided ({level:.3f})")
             else:
-                ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, color=f"C{k % 10}", label=f"guidance {guidance:g}")
+                ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, color=f"C{k % 10}",
+                            label=f"guidance {guidance_label(guidance)}")  # fmt: skip
         ax.legend(fontsize=8)
     panels[0][1].set_ylabel("distance to 5 nearest training latents (RMS)")
     fig.suptitle("distribution shift of generated latents")
@@ -107,19 +114,20 @@ def shift_vs_target(combos: list[dict], path: str | Path) -> bool:
 
 
 def reward_vs_compute(combos: list[dict], path: str | Path) -> dict[str, list[tuple[float, float, int]]]:
-    """Mean ground-truth distance to target against UNet calls per image: one line per guidance level
-    across best-of-N values (guidance 0 is plain best-of-N sampling). -> the series drawn:
+    """Mean ground-truth distance to target against UNet calls per image (an auto strength's pilot included): one line
+    per guidance level across best-of-N values (guidance 0 is plain best-of-N sampling). -> the series drawn:
     label -> [(UNet calls, distance, N)]."""
     drawn = {}
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for k, guidance in enumerate(sorted({c["guidance"] for c in combos})):
+    for k, guidance in enumerate(sorted({c["guidance"] for c in combos}, key=guidance_order)):
         points = []
         for best_of in sorted({c["best_of"] for c in combos if c["guidance"] == guidance}):
             group = [c for c in combos if (c["guidance"], c["best_of"]) == (guidance, best_of)]
-            calls = sum(c["unet_calls"] for c in group) / len(group)
+            calls = sum(c["unet_calls_with_pilot"] for c in group) / len(group)
             points.append((calls, sum(c["gt_distance"] for c in group) / len(group), best_of))
-        drawn[f"guidance {guidance:g}"] = points
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=f"C{k % 10}", label=f"guidance {guidance:g}")
+        label = f"guidance {guidance_label(guidance)}"
+        drawn[label] = points
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=f"C{k % 10}", label=label)
         for calls, distance, best_of in points:
             ax.annotate(f"N={best_of}", (calls, distance), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel("UNet calls per image")
@@ -138,13 +146,13 @@ def reward_vs_distance(combos: list[dict], path: str | Path) -> bool:
     if not known:
         return False
     fig, panels = _panels(known)
-    series = sorted({(c["guidance"], c["best_of"]) for c in known})
+    series = _series(known)
     for _, ax, mine in panels:
         for k, (guidance, best_of) in enumerate(series):
             rows = sorted((c for c in mine if (c["guidance"], c["best_of"]) == (guidance, best_of)), key=lambda c: c["target"])
             if not rows:
                 continue
-            label = f"guidance {guidance:g}" + (f", best of {best_of}" if best_of > 1 else "")
+            label = f"guidance {guidance_label(guidance)}" + (f", best of {best_of}" if best_of > 1 else "")
             ax.errorbar([c["mmd_to_unguided"] for c in rows], [c["gt_mean"] for c in rows],
                         xerr=[c["mmd_to_unguided_se"] for c in rows], linestyle="none", marker="o", capsize=3,
                         color=f"C{k % 10}", label=label)  # fmt: skip

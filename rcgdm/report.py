@@ -20,19 +20,20 @@ from rcgdm import plots
 from rcgdm.calibration import diversity, image_features, median_bandwidth, mmd2
 from rcgdm.files.atomic import save_json, save_text
 from rcgdm.files.png import load_png
-from rcgdm.sweep.engine import SweepCosts
+from rcgdm.sweep.auto import MAX_GUIDANCE
+from rcgdm.sweep.engine import SweepStats
 from rcgdm.sweep.plan import Combo
-from rcgdm.sweep.rows import COLUMNS, combo_key
+from rcgdm.sweep.rows import COLUMNS, combo_key, guidance_label
 
 
-def write_report(out_dir: Path, combos: list[Combo], rows: list[dict], costs: SweepCosts, record: dict,
+def write_report(out_dir: Path, combos: list[Combo], rows: list[dict], stats: SweepStats, record: dict,
                  unguided: dict[str, tuple]) -> list[dict]:  # fmt: skip
     """Write the run's files into `out_dir` and print a line per combination -> the per-combination summaries.
     `record` goes into summary.json beside the summaries (settings, provenance, versions); `unguided` holds (image, gt,
     pred) of image 0 of each prompt the sweep has no guidance 0 for (the grid's first column)."""
     order = {combo.key(): n for n, combo in enumerate(combos)}
     rows = sorted(rows, key=lambda r: (order[combo_key(r)], r["image"]))
-    summary = summarise(combos, rows, costs)
+    summary = summarise(combos, rows, stats)
     add_image_measures(out_dir, rows, summary)
     write_csv(rows, out_dir / "results.csv")
     plots.reward_vs_target(summary, out_dir / "reward_vs_target.png")
@@ -44,12 +45,21 @@ def write_report(out_dir: Path, combos: list[Combo], rows: list[dict], costs: Sw
               out_dir / "summary.json")  # fmt: skip
     for c in summary:
         print(
-            f"target {c['target']:g}, guidance {c['guidance']:g}" + (f", best of {c['best_of']}" if c["best_of"] > 1 else "")
-            + f", {c['prompt']!r}: "
+            f"target {c['target']:g}, guidance {guidance_label(c['guidance'])}" + _auto(c["auto"])
+            + (f", best of {c['best_of']}" if c["best_of"] > 1 else "") + f", {c['prompt']!r}: "
             f"ground truth {c['gt_mean']:.4f} ± {c['gt_std']:.4f}, predicted {c['pred_mean']:.4f} ± {c['pred_std']:.4f}; "
             f"target error {c['target_error']:+.4f}, predictor gap {c['predictor_gap']:+.4f}" + _versus_unguided(c)
         )
     return summary
+
+
+def _auto(choice: dict | None) -> str:
+    if choice is None:
+        return ""
+    if choice["reached"]:
+        return f" (chose {choice['chosen_guidance']:g}; pilot {choice['pilot_unet_calls']} UNet calls)"
+    return (f" (UNREACHABLE up to guidance {MAX_GUIDANCE:g}: closest pilot prediction {choice['pilot_predicted']:.4f} at "
+            f"{choice['chosen_guidance']:g}, used)")  # fmt: skip
 
 
 def _versus_unguided(c: dict) -> str:
@@ -59,10 +69,10 @@ def _versus_unguided(c: dict) -> str:
             f"± {c['mmd_to_unguided_se']:.4f}")  # fmt: skip
 
 
-def summarise(combos: list[Combo], rows: list[dict], costs: SweepCosts) -> list[dict]:
+def summarise(combos: list[Combo], rows: list[dict], stats: SweepStats) -> list[dict]:
     """Per combination: rewards (mean, std, distance to target), calibration, distribution shift, compute, time, memory."""
     out = []
-    for combo, combo_seconds, peak in zip(combos, costs.seconds, costs.peak_memory_bytes, strict=True):
+    for combo, combo_seconds, peak, choice in zip(combos, stats.seconds, stats.peak_memory_bytes, stats.auto, strict=True):
         mine = [r for r in rows if combo_key(r) == combo.key()]
         gt, pred = torch.tensor([r["gt"] for r in mine]), torch.tensor([r["pred"] for r in mine])
         shifts = [r.get("shift") for r in mine]
@@ -74,7 +84,10 @@ def summarise(combos: list[Combo], rows: list[dict], costs: SweepCosts) -> list[
                 "guidance": combo.guidance,
                 "best_of": combo.best_of,
                 "n": len(mine),
+                "guidance_used": mine[0]["guidance_used"],
+                "auto": None if choice is None else choice.summary(),
                 "unet_calls": sum(r["unet_calls"] for r in mine) / len(mine),
+                "unet_calls_with_pilot": sum(r["unet_calls"] + r["pilot_unet_calls"] for r in mine) / len(mine),
                 "gt_distance": (gt - combo.target).abs().mean().item(),
                 "target_error": gt.mean().item() - combo.target,
                 "abs_target_error": abs(gt.mean().item() - combo.target),
@@ -129,7 +142,9 @@ def write_csv(rows: list[dict], path: Path) -> None:
 def write_grid(out_dir: Path, combos: list[Combo], rows: list[dict], unguided: dict[str, tuple], path: Path) -> None:
     """The paper's Figure 6 layout: rows = prompts, an unguided column, then one column per target at the run's
     strongest guidance (and first best-of-N); every cell is image 0 (as saved), so every cell starts from the same noise."""
-    strongest = max((c.guidance for c in combos), key=abs)
+    guided = [c.guidance for c in combos if c.guidance != 0]
+    numbers = [g for g in guided if not isinstance(g, str)]
+    strongest = max(numbers, key=abs) if numbers else guided[0] if guided else 0.0  # auto alone: its images
     targets = sorted({c.target for c in combos})
     prompts = list(dict.fromkeys(c.prompt for c in combos))
     shown = [r for r in rows if r["image"] == 0 and r["best_of"] == combos[0].best_of]
@@ -149,4 +164,4 @@ def write_grid(out_dir: Path, combos: list[Combo], rows: list[dict], unguided: d
     column_labels = ["unguided"] + [f"target {t:g}" for t in targets]
     row_labels = [textwrap.fill(prompt, 24) or "(unconditional)" for prompt in prompts]
     plots.image_grid(row_labels, column_labels, grid, captions, path)
-    print(f"grid.png: guidance {strongest:g}, image 0 of each combination")
+    print(f"grid.png: guidance {guidance_label(strongest)}, image 0 of each combination")

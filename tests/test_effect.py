@@ -43,3 +43,28 @@ def test_the_reward_of_generated_images_follows_the_target(tmp_path, trained):
     assert gt[2] - gt[0] >= 1.5 * std, (gt, std)  # 2.05 label std here (torch 2.14); 1.5 leaves a margin
     shifts = [float(r["shift"]) for r in read_rows(tmp_path / "sweep" / "results.csv")]
     assert len(shifts) == 18 and all(np.isfinite(shifts)) and min(shifts) > 0
+
+
+def test_guidance_auto_reaches_a_target_inside_the_labels_and_reports_one_outside(tmp_path, trained):
+    root, mean, std = trained
+    inside, outside = mean + std, mean + 12 * std
+    args = ["--model", "tiny", "--reward_model", root / "reward_model.pth", "--predictor", root / "convnet.pth",
+            "--prompt", PROMPTS[0], "--target", f"{inside:.3f}", f"{outside:.3f}", "--guidance", "auto",
+            "--num_images", "4", "--bs", "4", "--cfg", f"{CFG:g}", "--num_inference_steps", "20", "--seed", "0",
+            "--out_dir", tmp_path / "auto"]  # fmt: skip
+    assert run_script("inference.py", *args) == 0
+    combos = sorted(json.loads((tmp_path / "auto" / "summary.json").read_text())["combinations"], key=lambda c: c["target"])
+    reached, unreachable = (c["auto"] for c in combos)
+    tolerance = 0.1 * json.loads((tmp_path / "auto" / "summary.json").read_text())["predictor"]["label_std"]
+    assert reached["reached"] and reached["tolerance"] == pytest.approx(tolerance)
+    assert abs(reached["pilot_predicted"] - combos[0]["target"]) <= tolerance and reached["chosen_guidance"] > 0
+    # the pilot is the run's first 4 images at the run's 20 steps: at the chosen strength it is the run itself
+    assert combos[0]["pred_mean"] == pytest.approx(reached["pilot_predicted"], abs=1e-6)
+    assert not unreachable["reached"] and abs(unreachable["pilot_predicted"] - combos[1]["target"]) > tolerance
+    closest = min(unreachable["pilot"], key=lambda p: abs(p[1] - combos[1]["target"]))
+    assert unreachable["chosen_guidance"] == closest[0] and max(g for g, _ in unreachable["pilot"]) == 1600
+    rows = read_rows(tmp_path / "auto" / "results.csv")
+    for c in combos:
+        mine = [r for r in rows if float(r["target"]) == c["target"]]
+        assert {float(r["guidance_used"]) for r in mine} == {c["auto"]["chosen_guidance"]} and c["guidance"] == "auto"
+        assert sum(float(r["pilot_unet_calls"]) for r in mine) == pytest.approx(c["auto"]["pilot_unet_calls"])

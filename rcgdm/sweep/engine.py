@@ -18,19 +18,22 @@ from rcgdm.files.png import save_png
 from rcgdm.guidance import RewardGuidance
 from rcgdm.memory import PeakMemory
 from rcgdm.pipeline import RewardDirectedPipeline, Scored
+from rcgdm.sweep.auto import AUTO, AutoChoice, choose_guidance
 from rcgdm.sweep.plan import Combo, Draw, draws
 from rcgdm.sweep.resume import ResumeLog
 from rcgdm.sweep.rows import combo_key, image_name, image_row, unique_rows
 
 
 @dataclass(frozen=True)
-class SweepCosts:
+class SweepStats:
     """Per combination of a sweep: sampling seconds (work shared by several combinations counts to each in equal
-    parts), and the peak memory while its images were sampled (bytes: CUDA peak allocation, or peak RSS on the CPU;
-    the highest over processes; None when this run sampled none of them, as a resumed run that had them)."""
+    parts; an auto combination's pilot included), the peak memory while its images were sampled (bytes: CUDA peak
+    allocation, or peak RSS on the CPU; the highest over processes; None when this run sampled none of them, as a
+    resumed run that had them), and the strength `--guidance auto` chose (None for a fixed strength)."""
 
     seconds: list[float]
     peak_memory_bytes: list[int | None]
+    auto: list[AutoChoice | None]
 
 
 @dataclass(frozen=True)
@@ -45,46 +48,59 @@ class SweepSettings:
     width: int | None = None
     batch_mean: bool = False
     grad_path: str = "xt"
+    auto_tolerance: float = 0.0  # how close a pilot of --guidance auto must come to the target (rcgdm/sweep/auto.py)
 
 
 def run_sweep(pipe: RewardDirectedPipeline, settings: SweepSettings, combos: list[Combo], out_dir: Path, log: ResumeLog,
-              state: PartialState) -> tuple[list[dict], SweepCosts]:  # fmt: skip
+              state: PartialState) -> tuple[list[dict], SweepStats]:  # fmt: skip
     """Sample this process's share of the batches into `out_dir` (the combinations' folders lie in it), skipping those
     `log` holds -> (every row of the run, gathered from all processes; the costs per combination)."""
     batches = distributed.batches(settings.num_images, settings.batch_size)
     units = [(draw, indices) for draw in draws(combos) for indices in batches]
     mine = distributed.my_share(units, state)
     todo = [(draw, indices) for draw, indices in mine if not all(log.finished(c.key(), i) for c in draw.combos for i in indices)]
-    seconds, peaks = [0.0] * len(combos), [None] * len(combos)
+    seconds, peaks, auto = [0.0] * len(combos), [None] * len(combos), [None] * len(combos)
     device = pipe.sd._execution_device
+    chosen = {}  # the strength of each auto draw of this process's share, searched once (deterministic: same in each)
+    for draw in dict.fromkeys(draw for draw, _ in mine if draw.guidance == AUTO):
+        start = time.perf_counter()
+        chosen[draw] = choose_guidance(pipe, settings, draw.prompt, draw.target, log.seed, settings.auto_tolerance)
+        for combo in draw.combos:
+            seconds[combos.index(combo)] += (time.perf_counter() - start) / len(draw.combos)
+            auto[combos.index(combo)] = chosen[draw]
     desc = "images" if state.num_processes == 1 else f"images (process 0 of {state.num_processes})"
     total, left = (sum(len(indices) * len(draw.combos) for draw, indices in part) for part in (mine, todo))
     with tqdm(total=total, initial=total - left, desc=desc, unit="img", disable=not state.is_main_process) as bar:
         for draw, indices in todo:
             start = time.perf_counter()
+            choice = chosen.get(draw)
+            strength = draw.guidance if choice is None else choice.guidance
             with PeakMemory(device, interval=0.01) as memory:
-                best = sample_draw(pipe, settings, draw, log.seed, indices)
+                best = sample_draw(pipe, settings, draw, strength, log.seed, indices)
             steps = len(pipe.sd.scheduler.timesteps)  # one batched UNet call per step covers both CFG branches
+            cost = Cost(steps, 0 if choice is None else choice.unet_calls / settings.num_images)
             rows = [row for combo in draw.combos
-                    for row in save_images(combo, indices, log.seed, out_dir, best[combo], combo.best_of * steps)]  # fmt: skip
+                    for row in save_images(combo, indices, log.seed, out_dir, best[combo], strength, cost)]  # fmt: skip
             log.add([row for row in rows if not log.finished(combo_key(row), row["image"])])
             for combo in draw.combos:
                 k = combos.index(combo)
                 seconds[k] += (time.perf_counter() - start) / len(draw.combos)
                 peaks[k] = max(peaks[k] or 0, memory.peak)
             bar.update(len(indices) * len(draw.combos))
-    every = gather_object([(seconds, peaks)])
-    costs = SweepCosts([sum(s[k] for s, _ in every) for k in range(len(combos))],
-                       [max((p[k] for _, p in every if p[k] is not None), default=None) for k in range(len(combos))])  # fmt: skip
-    return unique_rows(gather_object(log.rows)), costs
+    every = gather_object([(seconds, peaks, auto)])
+    stats = SweepStats([sum(s[k] for s, _, _ in every) for k in range(len(combos))],
+                       [max((p[k] for _, p, _ in every if p[k] is not None), default=None) for k in range(len(combos))],
+                       [next((a[k] for _, _, a in every if a[k] is not None), None) for k in range(len(combos))])  # fmt: skip
+    return unique_rows(gather_object(log.rows)), stats
 
 
-def sample_draw(pipe: RewardDirectedPipeline, settings: SweepSettings, draw: Draw, seed: int,
+def sample_draw(pipe: RewardDirectedPipeline, settings: SweepSettings, draw: Draw, strength: float, seed: int,
                 indices: range) -> dict[Combo, Scored]:  # fmt: skip
-    """Images `indices` of every combination of `draw`: candidates 0 .. N-1 sampled once, and per combination (best of
-    N, target T) the candidate of its first N whose predicted reward is closest to T (candidate 0: the plain image)."""
+    """Images `indices` of every combination of `draw`, guided with `strength` (the draw's, or what auto chose):
+    candidates 0 .. N-1 sampled once, and per combination (best of N, target T) the candidate of its first N whose
+    predicted reward is closest to T (candidate 0: the plain image)."""
     s = settings
-    steer = RewardGuidance(pipe.predictor.net, draw.target, draw.guidance, s.batch_mean, s.grad_path)
+    steer = RewardGuidance(pipe.predictor.net, draw.target, strength, s.batch_mean, s.grad_path)
     best: dict[Combo, Scored] = {}
     for candidate in range(draw.candidates):
         scored = pipe.sample(draw.prompt, steer, seed, indices, candidate, s.num_inference_steps, s.cfg, s.height, s.width)
@@ -94,7 +110,16 @@ def sample_draw(pipe: RewardDirectedPipeline, settings: SweepSettings, draw: Dra
     return best
 
 
-def save_images(combo: Combo, indices: range, seed: int, out_dir: Path, scored: Scored, unet_calls: int) -> list[dict]:
+@dataclass(frozen=True)
+class Cost:
+    """UNet calls per image: of one sample (steps), and an auto combination's share of its pilot."""
+
+    steps: int
+    pilot_per_image: float
+
+
+def save_images(combo: Combo, indices: range, seed: int, out_dir: Path, scored: Scored, strength: float,
+                cost: Cost) -> list[dict]:  # fmt: skip
     """Write a batch's images as {idx}_gt_{gt}_pred_{pred}.png in the combination's folder -> their rows."""
     rows = []
     for j, i in enumerate(indices):
@@ -102,7 +127,9 @@ def save_images(combo: Combo, indices: range, seed: int, out_dir: Path, scored: 
         path = combo.folder / image_name(i, gt, pred)
         save_png(scored.images[j], path)
         shift = None if scored.shift is None else scored.shift[j].item()
-        rows.append(image_row(combo.key(), i, seed, gt, pred, shift, unet_calls, path.relative_to(out_dir).as_posix()))
+        file = path.relative_to(out_dir).as_posix()
+        rows.append(image_row(combo.key(), i, seed, gt, pred, shift, combo.best_of * cost.steps, file, strength,
+                              cost.pilot_per_image))  # fmt: skip
     return rows
 
 
@@ -111,7 +138,7 @@ def unguided_first_images(pipe: RewardDirectedPipeline, settings: SweepSettings,
     """Image 0 of every prompt the sweep samples at no guidance 0, unguided, as (image (3, H, W), gt, pred): the
     grid's first column needs it."""
     out, s = {}, settings
-    sampled_unguided = {c.prompt for c in combos if c.guidance == 0}
+    sampled_unguided = {c.prompt for c in combos if c.guidance == 0}  # ("auto" may choose 0, but on its own images)
     for prompt in dict.fromkeys(c.prompt for c in combos if c.prompt not in sampled_unguided):
         scored = pipe.sample(prompt, None, seed, [0], 0, s.num_inference_steps, s.cfg, s.height, s.width)
         out[prompt] = (scored.images[0], scored.rewards.item(), scored.predicted_rewards.item())
