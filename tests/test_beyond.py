@@ -136,7 +136,7 @@ def test_best_of_n_keeps_the_candidate_closest_to_the_target(tmp_path, reward_mo
     target, indices = -3.0, range(2)
     one, three = (Combo(0, "a nice photo", target, 0.0, n, tmp_path) for n in (1, 3))
     (draw,) = draws([one, three])  # the plain image is candidate 0 of best-of-3: sampled once for both
-    kept = sample_draw(pipe, settings, draw, 0, indices)
+    kept = sample_draw(pipe, settings, draw, draw.guidance, 0, indices)
 
     def candidate(k):
         gens = image_generators(0, indices, k)

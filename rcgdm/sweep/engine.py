@@ -54,7 +54,8 @@ class SweepSettings:
 def run_sweep(pipe: RewardDirectedPipeline, settings: SweepSettings, combos: list[Combo], out_dir: Path, log: ResumeLog,
               state: PartialState) -> tuple[list[dict], SweepStats]:  # fmt: skip
     """Sample this process's share of the batches into `out_dir` (the combinations' folders lie in it), skipping those
-    `log` holds -> (every row of the run, gathered from all processes; the costs per combination)."""
+    `log` holds -> (every row of the run, gathered from all processes; seconds, memory and auto choices per combination).
+    An auto combination's strength is searched first (rcgdm/sweep/auto.py), by each process for its own share."""
     batches = distributed.batches(settings.num_images, settings.batch_size)
     units = [(draw, indices) for draw in draws(combos) for indices in batches]
     mine = distributed.my_share(units, state)
