@@ -37,7 +37,7 @@ def test_a_sweep_writes_rows_folders_and_figures(tmp_path, run):
     rows = read_rows(out / "results.csv")
     assert len(rows) == 2 * 2 * 2 * 3
     columns = ["prompt", "target", "guidance", "best_of", "image", "seed", "image_seed", "gt", "pred", "shift", "unet_calls",
-               "file"]  # fmt: skip
+               "file", "guidance_used", "pilot_unet_calls"]  # fmt: skip
     assert list(rows[0]) == columns
     assert all(float(r["shift"]) > 0 for r in rows)  # the predictor carries its training latents
     folders = sorted(p.name for p in out.iterdir() if p.is_dir())
