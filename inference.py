@@ -216,6 +216,7 @@ def main() -> None:
             if run_dir != out_dir:
                 publish(run_dir, out_dir, [*RUN_FILES, *earlier_files(out_dir, combos), *(row["file"] for row in rows)])
         state.print(f"wrote {len(rows)} images and {out_dir / 'results.csv'}, summary.json, the figures and grid.png")
+    distributed.finish(state)
 
 
 def load(args: argparse.Namespace, facts: dict, state: PartialState, device: torch.device,

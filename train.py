@@ -176,6 +176,7 @@ def main() -> None:
                 publish(staging_folder(out_path), out_path.parent, [path.name for path in files.values()])
             written = [files[k] for k in ("predictor", "metrics", "loss_curve", "loss_by_noise", "train_summary")]
             print(f"wrote {', '.join(str(path) for path in written if path.exists())}")
+    distributed.finish(state)
 
 
 def where_to_write(config: SimpleNamespace, files: dict[str, Path], staged: dict[str, Path], main: bool) -> dict[str, Path]:

@@ -63,6 +63,15 @@ def start(device_name: str) -> tuple[PartialState, torch.device]:
     return state, state.device
 
 
+def finish(state: PartialState) -> None:
+    """The end of a script's work: with several processes, each waits for the others and then leaves the process
+    group, so that none exits while another still talks to it (gloo then aborts that one: "terminate called without
+    an active exception")."""
+    if state.num_processes > 1:
+        state.wait_for_everyone()
+        state.destroy_process_group()
+
+
 def _warn_if_cpu_launch_fell_back() -> None:
     """`accelerate launch --cpu --num_processes N` starts one process unless MPI is set up; say so."""
     asked = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") and "MASTER_ADDR" in os.environ

@@ -146,18 +146,26 @@ import sys
 sys.path.insert(0, {root!r})
 from accelerate import Accelerator, PartialState
 from safetensors.torch import save_file
+from rcgdm.distributed import finish
 from rcgdm.training import train_epoch
 
+
+
+def train(state):  # as train.py: the DDP wrapper is gone (with its hold on the process group) before the script ends
+    net = small_net()
+    ddp = Accelerator(cpu=True).prepare_model(net, device_placement=False)
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.01)
+    x, y = training_data()
+    generator = torch.Generator().manual_seed(0)
+    losses = [train_epoch(ddp, optimizer, None, x, y, None, generator, 10, noised=False, shard=(state.process_index, 2))
+              for _ in range(3)]
+    if state.is_main_process:
+        save_file({{**net.state_dict(), "losses": torch.tensor(losses)}}, {out!r})
+
+
 state = PartialState(cpu=True)
-net = small_net()
-ddp = Accelerator(cpu=True).prepare_model(net, device_placement=False)
-optimizer = torch.optim.Adam(net.parameters(), lr=0.01)
-x, y = training_data()
-generator = torch.Generator().manual_seed(0)
-losses = [train_epoch(ddp, optimizer, None, x, y, None, generator, 10, noised=False, shard=(state.process_index, 2))
-          for _ in range(3)]
-if state.is_main_process:
-    save_file({{**net.state_dict(), "losses": torch.tensor(losses)}}, {out!r})
+train(state)
+finish(state)
 """
 
 
