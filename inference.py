@@ -151,9 +151,7 @@ def family_defaults(setting: str) -> str:
 
 def fill_family_defaults(args: argparse.Namespace, family: Family) -> None:
     """Steps, cfg and scheduler left open take the model family's own (rcgdm/families.py)."""
-    args.num_inference_steps = args.num_inference_steps or family.steps
-    args.cfg = family.cfg if args.cfg is None else args.cfg
-    args.scheduler = args.scheduler or family.scheduler
+    args.num_inference_steps, args.cfg, args.scheduler = family.fill(args.num_inference_steps, args.cfg, args.scheduler)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -27,6 +27,10 @@ class Family:
     label: str  # for messages and the README
     float32_vae: bool = False  # its VAE overflows in float16: with force_upcast its pipeline decodes in float32
 
+    def fill(self, steps: int | None, cfg: float | None, scheduler: str | None = None) -> tuple[int, float, str]:
+        """Steps, classifier-free guidance scale and scheduler: the family's own where None."""
+        return steps or self.steps, self.cfg if cfg is None else cfg, scheduler or self.scheduler
+
 
 FAMILIES = {
     "sd": Family("sd", "StableDiffusionPipeline", "unet", False, 7.5, 50, "pndm", "SD 1.x/2.x"),

@@ -94,7 +94,7 @@ class RewardDirectedPipeline:
         checkpoints can tell is checked before the pipeline's weights load."""
         facts = model_facts(model)
         family = FAMILIES[facts["family"]]
-        scheduler = scheduler or family.scheduler
+        *_, scheduler = family.fill(None, None, scheduler)
         check_steps(scheduler, facts["prediction_type"])
         if not isinstance(predictor, TrainedPredictor):
             predictor = load_predictor(predictor)
@@ -111,7 +111,8 @@ class RewardDirectedPipeline:
 
     def defaults(self, num_inference_steps: int | None, cfg: float | None) -> tuple[int, float]:
         """Steps and classifier-free guidance scale, the family's own where None."""
-        return num_inference_steps or self.family.steps, self.family.cfg if cfg is None else cfg
+        steps, cfg, _ = self.family.fill(num_inference_steps, cfg)
+        return steps, cfg
 
     def check(self, num_inference_steps: int, grad_path: str, height: int | None, width: int | None) -> None:
         """InputError unless this pipeline can sample with these settings as the predictor was trained for."""

@@ -109,6 +109,33 @@ def latent_labels(path, num_data=1024):
     return path
 
 
+def mean_prediction(pipe, predictor, steer, images: int, steps: int, prompt: str, cfg: float = 7.5) -> float:
+    """The predictor's mean over the final latents of images 0..images-1 (seed 0) sampled with `steer` (None: unguided)."""
+    from rcgdm.sampler import sample_latents
+    from rcgdm.seeds import image_generators
+
+    latents = sample_latents(pipe, prompt, image_generators(0, range(images)), steer, steps, cfg, progress_bar=False)
+    with torch.no_grad():
+        return predictor(latents).mean().item()
+
+
+def levels_used(pipe, steer, monkeypatch, images: int, steps: int, prompt: str, cfg: float = 7.5) -> tuple[list, torch.Tensor]:
+    """Sample with `steer`, recording the noise level the sampler hands the term at every model call -> (levels, latents)."""
+    from rcgdm.guidance import RewardGuidance
+    from rcgdm.sampler import sample_latents
+    from rcgdm.seeds import image_generators
+
+    used, real_apply = [], RewardGuidance.apply
+
+    def recording(self, output, x_t, level, prediction_type):
+        used.append(float(level))
+        return real_apply(self, output, x_t, level, prediction_type)
+
+    monkeypatch.setattr(RewardGuidance, "apply", recording)
+    latents = sample_latents(pipe, prompt, image_generators(0, range(images)), steer, steps, cfg, progress_bar=False)
+    return used, latents
+
+
 @pytest.fixture(scope="session")
 def predictor_path(tmp_path_factory, tiny_model_dir) -> Path:
     """A predictor trained by train.py on labels the tiny latents carry."""

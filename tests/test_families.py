@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import error_line, read_rows, run_script
+from conftest import error_line, levels_used, mean_prediction, read_rows, run_script
 
 from rcgdm.cli import UserError
 from rcgdm.guidance import RewardGuidance
@@ -82,15 +82,7 @@ def test_the_flow_term_uses_the_sigma_the_transformer_is_told(pipes, monkeypatch
     calls twice per step, at both ends), with the model's shift; sigma = 1 at the start, where the term is zero."""
     pipe = pipes["sd3"]
     monkeypatch.setattr(pipe, "scheduler", make_scheduler(scheduler, pipe.scheduler.config, "flow_prediction"))
-    used, real_apply = [], RewardGuidance.apply
-
-    def recording(self, output, x_t, level, prediction_type):
-        used.append(float(level))
-        return real_apply(self, output, x_t, level, prediction_type)
-
-    monkeypatch.setattr(RewardGuidance, "apply", recording)
-    sample_latents(pipe, PROMPT, image_generators(0, range(1)), RewardGuidance(predictor("sd3"), 1.0, 2.0), 5, 1.0,
-                   progress_bar=False)  # fmt: skip
+    used, _ = levels_used(pipe, RewardGuidance(predictor("sd3"), 1.0, 2.0), monkeypatch, 1, 5, PROMPT, cfg=1.0)
     told = [float(t) / pipe.scheduler.config.num_train_timesteps for t in pipe.scheduler.timesteps]
     assert len(used) == len(told) == (5 if scheduler == "flow_euler" else 9)
     assert used == pytest.approx(told, rel=1e-6) and used[0] == 1.0
@@ -103,9 +95,7 @@ def test_guidance_moves_the_predicted_reward_toward_targets_above_and_below(fami
     net = predictor(family, torch.float64)
 
     def mean_reward(steer: RewardGuidance | None) -> float:
-        latents = sample_latents(pipe, PROMPT, image_generators(0, range(4)), steer, 8, progress_bar=False)
-        with torch.no_grad():
-            return net(latents).mean().item()
+        return mean_prediction(pipe, net, steer, 4, 8, PROMPT)
 
     unguided = mean_reward(None)
     for target in (unguided - 1.0, unguided + 1.0):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import mean_prediction
 
 from rcgdm.guidance import RewardGuidance, reward_gradient
 from rcgdm.models import load_pipeline
@@ -117,10 +118,7 @@ def test_batch_mean_guidance_g_at_batch_b_equals_g_over_b(predictor):
 
 def test_guidance_moves_the_predicted_reward_toward_the_target(pipe, predictor):
     def mean_reward(guidance):
-        latents = sample_latents(pipe, PROMPT, image_generators(0, range(8)), guidance, num_inference_steps=10,
-            progress_bar=False)
-        with torch.no_grad():
-            return predictor(latents).mean().item()
+        return mean_prediction(pipe, predictor, guidance, 8, 10, PROMPT)
 
     unguided = mean_reward(None)
     for target in (unguided - 1.0, unguided + 1.0):
@@ -199,9 +197,7 @@ def test_guidance_moves_the_reward_toward_the_target_for_other_prediction_types(
     monkeypatch.setattr(pipe, "scheduler", make_scheduler("ddim", pipe.scheduler.config))  # put back, pass or fail
 
     def mean_reward(guidance):
-        latents = sample_latents(pipe, PROMPT, image_generators(0, range(6)), guidance, 10, progress_bar=False)
-        with torch.no_grad():
-            return predictor(latents).mean().item()
+        return mean_prediction(pipe, predictor, guidance, 6, 10, PROMPT)
 
     unguided = mean_reward(None)
     for target in (unguided - 1.0, unguided + 1.0):

@@ -7,6 +7,7 @@ import inspect
 import diffusers
 import pytest
 import torch
+from conftest import levels_used
 
 from rcgdm.cli import UserError
 from rcgdm.guidance import RewardGuidance
@@ -60,25 +61,10 @@ def expected_alpha_bars(scheduler) -> list[float]:
 
 
 
-def used_alpha_bars(pipe, guidance, monkeypatch) -> tuple[list[float], torch.Tensor]:
-    """Sample two images with `guidance`, recording the alpha_bar the sampler hands the term at every model call."""
-    used = []
-
-    real_apply = RewardGuidance.apply
-
-    def recording(self, output, x_t, alpha_bar_t, prediction_type):
-        used.append(float(alpha_bar_t))
-        return real_apply(self, output, x_t, alpha_bar_t, prediction_type)
-
-    monkeypatch.setattr(RewardGuidance, "apply", recording)
-    latents = sample_latents(pipe, "a nice photo", image_generators(0, range(2)), guidance, STEPS, progress_bar=False)
-    return used, latents
-
-
 @pytest.mark.parametrize(("name", "changes"), CASES, ids=[f"{n}{'-' + '-'.join(c) if c else ''}" for n, c in CASES])
 def test_the_term_uses_the_schedulers_own_noise_level_at_every_step(pipe, predictor, monkeypatch, name, changes):
     monkeypatch.setattr(pipe, "scheduler", make_scheduler(name, {**pipe.scheduler.config, **changes}))  # put back after
-    used, latents = used_alpha_bars(pipe, RewardGuidance(predictor, target=3.0, guidance=2.0), monkeypatch)
+    used, latents = levels_used(pipe, RewardGuidance(predictor, target=3.0, guidance=2.0), monkeypatch, 2, STEPS, "a nice photo")
     expected = expected_alpha_bars(pipe.scheduler)
     assert len(used) == len(expected) == len(pipe.scheduler.timesteps)
     assert used == pytest.approx(expected, rel=1e-12, abs=0)

@@ -181,23 +181,26 @@ def clip_text_config(tokenizer, sizes: dict) -> dict:
             "eos_token_id": eos, "pad_token_id": eos, **sizes}  # fmt: skip
 
 
+def tiny_vae(sizes: dict, latent_channels: int, scaling_factor: float, shift_factor: float | None = None):
+    """An AutoencoderKL of plain encoder/decoder blocks, one per entry of sizes["block_out_channels"]."""
+    from diffusers import AutoencoderKL
+
+    blocks = len(sizes["block_out_channels"])
+    return AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
+                         latent_channels=latent_channels, scaling_factor=scaling_factor, shift_factor=shift_factor,
+                         **sizes)  # fmt: skip
+
+
 def build_pipeline(arch: str = "tiny", seed: int = TINY_SEED):
     """A StableDiffusionPipeline of architecture `arch` with freshly initialised weights (seeded)."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     sizes = ARCHITECTURES[arch]
     tokenizer = clip_tokenizer(**sizes["tokenizer"])
     torch.manual_seed(seed)
     text_config = clip_text_config(tokenizer, sizes["text"])
-    blocks = len(sizes["vae"]["block_out_channels"])
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * blocks,
-        up_block_types=("UpDecoderBlock2D",) * blocks,
-        latent_channels=4,
-        scaling_factor=0.18215,
-        **sizes["vae"],
-    )
+    vae = tiny_vae(sizes["vae"], latent_channels=4, scaling_factor=0.18215)
     scheduler = PNDMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from rcgdm.tiny.build import clip_text_config, clip_tokenizer, shape_like_a_trained_vae
+from rcgdm.tiny.build import clip_text_config, clip_tokenizer, shape_like_a_trained_vae, tiny_vae
 
 _TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "projection_dim": 32}
 _VAE = {"block_out_channels": (16, 32, 32, 32), "layers_per_block": 1, "norm_num_groups": 8, "sample_size": 64}
@@ -35,12 +35,7 @@ def _tokenizer_and_text_encoder(projection: bool):
 
 
 def _vae(latent_channels: int, scaling_factor: float, shift_factor: float | None = None):
-    from diffusers import AutoencoderKL
-
-    blocks = len(_VAE["block_out_channels"])
-    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
-                        latent_channels=latent_channels, scaling_factor=scaling_factor, shift_factor=shift_factor,
-                        **_VAE)  # fmt: skip
+    vae = tiny_vae(_VAE, latent_channels, scaling_factor, shift_factor)
     shape_like_a_trained_vae(vae)
     return vae
 
