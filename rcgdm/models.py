@@ -129,26 +129,18 @@ def _dtype_kwargs(dtype: torch.dtype) -> dict:
 
 
 DIFFUSION_TYPES = ("epsilon", "v_prediction", "sample")  # what an alpha_bar family's scheduler config may say
-COMPONENT_LIBRARIES = ("diffusers", "transformers", "stable_diffusion")  # the last: diffusers' safety checker module
 
 
 def check_model_index(name: str) -> Family:
     """Read only `model_index.json` and refuse, before anything is imported or loaded, a model whose pipeline class is
-    not a supported family's (rcgdm/families.py) or that names a component outside diffusers and transformers: the
-    folder is data, and a library it names would be imported (run) by older diffusers. -> the model's family."""
+    not a supported family's (rcgdm/families.py); its components were checked with every config of the folder
+    (rcgdm/model_files.py). -> the model's family."""
     from diffusers import DiffusionPipeline
 
     index = _config(DiffusionPipeline, name, "model_index.json")
     family = family_of(index.get("_class_name"))
     if family is None:
         raise InputError("model", f"{name!r} {refusal(index.get('_class_name'))}")
-    for component, spec in index.items():
-        if component.startswith("_") or not isinstance(spec, list) or spec == [None, None]:
-            continue  # settings such as requires_safety_checker, and absent components
-        library = spec[0]
-        if library not in COMPONENT_LIBRARIES:
-            raise InputError("model", f"{name!r}: model_index.json names {component} from {library!r}; "
-                            "expected a component of diffusers or transformers (custom code is never run)")  # fmt: skip
     return family
 
 
@@ -164,6 +156,9 @@ def model_facts(name: str) -> dict:
     if family.name == "sdxl" and denoiser.get("addition_embed_type") != "text_time":
         raise InputError("model", f"{name!r}: model_index.json says {family.pipeline}, but {denoiser_file} has no "
                                   "'text_time' added conditioning; expected an SDXL UNet")  # fmt: skip
+    if family.name == "sd" and denoiser.get("addition_embed_type") == "text_time":
+        raise InputError("model", f"{name!r}: model_index.json says {family.pipeline}, but {denoiser_file} has SDXL's "
+                                  "'text_time' added conditioning; expected an SD 1.x/2.x UNet (or an SDXL label)")  # fmt: skip
     scheduler = _config(PNDMScheduler, name, "scheduler/scheduler_config.json")  # any class: config only
     vae = _config(AutoencoderKL, name, "vae/config.json")
     blocks = _field(vae, "block_out_channels", list, name, "vae/config.json", "a list of channel counts")

@@ -19,6 +19,7 @@ class, whatever name it was given.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +98,25 @@ def make_scheduler(name: str, config, prediction_type: str | None = None):
     except Exception as err:  # a config option this class cannot take, or one needing a package not installed
         reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
         raise InputError("scheduler", f"{name!r} cannot be built from the model's scheduler config ({reason})") from None
+
+
+def check_step_count(scheduler, steps: int) -> None:
+    """InputError unless `scheduler` can make a schedule of `steps` steps (PNDM's Runge-Kutta warm-up, when its config
+    keeps it, needs at least 4). Tried on a copy: the scheduler itself is left as it was."""
+    try:
+        copy.deepcopy(scheduler).set_timesteps(steps)
+    except Exception as err:  # diffusers' own check, or an arithmetic failure on a schedule too short
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:120]
+        warm_up = isinstance(scheduler, _class("pndm")) and not scheduler.config.get("skip_prk_steps")
+        need = "at least 4 steps for PNDM's Runge-Kutta warm-up" if warm_up else "another number of steps"
+        raise InputError("num_inference_steps", f"{steps} is too few for {type(scheduler).__name__} ({reason}); "
+                                                f"expected {need}")  # fmt: skip
+
+
+def _class(name: str) -> type:
+    import diffusers
+
+    return getattr(diffusers, SCHEDULERS[name].class_name)
 
 
 def noise_levels(scheduler) -> torch.Tensor:

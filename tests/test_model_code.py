@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import sys
 from types import SimpleNamespace
 
 import pytest
-from conftest import error_line, run_script
+from conftest import ROOT, error_line, run_script
 
 import rcgdm.model_files
 import rcgdm.models
@@ -130,3 +132,93 @@ def test_a_user_reward_module_leaves_the_import_path_as_it_found_it(tmp_path, mo
     UserFunction("my_reward_module:f")
     assert sys.path == before
     sys.modules.pop("my_reward_module", None)
+
+
+def nest_a_pipeline(folder, marker, where: str) -> str:
+    """Make the UNet a pipeline whose own model_index.json names a module beside the model (diffusers 0.38.0 to 0.42.0
+    would import it) -> what the error must say."""
+    (folder.parent / "evil_module_beside.py").write_text(MARKER_CODE.format(marker=str(marker)))
+    nested = {"_class_name": "StableDiffusionPipeline", "unet": ["evil_module_beside", "Thing"]}
+    if where == "in a dict":
+        nested = {"_class_name": "StableDiffusionPipeline", "extra": {"deep": [["evil_module_beside", "Thing"]]}}
+    (folder / "unet" / "model_index.json").write_text(json.dumps(nested))
+    if where == "component class":
+        (folder / "unet" / "model_index.json").unlink()
+        edit_json(folder / "model_index.json", unet=["diffusers", "StableDiffusionPipeline"])
+        return "makes the component 'StableDiffusionPipeline' a pipeline of its own"
+    if where == "top-level pair in a list":
+        (folder / "unet" / "model_index.json").unlink()
+        edit_json(folder / "model_index.json", extra=[["evil_module_beside", "Thing"]])
+        return "names a component from 'evil_module_beside'"
+    return "unet/model_index.json makes a component a pipeline of its own"
+
+
+@pytest.mark.parametrize("where", ["nested index", "in a dict", "component class", "top-level pair in a list"])
+def test_a_pipeline_as_a_component_or_a_library_at_any_depth_is_refused(tmp_path, tiny_model_dir, monkeypatch, where):
+    folder, marker = tmp_path / "model", tmp_path / "pwned"
+    shutil.copytree(tiny_model_dir, folder)
+    expected = nest_a_pipeline(folder, marker, where)
+    monkeypatch.syspath_prepend(str(tmp_path))  # the module would be importable, as one beside the working folder is
+    for load in (load_pipeline, model_facts, load_vae, check_vae):
+        with pytest.raises(UserError, match="code from a model is never run") as refused:
+            load(str(folder))
+        assert expected in str(refused.value)
+    assert not marker.exists() and "evil_module_beside" not in sys.modules
+
+
+def test_the_check_runs_at_every_load_not_once_per_process(tmp_path, tiny_model_dir):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    assert model_facts(str(folder))["family"] == "sd"
+    (folder / "unet" / "late.py").write_text("raise SystemExit('ran')\n")
+    with pytest.raises(UserError, match="holds the code file 'unet/late.py'"):
+        model_facts(str(folder))
+    (folder / "unet" / "late.py").unlink()
+    edit_json(folder / "unet" / "config.json", auto_map={"AutoModel": "x.Y"})
+    with pytest.raises(UserError, match="names custom code"):
+        load_pipeline(str(folder))
+
+
+def odd_config(folder, case: str) -> str:
+    """Make the UNet's config odd -> what the one line must say."""
+    config = folder / "unet" / "config.json"
+    if case == "fifo":
+        config.unlink()
+        os.mkfifo(config)
+        return "unet/config.json is not a regular file"
+    if case == "device link":
+        config.unlink()
+        config.symlink_to("/dev/zero")
+        return "unet/config.json is not a regular file"
+    if case == "huge":
+        with open(config, "ab") as f:
+            f.truncate(rcgdm.model_files.MAX_CONFIG_BYTES + 1)
+        return "unet/config.json holds 67108865 bytes"
+    if case == "deep":
+        config.write_text("[" * 100_000 + "]" * 100_000)
+        return "unet/config.json is not readable JSON (RecursionError)"
+    kinds = {"class list": ["UNet2DConditionModel"], "class dict": {"a": 1}, "class number": 3}
+    edit_json(config, _class_name=kinds[case])
+    return f"unet/config.json field '_class_name' holds a {type(kinds[case]).__name__}"
+
+
+@pytest.mark.parametrize("case", ["fifo", "device link", "huge", "deep", "class list", "class dict", "class number"])
+def test_odd_configs_are_one_line_never_a_hang(tmp_path, tiny_model_dir, capsys, case):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    expected = odd_config(folder, case)
+    args = ["--model", folder, "--predictor", tmp_path / "none.pth", "--out_dir", tmp_path / "out"]
+    assert run_script("inference.py", *args) == 2  # the model's configs are read before the predictor
+    assert expected in error_line(capsys.readouterr().err)
+    with pytest.raises(UserError, match=re.escape(expected)):
+        check_vae(str(folder))  # train.py's path
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_diffusers_below_the_floor_loads_no_model(tiny_model_dir, monkeypatch):
+    import diffusers
+
+    monkeypatch.setattr(diffusers, "__version__", "0.42.0")
+    with pytest.raises(UserError, match=r"diffusers 0.42.0 is installed; expected diffusers>=0.42.1"):
+        model_facts(str(tiny_model_dir))
+    assert f"diffusers>={rcgdm.model_files.MIN_DIFFUSERS}," in (ROOT / "requirements.txt").read_text()  # the floor the check enforces is the one installed
