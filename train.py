@@ -51,6 +51,7 @@ from rcgdm.files.provenance import package_versions, sha256_file
 from rcgdm.latents import LatentSpec, cached_latents, vae_fingerprint
 from rcgdm.models import check_model_index, check_vae, load_scheduler, load_vae, local_model_folder
 from rcgdm.predictor import ThreeLayerConvNet, predictor_checkpoint, reference_sample
+from rcgdm.schedulers import check_step_count
 from rcgdm.training import (
     add_training_noise,
     check_labels_source,
@@ -164,6 +165,7 @@ def main() -> None:
     train_idx, val_idx = split(config.num_data, config.val_fraction, config.seed)  # an empty side fails here, before any encoding
     family = check_model_index(config.model).name  # configs only: a model that cannot be had fails before anything is created
     check_vae(config.model)
+    check_step_count(load_scheduler(config.model), config.num_inference_steps)  # a config only: its schedule must exist
     if config.data != "cifar10":  # cheap to open (cifar10 is downloaded once, later, by the main process first)
         check_num_data(config.num_data, open_source(config.data, config.data_root))
     writable_dir(out_path.parent, "out_path's folder")

@@ -109,9 +109,9 @@ def _stock_class(name: str, library: str | None = None) -> bool:
     from diffusers.pipelines import stable_diffusion
 
     modules = {"diffusers": diffusers, "transformers": transformers, "stable_diffusion": stable_diffusion}
-    for library in [modules[library]] if library else [diffusers, transformers]:
+    for module in [modules[library]] if library else [diffusers, transformers]:
         try:
-            if isinstance(getattr(library, name), type):
+            if isinstance(getattr(module, name), type):
                 return True
         except Exception:  # absent, or a lazy import of an optional backend that fails
             continue

@@ -28,7 +28,7 @@ from rcgdm.models import SD15, load_pipeline, model_facts
 from rcgdm.predictor import TrainedPredictor, load_predictor
 from rcgdm.rewards import Reward, load_reward
 from rcgdm.sampler import decode, sample_latents
-from rcgdm.schedulers import check_steps, make_scheduler
+from rcgdm.schedulers import check_step_count, check_steps, make_scheduler
 from rcgdm.seeds import image_generators
 
 
@@ -117,9 +117,12 @@ class RewardDirectedPipeline:
     def check(self, num_inference_steps: int, grad_path: str, height: int | None, width: int | None) -> None:
         """InputError unless this pipeline can sample with these settings as the predictor was trained for."""
         train_steps = self.sd.scheduler.config.num_train_timesteps
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
+            raise InputError("num_inference_steps", f"{num_inference_steps!r} is not an integer; expected 1 to {train_steps}")
         if not 1 <= num_inference_steps <= train_steps:
             raise InputError("num_inference_steps", f"{num_inference_steps} is outside the model's {train_steps} training "
                                                     f"timesteps; expected 1 to {train_steps}")  # fmt: skip
+        check_step_count(self.sd.scheduler, num_inference_steps)
         if grad_path not in GRAD_PATHS:
             raise InputError("grad_path", f"{grad_path!r} is unknown; expected one of {', '.join(GRAD_PATHS)}")
         self.predictor.check_grad_path(grad_path)

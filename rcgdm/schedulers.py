@@ -110,7 +110,7 @@ def check_step_count(scheduler, steps: int) -> None:
         warm_up = isinstance(scheduler, _class("pndm")) and not scheduler.config.get("skip_prk_steps")
         need = "at least 4 steps for PNDM's Runge-Kutta warm-up" if warm_up else "another number of steps"
         raise InputError("num_inference_steps", f"{steps} is too few for {type(scheduler).__name__} ({reason}); "
-                                                f"expected {need}")  # fmt: skip
+                                                f"expected {need}") from None  # fmt: skip
 
 
 def _class(name: str) -> type:

@@ -137,7 +137,7 @@ def test_a_model_folder_naming_another_library_is_refused_before_any_import(tmp_
     (folder / "model_index.json").write_text(json.dumps({**index, "unet": ["evil_library", "UNet"]}))
     from rcgdm.models import load_pipeline
 
-    with pytest.raises(UserError, match="names unet from 'evil_library'"):
+    with pytest.raises(UserError, match="names a component from 'evil_library'"):
         load_pipeline(str(folder))
     (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
     with pytest.raises(UserError, match="is a 'FluxPipeline': FLUX is guidance-distilled"):
@@ -146,6 +146,43 @@ def test_a_model_folder_naming_another_library_is_refused_before_any_import(tmp_
     with pytest.raises(UserError, match=r"says StableDiffusionXLPipeline, but unet/config\.json has no 'text_time'"):
         load_pipeline(str(folder))
     assert not marker.exists()
+
+
+def test_an_sd_label_on_an_sdxl_unet_is_refused_from_the_configs(tmp_path, monkeypatch):
+    from rcgdm.models import ensure_built, load_pipeline
+
+    folder = tmp_path / "model"
+    shutil.copytree(ensure_built("tiny-sdxl-random"), folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionPipeline"}))
+    monkeypatch.setattr("diffusers.StableDiffusionPipeline.from_pretrained", None)  # refused before any weights load
+    with pytest.raises(UserError, match=r"says StableDiffusionPipeline, but unet/config\.json has SDXL's 'text_time'"):
+        load_pipeline(str(folder))
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_pndm_with_its_warm_up_on_too_few_steps_is_one_line(tmp_path, capsys, tiny_model_dir, predictor_path,
+                                                            reward_model_path, steps):  # fmt: skip
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    config = folder / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "skip_prk_steps": False}))
+    args = ["--model", folder, "--predictor", predictor_path, "--ignore_provenance", "--num_inference_steps", steps,
+            "--reward_model", reward_model_path, "--out_dir", tmp_path / "out"]  # fmt: skip
+    assert run_script("inference.py", *args) == 2
+    assert f"--num_inference_steps {steps} is too few for PNDMScheduler" in error_line(capsys.readouterr().err)
+    from rcgdm.pipeline import RewardDirectedPipeline
+
+    pipe = RewardDirectedPipeline.from_pretrained(str(folder), predictor_path, ignore_provenance=True)
+    with pytest.raises(UserError, match=f"{steps} is too few for PNDMScheduler .*at least 4 steps"):
+        pipe("", num_inference_steps=steps)
+    labels = tmp_path / "labels.npy"
+    np.save(labels, np.zeros((8, 1), np.float32))
+    train = [f"--model={folder}", "--data=synthetic", "--num_data=8", "--image_size=32", f"--labels_path={labels}", "--val_fraction=0",
+             f"--num_inference_steps={steps}", f"--out_path={tmp_path / 'out' / 'c.pth'}", f"--cache_dir={tmp_path / 'c'}"]  # fmt: skip
+    assert run_script("train.py", *train) == 2
+    assert "at least 4 steps for PNDM's Runge-Kutta warm-up" in error_line(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("which", ["reward_model", "predictor"])
