@@ -49,7 +49,7 @@ from rcgdm.files.outputs import (
 )
 from rcgdm.files.provenance import package_versions, sha256_file
 from rcgdm.latents import LatentSpec, cached_latents, vae_fingerprint
-from rcgdm.models import check_model_index, check_vae, load_scheduler, load_vae, local_model_folder
+from rcgdm.models import check_vae, load_scheduler, load_vae, local_model_folder, model_facts
 from rcgdm.predictor import ThreeLayerConvNet, predictor_checkpoint, reference_sample
 from rcgdm.schedulers import check_step_count
 from rcgdm.training import (
@@ -60,6 +60,7 @@ from rcgdm.training import (
     load_state,
     loss_by_noise_level,
     mean_squared_error,
+    read_state,
     save_state,
     split,
     train_epoch,
@@ -163,7 +164,7 @@ def main() -> None:
     check_outputs(config, files, staged)
     labels = load_labels(config.labels_path, config.num_data)
     train_idx, val_idx = split(config.num_data, config.val_fraction, config.seed)  # an empty side fails here, before any encoding
-    family = check_model_index(config.model).name  # configs only: a model that cannot be had fails before anything is created
+    facts = model_facts(config.model)  # configs only: a model that cannot be had fails before anything is created
     check_vae(config.model)
     check_step_count(load_scheduler(config.model), config.num_inference_steps)  # a config only: its schedule must exist
     if config.data != "cifar10":  # cheap to open (cifar10 is downloaded once, later, by the main process first)
@@ -172,13 +173,24 @@ def main() -> None:
     writable_dir(config.cache_dir, "cache_dir")
     with distributed.main_only_lock(state, lock_file(out_path), f"out_path {str(out_path)!r}"):
         writes = where_to_write(config, files, staged, state.is_main_process)
-        train(config, family, state, dev, labels, (train_idx, val_idx), writes, start_time)
+        if config.resume:  # checked in full before any encoding
+            check_resume_state(writes["resume"], facts["in_channels"], config)
+        train(config, facts["family"], state, dev, labels, (train_idx, val_idx), writes, start_time)
         if state.is_main_process:
             if writes is staged:
                 publish(staging_folder(out_path), out_path.parent, [path.name for path in files.values()])
             written = [files[k] for k in ("predictor", "metrics", "loss_curve", "loss_by_noise", "train_summary")]
             print(f"wrote {', '.join(str(path) for path in written if path.exists())}")
     distributed.finish(state)
+
+
+def check_resume_state(path: Path, channels: int, config: SimpleNamespace) -> None:
+    """UserError unless the saved state at `path` is whole and has epochs left to train."""
+    net = ThreeLayerConvNet(in_channels=channels)
+    epoch = len(read_state(path, net, torch.optim.Adam(net.parameters(), lr=config.lr), torch.Generator())["history"])
+    if epoch >= config.num_epochs:
+        raise UserError(f"resume=True: {str(path)!r} already finished epoch {epoch} of num_epochs={config.num_epochs}; "
+                        "expected a larger num_epochs to train further")  # fmt: skip
 
 
 def where_to_write(config: SimpleNamespace, files: dict[str, Path], staged: dict[str, Path], main: bool) -> dict[str, Path]:
@@ -266,15 +278,8 @@ def train(
     generator = torch.Generator().manual_seed(config.seed)
     history: list[dict] = []
     if config.resume:  # every process loads the same state, so all continue alike
-        saved = load_state(state_path, run_config, RESUME_MUST_MATCH)
-        net.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        generator.set_state(saved["generator"])
-        history = saved["history"]
-        if saved["epoch"] >= config.num_epochs:
-            raise UserError(f"resume=True: {str(state_path)!r} already finished epoch {saved['epoch']} of num_epochs="
-                            f"{config.num_epochs}; expected a larger num_epochs to train further")  # fmt: skip
-        state.print(f"resuming from {state_path} after epoch {saved['epoch']}")
+        history = load_state(state_path, run_config, RESUME_MUST_MATCH, net, optimizer, generator)
+        state.print(f"resuming from {state_path} after epoch {len(history)}")
     main = state.is_main_process
     run = start_wandb(config) if main else None
     # several processes: DDP through accelerate averages the gradients; `net` stays the plain model that is saved

@@ -19,6 +19,7 @@ measures how far generated latents drift from them (rcgdm.evaluate.distribution_
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,12 +167,53 @@ class TrainedPredictor:
                                           "expected the same model (or --ignore_provenance)")  # fmt: skip
 
 
+MAX_CHANNELS, MAX_LATENT = 1024, 4096
+
+
+def _integer(low: int, high: int):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+
+def _number(low: float = -math.inf):
+    return lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= low
+
+
+FIELDS = {  # what each metadata field must hold when present (older checkpoints lack some): (check, expected)
+    "arch": (lambda v: v == ARCH, repr(ARCH)),
+    "family": (lambda v: isinstance(v, str) and v in FAMILIES, f"one of {', '.join(FAMILIES)}"),
+    "latent_channels": (_integer(1, MAX_CHANNELS), f"an integer from 1 to {MAX_CHANNELS}"),
+    "latent_size": (lambda v: isinstance(v, list) and len(v) == 2 and all(map(_integer(1, MAX_LATENT), v)),
+                    f"[h, w], integers from 1 to {MAX_LATENT}"),
+    "image_size": (_integer(1, 8 * MAX_LATENT), f"an integer from 1 to {8 * MAX_LATENT}"),
+    "model": (lambda v: isinstance(v, str), "a string"),
+    "noised": (lambda v: isinstance(v, bool), "true or false"),
+    "labels_sha256": (lambda v: isinstance(v, str), "a string"),
+    "reward_model_sha256": (lambda v: v is None or isinstance(v, str), "a string or None"),
+    "label_mean": (_number(), "a finite number"),
+    "label_std": (_number(0), "a finite number >= 0"),
+    "epochs": (_integer(1, 2**31), "an integer >= 1"),
+    "val_loss": (lambda v: v is None or _number(0)(v), "a finite number >= 0, or None"),
+}  # fmt: skip
+
+
+def check_fields(checkpoint: dict, path: str | Path) -> None:
+    """InputError naming the first metadata field that does not hold what train.py writes (FIELDS)."""
+    if "latent_channels" not in checkpoint:
+        raise InputError("predictor", f"{str(path)!r}: field 'latent_channels' is missing; expected a checkpoint of train.py")
+    for field, (ok, expected) in FIELDS.items():
+        if field in checkpoint and not ok(checkpoint[field]):
+            value = checkpoint[field]
+            plain = isinstance(value, str | int | float | bool | list | type(None)) and len(repr(value)) <= 60
+            shown = f"is {value!r}" if plain else f"holds a {type(value).__name__}"
+            raise InputError("predictor", f"{str(path)!r}: field {field!r} {shown}; expected {expected}")
+
+
 def load_predictor(path: str | Path, family: str | None = None, latent_channels: int | None = None) -> TrainedPredictor:
-    """Read a predictor checkpoint (train.py's convnet.pth) once; checks the family and latent channels if given."""
+    """Read a predictor checkpoint (train.py's convnet.pth) once, every field checked before anything else is done
+    with it; checks the family and latent channels if given."""
     checkpoint = load_checkpoint(path, FORMAT)
-    channels = checkpoint.get("latent_channels")
-    if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
-        raise InputError("predictor", f"{str(path)!r}: field 'latent_channels' is {channels!r}; expected an integer >= 1")
+    check_fields(checkpoint, path)
+    channels = checkpoint["latent_channels"]
     net = load_predictor_state(ThreeLayerConvNet(in_channels=channels), checkpoint["state_dict"], path)
     meta = plain_metadata(checkpoint, path, skip=("state_dict", "reference_latents"))
     predictor = TrainedPredictor(net, meta, _reference_latents(checkpoint, path), str(path))
@@ -183,9 +225,18 @@ def load_predictor(path: str | Path, family: str | None = None, latent_channels:
 
 
 def _reference_latents(checkpoint: dict, path: str | Path) -> torch.Tensor | None:
+    """The stored training latents, checked before any arithmetic: a small file can describe a huge tensor (a
+    stride-0 view), and float() or isfinite() would allocate all of it."""
     reference = checkpoint.get("reference_latents")
     if reference is None:
         return None
-    if not isinstance(reference, torch.Tensor) or reference.ndim != 4 or not torch.isfinite(reference).all():
-        raise InputError("predictor", f"{str(path)!r}: field 'reference_latents' is not a finite (K, C, h, w) tensor")
+    size = checkpoint.get("latent_size")
+    expected = f"(K, {checkpoint['latent_channels']}, h, w) with 1 <= K <= {REFERENCE_LATENTS}" + (
+        f", h x w = {size[0]} x {size[1]}" if size else "")  # fmt: skip
+    fits = (isinstance(reference, torch.Tensor) and reference.dtype in (torch.float16, torch.float32) and reference.ndim == 4
+            and 1 <= len(reference) <= REFERENCE_LATENTS and reference.shape[1] == checkpoint["latent_channels"]
+            and (size is None or list(reference.shape[2:]) == list(size)) and reference.is_contiguous())  # fmt: skip
+    if not fits or not torch.isfinite(reference).all():
+        raise InputError("predictor", f"{str(path)!r}: field 'reference_latents' is not a finite, contiguous float tensor "
+                                      f"{expected}")  # fmt: skip
     return reference.float()

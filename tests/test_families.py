@@ -145,7 +145,8 @@ def test_flux_and_unknown_pipelines_are_refused_with_the_reason(tmp_path):
     for name, reason in (("FluxPipeline", "FLUX is guidance-distilled"), ("KandinskyPipeline", unknown)):
         folder = tmp_path / name
         folder.mkdir()
-        (folder / "model_index.json").write_text(json.dumps({"_class_name": name, "transformer": ["diffusers", "FluxTransformer2DModel"]}))
+        index = {"_class_name": name, "transformer": ["diffusers", "FluxTransformer2DModel"]}
+        (folder / "model_index.json").write_text(json.dumps(index))
         with pytest.raises(UserError, match=reason):
             model_facts(str(folder))
 

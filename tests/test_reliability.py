@@ -178,8 +178,9 @@ def test_pndm_with_its_warm_up_on_too_few_steps_is_one_line(tmp_path, capsys, ti
         pipe("", num_inference_steps=steps)
     labels = tmp_path / "labels.npy"
     np.save(labels, np.zeros((8, 1), np.float32))
-    train = [f"--model={folder}", "--data=synthetic", "--num_data=8", "--image_size=32", f"--labels_path={labels}", "--val_fraction=0",
-             f"--num_inference_steps={steps}", f"--out_path={tmp_path / 'out' / 'c.pth'}", f"--cache_dir={tmp_path / 'c'}"]  # fmt: skip
+    train = [f"--model={folder}", "--data=synthetic", "--num_data=8", "--image_size=32", f"--labels_path={labels}",
+             "--val_fraction=0", f"--num_inference_steps={steps}", f"--out_path={tmp_path / 'out' / 'c.pth'}",
+             f"--cache_dir={tmp_path / 'c'}"]  # fmt: skip
     assert run_script("train.py", *train) == 2
     assert "at least 4 steps for PNDM's Runge-Kutta warm-up" in error_line(capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
@@ -771,6 +772,18 @@ CRAFTED_PREDICTORS = [
     ({"label_mean": torch.zeros(3)}, "field 'label_mean' holds a Tensor"),
     ({"reference_latents": torch.zeros(3)}, "field 'reference_latents'"),
     ({"reference_latents": "latents"}, "field 'reference_latents'"),
+    ({"val_loss": float("inf")}, "field 'val_loss' is inf; expected a finite number"),
+    ({"val_loss": "0.1"}, "field 'val_loss' is '0.1'"),
+    ({"label_std": float("nan")}, "field 'label_std' is nan"),
+    ({"latent_size": [8, "8"]}, "field 'latent_size'"),
+    ({"noised": 1}, "field 'noised' is 1; expected true or false"),
+    ({"family": ["sd"]}, "field 'family'"),
+    ({"extra_note": float("inf")}, "field 'extra_note' holds NaN or inf"),
+    ({"reference_latents": torch.zeros(1, 4, 8, 8).expand(10**6, 4, 8, 8)}, "not a finite, contiguous"),  # 1 TB as float
+    ({"reference_latents": torch.zeros(1, 4, 1, 1).expand(4, 4, 10**6, 10**6)}, "not a finite, contiguous"),
+    ({"reference_latents": torch.zeros(0, 4, 8, 8)}, "1 <= K <= 512"),
+    ({"reference_latents": torch.zeros(2, 3, 8, 8)}, "field 'reference_latents'"),
+    ({"reference_latents": torch.full((2, 4, 8, 8), float("inf"))}, "field 'reference_latents'"),
 ]
 
 
@@ -784,15 +797,63 @@ def test_a_crafted_predictor_names_the_field(tmp_path, predictor_path, fields, e
     assert str(path) in str(err.value) and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize(("field", "value"), [("epoch", "3"), ("epoch", 0), ("history", {}), ("generator", [1]), ("config", 7)])
-def test_a_crafted_resume_state_names_the_field(tmp_path, field, value):
-    from rcgdm.training import STATE_FORMAT, load_state
+def fresh_training(channels: int = 4):
+    from rcgdm.predictor import ThreeLayerConvNet
 
-    state = {"format": STATE_FORMAT, "config": {}, "epoch": 1, "model": {}, "optimizer": {}, "generator": torch.zeros(3),
-             "history": [], field: value}  # fmt: skip
-    torch.save(state, tmp_path / "s.pth")
-    with pytest.raises(UserError, match=f"field '{field}'"):
-        load_state(tmp_path / "s.pth", {}, ())
+    net = ThreeLayerConvNet(channels)
+    return net, torch.optim.Adam(net.parameters(), lr=1e-3), torch.Generator()
+
+
+def saved_state(path, **fields):
+    """A training state as train.py saves it after one epoch (one Adam step taken), with `fields` replaced."""
+    from rcgdm.training import save_state
+
+    net, optimizer, generator = fresh_training()
+    net(torch.randn(2, 4, 8, 8)).sum().backward()
+    optimizer.step()
+    save_state(path, {}, 1, net, optimizer, generator, [{"epoch": 1, "train_loss": 0.5, "val_loss": None}])
+    torch.save({**torch.load(path, weights_only=True), **fields}, path)
+    return path
+
+
+def other_shapes() -> dict:
+    net, optimizer, _ = fresh_training(16)
+    net(torch.randn(2, 16, 8, 8)).sum().backward()
+    optimizer.step()
+    return {"model": net.state_dict(), "optimizer": optimizer.state_dict()}
+
+
+CRAFTED_STATES = [("epoch", "3"), ("epoch", 0), ("history", {}), ("generator", [1]), ("config", 7), ("model", "other shapes"),
+                  ("optimizer", "other shapes"), ("generator", torch.zeros(3, dtype=torch.uint8)), ("epoch", 2),
+                  ("history", [{"epoch": 1, "train_loss": float("inf")}]), ("history", [{"epoch": 1, "train_loss": "0.5"}]),
+                  ("model", "nan")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("field", "value"), CRAFTED_STATES)
+def test_a_crafted_resume_state_names_the_field(tmp_path, field, value):
+    from rcgdm.training import load_state
+
+    if value == "other shapes":
+        value = other_shapes()[field]
+    if value == "nan":
+        weights = fresh_training()[0].state_dict()
+        value = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in weights.items()}
+    path = saved_state(tmp_path / "s.pth", **{field: value})
+    with pytest.raises(UserError, match=f"field '{field}'|weight .* holds NaN") as refused:
+        load_state(path, {}, (), *fresh_training())
+    assert "\n" not in str(refused.value)
+    load_state(saved_state(tmp_path / "whole.pth"), {}, (), *fresh_training())  # the uncrafted state loads
+
+
+def test_train_py_checks_a_resume_state_in_full_before_encoding(tmp_path, capsys, small_labels):
+    out = tmp_path / "out" / "convnet.pth"
+    assert run_script(*train_args(tmp_path, small_labels, out)) == 0
+    state = out.with_suffix(".resume.pth")
+    torch.save({**torch.load(state, weights_only=True), **other_shapes()}, state)
+    shutil.rmtree(tmp_path / "cache")  # a resume that went on would encode again: it must stop first
+    assert run_script(*train_args(tmp_path, small_labels, out, "--resume=True", "--num_epochs=2")) == 2
+    assert "field 'model' does not fit the predictor" in error_line(capsys.readouterr().err)
+    assert not any((tmp_path / "cache").iterdir())  # nothing was encoded
 
 
 @pytest.mark.parametrize("rows", [[{"prompt": 1}], "rows", [{"prompt": "p", "target": 1, "guidance": 0, "best_of": 1, "image": 0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -58,7 +59,7 @@ _PLAIN = (str, int, float, bool, type(None))
 
 
 def plain_metadata(checkpoint: dict, path: str | Path, skip: tuple[str, ...] = ("state_dict",)) -> dict:
-    """A checkpoint's metadata fields (all but `skip`), which must be plain values (str, number, bool, None, or
+    """A checkpoint's metadata fields (all but `skip`), which must be plain values (str, finite number, bool, None, or
     lists of them): they are recorded in JSON outputs. Anything else is a UserError naming the field."""
     meta = {}
     for key, value in checkpoint.items():
@@ -67,7 +68,7 @@ def plain_metadata(checkpoint: dict, path: str | Path, skip: tuple[str, ...] = (
         items = value if isinstance(value, list) else [value]
         if not isinstance(key, str) or not all(isinstance(v, _PLAIN) for v in items):
             raise UserError(f"checkpoint {str(path)!r}: field {key!r} holds a {type(value).__name__}; expected a plain value")
-        if any(isinstance(v, float) and v != v for v in items):
-            continue  # NaN metadata (e.g. a val_loss) is dropped, never recorded
+        if any(isinstance(v, float) and not math.isfinite(v) for v in items):  # JSON outputs record it: strict JSON
+            raise UserError(f"checkpoint {str(path)!r}: field {key!r} holds NaN or inf; expected a finite number")
         meta[key] = value
     return meta
