@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from rcgdm.cli import InputError, UserError
+from rcgdm.files.png import to_rgb
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 SYNTHETIC_SIZE = 50_000
@@ -138,7 +139,7 @@ class ImageFolder(ImageSource):
         path = self.files[index]
         try:
             with Image.open(path) as image:
-                return pil_to_tensor(image.convert("RGB"))
+                return torch.from_numpy(to_rgb(image).copy()).permute(2, 0, 1).contiguous()
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise UserError(f"image {str(path)!r} cannot be read ({err}); expected a valid image file") from None
 

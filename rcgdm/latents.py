@@ -87,7 +87,7 @@ def _sha256(tensor: torch.Tensor) -> str:
 def read_cache(path: Path, description: str, rows: int) -> torch.Tensor | None:
     """The latents in `path` if the file is intact, holds `rows` latents and was made for `description`;
     None (with the reason printed) otherwise."""
-    if not path.is_file():
+    if not path.is_file() or path.is_symlink():  # a regular file of the cache's own, never a link or a device
         return None
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -123,6 +123,8 @@ def cached_latents(
     same file whatever the number of processes, since the batches are those of one process."""
     path = spec.path(cache_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir() and not path.is_symlink():  # any other non-file there (a link, a FIFO) is replaced when written
+        raise UserError(f"latent cache {str(path)!r} is a folder; expected the cache's file there (remove the folder)")
     lock = path.parent / f".{path.name}.lock"
     with main_only_lock(state, lock, f"the latent cache {path.name}", wait=True):  # one encoder per cache entry
         latents = read_cache(path, spec.describe(), spec.num_data) if state.is_main_process else None

@@ -108,3 +108,37 @@ def test_atomic_writes_leave_only_the_final_file_with_normal_permissions(tmp_pat
         tmp.write_bytes(b"half")
         raise RuntimeError("interrupted")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]
+
+
+def mode_images() -> dict:
+    """An image of each awkward mode -> (the image, the RGB pixel it must read as; None: refused)."""
+    half_red = Image.new("RGBA", (4, 4), (255, 0, 0, 128))
+    palette = Image.new("P", (4, 4), 1)
+    palette.putpalette([0, 0, 0, 0, 0, 255] + [0] * 762)
+    palette.info["transparency"] = 1
+    return {
+        "grey16.png": (Image.fromarray(np.full((4, 4), 32768, np.uint16)), (128, 128, 128)),  # 16-bit mid-grey
+        "grey16_white.png": (Image.fromarray(np.full((4, 4), 65535, np.uint16)), (255, 255, 255)),
+        "rgba.png": (half_red, (255, 127, 127)),  # over white
+        "la.png": (Image.new("LA", (4, 4), (0, 0)), (255, 255, 255)),  # fully transparent black
+        "palette.png": (palette, (255, 255, 255)),  # its only colour is the transparent one
+        "cmyk.jpg": (Image.new("CMYK", (4, 4), (0, 0, 0, 0)), (255, 255, 255)),
+        "bilevel.png": (Image.new("1", (4, 4), 1), (255, 255, 255)),
+    }
+
+
+@pytest.mark.parametrize("name", list(mode_images()))
+def test_every_image_mode_reads_as_its_rgb_or_is_refused(tmp_path, name):
+    image, expected = mode_images()[name]
+    image.save(tmp_path / name)
+    pixels = open_source(str(tmp_path))[0]
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 4, 4)
+    assert (pixels.view(3, -1) - torch.tensor(expected)[:, None]).abs().max() <= 1, (name, pixels[:, 0, 0])
+
+
+def test_float_pixels_with_no_known_range_are_refused_and_32_bit_greys_scaled():
+    from rcgdm.files.png import to_rgb
+
+    with pytest.raises(ValueError, match="no known range"):
+        to_rgb(Image.fromarray(np.full((4, 4), 0.5, np.float32)))
+    assert to_rgb(Image.fromarray(np.full((4, 4), 32768, np.int32)))[0, 0].tolist() == [128, 128, 128]  # mode I

@@ -71,6 +71,29 @@ def test_cache_encodes_once_and_is_rebuilt_when_corrupt(tmp_path, labels, capsys
     assert len(list((tmp_path / "cache").glob("latents-*.safetensors"))) == 2
 
 
+def test_a_cache_entry_that_is_not_a_file_is_rebuilt_or_refused_in_one_line(tmp_path, labels, capsys):
+    import os
+
+    assert train(tmp_path, labels, "a")[0] == 0
+    (cache_file,) = (tmp_path / "cache").glob("latents-*.safetensors")
+    good = cache_file.read_bytes()
+    lock = cache_file.parent / f".{cache_file.name}.lock"
+    cache_file.unlink()
+    os.mkfifo(cache_file)  # a FIFO (reading it would hang): rebuilt
+    code, summary = train(tmp_path, labels, "fifo")
+    assert code == 0 and summary["images_encoded"] == 64 and cache_file.read_bytes() == good
+    cache_file.unlink()
+    cache_file.mkdir()  # a folder: refused before any encoding, left alone
+    assert train(tmp_path, labels, "folder")[0] == 2
+    assert f"latent cache {str(cache_file)!r} is a folder" in error_line(capsys.readouterr().err)
+    cache_file.rmdir()
+    lock.unlink()
+    lock.mkdir()  # the cache's lock path is a folder
+    assert train(tmp_path, labels, "lock")[0] == 2
+    assert f"the lock file {str(lock)!r}" in error_line(capsys.readouterr().err)
+    assert {p.name for p in (tmp_path / "folder").iterdir()} <= {".convnet.pth.lock"}  # no output, only the run's lock
+
+
 def test_outputs_and_checkpoint_metadata(tmp_path, labels):
     code, summary = train(tmp_path, labels)
     assert code == 0

@@ -17,7 +17,7 @@ LOCK_FILE = ".rcgdm.lock"  # an --out_dir's lock (fake_dataset.py, inference.py)
 def locked(lock_file: str | Path, what: str, wait: bool = False) -> Iterator[None]:
     """Hold an exclusive lock on `lock_file` (created if needed). If another process holds it:
     wait for it (wait=True) or refuse with a UserError naming `what`."""
-    fd = os.open(lock_file, os.O_CREAT | os.O_RDWR, 0o644)
+    fd = open_lock(lock_file, what)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -29,6 +29,15 @@ def locked(lock_file: str | Path, what: str, wait: bool = False) -> Iterator[Non
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def open_lock(lock_file: str | Path, what: str) -> int:
+    """A descriptor of `lock_file` (created if needed), or a UserError naming it (a folder, say, or unwritable)."""
+    try:
+        return os.open(lock_file, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o644)
+    except OSError as err:
+        raise UserError(f"the lock file {str(lock_file)!r} of {what} cannot be opened ({err.strerror}); expected a plain "
+                        "file there (remove what is in its place)") from None  # fmt: skip
 
 
 def refuse_if_locked(lock_file: str | Path, what: str) -> None:
