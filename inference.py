@@ -32,14 +32,24 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 
 from rcgdm import distributed
-from rcgdm.cli import MAX_SEED, ArgumentParser, UserError, finite_float, non_empty, positive_int, run_main, writable_dir
+from rcgdm.cli import (
+    MAX_SEED,
+    ArgumentParser,
+    UserError,
+    finite_float,
+    non_empty,
+    positive_int,
+    run_main,
+    text_problem,
+    writable_dir,
+)
 from rcgdm.families import FAMILIES, Family
 from rcgdm.files.locking import LOCK_FILE, refuse_if_locked
 from rcgdm.files.outputs import publish
 from rcgdm.files.provenance import package_versions, sha256_file
 from rcgdm.guidance import GRAD_PATHS
 from rcgdm.models import SD15, local_model_folder, model_facts, model_fingerprint
-from rcgdm.pipeline import RewardDirectedPipeline, latent_size
+from rcgdm.pipeline import RewardDirectedPipeline, check_memory, latent_size
 from rcgdm.predictor import load_predictor
 from rcgdm.report import write_report
 from rcgdm.schedulers import SCHEDULERS, scheduler_support
@@ -101,6 +111,9 @@ MAX_STEPS = 1000  # SD's training timesteps: no scheduler can take more steps th
 def check_args(args: argparse.Namespace) -> None:
     """Everything that can be checked before anything loads."""
     for prompt in args.prompt:
+        problem = text_problem(prompt)
+        if problem:
+            raise UserError(f"--prompt {prompt!a} {problem}; expected a text prompt")
         if prompt and not prompt.strip():
             raise UserError(f"--prompt {prompt!r} is blank; expected some text, or '' for unconditional samples")
     for flag in ("height", "width"):
@@ -231,6 +244,7 @@ def load(args: argparse.Namespace, facts: dict, state: PartialState, device: tor
             dtype=dtype, ignore_provenance=args.ignore_provenance,
         )  # fmt: skip
     pipe.check(args.num_inference_steps, args.grad_path, args.height, args.width)
+    check_memory(args.num_images, args.bs, max(args.best_of), *pipe.image_size(args.height, args.width), device)
     return pipe
 
 

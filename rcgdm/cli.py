@@ -105,6 +105,17 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def text_problem(text: str) -> str | None:
+    """Why `text` is not valid text for a prompt (not UTF-8, control characters), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid UTF-8 text"
+    if any((ord(c) < 32 and c not in "\t\n\r") or ord(c) == 127 for c in text):
+        return "holds control characters"
+    return None
+
+
 def check_creatable(path: str | Path, what: str = "--out_dir") -> None:
     """UserError unless `path` is a writable directory or could be created as one; creates nothing."""
     full = Path(path).absolute()

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from rcgdm.cli import MAX_SEED, InputError, UserError
-from rcgdm.distributed import batches
+from rcgdm.cli import MAX_SEED, InputError, UserError, text_problem
+from rcgdm.distributed import batches, resolve_device
 from rcgdm.evaluate import distribution_shift, predicted_reward
 from rcgdm.families import FAMILIES, Family, family_of
 from rcgdm.guidance import GRAD_PATHS, RewardGuidance
@@ -65,6 +65,28 @@ def latent_size(sample_size: int, vae_scale_factor: int, height: int | None, wid
     return (height or default) // vae_scale_factor, (width or default) // vae_scale_factor
 
 
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_load(**values) -> None:
+    """InputError naming the first from_pretrained argument of the wrong type."""
+    kinds = {"model": (str,), "predictor": (str, Path, TrainedPredictor), "reward_model": (str, Path, type(None)),
+             "user_reward": (str, type(None)), "scheduler": (str, type(None)), "ignore_provenance": (bool,)}  # fmt: skip
+    for name, kind in kinds.items():
+        if not isinstance(values[name], kind):
+            expected = " or ".join("None" if k is type(None) else k.__name__ for k in kind)
+            raise InputError(name, f"{_shown(values[name])} is a {type(values[name]).__name__}; expected {expected}")
+    if not isinstance(values["dtype"], torch.dtype) or values["dtype"] not in DTYPES:
+        raise InputError("dtype", f"{_shown(values['dtype'])} is not supported; expected torch.float32, float16 or bfloat16")
+
+
+def _device(device) -> torch.device:
+    """A device name ("auto", "cpu", "cuda:1") or torch.device, checked usable."""
+    if not isinstance(device, str | torch.device):
+        raise InputError("device", f"{_shown(device)} is a {type(device).__name__}; expected a device name or torch.device")
+    return resolve_device(str(device))
+
+
 class RewardDirectedPipeline:
     """A diffusers pipeline of a supported family (`sd`: StableDiffusionPipeline, StableDiffusionXLPipeline or
     StableDiffusion3Pipeline), a trained reward predictor and, optionally, the ground-truth reward its labels came
@@ -92,6 +114,9 @@ class RewardDirectedPipeline:
         (default: its family's, rcgdm/families.py), the predictor (train.py's checkpoint) and, if given, the ground-truth
         reward model (fake_dataset.py's; `user_reward` names a module:function reward it records). What configs and
         checkpoints can tell is checked before the pipeline's weights load."""
+        _check_load(model=model, predictor=predictor, reward_model=reward_model, user_reward=user_reward,
+                    scheduler=scheduler, dtype=dtype, ignore_provenance=ignore_provenance)  # fmt: skip
+        device = _device(device)
         facts = model_facts(model)
         family = FAMILIES[facts["family"]]
         *_, scheduler = family.fill(None, None, scheduler)
@@ -136,6 +161,12 @@ class RewardDirectedPipeline:
                                        f"a multiple of {multiple} (latent patches of {patch})")  # fmt: skip
         self.predictor.check_latent_size(size, self.sd.vae_scale_factor)
 
+    def image_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """(height, width) of the images sampled: as asked, else the model's default."""
+        denoiser = getattr(self.sd, self.family.denoiser).config
+        h, w = latent_size(denoiser.sample_size, self.sd.vae_scale_factor, height, width)
+        return h * self.sd.vae_scale_factor, w * self.sd.vae_scale_factor
+
     def sample(self, prompt: str, reward_guidance: RewardGuidance | None, seed: int, indices, candidate: int = 0,
                num_inference_steps: int | None = None, cfg: float | None = None, height: int | None = None,
                width: int | None = None, progress_bar: bool = True) -> Scored:  # fmt: skip
@@ -175,9 +206,11 @@ class RewardDirectedPipeline:
         (0: the plain model), in batches of `batch_size`; `cfg` is the classifier-free guidance scale; best_of N keeps,
         per image, the candidate whose predicted reward is closest to the target. Steps and cfg default to the family's."""
         num_inference_steps, cfg = self.defaults(num_inference_steps, cfg)
-        _check_call(target=target, guidance=guidance, cfg=cfg, num_images=num_images, seed=seed, best_of=best_of,
-                    batch_size=batch_size, height=height, width=width)  # fmt: skip
+        _check_call(prompt=prompt, target=target, guidance=guidance, cfg=cfg, num_images=num_images, seed=seed,
+                    best_of=best_of, batch_size=batch_size, height=height, width=width, batch_mean=batch_mean)  # fmt: skip
         self.check(num_inference_steps, grad_path, height, width)
+        size = self.image_size(height, width)
+        check_memory(num_images, batch_size, best_of, *size, self.sd._execution_device)
         steer = RewardGuidance(self.predictor.net, target, guidance, batch_mean, grad_path)
         kept = []
         for indices in batches(num_images, batch_size):  # the batches inference.py --bs samples
@@ -189,20 +222,66 @@ class RewardDirectedPipeline:
         return Scored.concat(kept)
 
 
+MAX_SIZE = 4096  # pixels a side, as inference.py's --height/--width
+VAE_FULL_RES_CHANNELS = 128  # SD's VAE decoder runs its last blocks at full resolution with 128 channels
+
+
 def _check_call(**values) -> None:
-    """InputError naming the first call argument that is not a finite number / integer in range."""
+    """InputError naming the first call argument of the wrong type or out of range."""
+    prompt = values["prompt"]
+    if not isinstance(prompt, str) or text_problem(prompt):
+        problem = text_problem(prompt) if isinstance(prompt, str) else f"is a {type(prompt).__name__}"
+        raise InputError("prompt", f"{ascii(prompt)[:80]} {problem}; expected a text prompt")
     for name in ("target", "guidance", "cfg"):
         value = values[name]
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise InputError(name, f"{value!r} is not a finite number; expected one")
-    for name, low in (("num_images", 1), ("best_of", 1), ("batch_size", 1), ("seed", 0), ("height", 8), ("width", 8)):
+        try:
+            finite = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(float(value))
+        except OverflowError:
+            finite = False
+        if not finite:
+            raise InputError(name, f"{_shown(value)} is not a finite number; expected one")
+    for name, low, high in (("num_images", 1, MAX_SEED), ("best_of", 1, MAX_SEED), ("batch_size", 1, MAX_SEED),
+                            ("seed", 0, MAX_SEED), ("height", 8, MAX_SIZE), ("width", 8, MAX_SIZE)):  # fmt: skip
         value = values[name]
         if value is None and name in ("height", "width"):
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_SEED:
-            raise InputError(name, f"{value!r} is out of range; expected an integer from {low} to {MAX_SEED}")
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise InputError(name, f"{_shown(value)} is out of range; expected an integer from {low} to {high}")
         if name in ("height", "width") and value % 8:
             raise InputError(name, f"{value} is not a multiple of 8; expected e.g. {value - value % 8 or 8}")
+    if not isinstance(values["batch_mean"], bool):
+        raise InputError("batch_mean", f"{_shown(values['batch_mean'])} is not True or False; expected a bool")
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"a {type(value).__name__} of {len(text)} characters"
+
+
+def memory_needed(num_images: int, batch_size: int, best_of: int, height: int, width: int) -> tuple[int, str]:
+    """A lower bound on the bytes a call (or one sweep combination, whose images the report holds) needs: its images
+    (float32, 3 x height x width each), and one batch's decoding at full resolution (with a second batch kept for
+    best-of-N) -> (bytes, how they add up)."""
+    image = 3 * height * width * 4
+    batch = min(batch_size, num_images)
+    held = num_images * image
+    decoding = batch * (VAE_FULL_RES_CHANNELS * height * width * 4 * 3 + image * (2 if best_of > 1 else 1))
+    return held + decoding, f"{held / 1e9:.3g} GB of images held, {decoding / 1e9:.3g} GB to decode a batch"
+
+
+def check_memory(num_images: int, batch_size: int, best_of: int, height: int, width: int, device: torch.device) -> None:
+    """InputError before anything is allocated when `memory_needed` exceeds the device's memory."""
+    needed, parts = memory_needed(num_images, batch_size, best_of, height, width)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        import psutil
+
+        total = psutil.virtual_memory().total
+    if needed > total:
+        raise InputError("num_images", f"{num_images} images of {height}x{width} in batches of {batch_size} need at least "
+                                       f"{needed / 1e9:.3g} GB ({parts}), more than the {total / 1e9:.3g} GB of {device.type}; "
+                                       "expected fewer images, smaller batches or a smaller size")  # fmt: skip
 
 
 def _check_finite(values: torch.Tensor, what: str, steer: RewardGuidance | None, cfg: float) -> None:

@@ -130,6 +130,10 @@ def test_existing_images_are_not_overwritten_silently(tmp_path, run, capsys):
         (["--predictor", "REWARD"], "has format 'rcgdm.reward/1'; expected 'rcgdm.predictor/1'"),
         (["--out_dir", "A_FILE"], "is a file; expected a directory"),
         (["--dtype", "fp16", "--device", "cpu"], "--dtype fp16 on cpu is not supported"),
+        (["--prompt", "a \udcff photo"], "--prompt 'a \\udcff photo' is not valid UTF-8 text"),  # bytes argv cannot decode
+        (["--prompt", "a\x07photo"], "holds control characters"),
+        (["--num_images", "1000000000"], "--num_images 1000000000 images of 64x64 in batches of 4 need at least"),
+        (["--num_images", "2", "--bs", "2", "--height", "4096", "--width", "4096"], "trained on 8x8 latents"),
     ],
 )
 def test_bad_input_is_one_line_and_samples_nothing(tmp_path, run, capsys, reward_model_path, args, expected):

@@ -53,6 +53,55 @@ def test_the_api_refuses_what_the_predictor_was_not_trained_for(api, predictor_p
         RewardDirectedPipeline.from_pretrained(str(ensure_built("tiny-random")), predictor_path)
 
 
+BAD_CALLS = [
+    ({"prompt": 5}, "prompt 5 is a int; expected a text prompt"),
+    ({"prompt": "a \udcff photo"}, "is not valid UTF-8 text"),
+    ({"prompt": "a\x00photo"}, "holds control characters"),
+    ({"target": "1.0"}, "target '1.0' is not a finite number"),
+    ({"target": 10**400}, "target a int of 401 characters is not a finite number"),  # overflows a float
+    ({"guidance": True}, "guidance True is not a finite number"),
+    ({"cfg": float("inf")}, "cfg inf is not a finite number"),
+    ({"num_images": 2.0}, "num_images 2.0 is out of range"),
+    ({"num_images": 10**9}, r"num_images 1000000000 images of 64x64 in batches of 4 need at least 4.92e\+04 GB"),
+    ({"batch_size": 10**30}, "batch_size 1000000000000000000000000000000 is out of range"),
+    ({"height": 2**20}, "height 1048576 is out of range; expected an integer from 8 to 4096"),
+    ({"num_inference_steps": 2.5}, "num_inference_steps 2.5 is not an integer"),
+    ({"batch_mean": "yes"}, "batch_mean 'yes' is not True or False"),
+    ({"grad_path": ["xt"]}, r"grad_path \['xt'\] is unknown"),
+]
+
+
+@pytest.mark.parametrize(("bad", "expected"), BAD_CALLS)
+def test_every_call_argument_is_checked_before_anything_is_allocated(api, monkeypatch, bad, expected):
+    monkeypatch.setattr(api, "sample", None)  # refused before any sampling
+    settings = {"prompt": "a nice photo", "num_inference_steps": 2, **bad}
+    with pytest.raises(InputError, match=expected) as err:
+        api(**settings)
+    assert "\n" not in str(err.value)
+
+
+BAD_LOADS = [
+    ({"model": 3}, "model 3 is a int; expected str"),
+    ({"predictor": 1.5}, "predictor 1.5 is a float; expected str or Path or TrainedPredictor"),
+    ({"reward_model": ["r.pth"]}, "reward_model"),
+    ({"scheduler": 7}, "scheduler 7 is a int"),
+    ({"device": "gpu"}, "device 'gpu' is not a device"),
+    ({"device": 0}, "device 0 is a int; expected a device name or torch.device"),
+    ({"device": "cuda:3"}, "device 'cuda:3' asks for CUDA but none is available"),
+    ({"dtype": "fp16"}, "dtype 'fp16' is not supported"),
+    ({"ignore_provenance": "no"}, "ignore_provenance 'no' is a str; expected bool"),
+]
+
+
+@pytest.mark.parametrize(("bad", "expected"), BAD_LOADS)
+def test_every_from_pretrained_argument_is_checked(predictor_path, monkeypatch, bad, expected):
+    import rcgdm.pipeline
+
+    monkeypatch.setattr(rcgdm.pipeline, "load_pipeline", None)  # refused before any weights load
+    with pytest.raises(InputError, match=expected):
+        RewardDirectedPipeline.from_pretrained(**{"model": "tiny-random", "predictor": predictor_path, **bad})
+
+
 def test_a_sweep_samples_each_distinct_image_once(tmp_path, monkeypatch, reward_model_path, predictor_path):
     """Unguided images do not depend on the target, and candidate k of best-of-N is the same for every N > k."""
     calls = []
