@@ -175,8 +175,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def image_settings(args: argparse.Namespace, seed: int) -> dict:
-    """Everything that shapes the images: a resumed run must match it."""
+def image_settings(args: argparse.Namespace, seed: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """Everything that shapes the images: a resumed run must match it. With --guidance auto that includes the device
+    and dtype, which move the pilots' numbers and so the strengths the search would choose."""
     keys = ("prompt", "target", "guidance", "num_images", "bs", "seed", "model", "reward_model", "predictor",
             "num_inference_steps", "cfg", "scheduler", "height", "width", "dtype", "batch_mean_guidance", "grad_path",
             "best_of", "auto_tolerance")  # fmt: skip
@@ -185,7 +186,8 @@ def image_settings(args: argparse.Namespace, seed: int) -> dict:
         "predictor_sha256": sha256_file(args.predictor),
         "model_fingerprint": model_fingerprint(args.model),
     }
-    return {**{key: getattr(args, key) for key in keys}, **contents, "seed_used": seed}
+    search = f"{device.type}/{str(dtype).removeprefix('torch.')}" if AUTO in args.guidance else None
+    return {**{key: getattr(args, key) for key in keys}, **contents, "auto_search_on": search, "seed_used": seed}
 
 
 def main() -> None:
@@ -208,7 +210,7 @@ def main() -> None:
     tolerance = auto_tolerance(args, pipe.predictor.meta)
     writable_dir(out_dir)
     with distributed.main_only_lock(state, out_dir / LOCK_FILE, f"--out_dir {str(out_dir)!r}"):
-        log = open_log(args, state, out_dir, combos)
+        log = open_log(args, state, out_dir, combos, device, dtype)
         run_dir = log.path.parent  # out_dir, or the staging folder of a run that replaces an earlier one
         staged = [replace(combo, folder=run_dir / combo.folder.relative_to(out_dir)) for combo in combos]
         with state.main_process_first():  # folders are readied before anyone writes
@@ -248,21 +250,22 @@ def load(args: argparse.Namespace, facts: dict, state: PartialState, device: tor
     return pipe
 
 
-def open_log(args: argparse.Namespace, state: PartialState, out_dir: Path, combos: list[Combo]) -> ResumeLog:
+def open_log(args: argparse.Namespace, state: PartialState, out_dir: Path, combos: list[Combo], device: torch.device,
+             dtype: torch.dtype) -> ResumeLog:  # fmt: skip
     """The main process starts (or resumes) the run; every process gets its settings (the seed), the rows already
     done and the folder the run writes to (out_dir, or its staging folder: rcgdm/sweep/outputs.py)."""
     shared = [None]
     if state.is_main_process:
         seed = args.seed if args.seed >= 0 else secrets.randbelow(2**31)
         run_dir = run_folder(out_dir, combos, args.resume, args.overwrite)
-        log = ResumeLog.open(run_dir, image_settings(args, seed), args.resume, args.overwrite)
+        log = ResumeLog.open(run_dir, image_settings(args, seed, device, dtype), args.resume, args.overwrite)
         if log.rows:
             print(f"--resume: {len(log.rows)} images already done in {out_dir}")
         elif args.seed < 0:
             print(f"--seed -1: using the random seed {log.seed} (recorded in summary.json)")
-        shared = [(log.settings, log.rows, str(run_dir))]
-    settings, rows, run_dir = broadcast_object_list(shared)[0]
-    return ResumeLog(Path(run_dir), settings, rows, state.process_index)
+        shared = [(log.settings, log.rows, str(run_dir), log.auto)]
+    settings, rows, run_dir, auto = broadcast_object_list(shared)[0]
+    return ResumeLog(Path(run_dir), settings, rows, state.process_index, auto)
 
 
 if __name__ == "__main__":

@@ -284,9 +284,13 @@ def check_memory(num_images: int, batch_size: int, best_of: int, height: int, wi
                                        "expected fewer images, smaller batches or a smaller size")  # fmt: skip
 
 
+class NonFiniteError(UserError):
+    """Sampling diverged: NaN or inf in the latents or the rewards."""
+
+
 def _check_finite(values: torch.Tensor, what: str, steer: RewardGuidance | None, cfg: float) -> None:
     """NaN or inf is never a result: stop with the likely cause."""
     if not torch.isfinite(values).all():
         where = "" if steer is None else f"target {steer.target:g}, guidance {steer.guidance:g}, "
-        raise UserError(f"{what} became NaN or inf at {where}--cfg {cfg:g}; likely cause: a guidance or cfg too large "
+        raise NonFiniteError(f"{what} became NaN or inf at {where}--cfg {cfg:g}; likely cause: a guidance or cfg too large "
                         "for this model, or a damaged model; expected smaller values")  # fmt: skip

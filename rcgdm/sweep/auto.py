@@ -15,7 +15,9 @@ when it lies within `tolerance` of it. The search:
    MAX_GUIDANCE reaches, or the prediction jumps over the tolerance band), the target is reported unreachable and
    the run uses the strength whose pilot came closest.
 
-With as many steps as the run (PILOT_STEPS or fewer), the pilot at the chosen strength *is* the run's first images.
+With as many steps as the run (PILOT_STEPS or fewer), the pilot at the chosen strength *is* the run's first images:
+it samples them in the run's batches (`--bs`), so that `--batch_mean_guidance` divides the term as the run does.
+A pilot that diverges (NaN or inf) at a strength counts as past the target: that strength is too strong.
 
 The pilot's cost (UNet calls, counted per image as the rows count them) is recorded with the choice. The search is
 deterministic (fixed seeds), so a resumed run, or another process, makes the same choice.
@@ -23,9 +25,12 @@ deterministic (fixed seeds), so a resumed run, or another process, makes the sam
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+from rcgdm.distributed import batches
 from rcgdm.guidance import RewardGuidance
+from rcgdm.pipeline import NonFiniteError
 
 PILOT_IMAGES = 4
 PILOT_STEPS = 20
@@ -41,13 +46,26 @@ class AutoChoice:
     reached: bool  # whether a pilot came within the tolerance
     predicted: float  # the pilot's mean predicted reward at that strength
     tolerance: float
-    pilot: tuple[tuple[float, float], ...]  # (strength, pilot mean predicted reward), in the order tried
+    pilot: tuple[tuple[float, float | None], ...]  # (strength, pilot mean predicted reward; None: diverged), in order
     unet_calls: int  # the pilot's UNet calls, summed over its images
 
     def summary(self) -> dict:
         return {"chosen_guidance": self.guidance, "reached": self.reached, "pilot_predicted": self.predicted,
                 "tolerance": self.tolerance, "pilot": [list(p) for p in self.pilot],
                 "pilot_unet_calls": self.unet_calls}  # fmt: skip
+
+    @classmethod
+    def from_summary(cls, summary: dict) -> AutoChoice:
+        """The choice `summary()` recorded (a resumed run reuses it); ValueError if it is not one."""
+        try:
+            pilot = tuple((float(g), None if p is None else float(p)) for g, p in summary["pilot"])
+            choice = cls(float(summary["chosen_guidance"]), summary["reached"], float(summary["pilot_predicted"]),
+                         float(summary["tolerance"]), pilot, int(summary["pilot_unet_calls"]))  # fmt: skip
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"not a recorded choice ({type(err).__name__})") from None
+        if not isinstance(choice.reached, bool) or not all(map(math.isfinite, (choice.guidance, choice.predicted))):
+            raise ValueError("not a recorded choice")
+        return choice
 
 
 def choose_guidance(pipe, settings, prompt: str, target: float, seed: int, tolerance: float) -> AutoChoice:
@@ -60,10 +78,21 @@ def choose_guidance(pipe, settings, prompt: str, target: float, seed: int, toler
         steer = None if guidance == 0 else RewardGuidance(pipe.predictor.net, target, guidance, settings.batch_mean,
                                                           settings.grad_path)  # fmt: skip
         steps = min(PILOT_STEPS, settings.num_inference_steps)
-        scored = pipe.sample(prompt, steer, seed, range(PILOT_IMAGES), 0, steps, settings.cfg, settings.height,
-                             settings.width, progress_bar=False)  # fmt: skip
-        calls += PILOT_IMAGES * len(pipe.sd.scheduler.timesteps)
-        tried[guidance] = scored.predicted_rewards.mean().item()
+        predicted = []
+        for indices in batches(min(PILOT_IMAGES, settings.num_images), settings.batch_size):  # the run's batches
+            try:
+                scored = pipe.sample(prompt, steer, seed, indices, 0, steps, settings.cfg, settings.height,
+                                     settings.width, progress_bar=False)  # fmt: skip
+            except NonFiniteError:
+                if guidance == 0:
+                    raise  # the model itself diverges: no strength can help
+                scored = None
+            calls += len(indices) * len(pipe.sd.scheduler.timesteps)
+            if scored is None:
+                predicted = [math.nan]
+                break
+            predicted += scored.predicted_rewards.tolist()
+        tried[guidance] = sum(predicted) / len(predicted)
         return tried[guidance]
 
     side = 1.0 if target > pilot(0.0) else -1.0
@@ -71,8 +100,8 @@ def choose_guidance(pipe, settings, prompt: str, target: float, seed: int, toler
     def reached(guidance: float) -> bool:
         return abs(tried[guidance] - target) <= tolerance
 
-    def reached_or_past(guidance: float) -> bool:
-        return reached(guidance) or (tried[guidance] - target) * side > 0
+    def reached_or_past(guidance: float) -> bool:  # a diverged pilot is past: too strong
+        return reached(guidance) or math.isnan(tried[guidance]) or (tried[guidance] - target) * side > 0
 
     low, high, strength = 0.0, None, START
     while not reached(0.0) and strength <= MAX_GUIDANCE:
@@ -88,5 +117,7 @@ def choose_guidance(pipe, settings, prompt: str, target: float, seed: int, toler
         pilot(guess)
         low, high = (low, guess) if reached_or_past(guess) else (guess, high)
     within = [g for g in tried if reached(g)]
-    chosen = min(within) if within else min(tried, key=lambda g: abs(tried[g] - target))
-    return AutoChoice(chosen, bool(within), tried[chosen], tolerance, tuple(tried.items()), calls)
+    finite = [g for g in tried if not math.isnan(tried[g])]  # strength 0 at least
+    chosen = min(within) if within else min(finite, key=lambda g: abs(tried[g] - target))
+    pilot_record = tuple((g, None if math.isnan(p) else p) for g, p in tried.items())
+    return AutoChoice(chosen, bool(within), tried[chosen], tolerance, pilot_record, calls)

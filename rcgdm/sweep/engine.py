@@ -20,7 +20,7 @@ from rcgdm.memory import PeakMemory
 from rcgdm.pipeline import RewardDirectedPipeline, Scored
 from rcgdm.sweep.auto import AUTO, AutoChoice, choose_guidance
 from rcgdm.sweep.plan import Combo, Draw, draws
-from rcgdm.sweep.resume import ResumeLog
+from rcgdm.sweep.resume import ResumeLog, auto_key
 from rcgdm.sweep.rows import combo_key, image_name, image_row, unique_rows
 
 
@@ -64,8 +64,12 @@ def run_sweep(pipe: RewardDirectedPipeline, settings: SweepSettings, combos: lis
     device = pipe.sd._execution_device
     chosen = {}  # the strength of each auto draw of this process's share, searched once (deterministic: same in each)
     for draw in dict.fromkeys(draw for draw, _ in mine if draw.guidance == AUTO):
-        start = time.perf_counter()
-        chosen[draw] = choose_guidance(pipe, settings, draw.prompt, draw.target, log.seed, settings.auto_tolerance)
+        start, key = time.perf_counter(), auto_key(draw.prompt, draw.target)
+        if key in log.auto:  # an interrupted run chose it: the same strength for all its images
+            chosen[draw] = AutoChoice.from_summary(log.auto[key])
+        else:
+            chosen[draw] = choose_guidance(pipe, settings, draw.prompt, draw.target, log.seed, settings.auto_tolerance)
+            log.record_auto(key, chosen[draw].summary())
         for combo in draw.combos:
             seconds[combos.index(combo)] += (time.perf_counter() - start) / len(draw.combos)
             auto[combos.index(combo)] = chosen[draw]

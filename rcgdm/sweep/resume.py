@@ -24,9 +24,10 @@ ANY_FILE = "progress*.json"
 class ResumeLog:
     """The settings of a run and the rows of its finished batches, saved after every batch."""
 
-    def __init__(self, out_dir: Path, settings: dict, rows: list[dict], process: int = 0) -> None:
+    def __init__(self, out_dir: Path, settings: dict, rows: list[dict], process: int = 0, auto: dict | None = None) -> None:
         self.path = out_dir / (FILE if process == 0 else f"progress.{process}.json")
         self.settings, self.rows = settings, rows
+        self.auto = dict(auto or {})  # the strength --guidance auto chose per (prompt, target): AutoChoice summaries
         self._done = {image_key(row) for row in rows}
 
     @classmethod
@@ -37,12 +38,13 @@ class ResumeLog:
         paths = sorted(out_dir.glob(ANY_FILE))
         if not resume:
             return cls(out_dir, settings, [])  # an interrupted run's files go once the new run is ready to write (remove_files)
-        saved_settings, rows = None, []
+        saved_settings, rows, auto = None, [], {}
         for path in paths:
-            saved_settings, saved_rows = _read(path)
+            saved_settings, saved_rows, saved_auto = _read(path)
             _check_same(saved_settings, settings)
             rows += saved_rows
-        return cls(out_dir, saved_settings, unique_rows(rows))
+            auto.update(saved_auto)
+        return cls(out_dir, saved_settings, unique_rows(rows), auto=auto)
 
     @property
     def seed(self) -> int:
@@ -55,7 +57,15 @@ class ResumeLog:
     def add(self, rows: list[dict]) -> None:
         self.rows.extend(rows)
         self._done.update(image_key(row) for row in rows)
-        save_json({"settings": self.settings, "rows": self.rows}, self.path)
+        self._save()
+
+    def record_auto(self, key: str, choice: dict) -> None:
+        """Keep the strength --guidance auto chose for `key` (`auto_key`): a resumed run uses it, never searches again."""
+        self.auto[key] = choice
+        self._save()
+
+    def _save(self) -> None:
+        save_json({"settings": self.settings, "rows": self.rows, "auto": self.auto}, self.path)
 
     def remove_files(self) -> None:
         """Remove this run's progress files (every process's): when it completes, or starts afresh."""
@@ -73,15 +83,24 @@ def check_start(out_dir: Path, resume: bool, overwrite: bool) -> None:
         raise UserError(f"--out_dir {str(out_dir)!r} holds an interrupted run; use --resume to finish it, or --overwrite")
 
 
-def _read(path: Path) -> tuple[dict, list[dict]]:
+def auto_key(prompt: str, target: float) -> str:
+    """The key of an auto draw's recorded choice."""
+    return json.dumps([prompt, target])
+
+
+def _read(path: Path) -> tuple[dict, list[dict], dict]:
+    from rcgdm.sweep.auto import AutoChoice
+
     try:
         saved = json.loads(path.read_text())
-        settings, rows = saved["settings"], saved["rows"]
-        if not isinstance(settings, dict) or not isinstance(rows, list):
+        settings, rows, auto = saved["settings"], saved["rows"], saved.get("auto", {})
+        if not isinstance(settings, dict) or not isinstance(rows, list) or not isinstance(auto, dict):
             raise TypeError
         if not all(is_valid(row) for row in rows):
             raise ValueError  # a row of another shape, or naming a file outside the run folder
-        return settings, rows
+        for choice in auto.values():
+            AutoChoice.from_summary(choice)
+        return settings, rows, auto
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         reason = type(err).__name__
         raise UserError(f"--resume: {str(path)!r} cannot be read ({reason}); use --overwrite to start again") from None
