@@ -16,8 +16,6 @@ Writes, in --out_dir:
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -39,9 +37,10 @@ from rcgdm.cli import (
     writable_dir,
 )
 from rcgdm.data import check_num_data, load_batch, open_source
+from rcgdm.files import run_folder
 from rcgdm.files.atomic import save_json, save_npy, save_torch
 from rcgdm.files.locking import LOCK_FILE, refuse_if_locked
-from rcgdm.files.outputs import publish, refuse_existing, refuse_outputs_inside_inputs
+from rcgdm.files.outputs import refuse_nested_runs, refuse_outputs_inside_inputs
 from rcgdm.files.provenance import package_versions, sha256_file
 from rcgdm.rewards import Reward
 from rcgdm.rewards.resnet18 import WEIGHT_CHOICES
@@ -50,6 +49,8 @@ REWARD_FILE = "reward_model.pth"
 LABELS_FILE = "cifar10_outputs_with_noise.npy"
 SIDECAR_FILE = "cifar10_outputs_with_noise.json"
 OUTPUTS = (REWARD_FILE, LABELS_FILE, SIDECAR_FILE)
+RUN = "fake_dataset"  # its record in --out_dir: .fake_dataset.files.json (rcgdm/files/run_folder.py)
+STAGING = ".fake_dataset.staging"  # the three files are written here, then published together
 
 
 def parse_args() -> argparse.Namespace:
@@ -94,16 +95,30 @@ def main() -> None:
     num_data = check_num_data(args.num_data, source)
     check_creatable(args.out_dir)
     refuse_outputs_inside_inputs({"--out_dir": args.out_dir}, {"--data": args.data if Path(args.data).is_dir() else None})
+    out_dir, what = Path(args.out_dir), f"--out_dir {args.out_dir!r}"
     if state.is_main_process:  # only the main process ever locks: others probing would race with it
-        refuse_if_locked(Path(args.out_dir) / LOCK_FILE, f"--out_dir {args.out_dir!r}")
-    if not args.overwrite:
-        refuse_existing([Path(args.out_dir) / name for name in OUTPUTS], "use --overwrite to replace it, or another --out_dir")
+        check_out_dir(out_dir, what, args.overwrite)
     with state.main_process_first():  # ImageNet weights are downloaded once; a failure here leaves nothing behind
         ground_truth = rewards.build_reward(args.reward, args.weights, args.seed).to(device)
-    out_dir = writable_dir(args.out_dir)
+    writable_dir(out_dir)
 
-    with distributed.main_only_lock(state, out_dir / LOCK_FILE, f"--out_dir {str(out_dir)!r}"):
+    with distributed.main_only_lock(state, out_dir / LOCK_FILE, what):
+        if state.is_main_process:
+            check_out_dir(out_dir, what, args.overwrite, holding_lock=True)  # again: another run may have written
         write_labels(args, state, ground_truth, source, num_data, out_dir)
+
+
+def check_out_dir(out_dir: Path, what: str, overwrite: bool, holding_lock: bool = False) -> None:
+    """UserError unless this run may write into `out_dir`: no run holds it or a folder around or inside it, and an
+    earlier run's files are replaced only with --overwrite. A publish cut short by a kill is finished first."""
+    if not holding_lock:
+        refuse_if_locked(out_dir / LOCK_FILE, what)
+        run_folder.recover(out_dir, RUN, out_dir / LOCK_FILE, what)
+    refuse_nested_runs(out_dir, "--out_dir")
+    earlier = run_folder.earlier_files(out_dir, RUN, OUTPUTS)
+    if earlier and not overwrite:
+        raise UserError(f"{str(out_dir / earlier[0])!r} already exists (an earlier run's output); use --overwrite to "
+                        "replace it, or another --out_dir")  # fmt: skip
 
 
 def write_labels(args: argparse.Namespace, state: PartialState, ground_truth: Reward, source, num_data: int, out_dir: Path):
@@ -115,12 +130,12 @@ def write_labels(args: argparse.Namespace, state: PartialState, ground_truth: Re
     noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(args.seed)) * args.noise_std
     labels = (clean + noise).numpy().astype(np.float32)
 
-    staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".fake_dataset.", suffix=".tmp"))
+    staging = run_folder.make_staging(out_dir / STAGING)
     try:  # the three files replace an earlier run's together, once all are written
         save_outputs(args, ground_truth, labels, source, staging)
-        publish(staging, out_dir, OUTPUTS)
+        run_folder.publish(staging, out_dir, RUN, OUTPUTS, run_folder.earlier_files(out_dir, RUN, OUTPUTS))
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        run_folder.remove_staging(staging)
     print(
         f"{num_data} labels from {source.identity}: mean {labels.mean():.4f}, std {labels.std():.4f} "
         f"(clean reward std {clean.std().item():.4f}, noise std {args.noise_std})"

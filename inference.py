@@ -44,8 +44,10 @@ from rcgdm.cli import (
     writable_dir,
 )
 from rcgdm.families import FAMILIES, Family
+from rcgdm.files import run_folder
+from rcgdm.files.atomic import remove_leftovers
 from rcgdm.files.locking import LOCK_FILE, refuse_if_locked
-from rcgdm.files.outputs import publish
+from rcgdm.files.outputs import refuse_nested_runs
 from rcgdm.files.provenance import package_versions, sha256_file
 from rcgdm.guidance import GRAD_PATHS
 from rcgdm.models import SD15, local_model_folder, model_facts, model_fingerprint
@@ -55,7 +57,7 @@ from rcgdm.report import write_report
 from rcgdm.schedulers import SCHEDULERS, scheduler_support
 from rcgdm.sweep.auto import AUTO
 from rcgdm.sweep.engine import SweepSettings, check_images_visible, run_sweep, unguided_first_images
-from rcgdm.sweep.outputs import RUN_FILES, check_outputs, earlier_files, prepare_folders, run_folder
+from rcgdm.sweep.outputs import RUN, check_outputs, finish, prepare_folders, run_dir
 from rcgdm.sweep.plan import Combo, plan
 from rcgdm.sweep.resume import ResumeLog
 
@@ -202,32 +204,40 @@ def main() -> None:
     with state.main_process_first():  # hub downloads happen once
         facts = model_facts(args.model)  # configs only; the family fills the settings left open
     fill_family_defaults(args, FAMILIES[facts["family"]])
-    if state.is_main_process:  # only the main process ever locks: other processes probing too would race with it
-        refuse_if_locked(out_dir / LOCK_FILE, f"--out_dir {str(out_dir)!r}")  # a running sweep's files are not an earlier run's
+    what, lock = f"--out_dir {str(out_dir)!r}", out_dir / LOCK_FILE
     inputs = {"--reward_model": args.reward_model, "--predictor": args.predictor}
+    if state.is_main_process:  # only the main process ever locks: other processes probing too would race with it
+        refuse_if_locked(lock, what)  # a running sweep's files are not an earlier run's
+        refuse_nested_runs(out_dir, "--out_dir")
+        run_folder.recover(out_dir, RUN, lock, what)  # a publish cut short by a kill is finished first
     check_outputs(out_dir, combos, inputs, local_model_folder(args.model), args.resume, args.overwrite)
     pipe = load(args, facts, state, device, dtype)  # every input is checked before any output folder exists
     tolerance = auto_tolerance(args, pipe.predictor.meta)
     writable_dir(out_dir)
-    with distributed.main_only_lock(state, out_dir / LOCK_FILE, f"--out_dir {str(out_dir)!r}"):
+    with distributed.main_only_lock(state, lock, what):
+        if state.is_main_process:  # again, holding the lock: another run may have written meanwhile
+            refuse_nested_runs(out_dir, "--out_dir")
+            check_outputs(out_dir, combos, inputs, local_model_folder(args.model), args.resume, args.overwrite)
         log = open_log(args, state, out_dir, combos, device, dtype)
-        run_dir = log.path.parent  # out_dir, or the staging folder of a run that replaces an earlier one
-        staged = [replace(combo, folder=run_dir / combo.folder.relative_to(out_dir)) for combo in combos]
+        folder = log.path.parent  # out_dir, or the staging folder of a run that replaces an earlier one
+        staged = [replace(combo, folder=folder / combo.folder.relative_to(out_dir)) for combo in combos]
         with state.main_process_first():  # folders are readied before anyone writes
             if state.is_main_process:
-                prepare_folders(run_dir, staged, args.overwrite, log)
+                prepare_folders(folder, staged, log)
+                for path in {folder, *(combo.folder for combo in staged)}:
+                    remove_leftovers(path)  # temporary files of a killed run
         settings = SweepSettings(args.num_images, args.bs, args.num_inference_steps, args.cfg, args.height, args.width,
                                  args.batch_mean_guidance, args.grad_path, tolerance)  # fmt: skip
-        rows, stats = run_sweep(pipe, settings, staged, run_dir, log, state)
+        rows, stats = run_sweep(pipe, settings, staged, folder, log, state)
         if state.is_main_process:
-            check_images_visible(run_dir, rows)
+            check_images_visible(folder, rows)
             record = {"settings": {**vars(args), "seed_used": log.seed, "out_dir": str(out_dir)},
                       "reward_model": pipe.reward_meta, "predictor": pipe.predictor.meta, "processes": state.num_processes,
                       "seconds": time.perf_counter() - start, "versions": package_versions()}  # fmt: skip
-            write_report(run_dir, combos, rows, stats, record, unguided_first_images(pipe, settings, combos, log.seed))
+            _, written = write_report(folder, combos, rows, stats, record, unguided_first_images(pipe, settings, combos,
+                                                                                                  log.seed))  # fmt: skip
             log.remove_files()
-            if run_dir != out_dir:
-                publish(run_dir, out_dir, [*RUN_FILES, *earlier_files(out_dir, combos), *(row["file"] for row in rows)])
+            finish(out_dir, folder, combos, [*written, *(row["file"] for row in rows)])
         state.print(f"wrote {len(rows)} images and {out_dir / 'results.csv'}, summary.json, the figures and grid.png")
     distributed.finish(state)
 
@@ -257,15 +267,15 @@ def open_log(args: argparse.Namespace, state: PartialState, out_dir: Path, combo
     shared = [None]
     if state.is_main_process:
         seed = args.seed if args.seed >= 0 else secrets.randbelow(2**31)
-        run_dir = run_folder(out_dir, combos, args.resume, args.overwrite)
-        log = ResumeLog.open(run_dir, image_settings(args, seed, device, dtype), args.resume, args.overwrite)
+        where = run_dir(out_dir, combos, args.resume, args.overwrite)
+        log = ResumeLog.open(where, image_settings(args, seed, device, dtype), args.resume, args.overwrite)
         if log.rows:
             print(f"--resume: {len(log.rows)} images already done in {out_dir}")
         elif args.seed < 0:
             print(f"--seed -1: using the random seed {log.seed} (recorded in summary.json)")
-        shared = [(log.settings, log.rows, str(run_dir), log.auto)]
-    settings, rows, run_dir, auto = broadcast_object_list(shared)[0]
-    return ResumeLog(Path(run_dir), settings, rows, state.process_index, auto)
+        shared = [(log.settings, log.rows, str(where), log.auto)]
+    settings, rows, where, auto = broadcast_object_list(shared)[0]
+    return ResumeLog(Path(where), settings, rows, state.process_index, auto)
 
 
 if __name__ == "__main__":

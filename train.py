@@ -37,16 +37,10 @@ from rcgdm import distributed, plots
 from rcgdm.cli import MAX_SEED, UserError, check_creatable, run_main, writable_dir
 from rcgdm.config import describe, parse_overrides
 from rcgdm.data import check_num_data, open_source
+from rcgdm.files import run_folder
 from rcgdm.files.atomic import save_json, save_text, save_torch
 from rcgdm.files.locking import refuse_if_locked
-from rcgdm.files.outputs import (
-    STAGING,
-    publish,
-    refuse_existing,
-    refuse_inputs_as_outputs,
-    refuse_outputs_inside_inputs,
-    uses_staging,
-)
+from rcgdm.files.outputs import STAGING, refuse_inputs_as_outputs, refuse_nested_runs, refuse_outputs_inside_inputs
 from rcgdm.files.provenance import package_versions, sha256_file
 from rcgdm.latents import LatentSpec, cached_latents, vae_fingerprint
 from rcgdm.models import check_vae, load_scheduler, load_vae, local_model_folder, model_facts
@@ -159,8 +153,11 @@ def main() -> None:
                         f"expected at least {n}, one sample each")  # fmt: skip
     out_path = Path(config.out_path)
     files, staged = run_files(out_path), run_files(staging_folder(out_path) / out_path.name)
+    lock, what = lock_file(out_path), f"out_path {str(out_path)!r}"
     if state.is_main_process:  # a running run's files are not an earlier run's (only the main process ever locks)
-        refuse_if_locked(lock_file(out_path), f"out_path {str(out_path)!r}")
+        refuse_if_locked(lock, what)
+        refuse_nested_runs(out_path.parent, "out_path's folder", below=False)
+        run_folder.recover(out_path.parent, run_name(out_path), lock, what)  # a publish cut short by a kill is finished
     check_outputs(config, files, staged)
     labels = load_labels(config.labels_path, config.num_data)
     train_idx, val_idx = split(config.num_data, config.val_fraction, config.seed)  # an empty side fails here, before any encoding
@@ -171,16 +168,15 @@ def main() -> None:
         check_num_data(config.num_data, open_source(config.data, config.data_root))
     writable_dir(out_path.parent, "out_path's folder")
     writable_dir(config.cache_dir, "cache_dir")
-    with distributed.main_only_lock(state, lock_file(out_path), f"out_path {str(out_path)!r}"):
+    with distributed.main_only_lock(state, lock, what):
+        if state.is_main_process:  # again, holding the lock: another run may have written meanwhile
+            check_outputs(config, files, staged)
         writes = where_to_write(config, files, staged, state.is_main_process)
         if config.resume:  # checked in full before any encoding
             check_resume_state(writes["resume"], facts["in_channels"], config)
         train(config, facts["family"], state, dev, labels, (train_idx, val_idx), writes, start_time)
         if state.is_main_process:
-            if writes is staged:
-                publish(staging_folder(out_path), out_path.parent, [path.name for path in files.values()])
-            written = [files[k] for k in ("predictor", "metrics", "loss_curve", "loss_by_noise", "train_summary")]
-            print(f"wrote {', '.join(str(path) for path in written if path.exists())}")
+            finish(out_path, files, writes)
     distributed.finish(state)
 
 
@@ -194,14 +190,47 @@ def check_resume_state(path: Path, channels: int, config: SimpleNamespace) -> No
 
 
 def where_to_write(config: SimpleNamespace, files: dict[str, Path], staged: dict[str, Path], main: bool) -> dict[str, Path]:
-    """`files` (beside out_path), or `staged` when the run replaces an earlier one (rcgdm.files.outputs.uses_staging)."""
-    replacing = config.overwrite and any(path.exists() for path in files.values())
-    staging = uses_staging(staged["predictor"].parent, config.resume, staged["resume"].is_file(), replacing, main)
-    return staged if staging else files
+    """`files` (beside out_path); or `staged`, in a staging folder, when the run replaces an earlier one (its files
+    are published over the earlier ones once it completes: rcgdm/files/run_folder.py) or resumes an interrupted
+    replacement. A fresh start removes an unfinished replacement's staging folder (the main process does)."""
+    staging = staged["predictor"].parent
+    if config.resume:
+        return staged if run_folder.is_staging(staging) and staged["resume"].is_file() else files
+    replacing = config.overwrite and bool(earlier_files(files))
+    if main:
+        run_folder.make_staging(staging) if replacing else run_folder.remove_staging(staging)
+    return staged if replacing else files
+
+
+def finish(out_path: Path, files: dict[str, Path], writes: dict[str, Path]) -> None:
+    """The run completed: publish its files over the earlier run's (staged), or record them (in place)."""
+    written = [path.name for path in writes.values() if path.is_file()]
+    if writes["predictor"] != files["predictor"]:
+        run_folder.publish(writes["predictor"].parent, out_path.parent, run_name(out_path), written, earlier_files(files))
+    else:
+        run_folder.record(out_path.parent, run_name(out_path), written)
+    shown = [files[k] for k in ("predictor", "metrics", "loss_curve", "loss_by_noise", "train_summary")]
+    print(f"wrote {', '.join(str(path) for path in shown if path.exists())}")
+
+
+def earlier_files(files: dict[str, Path]) -> list[str]:
+    """An earlier run's files beside out_path (names): its record, or those of this run's names that exist."""
+    out_path = files["predictor"]
+    return run_folder.earlier_files(out_path.parent, run_name(out_path), [path.name for path in files.values()])
+
+
+def side_name(out_path: Path) -> str:
+    """What the side files are named from: out_path without its suffix (convnet.pth -> convnet). Runs whose out_paths
+    share it (a.pth, a.pt) would share side files: one lock and one record serve them both."""
+    return out_path.with_suffix("").name
+
+
+def run_name(out_path: Path) -> str:
+    return f"{side_name(out_path)}.train"  # its record: .convnet.train.files.json
 
 
 def lock_file(out_path: Path) -> Path:
-    return out_path.parent / f".{out_path.name}.lock"
+    return out_path.parent / f".{side_name(out_path)}.lock"
 
 
 def staging_folder(out_path: Path) -> Path:
@@ -240,7 +269,10 @@ def check_outputs(config: SimpleNamespace, files: dict[str, Path], staged: dict[
         if unfinished:
             raise UserError(f"{str(unfinished[0])!r} holds an interrupted run; resume=True to finish it, or overwrite=True "
                             "to start again")  # fmt: skip
-        refuse_existing(files.values(), "overwrite=True to replace it, or another out_path")
+        earlier = earlier_files(files)
+        if earlier:
+            raise UserError(f"{str(out_path.parent / earlier[0])!r} already exists (an earlier run's output); "
+                            "overwrite=True to replace it, or another out_path")  # fmt: skip
 
 
 def train(

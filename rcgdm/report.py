@@ -25,24 +25,35 @@ from rcgdm.sweep.engine import SweepStats
 from rcgdm.sweep.plan import Combo
 from rcgdm.sweep.rows import COLUMNS, combo_key, guidance_label
 
+REPORT_FILES = ("results.csv", "summary.json", "reward_vs_target.png", "shift_vs_target.png", "reward_vs_compute.png",
+                "reward_vs_distance.png", "grid.png")  # every file the report may write (a figure with nothing to draw is not)
+
 
 def write_report(out_dir: Path, combos: list[Combo], rows: list[dict], stats: SweepStats, record: dict,
-                 unguided: dict[str, tuple]) -> list[dict]:  # fmt: skip
-    """Write the run's files into `out_dir` and print a line per combination -> the per-combination summaries.
-    `record` goes into summary.json beside the summaries (settings, provenance, versions); `unguided` holds (image, gt,
-    pred) of image 0 of each prompt the sweep has no guidance 0 for (the grid's first column)."""
+                 unguided: dict[str, tuple]) -> tuple[list[dict], list[str]]:  # fmt: skip
+    """Write the run's files into `out_dir` and print a line per combination -> (the per-combination summaries, the
+    names of the files written). `record` goes into summary.json beside the summaries (settings, provenance,
+    versions); `unguided` holds (image, gt, pred) of image 0 of each prompt the sweep has no guidance 0 for (the
+    grid's first column)."""
+    written = []
+
+    def out(name: str) -> Path:
+        assert name in REPORT_FILES, name  # the run folder knows the report's files by this list
+        written.append(name)
+        return out_dir / name
+
     order = {combo.key(): n for n, combo in enumerate(combos)}
     rows = sorted(rows, key=lambda r: (order[combo_key(r)], r["image"]))
     summary = summarise(combos, rows, stats)
     add_image_measures(out_dir, rows, summary)
-    write_csv(rows, out_dir / "results.csv")
-    plots.reward_vs_target(summary, out_dir / "reward_vs_target.png")
-    plots.shift_vs_target(summary, out_dir / "shift_vs_target.png")
-    plots.reward_vs_compute(summary, out_dir / "reward_vs_compute.png")
-    plots.reward_vs_distance(summary, out_dir / "reward_vs_distance.png")
-    write_grid(out_dir, combos, rows, unguided, out_dir / "grid.png")
+    write_csv(rows, out("results.csv"))
+    plots.reward_vs_target(summary, out("reward_vs_target.png"))
+    plots.shift_vs_target(summary, out("shift_vs_target.png"))
+    plots.reward_vs_compute(summary, out("reward_vs_compute.png"))
+    plots.reward_vs_distance(summary, out("reward_vs_distance.png"))
+    write_grid(out_dir, combos, rows, unguided, out("grid.png"))
     save_json({"settings": record["settings"], "combinations": summary, **{k: v for k, v in record.items() if k != "settings"}},
-              out_dir / "summary.json")  # fmt: skip
+              out("summary.json"))  # fmt: skip
     for c in summary:
         print(
             f"target {c['target']:g}, guidance {guidance_label(c['guidance'])}" + _auto(c["auto"])
@@ -50,7 +61,7 @@ def write_report(out_dir: Path, combos: list[Combo], rows: list[dict], stats: Sw
             f"ground truth {c['gt_mean']:.4f} ± {c['gt_std']:.4f}, predicted {c['pred_mean']:.4f} ± {c['pred_std']:.4f}; "
             f"target error {c['target_error']:+.4f}, predictor gap {c['predictor_gap']:+.4f}" + _versus_unguided(c)
         )
-    return summary
+    return summary, [name for name in written if (out_dir / name).is_file()]
 
 
 def _auto(choice: dict | None) -> str:

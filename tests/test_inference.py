@@ -13,7 +13,7 @@ from PIL import Image
 
 from rcgdm.files.atomic import save_torch
 from rcgdm.predictor import ThreeLayerConvNet, predictor_checkpoint
-from rcgdm.sweep.outputs import RUN_FILES
+from rcgdm.report import REPORT_FILES
 
 NAME = re.compile(r"^(\d+)_gt_(-?\d+\.\d{4})_pred_(-?\d+\.\d{4})\.png$")
 
@@ -103,10 +103,11 @@ def test_existing_images_are_not_overwritten_silently(tmp_path, run, capsys):
     before = sorted(p for p in (tmp_path / "run").glob("*.png") if NAME.match(p.name))
     assert run("--num_images", "2", "--target", "1") == 2
     assert "already exists (an earlier run's output); use --overwrite" in error_line(capsys.readouterr().err)
-    for name in RUN_FILES:  # the images alone are still protected
+    for name in (*REPORT_FILES, ".sweep.files.json"):  # the images alone are still protected
         (tmp_path / "run" / name).unlink(missing_ok=True)
     assert run("--num_images", "2", "--target", "1") == 2
-    assert "already holds 2 images; use --overwrite" in error_line(capsys.readouterr().err)
+    line = error_line(capsys.readouterr().err)  # a folder from before records: its images are an earlier run's
+    assert "_gt_" in line and "already exists (an earlier run's output); use --overwrite" in line
     assert sorted(p for p in (tmp_path / "run").glob("*.png") if NAME.match(p.name)) == before
     assert run("--num_images", "1", "--overwrite") == 0
     assert len([p for p in (tmp_path / "run").glob("*.png") if NAME.match(p.name)]) == 1

@@ -91,7 +91,7 @@ def test_a_cache_entry_that_is_not_a_file_is_rebuilt_or_refused_in_one_line(tmp_
     lock.mkdir()  # the cache's lock path is a folder
     assert train(tmp_path, labels, "lock")[0] == 2
     assert f"the lock file {str(lock)!r}" in error_line(capsys.readouterr().err)
-    assert {p.name for p in (tmp_path / "folder").iterdir()} <= {".convnet.pth.lock"}  # no output, only the run's lock
+    assert {p.name for p in (tmp_path / "folder").iterdir()} <= {".convnet.lock"}  # no output, only the run's lock
 
 
 def test_outputs_and_checkpoint_metadata(tmp_path, labels):

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,11 +32,42 @@ _MODE = 0o666 & ~_UMASK  # what open() would give a new file
 _DIR_MODE = 0o777 & ~_UMASK  # what mkdir would give a new folder
 
 
+HOST = socket.gethostname().replace(".", "_")
+
+
+def _prefix(path: Path) -> str:
+    """Every temporary name says whose it is (machine and process), so that a dead process's can go."""
+    return f".{path.name}.{HOST}-{os.getpid()}."
+
+
+def remove_leftovers(folder: str | Path) -> None:
+    """Remove the temporary files and folders that killed processes of this machine left in `folder` (their owner's
+    process id is gone); a live process's, and another machine's, are left alone."""
+    for entry in Path(folder).glob(".*.tmp") if Path(folder).is_dir() else []:
+        owner = entry.name.removesuffix(".tmp").split(".")[-2]
+        machine, _, pid = owner.rpartition("-")
+        if machine == HOST and pid.isdigit() and not _alive(int(pid)):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it onto `path`, else delete it."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_prefix(path), suffix=".tmp")
     os.close(fd)
     try:
         yield Path(tmp)
@@ -78,7 +110,8 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
     it: a folder appears whole or not at all."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    remove_leftovers(path.parent)  # an earlier build killed midway
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_prefix(path), suffix=".tmp"))
     try:
         yield tmp
         os.chmod(tmp, _DIR_MODE)

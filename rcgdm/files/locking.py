@@ -40,8 +40,9 @@ def open_lock(lock_file: str | Path, what: str) -> int:
                         "file there (remove what is in its place)") from None  # fmt: skip
 
 
-def refuse_if_locked(lock_file: str | Path, what: str) -> None:
-    """UserError if another process holds `lock_file` now; creates nothing (a missing file is free)."""
+def refuse_if_locked(lock_file: str | Path, what: str, message: str | None = None) -> None:
+    """UserError (`message`, or one naming `what`) if another process holds `lock_file` now; creates nothing (a
+    missing file is free)."""
     try:
         fd = os.open(lock_file, os.O_RDWR)
     except OSError:
@@ -49,6 +50,6 @@ def refuse_if_locked(lock_file: str | Path, what: str) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise UserError(f"{what} is in use by another run; wait for it to finish, or use another one") from None
+        raise UserError(message or f"{what} is in use by another run; wait for it to finish, or use another one") from None
     finally:
         os.close(fd)

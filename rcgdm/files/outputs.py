@@ -8,11 +8,11 @@ anything: an input that is also an output is refused, and so is an output that a
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
 from rcgdm.cli import UserError
+from rcgdm.files.locking import LOCK_FILE, refuse_if_locked
 
 
 def same_file(a: str | Path, b: str | Path) -> bool:
@@ -41,44 +41,37 @@ def refuse_existing(outputs: Iterable[Path], how_to_replace: str) -> None:
 
 
 def refuse_outputs_inside_inputs(outputs: dict[str, str | Path], inputs: dict[str, str | Path | None]) -> None:
-    """UserError if an output (flag -> path) is an input folder (flag -> folder, None when not local) or inside one:
-    writing there would change the input for every later run (a model folder fails its manifest, a data folder
-    gains images)."""
+    """UserError if an output (flag -> path) is an input folder (flag -> folder, None when not local; it may not exist
+    yet, as a random-weight model before its first build) or inside one: writing there would change the input for
+    every later run (a model folder fails its manifest, a data folder gains images)."""
     for out_flag, out in outputs.items():
         out_path = Path(out).resolve()
         for in_flag, folder in inputs.items():
-            if folder is not None and Path(folder).is_dir() and (out_path == Path(folder).resolve() or
-                                                                 Path(folder).resolve() in out_path.parents):  # fmt: skip
+            if folder is not None and (out_path == Path(folder).resolve() or Path(folder).resolve() in out_path.parents):
                 raise UserError(f"{out_flag} {str(out)!r} is inside {in_flag} {str(folder)!r}; outputs never go into an "
                                 "input, expected a path outside it")  # fmt: skip
 
 
-STAGING = ".overwrite"  # an overwriting run's files wait here until the run completes
+STAGING = ".overwrite"  # an overwriting run's files wait here until the run completes (rcgdm/files/run_folder.py)
+MAX_WALK = 20_000  # entries looked at for running runs below an out_dir
 
 
-def uses_staging(staging: Path, resume: bool, unfinished_there: bool, replacing: bool, main: bool = True) -> bool:
-    """Whether a run writes into `staging` rather than in place: when it replaces an earlier run's outputs
-    (`replacing`), so that a run that fails leaves them as they were (`publish` moves its files over them once it
-    completes), or when it resumes an unfinished replacement (`unfinished_there`). Otherwise a leftover staging
-    folder is an unfinished replacement this run supersedes. The main process clears and makes the folder."""
-    if resume:
-        return unfinished_there
-    if main:
-        shutil.rmtree(staging, ignore_errors=True)
-        if replacing:
-            staging.mkdir()
-    return replacing
+def refuse_nested_runs(out_dir: Path, what: str, below: bool = True) -> None:
+    """UserError if a running run (one holding an out_dir's LOCK_FILE) writes into a folder that holds `out_dir`, or
+    (`below`) into one inside it: the runs' files would mix. Its own lock does not count."""
+    out_dir = Path(out_dir).resolve()
+    ancestors = [folder / LOCK_FILE for folder in out_dir.parents]
+    for lock in ancestors + (_locks_below(out_dir) if below else []):
+        refuse_if_locked(lock, "", f"{what} {str(out_dir)!r} lies inside or around the folder of a running run "
+                                   f"({str(lock.parent)!r}); expected a folder apart from it")  # fmt: skip
 
 
-def publish(staging: Path, target: Path, names: Iterable[str]) -> None:
-    """Move a completed run's files from `staging` onto `target` (`names` relative to both), replacing the earlier
-    run's; a name `staging` lacks is removed from `target` (an earlier run's file this run did not make). Then
-    `staging` goes. Until this is called an overwriting run leaves the earlier files as they were."""
-    for name in dict.fromkeys(names):  # once each: a second pass would remove what the first moved in
-        new, old = staging / name, target / name
-        if new.exists():
-            old.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(new, old)
-        else:
-            old.unlink(missing_ok=True)
-    shutil.rmtree(staging, ignore_errors=True)
+def _locks_below(folder: Path) -> list[Path]:
+    locks, seen = [], 0
+    for root, dirs, files in os.walk(folder):
+        seen += len(dirs) + len(files)
+        if Path(root) != folder and LOCK_FILE in files:
+            locks.append(Path(root) / LOCK_FILE)
+        if seen > MAX_WALK:
+            break
+    return locks

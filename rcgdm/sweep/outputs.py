@@ -1,6 +1,7 @@
 """The files a sweep writes, checked before anything is created: every folder can be made, no input is an output,
-and an earlier run's files are replaced only with --overwrite (or finished with --resume); an overwrite is staged
-in a folder whose files replace the earlier ones only once the run completes."""
+and an earlier run's files are replaced only with --overwrite (or finished with --resume). An overwrite is staged in
+a folder whose files replace the earlier run's only once the run completes (rcgdm/files/run_folder.py), and an
+earlier run's files are known by its record, so that nothing else in --out_dir is ever removed."""
 
 from __future__ import annotations
 
@@ -8,21 +9,23 @@ import fnmatch
 from pathlib import Path
 
 from rcgdm.cli import UserError, check_creatable, writable_dir
-from rcgdm.files.outputs import STAGING, refuse_existing, refuse_inputs_as_outputs, refuse_outputs_inside_inputs, uses_staging
+from rcgdm.files import run_folder
+from rcgdm.files.outputs import STAGING, refuse_inputs_as_outputs, refuse_outputs_inside_inputs
+from rcgdm.report import REPORT_FILES
 from rcgdm.sweep.plan import Combo
-from rcgdm.sweep.resume import ANY_FILE, FILE, ResumeLog, check_start
-from rcgdm.sweep.rows import IMAGE_GLOB
+from rcgdm.sweep.resume import FILE, ResumeLog, check_start, progress_files
+from rcgdm.sweep.rows import IMAGE_GLOB, is_image_name
 
-RUN_FILES = ("results.csv", "summary.json", "reward_vs_target.png", "shift_vs_target.png", "reward_vs_compute.png", "grid.png")
+RUN = "sweep"  # its record in --out_dir: .sweep.files.json
 
 
 def check_outputs(out_dir: Path, combos: list[Combo], inputs: dict[str, str], model_folder: Path | None, resume: bool,
                   overwrite: bool) -> None:  # fmt: skip
-    """UserError unless the run may write its files; `inputs` maps flags to the files the run reads. Creates nothing."""
+    """UserError unless the run may write its files; `inputs` maps flags to the files the run reads. Creates nothing;
+    checked before anything loads, and again under the run's lock."""
     for combo in combos:
         check_creatable(combo.folder)
-    outputs = [out_dir / name for name in (*RUN_FILES, FILE)]
-    refuse_inputs_as_outputs(inputs, outputs)
+    refuse_inputs_as_outputs(inputs, [out_dir / name for name in (*REPORT_FILES, FILE)])
     folders = {combo.folder.resolve() for combo in combos}
     for flag, path in inputs.items():
         if Path(path).resolve().parent in folders and fnmatch.fnmatch(Path(path).name, IMAGE_GLOB):
@@ -30,47 +33,53 @@ def check_outputs(out_dir: Path, combos: list[Combo], inputs: dict[str, str], mo
                             "expected another path")  # fmt: skip
     refuse_outputs_inside_inputs({"--out_dir": out_dir}, {"--model": model_folder})
     check_start(out_dir, resume, overwrite)
-    if overwrite or resume:
-        return
-    refuse_existing(outputs[: len(RUN_FILES)], "use --overwrite to replace it, or another --out_dir")
-    for combo in combos:
-        _refuse_images(combo.folder, sorted(combo.folder.glob(IMAGE_GLOB)) if combo.folder.is_dir() else [])
-
-
-def _refuse_images(folder: Path, images: list[Path]) -> None:
-    if images:
-        raise UserError(f"--out_dir {str(folder)!r} already holds {len(images)} images; use --overwrite or another --out_dir")
-
-
-def run_folder(out_dir: Path, combos: list[Combo], resume: bool, overwrite: bool) -> Path:
-    """Where the run writes: out_dir; or, when it replaces an earlier run's outputs (overwrite), a staging folder
-    in it whose files replace the earlier ones only once the run completes, so a run that fails leaves them as
-    they were; resume continues in the staging folder of an interrupted overwrite."""
-    staging = out_dir / STAGING
-    replacing = overwrite and not resume and bool(earlier_files(out_dir, combos))
-    return staging if uses_staging(staging, resume, any(staging.glob(ANY_FILE)), replacing) else out_dir
+    earlier = earlier_files(out_dir, combos)
+    if earlier and not (overwrite or resume):
+        raise UserError(f"{str(out_dir / earlier[0])!r} already exists (an earlier run's output); use --overwrite to "
+                        "replace it, or another --out_dir")  # fmt: skip
 
 
 def earlier_files(out_dir: Path, combos: list[Combo]) -> list[str]:
-    """What an earlier run left where this one writes (run files, progress files, images), relative to out_dir."""
-    found = [path for name in RUN_FILES if (path := out_dir / name).exists()] + sorted(out_dir.glob(ANY_FILE))
-    found += [path for combo in combos if combo.folder.is_dir() for path in sorted(combo.folder.glob(IMAGE_GLOB))]
-    return [path.relative_to(out_dir).as_posix() for path in found]
+    """The files of an earlier sweep in out_dir, relative to it: those it recorded, or in a folder from before records,
+    the report's files and the images in this run's folders."""
+    if not out_dir.is_dir():
+        return []
+    images = [p.relative_to(out_dir).as_posix() for combo in combos if combo.folder.is_dir()
+              for p in sorted(combo.folder.iterdir()) if is_image_name(p.name)]  # fmt: skip
+    return run_folder.earlier_files(out_dir, RUN, [*REPORT_FILES, *images])
 
 
-def prepare_folders(out_dir: Path, combos: list[Combo], overwrite: bool, log: ResumeLog) -> None:
-    """Create every folder. Images already there are refused, or cleared with overwrite; when resuming, only the
-    images of batches that did not finish are cleared (they are redone). A fresh start also removes an
-    interrupted run's progress files."""
+def run_dir(out_dir: Path, combos: list[Combo], resume: bool, overwrite: bool) -> Path:
+    """Where the run writes: out_dir; or, when it replaces an earlier run's files (overwrite), a staging folder in it
+    whose files replace the earlier ones only once the run completes, so a run that fails leaves them as they were;
+    resume continues in the staging folder of an interrupted overwrite. A fresh start removes an unfinished one.
+    Called by the main process, under the run's lock."""
+    staging = out_dir / STAGING
+    if resume:
+        return staging if run_folder.is_staging(staging) and progress_files(staging) else out_dir
+    if overwrite and earlier_files(out_dir, combos):
+        return run_folder.make_staging(staging)
+    run_folder.remove_staging(staging)
+    return out_dir
+
+
+def prepare_folders(folder: Path, combos: list[Combo], log: ResumeLog) -> None:
+    """Create every combination's folder in `folder` (out_dir, or its staging folder). When resuming, the images of
+    batches that did not finish are removed (they are redone); a fresh start removes an interrupted run's progress
+    files."""
     if not log.rows:
         log.remove_files()
+    kept = {folder / r["file"] for r in log.rows}
     for combo in combos:
         writable_dir(combo.folder)
-        existing = sorted(combo.folder.glob(IMAGE_GLOB))
-        if log.rows:
-            kept = {out_dir / r["file"] for r in log.rows}
-            existing = [p for p in existing if p not in kept]
-        elif not overwrite:
-            _refuse_images(combo.folder, existing)
-        for path in existing:
-            path.unlink()
+        for path in sorted(combo.folder.iterdir()) if log.rows else []:
+            if is_image_name(path.name) and path not in kept:
+                path.unlink()
+
+
+def finish(out_dir: Path, folder: Path, combos: list[Combo], written: list[str]) -> None:
+    """The run completed in `folder`: publish its files over the earlier run's (staged), or record them (in place)."""
+    if folder != out_dir:
+        run_folder.publish(folder, out_dir, RUN, written, earlier_files(out_dir, combos))
+    else:
+        run_folder.record(out_dir, RUN, written)

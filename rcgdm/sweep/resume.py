@@ -10,15 +10,22 @@ them all, so it may use another number of processes.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from rcgdm.cli import UserError
 from rcgdm.files.atomic import save_json
 from rcgdm.files.outputs import STAGING
+from rcgdm.files.run_folder import is_staging
 from rcgdm.sweep.rows import image_key, is_valid, unique_rows
 
 FILE = "progress.json"
-ANY_FILE = "progress*.json"
+_PROGRESS = re.compile(r"progress(\.\d+)?\.json")  # progress.json, or process k's progress.k.json
+
+
+def progress_files(folder: Path) -> list[Path]:
+    """The progress files of a run in `folder` (every process's), never another file whose name starts alike."""
+    return sorted(p for p in folder.glob("progress*.json") if _PROGRESS.fullmatch(p.name)) if folder.is_dir() else []
 
 
 class ResumeLog:
@@ -35,7 +42,7 @@ class ResumeLog:
         """Start a run, or with resume=True continue the interrupted one whose settings must match.
         Called by the main process only."""
         check_start(out_dir, resume, overwrite)
-        paths = sorted(out_dir.glob(ANY_FILE))
+        paths = progress_files(out_dir)
         if not resume:
             return cls(out_dir, settings, [])  # an interrupted run's files go once the new run is ready to write (remove_files)
         saved_settings, rows, auto = None, [], {}
@@ -69,14 +76,15 @@ class ResumeLog:
 
     def remove_files(self) -> None:
         """Remove this run's progress files (every process's): when it completes, or starts afresh."""
-        for path in self.path.parent.glob(ANY_FILE):
+        for path in progress_files(self.path.parent):
             path.unlink(missing_ok=True)
 
 
 def check_start(out_dir: Path, resume: bool, overwrite: bool) -> None:
     """UserError unless a run may start in `out_dir`: --resume needs an interrupted run there, and a fresh
     start over one needs --overwrite. Reads only; checked before anything is created and again under the lock."""
-    interrupted = any(folder.is_dir() and any(folder.glob(ANY_FILE)) for folder in (out_dir, out_dir / STAGING))
+    staging = out_dir / STAGING
+    interrupted = bool(progress_files(out_dir) or (is_staging(staging) and progress_files(staging)))
     if resume and not interrupted:
         raise UserError(f"--resume: {str(out_dir)!r} holds no interrupted run ({FILE} is missing)")
     if interrupted and not resume and not overwrite:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from rcgdm.seeds import image_seed
@@ -11,6 +12,12 @@ COLUMNS = ("prompt", "target", "guidance", "best_of", "image", "seed", "image_se
 KEY = ("prompt", "target", "guidance", "best_of")  # a combination of the sweep; with "image", one image of the run
 TYPES = {"prompt": str, "target": (int, float), "guidance": (int, float, str), "best_of": int, "image": int, "file": str}
 IMAGE_GLOB = "*_gt_*_pred_*.png"
+_IMAGE_NAME = re.compile(r"\d+_gt_-?\d+\.\d{4}_pred_-?\d+\.\d{4}\.png")
+
+
+def is_image_name(name: str) -> bool:
+    """Whether `name` is exactly as `image_name` writes it (a file named otherwise is never the run's)."""
+    return _IMAGE_NAME.fullmatch(name) is not None
 
 
 def image_name(index: int, gt: float, pred: float) -> str:

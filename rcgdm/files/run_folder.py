@@ -1,0 +1,179 @@
+"""A run's files in the folder it writes to: recorded, staged, and published whole.
+
+- **Recorded.** A completed run records the files it wrote, relative to its folder, in `.{run}.files.json` (`run`:
+  the script's name for it: `sweep`, `fake_dataset`, or a predictor's file name). Only recorded files are ever
+  removed: a user's notes in the folder survive every overwrite. A folder from before these records counts the
+  script's declared names as the earlier run's.
+- **Staged.** A run that replaces an earlier one writes into a staging folder (holding MARKER, so that only a
+  folder this project made is ever removed whole) and leaves the earlier files alone until it completes.
+- **Published whole.** `publish` first writes its plan (files to move in, the earlier run's files that the new run
+  did not write, to remove) to `.{run}.publish.json`, then carries it out with Ctrl-C and SIGTERM held back. A
+  publish cut short anyway (SIGKILL, a power cut) is finished by the next run that opens the folder (`recover`),
+  so the folder holds the earlier run or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from rcgdm.cli import UserError
+from rcgdm.files.atomic import save_json
+from rcgdm.files.locking import locked
+
+MARKER = ".rcgdm-staging"
+
+
+def records(root: Path, run: str) -> Path:
+    return root / f".{run}.files.json"
+
+
+def journal(root: Path, run: str) -> Path:
+    return root / f".{run}.publish.json"
+
+
+def _relative_names(value: object) -> list[str]:
+    """ValueError unless `value` is a list of relative paths inside the folder."""
+    if not isinstance(value, list) or not all(isinstance(n, str) and n for n in value):
+        raise ValueError("not a list of file names")
+    for name in value:
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ValueError(f"{name!r} lies outside the folder")
+    return value
+
+
+def _read(path: Path, what: str) -> object:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"{what} {str(path)!r} cannot be read ({type(err).__name__}); expected the file this project "
+                        "wrote (remove it if it is not)") from None  # fmt: skip
+
+
+def recorded_files(root: Path, run: str) -> list[str] | None:
+    """The files the last completed run `run` recorded in `root`, or None when it recorded none."""
+    path = records(root, run)
+    if not path.is_file():
+        return None
+    try:
+        return _relative_names(_read(path, "the record of files"))
+    except ValueError as err:
+        raise UserError(f"the record of files {str(path)!r} is damaged ({err}); expected the file this project wrote "
+                        "(remove it if it is not)") from None  # fmt: skip
+
+
+def earlier_files(root: Path, run: str, declared: Iterable[str]) -> list[str]:
+    """The files an earlier run `run` left in `root` that still exist: its record, or else (a folder from before
+    records) those of the `declared` names that exist."""
+    names = recorded_files(root, run)
+    if names is None:
+        names = list(declared)
+    return [name for name in dict.fromkeys(names) if (root / name).is_file()]
+
+
+def record(root: Path, run: str, written: Iterable[str]) -> None:
+    """Record the files run `run` wrote in `root` (relative names)."""
+    save_json(sorted(set(written)), records(root, run))
+
+
+def make_staging(staging: Path) -> Path:
+    """A fresh staging folder at `staging` (an earlier one of this project's is replaced); UserError if something
+    else is there."""
+    remove_staging(staging)
+    if staging.exists():
+        raise UserError(f"{str(staging)!r} exists and is not a staging folder of this project; expected it gone "
+                        "(move it away)")  # fmt: skip
+    staging.mkdir(parents=True)
+    (staging / MARKER).touch()
+    return staging
+
+
+def is_staging(folder: Path) -> bool:
+    return (folder / MARKER).is_file() and not folder.is_symlink()
+
+
+def remove_staging(staging: Path) -> None:
+    """Remove `staging` if this project made it (it holds MARKER); anything else at that path is left alone."""
+    if is_staging(staging):
+        shutil.rmtree(staging)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block ends (then act as usual); from the main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def publish(staging: Path, root: Path, run: str, written: Iterable[str], earlier: Iterable[str]) -> None:
+    """Move the completed run's files (`written`, relative names) from `staging` into `root`, remove the `earlier`
+    run's files that the new one did not write, record `written`, and remove `staging`: as one step (module
+    docstring). Until this is called an overwriting run leaves the earlier files as they were."""
+    written = list(dict.fromkeys(written))
+    plan = {"staging": staging.relative_to(root).as_posix(), "written": written,
+            "remove": [name for name in dict.fromkeys(earlier) if name not in set(written)]}  # fmt: skip
+    with signals_held():
+        save_json(plan, journal(root, run))
+        _carry_out(root, run, plan)
+
+
+def recover(root: Path, run: str, lock_file: Path, what: str) -> None:
+    """Finish a publish that was cut short in `root` (its plan is still there), holding the folder's lock."""
+    if not journal(root, run).is_file():
+        return
+    with locked(lock_file, what), signals_held():
+        if journal(root, run).is_file():  # not finished by another run meanwhile
+            _carry_out(root, run, _read_plan(root, run))
+            print(f"finished publishing an interrupted run's files in {root}")
+
+
+def _read_plan(root: Path, run: str) -> dict:
+    plan = _read(journal(root, run), "the publishing plan")
+    try:
+        if not isinstance(plan, dict) or not isinstance(plan.get("staging"), str):
+            raise ValueError("not a plan")
+        _relative_names([plan["staging"]])
+        _relative_names(plan["written"])
+        _relative_names(plan["remove"])
+    except (KeyError, ValueError) as err:
+        raise UserError(f"the publishing plan {str(journal(root, run))!r} is damaged ({err}); expected the file this "
+                        "project wrote (remove it if it is not)") from None  # fmt: skip
+    return plan
+
+
+def _carry_out(root: Path, run: str, plan: dict) -> None:
+    """Carry out a publishing plan; run again after an interruption, it finishes what is left (moved files are
+    no longer in staging, removed ones no longer in root)."""
+    staging = root / plan["staging"]
+    for name in plan["written"]:
+        new = staging / name
+        if new.is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(new, root / name)
+    for name in plan["remove"]:
+        (root / name).unlink(missing_ok=True)
+        _remove_empty_parents(root / name, root)
+    record(root, run, plan["written"])
+    journal(root, run).unlink()
+    remove_staging(staging)
+
+
+def _remove_empty_parents(path: Path, root: Path) -> None:
+    """Folders that held only the removed files of an earlier run (its image folders) go too."""
+    for folder in path.parents:
+        if folder == root or root not in folder.parents:
+            return
+        with contextlib.suppress(OSError):  # not empty: a folder of the new run's, or holding a user's file
+            folder.rmdir()
