@@ -201,9 +201,6 @@ def main() -> None:
     out_dir, combos = plan(args.prompt, args.target, args.guidance, args.best_of, args.out_dir)
     if args.scheduler is not None:
         scheduler_support(args.scheduler)  # an unknown or unsupported scheduler fails before anything loads
-    with state.main_process_first():  # hub downloads happen once
-        facts = model_facts(args.model)  # configs only; the family fills the settings left open
-    fill_family_defaults(args, FAMILIES[facts["family"]])
     what, lock = f"--out_dir {str(out_dir)!r}", out_dir / LOCK_FILE
     inputs = {"--reward_model": args.reward_model, "--predictor": args.predictor}
     if state.is_main_process:  # only the main process ever locks: other processes probing too would race with it
@@ -211,6 +208,9 @@ def main() -> None:
         refuse_nested_runs(out_dir, "--out_dir")
         run_folder.recover(out_dir, RUN, lock, what)  # a publish cut short by a kill is finished first
     check_outputs(out_dir, combos, inputs, local_model_folder(args.model), args.resume, args.overwrite)
+    with state.main_process_first():  # hub downloads happen once
+        facts = model_facts(args.model)  # configs only; the family fills the settings left open
+    fill_family_defaults(args, FAMILIES[facts["family"]])
     pipe = load(args, facts, state, device, dtype)  # every input is checked before any output folder exists
     tolerance = auto_tolerance(args, pipe.predictor.meta)
     writable_dir(out_dir)

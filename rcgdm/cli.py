@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import signal
@@ -25,6 +26,9 @@ class InputError(UserError):
         self.name, self.detail = name, detail
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a write the disk (or a quota, or a size limit) refused
+
+
 def _interrupt(signum: int, frame) -> None:
     raise KeyboardInterrupt
 
@@ -45,6 +49,13 @@ def run_main(main: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         sys.stderr.write(f"{prefix}interrupted: finished files are intact, nothing half-written was kept\n")
         sys.exit(130)
+    except OSError as err:
+        if err.errno not in DISK_FULL:
+            raise
+        where = f" writing {err.filename!r}" if err.filename else ""
+        sys.stderr.write(f"{prefix}error: {os.strerror(err.errno)}{where}; nothing half-written was kept: free some space, "
+                         "or write elsewhere, and run again\n")  # fmt: skip
+        sys.exit(2)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -81,12 +81,20 @@ def resolve_model(name: str) -> str:
 
 
 def local_model_folder(name: str) -> Path | None:
-    """The folder model `name` loads from when it is local (nothing is built, verified or downloaded), else None."""
+    """The folder model `name` loads from when it is local, else None: nothing is built, verified or downloaded (a
+    random-weight model's folder is named before its first build; offline, a hub id names its cached snapshot)."""
     if name == TINY:
         return TINY_FOLDER
     if name in _BUILT_FOLDERS:
         return cache_root() / _BUILT_FOLDERS[name]
-    return Path(name) if name.strip() and Path(name).is_dir() else None
+    if name.strip() and Path(name).is_dir():
+        return Path(name)
+    if name.strip() and hub_offline():
+        try:
+            return cached_snapshot(name)
+        except InputError:  # not cached: it fails to load later, with the offline hint
+            return None
+    return None
 
 
 @functools.cache

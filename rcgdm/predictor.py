@@ -196,12 +196,17 @@ FIELDS = {  # what each metadata field must hold when present (older checkpoints
 }  # fmt: skip
 
 
+UNKNOWN_ALLOWED = ("latent_size", "model", "image_size", "label_mean", "label_std", "epochs")  # None: a converted original
+
+
 def check_fields(checkpoint: dict, path: str | Path) -> None:
-    """InputError naming the first metadata field that does not hold what train.py writes (FIELDS)."""
+    """InputError naming the first metadata field that does not hold what train.py writes (FIELDS), or None where a
+    checkpoint converted from the original code records it as unknown (rcgdm/convert_original.py)."""
     if "latent_channels" not in checkpoint:
         raise InputError("predictor", f"{str(path)!r}: field 'latent_channels' is missing; expected a checkpoint of train.py")
     for field, (ok, expected) in FIELDS.items():
-        if field in checkpoint and not ok(checkpoint[field]):
+        unknown = field in UNKNOWN_ALLOWED and checkpoint.get(field, 0) is None
+        if field in checkpoint and not unknown and not ok(checkpoint[field]):
             value = checkpoint[field]
             plain = isinstance(value, str | int | float | bool | list | type(None)) and len(repr(value)) <= 60
             shown = f"is {value!r}" if plain else f"holds a {type(value).__name__}"

@@ -106,15 +106,25 @@ def remove_staging(staging: Path) -> None:
 
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
-    """Ctrl-C and SIGTERM wait until the block ends (then act as usual); from the main thread only."""
+    """Ctrl-C and SIGTERM wait until the block ends, then act as they would have (from the main thread, where Python
+    runs signal handlers: a handler is swapped, since blocking the signal in one thread of a threaded process does not
+    stop another thread from taking it)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    received = []
+    previous = {number: signal.signal(number, lambda n, _: received.append(n)) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if received:
+            handler = previous[received[0]]
+            if callable(handler):
+                handler(received[0], None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), received[0])
 
 
 def publish(staging: Path, root: Path, run: str, written: Iterable[str], earlier: Iterable[str]) -> None:

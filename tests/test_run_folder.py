@@ -1,0 +1,260 @@
+"""A run's folder (rcgdm/files/run_folder.py): an overwrite replaces exactly the earlier run, a publish is never left
+half done, nothing a user put there is deleted, and runs never write into each other's folders or into an input."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+from conftest import error_line, read_rows, run_cli, run_script
+
+from rcgdm.files import run_folder
+from rcgdm.files.locking import LOCK_FILE, locked
+
+
+@pytest.fixture
+def sweep(tmp_path, reward_model_path, predictor_path):
+    """Run a sweep into tmp_path/out with these flags -> its exit status."""
+
+    def run(*flags, out=None):
+        args = ["--model", "tiny-random", "--reward_model", reward_model_path, "--predictor", predictor_path, "--seed", "0",
+                "--num_inference_steps", "2", "--bs", "4", "--out_dir", out or tmp_path / "out", *flags]  # fmt: skip
+        return run_script("inference.py", *args)
+
+    return run
+
+
+def files(folder) -> dict:
+    """Every file under `folder` -> its bytes (the lock aside)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != LOCK_FILE}  # fmt: skip
+
+
+def test_an_overwrite_leaves_no_file_of_the_earlier_run_and_every_file_of_the_user(tmp_path, sweep):
+    out = tmp_path / "out"
+    assert sweep("--target", "0.8", "1.2", "--guidance", "0", "5", "--num_images", "3") == 0
+    assert (out / "reward_vs_distance.png").is_file()  # drawn: 3 images against the unguided ones
+    (out / "notes.txt").write_text("mine")
+    (out / "progress_notes.json").write_text("{}")  # named like a progress file, but not one
+    (out / "target0.8guidance0.0" / "my_gt_1_pred_2.png").write_bytes(b"mine too")  # named like an image, but not one
+    assert sweep("--target", "0.6", "1.5", "--guidance", "5", "--num_images", "2", "--overwrite") == 0
+    rows = read_rows(out / "results.csv")
+    assert {r["target"] for r in rows} == {"0.6", "1.5"}
+    assert not (out / "reward_vs_distance.png").exists()  # the new run drew none: the earlier one's is gone
+    written = json.loads((out / ".sweep.files.json").read_text())
+    assert set(written) == {r["file"] for r in rows} | {"results.csv", "summary.json", "reward_vs_target.png",
+                                                        "shift_vs_target.png", "reward_vs_compute.png", "grid.png"}  # fmt: skip
+    left = set(files(out))
+    assert left == set(written) | {".sweep.files.json", "notes.txt", "progress_notes.json",
+                                   "target0.8guidance0.0/my_gt_1_pred_2.png"}  # fmt: skip
+    assert not (out / "target1.2guidance5.0").exists()  # an earlier run's folder that held only its images
+
+
+def test_an_overwrite_of_fake_dataset_and_train_keeps_what_they_did_not_write(tmp_path):
+    out = tmp_path / "out"
+    base = ["--data", "synthetic", "--num_data", "16", "--weights", "none", "--out_dir", out]
+    assert run_script("fake_dataset.py", *base) == 0
+    (out / "notes.txt").write_text("mine")
+    assert run_script("fake_dataset.py", *base, "--seed", "1", "--overwrite") == 0
+    assert json.loads((out / "cifar10_outputs_with_noise.json").read_text())["seed"] == 1
+    train = ["train.py", "--model=tiny-random", "--data=synthetic", "--num_data=16", "--image_size=64", "--num_epochs=1",
+             f"--labels_path={out / 'cifar10_outputs_with_noise.npy'}", f"--cache_dir={tmp_path / 'cache'}",
+             f"--out_path={out / 'c.pth'}"]  # fmt: skip
+    assert run_script(*train, "--val_fraction=0.25") == 0
+    assert (out / "c.best.pth").is_file() and (out / "c.loss_by_noise.png").is_file()
+    assert run_script(*train, "--val_fraction=0", "--overwrite=True") == 0  # no validation: no best, no loss by noise
+    assert not (out / "c.best.pth").exists() and not (out / "c.loss_by_noise.png").exists()
+    assert (out / "notes.txt").read_text() == "mine" and (out / "reward_model.pth").is_file()
+
+
+def staged_run(root):
+    """An earlier run's files (a, old) and a staged new one (a, b, sub/c) -> the staging folder."""
+    root.mkdir()
+    for name in ("a", "old"):
+        (root / name).write_text(f"earlier {name}")
+    run_folder.record(root, "r", ["a", "old"])
+    staging = run_folder.make_staging(root / ".stage")
+    for name in ("a", "b", "sub/c"):
+        (staging / name).parent.mkdir(parents=True, exist_ok=True)
+        (staging / name).write_text(f"new {name}")
+    return staging
+
+
+NEW = {"a": b"new a", "b": b"new b", "sub/c": b"new sub/c", ".r.files.json": b'[\n  "a",\n  "b",\n  "sub/c"\n]\n'}
+
+
+def test_a_publish_killed_midway_is_finished_by_the_next_run(tmp_path, monkeypatch):
+    root = tmp_path / "run"
+    staging = staged_run(root)
+    moves = []
+
+    def killed_after_one_move(src, dst):
+        if moves:
+            raise SystemExit(137)  # as SIGKILL: nothing after this line runs
+        moves.append(dst)
+        os.rename(src, dst)
+
+    monkeypatch.setattr(run_folder, "os", SimpleNamespace(replace=killed_after_one_move))
+    with pytest.raises(SystemExit):
+        run_folder.publish(staging, root, "r", ["a", "b", "sub/c"], ["a", "old"])
+    monkeypatch.undo()
+    assert (root / "a").read_text() == "new a" and (root / "old").exists()  # a mix, with its plan beside it
+    run_folder.recover(root, "r", root / LOCK_FILE, "the folder")
+    assert files(root) == NEW and not staging.exists()
+
+
+def test_ctrl_c_during_a_publish_waits_until_it_is_whole(tmp_path, monkeypatch):
+    root = tmp_path / "run"
+    staging = staged_run(root)
+    real_replace = os.replace
+
+    def interrupted(src, dst):
+        os.kill(os.getpid(), signal.SIGINT)  # held back until the publish ends
+        real_replace(src, dst)
+
+    monkeypatch.setattr(run_folder, "os", SimpleNamespace(replace=interrupted))
+    with pytest.raises(KeyboardInterrupt):
+        run_folder.publish(staging, root, "r", ["a", "b", "sub/c"], ["a", "old"])
+    assert files(root) == NEW
+
+
+def test_an_interrupted_sweep_publish_is_finished_before_anything_else(tmp_path, monkeypatch, capsys, sweep):
+    out = tmp_path / "out"
+    assert sweep("--target", "1", "--guidance", "0", "5", "--num_images", "2") == 0
+    real_replace, calls = os.replace, []
+
+    def killed_midway(src, dst):
+        calls.append(dst)
+        if len(calls) == 3:
+            raise SystemExit(137)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(run_folder, "os", SimpleNamespace(replace=killed_midway))
+    assert sweep("--target", "2", "--guidance", "0", "5", "--num_images", "2", "--overwrite") == 137
+    monkeypatch.undo()
+    assert (out / ".sweep.publish.json").is_file()
+    assert sweep("--target", "2", "--guidance", "0", "5", "--num_images", "2") == 2  # the new run is complete there
+    assert "finished publishing an interrupted run's files" in capsys.readouterr().out
+    assert not (out / ".sweep.publish.json").exists() and not (out / ".overwrite").exists()
+    rows = read_rows(out / "results.csv")
+    assert {r["target"] for r in rows} == {"2.0"}
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*_gt_*.png")) == sorted(r["file"] for r in rows)
+
+
+def test_the_earlier_run_check_is_made_again_holding_the_lock(tmp_path, monkeypatch, capsys, sweep, reward_model_path,
+                                                              predictor_path):  # fmt: skip
+    """Two runs started together both pass the first check; the second to take the lock must not replace the first."""
+    from rcgdm.pipeline import RewardDirectedPipeline
+
+    out, real = tmp_path / "out", RewardDirectedPipeline.from_pretrained.__func__
+
+    def another_run_finishes_meanwhile(cls, *args, **kwargs):  # between the first check and the lock
+        other = ["inference.py", "--model", "tiny-random", "--reward_model", reward_model_path, "--predictor",
+                 predictor_path, "--num_images", "1", "--num_inference_steps", "2", "--seed", "0", "--out_dir", out]  # fmt: skip
+        assert run_cli(*other).returncode == 0
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(RewardDirectedPipeline, "from_pretrained", classmethod(another_run_finishes_meanwhile))
+    before = None
+    assert sweep("--num_images", "1", "--target", "3") == 2
+    assert "already exists (an earlier run's output)" in error_line(capsys.readouterr().err)
+    before = read_rows(out / "results.csv")
+    assert [r["target"] for r in before] == ["0.0"]  # the other run's results, untouched
+
+
+@pytest.mark.parametrize("where", ["inside", "around"])
+def test_a_run_folder_inside_or_around_a_running_run_is_refused(tmp_path, capsys, sweep, where):
+    running = tmp_path / "running" if where == "inside" else tmp_path / "parent" / "running"
+    running.mkdir(parents=True)
+    out = running / "inner" if where == "inside" else tmp_path / "parent"
+    with locked(running / LOCK_FILE, "the running run"):
+        assert sweep("--num_images", "1", out=out) == 2
+        assert "lies inside or around the folder of a running run" in error_line(capsys.readouterr().err)
+        fake = ["--data", "synthetic", "--num_data", "4", "--weights", "none", "--out_dir", out]
+        assert run_script("fake_dataset.py", *fake) == 2
+        assert "lies inside or around the folder of a running run" in error_line(capsys.readouterr().err)
+    assert not list(out.rglob("*.png")) and not (out / "reward_model.pth").exists()
+
+
+def test_trainings_whose_side_files_coincide_never_run_together(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    train = ["train.py", "--model=tiny-random", "--data=synthetic", "--num_data=8", "--image_size=64", "--num_epochs=1",
+             "--val_fraction=0", f"--labels_path={tmp_path / 'labels.npy'}", f"--cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    with locked(out / ".a.lock", "a running a.pth"):  # as train.py holds it while training out_path=a.pth
+        assert run_script(*train, f"--out_path={out / 'a.pt'}") == 2
+    assert "is in use by another run" in error_line(capsys.readouterr().err)
+    assert not list(out.glob("a.*"))
+
+
+def test_outputs_never_go_into_a_model_folder_before_it_is_built_or_a_cached_snapshot(tmp_path, monkeypatch, capsys,
+                                                                                        sweep, tiny_model_dir):  # fmt: skip
+    import shutil
+
+    monkeypatch.setenv("RCGDM_CACHE_DIR", str(tmp_path / "fresh-cache"))
+    unbuilt = tmp_path / "fresh-cache" / "tiny-sdxl-random-v1"
+    assert run_script("inference.py", "--model", "tiny-sdxl-random", "--out_dir", unbuilt / "out") == 2
+    assert "is inside --model" in error_line(capsys.readouterr().err)
+    assert not unbuilt.exists()  # refused before the build
+
+    hub = tmp_path / "hub"
+    snapshot = hub / "models--org--tiny" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_model_dir, snapshot)
+    (hub / "models--org--tiny" / "refs").mkdir()
+    (hub / "models--org--tiny" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(hub))
+    assert sweep("--model", "org/tiny", out=snapshot / "out") == 2
+    assert "is inside --model" in error_line(capsys.readouterr().err)
+    assert not (snapshot / "out").exists()
+
+
+def test_leftovers_of_killed_runs_go_and_a_lock_that_is_a_folder_is_one_line(tmp_path, capsys, sweep):
+    from rcgdm.files.atomic import HOST
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "out"
+    out.mkdir()
+    leftover = out / f".results.csv.{HOST}-{dead.pid}.abc123.tmp"
+    leftover.write_text("half")
+    alive = out / f".grid.png.{HOST}-{os.getpid()}.abc123.tmp"  # a live process's: left alone
+    alive.write_text("busy")
+    run_folder.make_staging(out / ".overwrite")  # an overwrite killed before it wrote its progress
+    assert sweep("--num_images", "1") == 0
+    assert not leftover.exists() and alive.exists() and not (out / ".overwrite").exists()
+
+    other = tmp_path / "other"
+    (other / LOCK_FILE).mkdir(parents=True)
+    assert sweep("--num_images", "1", out=other) == 2
+    assert f"the lock file {str(other / LOCK_FILE)!r}" in error_line(capsys.readouterr().err)
+    fake = ["--data", "synthetic", "--num_data", "4", "--weights", "none", "--out_dir", other]
+    assert run_script("fake_dataset.py", *fake) == 2
+    assert "the lock file" in error_line(capsys.readouterr().err)
+
+
+def test_a_full_disk_while_a_figure_is_saved_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatch, capsys,
+                                                                                         sweep):  # fmt: skip
+    from matplotlib.figure import Figure
+
+    out = tmp_path / "out"
+    assert sweep("--num_images", "1") == 0
+    earlier = files(out)
+
+    def disk_full(self, path, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(Figure, "savefig", disk_full)
+    assert sweep("--num_images", "1", "--target", "2", "--overwrite") == 2
+    line = error_line(capsys.readouterr().err)
+    assert "No space left on device writing" in line and "nothing half-written was kept" in line
+    assert not list(out.rglob("*.tmp"))
+    assert {k: v for k, v in files(out).items() if not k.startswith(".overwrite/")} == earlier  # the earlier run, whole
