@@ -38,7 +38,7 @@ from rcgdm.cli import (
 )
 from rcgdm.data import check_num_data, load_batch, open_source
 from rcgdm.files import run_folder
-from rcgdm.files.atomic import save_json, save_npy, save_torch
+from rcgdm.files.atomic import remove_leftovers, save_json, save_npy, save_torch
 from rcgdm.files.locking import LOCK_FILE, refuse_if_locked
 from rcgdm.files.outputs import refuse_nested_runs, refuse_outputs_inside_inputs
 from rcgdm.files.provenance import package_versions, sha256_file
@@ -105,6 +105,7 @@ def main() -> None:
     with distributed.main_only_lock(state, out_dir / LOCK_FILE, what):
         if state.is_main_process:
             check_out_dir(out_dir, what, args.overwrite, holding_lock=True)  # again: another run may have written
+            remove_leftovers(out_dir)  # temporary files of killed runs
         write_labels(args, state, ground_truth, source, num_data, out_dir)
 
 

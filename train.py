@@ -38,7 +38,7 @@ from rcgdm.cli import MAX_SEED, UserError, check_creatable, run_main, writable_d
 from rcgdm.config import describe, parse_overrides
 from rcgdm.data import check_num_data, open_source
 from rcgdm.files import run_folder
-from rcgdm.files.atomic import save_json, save_text, save_torch
+from rcgdm.files.atomic import remove_leftovers, save_json, save_text, save_torch
 from rcgdm.files.locking import refuse_if_locked
 from rcgdm.files.outputs import STAGING, refuse_inputs_as_outputs, refuse_nested_runs, refuse_outputs_inside_inputs
 from rcgdm.files.provenance import package_versions, sha256_file
@@ -171,6 +171,7 @@ def main() -> None:
     with distributed.main_only_lock(state, lock, what):
         if state.is_main_process:  # again, holding the lock: another run may have written meanwhile
             check_outputs(config, files, staged)
+            remove_leftovers(out_path.parent)  # temporary files of killed runs
         writes = where_to_write(config, files, staged, state.is_main_process)
         if config.resume:  # checked in full before any encoding
             check_resume_state(writes["resume"], facts["in_channels"], config)
@@ -370,7 +371,6 @@ def train(
     # --- outputs
     if not main:
         return
-    save_torch(predictor_checkpoint(net, meta, reference), out_path)
     plots.loss_curve(history, files["loss_curve"])
     last = history[-1]
     if last["val_loss_by_noise"] is not None:
@@ -388,6 +388,7 @@ def train(
         "versions": package_versions(),
     }
     save_json(summary, files["train_summary"])
+    save_torch(predictor_checkpoint(net, meta, reference), out_path)  # last: a predictor at out_path is a finished run's
     if run is not None:
         run.finish()
     val_text = f"; final val {last['val_loss']:.4f} vs predict-the-mean {baseline_val:.4f}" if baseline_val is not None else ""

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,11 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("RCGDM_CACHE_DIR", tempfile.mkdtemp(prefix="rcgdm-test-cache-"))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RCGDM_CACHE_DIR", tempfile.mkdtemp(prefix="rcgdm-test-cache-"))  # CI passes one to reuse
+os.environ["HF_HUB_OFFLINE"] = "1"  # whatever the caller set: the tests never reach the network
+for _name in [n for n in os.environ if n in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+              or n.startswith("ACCELERATE_")]:  # fmt: skip
+    del os.environ[_name]  # a launcher's variables would make every script think it is one of several processes
 
 
 @pytest.fixture(scope="session")
@@ -68,9 +72,30 @@ def restore(saved: dict) -> None:
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `python3 args` in a fresh process, as a user would."""
-    return subprocess.run(
-        [sys.executable, *map(str, args)], cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout, check=False
-    )
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd or ROOT, capture_output=True, text=True,
+                          timeout=timeout, check=False, preexec_fn=default_signals)  # fmt: skip
+
+
+def default_signals() -> None:
+    """In a child, before it runs: Ctrl-C and SIGTERM act by default, whatever the test run inherited (a run started
+    with `nohup` or `make test &` ignores SIGINT, and children inherit that)."""
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_DFL)
+
+
+def popen(*args, log=None) -> subprocess.Popen:
+    """Start `python3 args` in the repository, as a user would, with the default signal handling."""
+    return subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, stdout=log or subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=default_signals)  # fmt: skip
+
+
+def wait_for(condition, timeout=300.0, process=None) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        if process is not None and process.poll() is not None and not condition():
+            raise AssertionError(f"process ended early with status {process.returncode}")
+        time.sleep(0.05)
 
 
 def read_rows(path) -> list[dict]:

@@ -10,9 +10,8 @@ import signal
 import numpy as np
 import pytest
 import torch
-from conftest import error_line, read_rows, run_script
+from conftest import error_line, popen, read_rows, run_script, wait_for
 from safetensors.torch import load_file, save_file
-from test_reliability import popen, wait_for
 
 
 def sweep(out, reward_model_path, predictor_path, *extra) -> list[str]:

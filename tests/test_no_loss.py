@@ -7,8 +7,7 @@ import signal
 
 import numpy as np
 import pytest
-from conftest import error_line, read_rows, run_script
-from test_reliability import popen, wait_for
+from conftest import error_line, popen, read_rows, run_script, wait_for
 
 from rcgdm.files.atomic import atomic_folder
 from rcgdm.models import TINY_FOLDER

@@ -9,12 +9,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, error_line, latent_labels, read_rows, run_script, weights
+from conftest import ROOT, error_line, latent_labels, popen, read_rows, run_script, wait_for, weights
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -35,21 +34,6 @@ class WritesAMarker:
 def hostile_checkpoint(path, marker):
     torch.save({"format": "rcgdm.predictor/1", "state_dict": {}, "payload": WritesAMarker(str(marker))}, path)
     return path
-
-
-def popen(*args, log=None):
-    return subprocess.Popen(
-        [sys.executable, *map(str, args)], cwd=ROOT, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT, text=True
-    )
-
-
-def wait_for(condition, timeout=300.0, process=None):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        if process is not None and process.poll() is not None and not condition():
-            raise AssertionError(f"process ended early with status {process.returncode}")
-        time.sleep(0.05)
 
 
 # --- hostile and damaged files --------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from conftest import error_line, read_rows, run_cli, run_script
 
@@ -258,3 +259,11 @@ def test_a_full_disk_while_a_figure_is_saved_is_one_line_and_leaves_no_temporary
     assert "No space left on device writing" in line and "nothing half-written was kept" in line
     assert not list(out.rglob("*.tmp"))
     assert {k: v for k, v in files(out).items() if not k.startswith(".overwrite/")} == earlier  # the earlier run, whole
+    labels = tmp_path / "labels.npy"
+    np.save(labels, np.zeros((8, 1), np.float32))
+    train = ["train.py", "--model=tiny-random", "--data=synthetic", "--num_data=8", "--image_size=64", "--num_epochs=1",
+             "--val_fraction=0", f"--labels_path={labels}", f"--cache_dir={tmp_path / 'cache'}",
+             f"--out_path={tmp_path / 'trained' / 'c.pth'}"]  # fmt: skip
+    assert run_script(*train) == 2  # its loss curve meets the full disk
+    assert "No space left on device writing" in error_line(capsys.readouterr().err)
+    assert not list((tmp_path / "trained").rglob("*.tmp")) and not (tmp_path / "trained" / "c.pth").exists()

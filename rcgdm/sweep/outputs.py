@@ -33,7 +33,7 @@ def check_outputs(out_dir: Path, combos: list[Combo], inputs: dict[str, str], mo
                             "expected another path")  # fmt: skip
     refuse_outputs_inside_inputs({"--out_dir": out_dir}, {"--model": model_folder})
     check_start(out_dir, resume, overwrite)
-    earlier = earlier_files(out_dir, combos)
+    earlier = sorted(earlier_files(out_dir, combos), key=lambda name: name != "results.csv")  # named first, if there
     if earlier and not (overwrite or resume):
         raise UserError(f"{str(out_dir / earlier[0])!r} already exists (an earlier run's output); use --overwrite to "
                         "replace it, or another --out_dir")  # fmt: skip
