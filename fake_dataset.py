@@ -119,7 +119,7 @@ def check_out_dir(out_dir: Path, what: str, overwrite: bool, holding_lock: bool 
     earlier = run_folder.earlier_files(out_dir, RUN, OUTPUTS)
     if earlier and not overwrite:
         raise UserError(f"{str(out_dir / earlier[0])!r} already exists (an earlier run's output); use --overwrite to "
-                        "replace it, or another --out_dir")  # fmt: skip
+                        "replace it, or another --out_dir")
 
 
 def write_labels(args: argparse.Namespace, state: PartialState, ground_truth: Reward, source, num_data: int, out_dir: Path):

@@ -130,7 +130,7 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserError(f"--target {target:g} is out of range; expected a number from {-MAX_TARGET:g} to {MAX_TARGET:g}")
     if args.num_inference_steps is not None and args.num_inference_steps > MAX_STEPS:
         raise UserError(f"--num_inference_steps {args.num_inference_steps} is more than the {MAX_STEPS} training timesteps; "
-                        f"expected 1 to {MAX_STEPS}")  # fmt: skip
+                        f"expected 1 to {MAX_STEPS}")
     if args.auto_tolerance is not None and args.auto_tolerance <= 0:
         raise UserError(f"--auto_tolerance {args.auto_tolerance:g} is not positive; expected a number > 0")
     for flag, normalise in (("prompt", lambda p: " ".join(p.split())), ("target", float), ("guidance", str), ("best_of", int)):
@@ -161,7 +161,7 @@ def auto_tolerance(args: argparse.Namespace, predictor_meta: dict) -> float:
 def family_defaults(setting: str) -> str:
     """A setting's default per model family, for --help: "50 (SD 1.x/2.x), 50 (SDXL), 28 (SD3)"."""
     return ", ".join(f"{getattr(family, setting):g} ({family.label})" if setting == "cfg" else
-                     f"{getattr(family, setting)} ({family.label})" for family in FAMILIES.values())  # fmt: skip
+                     f"{getattr(family, setting)} ({family.label})" for family in FAMILIES.values())
 
 
 def fill_family_defaults(args: argparse.Namespace, family: Family) -> None:
@@ -182,7 +182,7 @@ def image_settings(args: argparse.Namespace, seed: int, device: torch.device, dt
     and dtype, which move the pilots' numbers and so the strengths the search would choose."""
     keys = ("prompt", "target", "guidance", "num_images", "bs", "seed", "model", "reward_model", "predictor",
             "num_inference_steps", "cfg", "scheduler", "height", "width", "dtype", "batch_mean_guidance", "grad_path",
-            "best_of", "auto_tolerance")  # fmt: skip
+            "best_of", "auto_tolerance")
     contents = {  # what the files hold, not only their paths: a retrained predictor at the same path is another run
         "reward_model_sha256": sha256_file(args.reward_model),
         "predictor_sha256": sha256_file(args.predictor),
@@ -227,15 +227,15 @@ def main() -> None:
                 for path in {folder, *(combo.folder for combo in staged)}:
                     remove_leftovers(path)  # temporary files of a killed run
         settings = SweepSettings(args.num_images, args.bs, args.num_inference_steps, args.cfg, args.height, args.width,
-                                 args.batch_mean_guidance, args.grad_path, tolerance)  # fmt: skip
+                                 args.batch_mean_guidance, args.grad_path, tolerance)
         rows, stats = run_sweep(pipe, settings, staged, folder, log, state)
         if state.is_main_process:
             check_images_visible(folder, rows)
             record = {"settings": {**vars(args), "seed_used": log.seed, "out_dir": str(out_dir)},
                       "reward_model": pipe.reward_meta, "predictor": pipe.predictor.meta, "processes": state.num_processes,
-                      "seconds": time.perf_counter() - start, "versions": package_versions()}  # fmt: skip
+                      "seconds": time.perf_counter() - start, "versions": package_versions()}
             _, written = write_report(folder, combos, rows, stats, record, unguided_first_images(pipe, settings, combos,
-                                                                                                  log.seed))  # fmt: skip
+                                                                                                  log.seed))
             log.remove_files()
             finish(out_dir, folder, combos, [*written, *(row["file"] for row in rows)])
         state.print(f"wrote {len(rows)} images and {out_dir / 'results.csv'}, summary.json, the figures and grid.png")
@@ -243,7 +243,7 @@ def main() -> None:
 
 
 def load(args: argparse.Namespace, facts: dict, state: PartialState, device: torch.device,
-         dtype: torch.dtype) -> RewardDirectedPipeline:  # fmt: skip
+         dtype: torch.dtype) -> RewardDirectedPipeline:
     """The pipeline with --scheduler, the predictor and the ground-truth reward, on `device`. What configs (`facts`:
     rcgdm.models.model_facts) and checkpoints can tell is checked before the pipeline's weights load."""
     with state.main_process_first():  # hub downloads happen once
@@ -254,14 +254,14 @@ def load(args: argparse.Namespace, facts: dict, state: PartialState, device: tor
         pipe = RewardDirectedPipeline.from_pretrained(
             args.model, predictor, args.reward_model, user_reward=args.reward, scheduler=args.scheduler, device=device,
             dtype=dtype, ignore_provenance=args.ignore_provenance,
-        )  # fmt: skip
+        )
     pipe.check(args.num_inference_steps, args.grad_path, args.height, args.width)
     check_memory(args.num_images, args.bs, max(args.best_of), *pipe.image_size(args.height, args.width), device)
     return pipe
 
 
 def open_log(args: argparse.Namespace, state: PartialState, out_dir: Path, combos: list[Combo], device: torch.device,
-             dtype: torch.dtype) -> ResumeLog:  # fmt: skip
+             dtype: torch.dtype) -> ResumeLog:
     """The main process starts (or resumes) the run; every process gets its settings (the seed), the rows already
     done and the folder the run writes to (out_dir, or its staging folder: rcgdm/sweep/outputs.py)."""
     shared = [None]

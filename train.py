@@ -86,7 +86,7 @@ wandb = False  # log to Weights & Biases (needs `pip install wandb`)
 config_keys = [k for k, v in globals().items() if k.islower() and k[0] != "_" and isinstance(v, (bool, int, float, str))]
 # a resumed run must agree with its checkpoint on everything but num_epochs, device, paths and logging
 RESUME_MUST_MATCH = ("lr", "num_data", "batch_size", "model", "data", "image_size", "num_inference_steps", "val_fraction", "seed",
-                     "noise", "labels_sha256", "vae_fingerprint")  # fmt: skip  (the last two: what the files hold)
+                     "noise", "labels_sha256", "vae_fingerprint")  # the last two: what the files hold
 
 CHECKS = {
     "lr": (lambda v: v > 0, "a number > 0"),
@@ -150,7 +150,7 @@ def main() -> None:
     if config.batch_size < state.num_processes:
         n = state.num_processes
         raise UserError(f"batch_size={config.batch_size} is smaller than the {n} processes; "
-                        f"expected at least {n}, one sample each")  # fmt: skip
+                        f"expected at least {n}, one sample each")
     out_path = Path(config.out_path)
     files, staged = run_files(out_path), run_files(staging_folder(out_path) / out_path.name)
     lock, what = lock_file(out_path), f"out_path {str(out_path)!r}"
@@ -187,7 +187,7 @@ def check_resume_state(path: Path, channels: int, config: SimpleNamespace) -> No
     epoch = len(read_state(path, net, torch.optim.Adam(net.parameters(), lr=config.lr), torch.Generator())["history"])
     if epoch >= config.num_epochs:
         raise UserError(f"resume=True: {str(path)!r} already finished epoch {epoch} of num_epochs={config.num_epochs}; "
-                        "expected a larger num_epochs to train further")  # fmt: skip
+                        "expected a larger num_epochs to train further")
 
 
 def where_to_write(config: SimpleNamespace, files: dict[str, Path], staged: dict[str, Path], main: bool) -> dict[str, Path]:
@@ -269,17 +269,17 @@ def check_outputs(config: SimpleNamespace, files: dict[str, Path], staged: dict[
         unfinished += [files["resume"]] if files["resume"].exists() and not out_path.exists() else []
         if unfinished:
             raise UserError(f"{str(unfinished[0])!r} holds an interrupted run; resume=True to finish it, or overwrite=True "
-                            "to start again")  # fmt: skip
+                            "to start again")
         earlier = earlier_files(files)
         if earlier:
             raise UserError(f"{str(out_path.parent / earlier[0])!r} already exists (an earlier run's output); "
-                            "overwrite=True to replace it, or another out_path")  # fmt: skip
+                            "overwrite=True to replace it, or another out_path")
 
 
 def train(
     config: SimpleNamespace, family: str, state: PartialState, dev: torch.device, labels: torch.Tensor, indices: tuple,
     files: dict[str, Path], start_time: float,
-) -> None:  # fmt: skip
+) -> None:
     """Encode (or read) the latents, then train for the remaining epochs. indices: (train, validation) from `split`;
     `family`: the model's (rcgdm/families.py), recorded in the predictor.
     With several processes (rcgdm.distributed) the net trains data-parallel and only the main process writes."""
@@ -327,7 +327,7 @@ def train(
         epoch_start = time.perf_counter()
         desc = f"epoch {epoch}/{config.num_epochs}"
         train_loss = train_epoch(trained_net, optimizer, scheduler, x_train, y_train, timestep_pool, generator,
-                                 config.batch_size, desc, config.noise, shard)  # fmt: skip
+                                 config.batch_size, desc, config.noise, shard)
         if not math.isfinite(train_loss):
             kept = f"the last good checkpoint {state_path} is kept" if history else "no checkpoint was written"
             raise UserError(f"training loss became {train_loss} in epoch {epoch}; {kept}; try a smaller lr (now {config.lr})")

@@ -135,7 +135,7 @@ def bench_images_per_second(model: str, device: torch.device, size: int, steps: 
                               height=size, width=size, output_type="pt"),
         "ours_unguided": lambda: ours(None),
         "ours_guided": lambda: ours(RewardGuidance(predictor, 1.0, 100.0)),
-    }  # fmt: skip
+    }
     times = interleaved(variants, repeats, device)
     return {
         "size": size,
@@ -184,7 +184,7 @@ def bench_train_py_cache(workdir: Path, num_data: int) -> dict:
             "train.py", "--model=tiny-random", "--data=synthetic", f"--num_data={num_data}", "--image_size=64", "--num_epochs=1",
             "--val_fraction=0", f"--labels_path={labels}", f"--cache_dir={workdir / 'cache'}",
             f"--out_path={out / 'convnet.pth'}",
-        ]  # fmt: skip
+        ]
         start = time.perf_counter()
         subprocess.run([sys.executable, *argv], cwd=ROOT, check=True, capture_output=True)
         wall = time.perf_counter() - start

@@ -54,7 +54,7 @@ def run_main(main: Callable[[], None]) -> None:
             raise
         where = f" writing {err.filename!r}" if err.filename else ""
         sys.stderr.write(f"{prefix}error: {os.strerror(err.errno)}{where}; nothing half-written was kept: free some space, "
-                         "or write elsewhere, and run again\n")  # fmt: skip
+                         "or write elsewhere, and run again\n")
         sys.exit(2)
 
 

@@ -52,7 +52,7 @@ def load_original(path: str | Path, expected: type) -> nn.Module:
     except Exception as err:  # a global outside the allowlist, a truncated file, not a pickle ...
         reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
         raise UserError(f"{str(path)!r} was refused: it is not an original {expected.__name__} made only of allowed layers "
-                        f"({reason}); nothing in it was run") from None  # fmt: skip
+                        f"({reason}); nothing in it was run") from None
     if not isinstance(module, expected):
         raise UserError(f"{str(path)!r} holds a {type(module).__name__}; expected the original's {expected.__name__}")
     return module.eval()
@@ -77,7 +77,7 @@ def convert_reward(path: str | Path) -> dict:
 
     original = load_original(path, ResNet)
     checkpoint = {"format": REWARD_FORMAT, "arch": REWARD_ARCH, "reward": "resnet18-random", "weights": None, "seed": None,
-                  "converted_from": str(path), "state_dict": original.state_dict()}  # fmt: skip
+                  "converted_from": str(path), "state_dict": original.state_dict()}
     model_from_checkpoint(checkpoint, path)  # refuses anything but a ResNet18 with a Linear(512, 1) head
     return checkpoint
 
@@ -105,7 +105,7 @@ def main() -> None:
     save_torch(reward, outputs[1])
     print(f"wrote {outputs[0]} and {outputs[1]}")
     print("check: the original files carry no metadata, so the latent size, the label mean and std, the SD model and the "
-          "ResNet's weights source are recorded as unknown; pass the model they were trained with to inference.py")  # fmt: skip
+          "ResNet's weights source are recorded as unknown; pass the model they were trained with to inference.py")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ class ImageSource:
 COLOURS = {
     "red": (215, 40, 40), "green": (40, 165, 60), "blue": (40, 75, 215), "yellow": (235, 210, 45),
     "orange": (240, 135, 30), "purple": (130, 55, 180), "white": (235, 235, 235), "black": (25, 25, 25),
-}  # fmt: skip
+}
 SHAPES = ("circle", "square", "triangle")
 
 

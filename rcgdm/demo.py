@@ -58,20 +58,20 @@ def run(name: str, argv: list[str], seconds: dict[str, float]) -> None:
 
 def fake_dataset(folder: Path, reward: str, sizes: Sizes) -> list[str]:
     return ["fake_dataset.py", "--data", "synthetic", "--num_data", str(sizes.num_data), "--weights", "none",
-            "--reward", reward, "--out_dir", str(folder), "--overwrite"]  # fmt: skip
+            "--reward", reward, "--out_dir", str(folder), "--overwrite"]
 
 
 def train(folder: Path, cache: Path, sizes: Sizes) -> list[str]:
     return ["train.py", "--model=tiny", "--data=synthetic", f"--num_data={sizes.num_data}", "--image_size=32",
             f"--num_epochs={sizes.epochs}", "--batch_size=32", "--val_fraction=0.25", f"--labels_path={folder / LABELS}",
-            f"--out_path={folder / 'convnet.pth'}", f"--cache_dir={cache}", "--overwrite=True"]  # fmt: skip
+            f"--out_path={folder / 'convnet.pth'}", f"--cache_dir={cache}", "--overwrite=True"]
 
 
 def inference(folder: Path, out_dir: Path, sizes: Sizes, *sweep: str) -> list[str]:
     return ["inference.py", "--model", "tiny", "--reward_model", str(folder / "reward_model.pth"),
             "--predictor", str(folder / "convnet.pth"), *sweep, "--bs", "8", "--seed", "0", "--cfg", f"{CFG:g}",
             "--num_images", str(sizes.images), "--num_inference_steps", str(sizes.steps), "--overwrite",
-            "--out_dir", str(out_dir)]  # fmt: skip
+            "--out_dir", str(out_dir)]
 
 
 def label_stats(folder: Path) -> tuple[float, float]:
@@ -89,7 +89,7 @@ def training_numbers(folder: Path) -> dict:
     baseline = summary["baseline_val_loss"]
     lowest = next(iter(summary["final_val_loss_by_noise"].values()))
     return {"val_vs_baseline": summary["final_val_loss"] / baseline,
-            "lowest_noise_val_vs_baseline": None if lowest is None else lowest / baseline}  # fmt: skip
+            "lowest_noise_val_vs_baseline": None if lowest is None else lowest / baseline}
 
 
 def spearman(xs: list[float], ys: list[float]) -> float | None:
@@ -195,7 +195,7 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, paper_only: bool
     report["training"] = training_numbers(out)
     lowest = report["training"]["lowest_noise_val_vs_baseline"]
     print(f"--> predictor: validation loss {report['training']['val_vs_baseline']:.2f}x predict-the-mean over all "
-          f"timesteps" + ("" if lowest is None else f", {lowest:.2f}x on the least noisy bucket"))  # fmt: skip
+          f"timesteps" + ("" if lowest is None else f", {lowest:.2f}x on the least noisy bucket"))
 
     figure6 = out / "figure6"
     auto = not (quick or paper_only)  # beyond the paper, and a search: not in smoke runs
@@ -208,18 +208,18 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, paper_only: bool
         print(f"--> {prompt or '(unconditional)'!s} at guidance {GUIDANCE:g}: ground truth per target "
               f"{', '.join(f'{v:.3f}' for v in e['gt_mean_per_target'])}; Spearman {_number(e['spearman'])}; top - bottom "
               f"{e['top_minus_bottom_in_label_std']:.2f} label std; unguided mean {e['unguided_offset_in_label_std']:+.2f} "
-              "label std from the label mean")  # fmt: skip
+              "label std from the label mean")
     for prompt, methods in report["auto_vs_fixed"].items():
         print(f"--> {prompt or '(unconditional)'!s}: " + "; ".join(
             f"guidance {name}: |ground truth - target| {m['mean_abs_target_error']:.3f}, MMD^2 to unguided "
             f"{_number(m['mean_mmd_to_unguided'], 3)}, spread across targets {m['gt_spread_in_label_std']:.2f} label std, "
             f"{m['unet_calls']:.0f} UNet calls" + (f" ({m['unreachable']} targets unreachable)" if m["unreachable"] else "")
-            for name, m in methods.items()))  # fmt: skip
+            for name, m in methods.items()))
     if not paper_only:
         top = targets(mean, std)[-1]
         levels = [f"{g:g}" for g in BREAKDOWN_GUIDANCE]
         run("breakdown", inference(out, out / "breakdown", sizes, "--prompt", PROMPTS[0], "--target", top, "--guidance", *levels),
-            seconds)  # fmt: skip
+            seconds)
         breakdown_figure(out / "breakdown", out / "breakdown" / "guidance_breakdown.png")
         run_compressibility(out, QUICK if quick else COMPRESSIBILITY, seconds, report)
     report["seconds"] = seconds

@@ -58,7 +58,7 @@ def start(device_name: str) -> tuple[PartialState, torch.device]:
         return PartialState(cpu=device.type == "cpu"), device
     if device.type == "cuda" and device_name not in ("auto", "cuda"):
         raise InputError("device", f"{device_name!r} puts all {processes} processes on one GPU; expected auto or cuda "
-                                   "(one GPU per process)")  # fmt: skip
+                                   "(one GPU per process)")
     state = PartialState(cpu=device.type == "cpu")
     return state, state.device
 

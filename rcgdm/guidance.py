@@ -147,7 +147,7 @@ class RewardGuidance:
     grad_path: str = "xt"
 
     def apply(self, output: torch.Tensor, x_t: torch.Tensor, level: torch.Tensor | float,
-              prediction_type: str) -> torch.Tensor:  # fmt: skip
+              prediction_type: str) -> torch.Tensor:
         """A model output (B, C, h, w) of `prediction_type` at x_t, shifted as the paper's eps would be, in the output's
         dtype. `level` is alpha_bar_t, or sigma_t for flow_prediction. No signal left (alpha_bar_t = 0, sigma_t = 1)
         leaves the output as it is (see the module docstring)."""

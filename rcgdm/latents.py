@@ -62,7 +62,7 @@ class LatentSpec:
 def encode(
     vae, source: ImageSource, spec: LatentSpec, batch_size: int, device: torch.device, only: list[range] | None = None,
     progress: bool = True,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """Images 0..N-1 (or the batches `only`), resized and scaled to [-1, 1] -> one latent_dist sample
     each, in the denoiser's scale (rcgdm/latent_scaling.py): float32 (N, C, h, w) on the CPU."""
     dtype = next(vae.parameters()).dtype
@@ -115,7 +115,7 @@ def write_cache(path: Path, description: str, latents: torch.Tensor) -> None:
 def cached_latents(
     vae, source: ImageSource, spec: LatentSpec, cache_dir: str | Path, batch_size: int, device: torch.device,
     state: PartialState,
-) -> tuple[torch.Tensor, int]:  # fmt: skip
+) -> tuple[torch.Tensor, int]:
     """(latents (N, C, h, w) float32 on the CPU, in every process; how many images were encoded now: 0 on a cache hit).
 
     With several processes (rcgdm.distributed) each encodes its share of the batches into a part file

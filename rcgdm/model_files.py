@@ -45,7 +45,7 @@ def check_file_names(names: list[str], name: str) -> None:
     code = next((n for n in names if n.lower().endswith(CODE_SUFFIXES)), None)
     if code is not None:
         raise InputError("model", f"{name!r} holds the code file {code!r}; expected a model of weights and configs only "
-                        "(code from a model is never run)")  # fmt: skip
+                        "(code from a model is never run)")
 
 
 def check_config(config, file: str, name: str) -> None:
@@ -56,7 +56,7 @@ def check_config(config, file: str, name: str) -> None:
     index = Path(file).name in INDEX_FILES
     if index and "/" in file:
         raise InputError("model", f"{name!r}: {file} makes a component a pipeline of its own; expected the components "
-                                  "of one pipeline (code from a model is never run)")  # fmt: skip
+                                  "of one pipeline (code from a model is never run)")
     stack = [config]
     while stack:
         value = stack.pop()
@@ -69,14 +69,14 @@ def check_config(config, file: str, name: str) -> None:
         key = next((k for k in value if k in CODE_KEYS), None)
         if key is not None:
             raise InputError("model", f"{name!r}: {file} names custom code ({key!r}); expected stock diffusers and "
-                            "transformers components (code from a model is never run)")  # fmt: skip
+                            "transformers components (code from a model is never run)")
         cls = value.get("_class_name")
         if "_class_name" in value and not isinstance(cls, str):
             raise InputError("model", f"{name!r}: {file} field '_class_name' holds a {type(cls).__name__}; expected a "
-                                      "class name")  # fmt: skip
+                                      "class name")
         if cls is not None and not index and not _stock_class(cls):
             raise InputError("model", f"{name!r}: {file} names the class {cls!r}, which is not diffusers' or transformers'; "
-                            "expected a stock component (code from a model is never run)")  # fmt: skip
+                            "expected a stock component (code from a model is never run)")
         stack.extend(value.values())
 
 
@@ -86,13 +86,13 @@ def _check_component(spec: list, file: str, name: str) -> None:
     library, cls = spec[0], spec[1]
     if library not in COMPONENT_LIBRARIES:
         raise InputError("model", f"{name!r}: {file} names a component from {library!r}; expected a component of "
-                                  "diffusers or transformers (code from a model is never run)")  # fmt: skip
+                                  "diffusers or transformers (code from a model is never run)")
     if not isinstance(cls, str) or not _stock_class(cls, library):
         raise InputError("model", f"{name!r}: {file} names the component class {cls!r}, which is not {library}'s; "
-                                  "expected a stock component (code from a model is never run)")  # fmt: skip
+                                  "expected a stock component (code from a model is never run)")
     if _is_pipeline(cls):
         raise InputError("model", f"{name!r}: {file} makes the component {cls!r} a pipeline of its own; expected the "
-                                  "components of one pipeline (code from a model is never run)")  # fmt: skip
+                                  "components of one pipeline (code from a model is never run)")
 
 
 def _is_pipeline(cls: str) -> bool:
@@ -155,14 +155,14 @@ def _read_json(folder: Path, file: str, name: str):
         fd = os.open(folder / file, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as err:
         raise InputError("model", f"{name!r}: {file} cannot be opened ({err.strerror}); expected a diffusers model "
-                                  "folder") from None  # fmt: skip
+                                  "folder") from None
     with os.fdopen(fd, "rb") as f:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise InputError("model", f"{name!r}: {file} is not a regular file; expected a JSON config file")
         if info.st_size > MAX_CONFIG_BYTES:
             raise InputError("model", f"{name!r}: {file} holds {info.st_size} bytes; expected a JSON config of at most "
-                                      f"{MAX_CONFIG_BYTES} bytes")  # fmt: skip
+                                      f"{MAX_CONFIG_BYTES} bytes")
         data = f.read(MAX_CONFIG_BYTES + 1)
     try:
         if len(data) > MAX_CONFIG_BYTES:
@@ -170,7 +170,7 @@ def _read_json(folder: Path, file: str, name: str):
         return json.loads(data)
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise InputError("model", f"{name!r}: {file} is not readable JSON ({type(err).__name__}); expected a diffusers "
-                        "model folder") from None  # fmt: skip
+                        "model folder") from None
 
 
 def hub_offline() -> bool:
@@ -186,7 +186,7 @@ def cached_snapshot(name: str) -> Path:
         return Path(snapshot_download(name, local_files_only=True))
     except Exception:  # not cached, or not a repo id
         raise InputError("model", f"{name!r} could not be loaded (not in the hub cache, and HF_HUB_OFFLINE is set); "
-                        "offline, use --model tiny or a local diffusers folder") from None  # fmt: skip
+                        "offline, use --model tiny or a local diffusers folder") from None
 
 
 @functools.cache
@@ -205,6 +205,6 @@ def hub_revision(name: str) -> str:
     except Exception as err:  # offline, no such repo, a malformed id ...
         reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
         raise InputError("model", f"{name!r} could not be loaded ({reason}); offline, use --model tiny or a local "
-                        "diffusers folder") from None  # fmt: skip
+                        "diffusers folder") from None
     _check_configs(configs, _model_files(configs, name), name)
     return info.sha

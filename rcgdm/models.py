@@ -26,7 +26,7 @@ SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TINY = "tiny"
 TINY_FOLDER = Path(__file__).resolve().parents[1] / "models" / "tiny-sd"
 _BUILT_FOLDERS = {"tiny-random": "tiny-random-v4", "sd15-random": "sd15-random-v1", "tiny-sdxl-random": "tiny-sdxl-random-v1",
-                  "tiny-sd3-random": "tiny-sd3-random-v1"}  # fmt: skip
+                  "tiny-sd3-random": "tiny-sd3-random-v1"}
 
 
 def cache_root() -> Path:
@@ -163,23 +163,23 @@ def model_facts(name: str) -> dict:
     denoiser = _config(UNet2DConditionModel, name, denoiser_file)  # any model class: config only
     if family.name == "sdxl" and denoiser.get("addition_embed_type") != "text_time":
         raise InputError("model", f"{name!r}: model_index.json says {family.pipeline}, but {denoiser_file} has no "
-                                  "'text_time' added conditioning; expected an SDXL UNet")  # fmt: skip
+                                  "'text_time' added conditioning; expected an SDXL UNet")
     if family.name == "sd" and denoiser.get("addition_embed_type") == "text_time":
         raise InputError("model", f"{name!r}: model_index.json says {family.pipeline}, but {denoiser_file} has SDXL's "
-                                  "'text_time' added conditioning; expected an SD 1.x/2.x UNet (or an SDXL label)")  # fmt: skip
+                                  "'text_time' added conditioning; expected an SD 1.x/2.x UNet (or an SDXL label)")
     scheduler = _config(PNDMScheduler, name, "scheduler/scheduler_config.json")  # any class: config only
     vae = _config(AutoencoderKL, name, "vae/config.json")
     blocks = _field(vae, "block_out_channels", list, name, "vae/config.json", "a list of channel counts")
     if vae.get("latents_mean") is not None or vae.get("latents_std") is not None:
         raise InputError("model", f"{name!r}: vae/config.json sets latents_mean/latents_std, a per-channel latent "
-                                  "normalisation the sampler does not apply; expected scaling (and shift) only")  # fmt: skip
+                                  "normalisation the sampler does not apply; expected scaling (and shift) only")
     if family.flow:
         kind = "flow_prediction"
     else:
         kind = _field(scheduler, "prediction_type", str, name, "scheduler/scheduler_config.json", "a string", "epsilon")
         if kind not in DIFFUSION_TYPES:
             raise InputError("model", f"{name!r} predicts {kind!r}; expected one of {', '.join(DIFFUSION_TYPES)} "
-                                      "(see README, model families)")  # fmt: skip
+                                      "(see README, model families)")
     return {
         "family": family.name,
         "in_channels": _field(denoiser, "in_channels", int, name, denoiser_file, "an integer"),

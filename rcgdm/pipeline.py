@@ -56,7 +56,7 @@ class Scored:
     def concat(batches: list[Scored]) -> Scored:
         """Batches of one sample, in order, as one (a field None in the first batch is None in all)."""
         return Scored(*(None if getattr(batches[0], f.name) is None else torch.cat([getattr(b, f.name) for b in batches])
-                        for f in fields(Scored)))  # fmt: skip
+                        for f in fields(Scored)))
 
 
 def latent_size(sample_size: int, vae_scale_factor: int, height: int | None, width: int | None) -> tuple[int, int]:
@@ -71,7 +71,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _check_load(**values) -> None:
     """InputError naming the first from_pretrained argument of the wrong type."""
     kinds = {"model": (str,), "predictor": (str, Path, TrainedPredictor), "reward_model": (str, Path, type(None)),
-             "user_reward": (str, type(None)), "scheduler": (str, type(None)), "ignore_provenance": (bool,)}  # fmt: skip
+             "user_reward": (str, type(None)), "scheduler": (str, type(None)), "ignore_provenance": (bool,)}
     for name, kind in kinds.items():
         if not isinstance(values[name], kind):
             expected = " or ".join("None" if k is type(None) else k.__name__ for k in kind)
@@ -115,7 +115,7 @@ class RewardDirectedPipeline:
         reward model (fake_dataset.py's; `user_reward` names a module:function reward it records). What configs and
         checkpoints can tell is checked before the pipeline's weights load."""
         _check_load(model=model, predictor=predictor, reward_model=reward_model, user_reward=user_reward,
-                    scheduler=scheduler, dtype=dtype, ignore_provenance=ignore_provenance)  # fmt: skip
+                    scheduler=scheduler, dtype=dtype, ignore_provenance=ignore_provenance)
         device = _device(device)
         facts = model_facts(model)
         family = FAMILIES[facts["family"]]
@@ -146,7 +146,7 @@ class RewardDirectedPipeline:
             raise InputError("num_inference_steps", f"{num_inference_steps!r} is not an integer; expected 1 to {train_steps}")
         if not 1 <= num_inference_steps <= train_steps:
             raise InputError("num_inference_steps", f"{num_inference_steps} is outside the model's {train_steps} training "
-                                                    f"timesteps; expected 1 to {train_steps}")  # fmt: skip
+                                                    f"timesteps; expected 1 to {train_steps}")
         check_step_count(self.sd.scheduler, num_inference_steps)
         if grad_path not in GRAD_PATHS:
             raise InputError("grad_path", f"{grad_path!r} is unknown; expected one of {', '.join(GRAD_PATHS)}")
@@ -158,7 +158,7 @@ class RewardDirectedPipeline:
             if value % patch:
                 multiple = patch * self.sd.vae_scale_factor
                 raise InputError(name, f"{value * self.sd.vae_scale_factor} is not a multiple of {multiple}; expected "
-                                       f"a multiple of {multiple} (latent patches of {patch})")  # fmt: skip
+                                       f"a multiple of {multiple} (latent patches of {patch})")
         self.predictor.check_latent_size(size, self.sd.vae_scale_factor)
 
     def image_size(self, height: int | None, width: int | None) -> tuple[int, int]:
@@ -169,13 +169,13 @@ class RewardDirectedPipeline:
 
     def sample(self, prompt: str, reward_guidance: RewardGuidance | None, seed: int, indices, candidate: int = 0,
                num_inference_steps: int | None = None, cfg: float | None = None, height: int | None = None,
-               width: int | None = None, progress_bar: bool = True) -> Scored:  # fmt: skip
+               width: int | None = None, progress_bar: bool = True) -> Scored:
         """Images `indices` of a run seeded `seed` (candidate k of best-of-N; 0 is the plain image), one batch, scored.
         Image i starts from the seed (seed, i, candidate), so it is the same whatever batch it is sampled in."""
         generators = image_generators(seed, indices, candidate)
         num_inference_steps, cfg = self.defaults(num_inference_steps, cfg)
         latents = sample_latents(self.sd, prompt, generators, reward_guidance, num_inference_steps, cfg, height, width,
-                                 progress_bar)  # fmt: skip
+                                 progress_bar)
         _check_finite(latents, "the final latents", reward_guidance, cfg)
         images = decode(self.sd, latents, generators)
         rewards = None if self.reward is None else self.reward(images)
@@ -207,7 +207,7 @@ class RewardDirectedPipeline:
         per image, the candidate whose predicted reward is closest to the target. Steps and cfg default to the family's."""
         num_inference_steps, cfg = self.defaults(num_inference_steps, cfg)
         _check_call(prompt=prompt, target=target, guidance=guidance, cfg=cfg, num_images=num_images, seed=seed,
-                    best_of=best_of, batch_size=batch_size, height=height, width=width, batch_mean=batch_mean)  # fmt: skip
+                    best_of=best_of, batch_size=batch_size, height=height, width=width, batch_mean=batch_mean)
         self.check(num_inference_steps, grad_path, height, width)
         size = self.image_size(height, width)
         check_memory(num_images, batch_size, best_of, *size, self.sd._execution_device)
@@ -241,7 +241,7 @@ def _check_call(**values) -> None:
         if not finite:
             raise InputError(name, f"{_shown(value)} is not a finite number; expected one")
     for name, low, high in (("num_images", 1, MAX_SEED), ("best_of", 1, MAX_SEED), ("batch_size", 1, MAX_SEED),
-                            ("seed", 0, MAX_SEED), ("height", 8, MAX_SIZE), ("width", 8, MAX_SIZE)):  # fmt: skip
+                            ("seed", 0, MAX_SEED), ("height", 8, MAX_SIZE), ("width", 8, MAX_SIZE)):
         value = values[name]
         if value is None and name in ("height", "width"):
             continue
@@ -281,7 +281,7 @@ def check_memory(num_images: int, batch_size: int, best_of: int, height: int, wi
     if needed > total:
         raise InputError("num_images", f"{num_images} images of {height}x{width} in batches of {batch_size} need at least "
                                        f"{needed / 1e9:.3g} GB ({parts}), more than the {total / 1e9:.3g} GB of {device.type}; "
-                                       "expected fewer images, smaller batches or a smaller size")  # fmt: skip
+                                       "expected fewer images, smaller batches or a smaller size")
 
 
 class NonFiniteError(UserError):
@@ -293,4 +293,4 @@ def _check_finite(values: torch.Tensor, what: str, steer: RewardGuidance | None,
     if not torch.isfinite(values).all():
         where = "" if steer is None else f"target {steer.target:g}, guidance {steer.guidance:g}, "
         raise NonFiniteError(f"{what} became NaN or inf at {where}--cfg {cfg:g}; likely cause: a guidance or cfg too large "
-                        "for this model, or a damaged model; expected smaller values")  # fmt: skip
+                        "for this model, or a damaged model; expected smaller values")

@@ -80,7 +80,7 @@ def reward_vs_target(combos: list[dict], path: str | Path) -> None:
             for kind, style, marker in (("gt", "-", "o"), ("pred", "--", "x")):
                 ax.errorbar([c["target"] for c in rows], [c[f"{kind}_mean"] for c in rows], yerr=[c[f"{kind}_std"] for c in rows],
                             linestyle=style, marker=marker, color=f"C{k % 10}", capsize=3,
-                            label=f"{series}, {'ground truth' if kind == 'gt' else 'predicted'}")  # fmt: skip
+                            label=f"{series}, {'ground truth' if kind == 'gt' else 'predicted'}")
         ax.plot([min(targets), max(targets)], [min(targets), max(targets)], color="grey", linestyle=":", label="y = target")
     panels[0][1].set_ylabel("reward of generated images (mean ± std)")
     panels[0][1].legend(fontsize=8)
@@ -105,7 +105,7 @@ def shift_vs_target(combos: list[dict], path: str | Path) -> bool:
                 ax.axhline(level, color="grey", linestyle=":", label=f"unguided ({level:.3f})")
             else:
                 ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, color=f"C{k % 10}",
-                            label=f"guidance {guidance_label(guidance)}")  # fmt: skip
+                            label=f"guidance {guidance_label(guidance)}")
         ax.legend(fontsize=8)
     panels[0][1].set_ylabel("distance to 5 nearest training latents (RMS)")
     fig.suptitle("distribution shift of generated latents")
@@ -155,11 +155,11 @@ def reward_vs_distance(combos: list[dict], path: str | Path) -> bool:
             label = f"guidance {guidance_label(guidance)}" + (f", best of {best_of}" if best_of > 1 else "")
             ax.errorbar([c["mmd_to_unguided"] for c in rows], [c["gt_mean"] for c in rows],
                         xerr=[c["mmd_to_unguided_se"] for c in rows], linestyle="none", marker="o", capsize=3,
-                        color=f"C{k % 10}", label=label)  # fmt: skip
+                        color=f"C{k % 10}", label=label)
             unguided = guidance == 0 and best_of == 1  # one set of images, whatever the target
             for c in rows[:1] if unguided else rows:
                 ax.annotate("unguided" if unguided else f"{c['target']:g}", (c["mmd_to_unguided"], c["gt_mean"]),
-                            textcoords="offset points", xytext=(4, 4), fontsize=7)  # fmt: skip
+                            textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.axvline(0, color="grey", linestyle=":")
         ax.set_xlabel("MMD² to the unguided images (± s.e.)")
         ax.legend(fontsize=8)

@@ -127,14 +127,14 @@ class TrainedPredictor:
         if trained != family:
             label = FAMILIES[trained].label if trained in FAMILIES else repr(trained)
             raise InputError("predictor", f"{self.path!r} was trained on {label} latents; the model is "
-                                          f"{FAMILIES[family].label}; expected one train.py trained on this model")  # fmt: skip
+                                          f"{FAMILIES[family].label}; expected one train.py trained on this model")
 
     def check_latent_channels(self, latent_channels: int) -> None:
         """The net must take the latents of the model's VAE (`latent_channels` channels)."""
         channels = self.net.layer1.conv1.in_channels
         if channels != latent_channels:
             raise InputError("predictor", f"{self.path!r} was trained on {channels}-channel latents; the model's VAE makes "
-                                          f"{latent_channels}")  # fmt: skip
+                                          f"{latent_channels}")
 
     def check_grad_path(self, grad_path: str) -> None:
         """A net trained on noisy latents serves grad_path xt; one trained on clean latents (noise=False), x0."""
@@ -142,7 +142,7 @@ class TrainedPredictor:
         if noised != (grad_path == "xt"):
             trained = "noisy latents (train.py noise=True)" if noised else "clean latents (train.py noise=False)"
             raise InputError("predictor", f"{self.path!r} was trained on {trained}; it serves --grad_path "
-                                          f"{'xt' if noised else 'x0'}, not {grad_path}")  # fmt: skip
+                                          f"{'xt' if noised else 'x0'}, not {grad_path}")
 
     def check_latent_size(self, sampled: tuple[int, int], vae_scale_factor: int) -> None:
         """The net must have been trained on latents of the size sampled (h, w): its average pool accepts any size, but
@@ -152,7 +152,7 @@ class TrainedPredictor:
             h, w = (n * vae_scale_factor for n in trained)
             raise InputError("predictor", f"{self.path!r} was trained on {trained[0]}x{trained[1]} latents ({h}x{w} images); "
                                           f"this run samples {sampled[0]}x{sampled[1]}; expected --height {h} --width {w}, or "
-                                          "a predictor trained at that size (train.py image_size)")  # fmt: skip
+                                          "a predictor trained at that size (train.py image_size)")
 
     def check_trained_for(self, model: str, reward_model: str | Path | None = None) -> None:
         """The net must come from this model's VAE latents and, if given, labels of this reward model (its file)."""
@@ -160,11 +160,11 @@ class TrainedPredictor:
         if recorded is not None and reward_model is not None and recorded != sha256_file(reward_model):
             raise InputError("predictor", f"{self.path!r} was trained on labels of another reward model than --reward_model "
                                           f"{str(reward_model)!r}; expected the pair written together (or "
-                                          "--ignore_provenance)")  # fmt: skip
+                                          "--ignore_provenance)")
         trained_on = self.meta.get("model")
         if trained_on is not None and trained_on != model:
             raise InputError("predictor", f"{self.path!r} was trained on --model {trained_on!r}'s latents, not {model!r}; "
-                                          "expected the same model (or --ignore_provenance)")  # fmt: skip
+                                          "expected the same model (or --ignore_provenance)")
 
 
 MAX_CHANNELS, MAX_LATENT = 1024, 4096
@@ -193,7 +193,7 @@ FIELDS = {  # what each metadata field must hold when present (older checkpoints
     "label_std": (_number(0), "a finite number >= 0"),
     "epochs": (_integer(1, 2**31), "an integer >= 1"),
     "val_loss": (lambda v: v is None or _number(0)(v), "a finite number >= 0, or None"),
-}  # fmt: skip
+}
 
 
 UNKNOWN_ALLOWED = ("latent_size", "model", "image_size", "label_mean", "label_std", "epochs")  # None: a converted original
@@ -237,11 +237,11 @@ def _reference_latents(checkpoint: dict, path: str | Path) -> torch.Tensor | Non
         return None
     size = checkpoint.get("latent_size")
     expected = f"(K, {checkpoint['latent_channels']}, h, w) with 1 <= K <= {REFERENCE_LATENTS}" + (
-        f", h x w = {size[0]} x {size[1]}" if size else "")  # fmt: skip
+        f", h x w = {size[0]} x {size[1]}" if size else "")
     fits = (isinstance(reference, torch.Tensor) and reference.dtype in (torch.float16, torch.float32) and reference.ndim == 4
             and 1 <= len(reference) <= REFERENCE_LATENTS and reference.shape[1] == checkpoint["latent_channels"]
-            and (size is None or list(reference.shape[2:]) == list(size)) and reference.is_contiguous())  # fmt: skip
+            and (size is None or list(reference.shape[2:]) == list(size)) and reference.is_contiguous())
     if not fits or not torch.isfinite(reference).all():
         raise InputError("predictor", f"{str(path)!r}: field 'reference_latents' is not a finite, contiguous float tensor "
-                                      f"{expected}")  # fmt: skip
+                                      f"{expected}")
     return reference.float()

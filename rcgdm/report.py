@@ -30,7 +30,7 @@ REPORT_FILES = ("results.csv", "summary.json", "reward_vs_target.png", "shift_vs
 
 
 def write_report(out_dir: Path, combos: list[Combo], rows: list[dict], stats: SweepStats, record: dict,
-                 unguided: dict[str, tuple]) -> tuple[list[dict], list[str]]:  # fmt: skip
+                 unguided: dict[str, tuple]) -> tuple[list[dict], list[str]]:
     """Write the run's files into `out_dir` and print a line per combination -> (the per-combination summaries, the
     names of the files written). `record` goes into summary.json beside the summaries (settings, provenance,
     versions); `unguided` holds (image, gt, pred) of image 0 of each prompt the sweep has no guidance 0 for (the
@@ -53,7 +53,7 @@ def write_report(out_dir: Path, combos: list[Combo], rows: list[dict], stats: Sw
     plots.reward_vs_distance(summary, out("reward_vs_distance.png"))
     write_grid(out_dir, combos, rows, unguided, out("grid.png"))
     save_json({"settings": record["settings"], "combinations": summary, **{k: v for k, v in record.items() if k != "settings"}},
-              out("summary.json"))  # fmt: skip
+              out("summary.json"))
     for c in summary:
         print(
             f"target {c['target']:g}, guidance {guidance_label(c['guidance'])}" + _auto(c["auto"])
@@ -70,14 +70,14 @@ def _auto(choice: dict | None) -> str:
     if choice["reached"]:
         return f" (chose {choice['chosen_guidance']:g}; pilot {choice['pilot_unet_calls']} UNet calls)"
     return (f" (UNREACHABLE up to guidance {MAX_GUIDANCE:g}: closest pilot prediction {choice['pilot_predicted']:.4f} at "
-            f"{choice['chosen_guidance']:g}, used)")  # fmt: skip
+            f"{choice['chosen_guidance']:g}, used)")
 
 
 def _versus_unguided(c: dict) -> str:
     if c["mmd_to_unguided"] is None:
         return ""
     return (f", diversity {c['diversity_vs_unguided']:.2f}x unguided, MMD^2 to unguided {c['mmd_to_unguided']:.4f} "
-            f"± {c['mmd_to_unguided_se']:.4f}")  # fmt: skip
+            f"± {c['mmd_to_unguided_se']:.4f}")
 
 
 def summarise(combos: list[Combo], rows: list[dict], stats: SweepStats) -> list[dict]:

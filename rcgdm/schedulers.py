@@ -74,7 +74,7 @@ def check_steps(name: str, prediction_type: str) -> Sampler:
     if prediction_type not in support.prediction_types:
         expected = ", ".join(s for s, v in SCHEDULERS.items() if prediction_type in v.prediction_types)
         raise InputError("scheduler", f"{name!r} ({support.class_name}) cannot step a model that predicts {prediction_type!r}; "
-                        f"expected one of {expected}")  # fmt: skip
+                        f"expected one of {expected}")
     return support
 
 
@@ -88,11 +88,11 @@ def make_scheduler(name: str, config, prediction_type: str | None = None):
     support = check_steps(name, prediction_type or config.get("prediction_type", "epsilon"))
     if support.noise != "flow" and config.get("use_flow_sigmas"):
         raise InputError("scheduler", f"{name!r}: the model's scheduler config uses flow-matching sigmas; expected a "
-                        "diffusion (alpha_bar) schedule")  # fmt: skip
+                        "diffusion (alpha_bar) schedule")
     for option in ("use_dynamic_shifting", "stochastic_sampling") if support.noise == "flow" else ():
         if config.get(option):
             raise InputError("scheduler", f"{name!r}: the model's scheduler config sets {option}; expected a fixed, "
-                            "deterministic flow schedule (shift only)")  # fmt: skip
+                            "deterministic flow schedule (shift only)")
     try:
         return getattr(diffusers, support.class_name).from_config(config)
     except Exception as err:  # a config option this class cannot take, or one needing a package not installed
@@ -110,7 +110,7 @@ def check_step_count(scheduler, steps: int) -> None:
         warm_up = isinstance(scheduler, _class("pndm")) and not scheduler.config.get("skip_prk_steps")
         need = "at least 4 steps for PNDM's Runge-Kutta warm-up" if warm_up else "another number of steps"
         raise InputError("num_inference_steps", f"{steps} is too few for {type(scheduler).__name__} ({reason}); "
-                                                f"expected {need}") from None  # fmt: skip
+                                                f"expected {need}") from None
 
 
 def _class(name: str) -> type:

@@ -32,7 +32,7 @@ def load_labels(path: str | Path, num_data: int) -> torch.Tensor:
     if not isinstance(labels, np.ndarray):  # np.load opens any zip archive (a .npz, a .pth) as an NpzFile
         labels.close()
         raise InputError("labels_path", f"{str(path)!r} is a zip archive (a .npz or .pth?), not a .npy file; expected the .npy "
-                        "written by fake_dataset.py")  # fmt: skip
+                        "written by fake_dataset.py")
     if labels.ndim == 1:
         labels = labels[:, None]
     if labels.ndim != 2 or labels.shape[1] != 1 or labels.dtype.kind not in "fiu":
@@ -55,7 +55,7 @@ def labels_sidecar(path: str | Path) -> dict | None:
         data = json.loads(sidecar.read_text())
     except (OSError, ValueError) as err:
         raise UserError(f"labels sidecar {str(sidecar)!r} is not readable JSON ({type(err).__name__}); expected the file "
-                        "fake_dataset.py wrote, or none") from None  # fmt: skip
+                        "fake_dataset.py wrote, or none") from None
     if not isinstance(data, dict) or not all(isinstance(data.get(k, ""), str) for k in ("data", "reward_model_sha256")):
         raise UserError(f"labels sidecar {str(sidecar)!r}: fields 'data' and 'reward_model_sha256' must be strings")
     return data
@@ -71,7 +71,7 @@ def check_labels_source(path: str | Path, identity: str, data: str, enforce: boo
     recorded = sidecar.get("data")
     if enforce and recorded is not None and recorded != identity:
         raise InputError("labels_path", f"{str(path)!r} was made from {recorded!r} (its sidecar says), not data={data!r} "
-                        f"({identity}); expected the same data, or check_provenance=False")  # fmt: skip
+                        f"({identity}); expected the same data, or check_provenance=False")
 
 
 def split(num_data: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,7 +214,7 @@ def read_state(path: Path, net, optimizer, generator: torch.Generator) -> dict:
 
     def bad(field: str, detail: str) -> UserError:
         return UserError(f"resume state {str(path)!r}: field {field!r} {detail}; expected an undamaged file as train.py "
-                         "writes, or overwrite=True to start again")  # fmt: skip
+                         "writes, or overwrite=True to start again")
 
     expected = {"config": dict, "epoch": int, "model": dict, "optimizer": dict, "generator": torch.Tensor, "history": list}
     for field, kind in expected.items():
@@ -246,4 +246,4 @@ def _history_entry(entry, epoch: int) -> bool:
         return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
     return (isinstance(entry, dict) and entry.get("epoch") == epoch and finite(entry.get("train_loss"))
-            and (entry.get("val_loss") is None or finite(entry["val_loss"])))  # fmt: skip
+            and (entry.get("val_loss") is None or finite(entry["val_loss"])))

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RCGDM_CACHE_DIR", tempfile.mkdtemp(prefix="rcgdm-test-cache-"))  # CI passes one to reuse
 os.environ["HF_HUB_OFFLINE"] = "1"  # whatever the caller set: the tests never reach the network
 for _name in [n for n in os.environ if n in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-              or n.startswith("ACCELERATE_")]:  # fmt: skip
+              or n.startswith("ACCELERATE_")]:
     del os.environ[_name]  # a launcher's variables would make every script think it is one of several processes
 
 
@@ -50,7 +50,7 @@ def run_script(script: str, *args: str, capsys=None) -> int:
 
 def global_state() -> dict:
     return {"argv": sys.argv, "sigterm": signal.getsignal(signal.SIGTERM), "torch": torch.get_rng_state(),
-            "numpy": np.random.get_state(), "random": random.getstate(), "modules": set(sys.modules)}  # fmt: skip
+            "numpy": np.random.get_state(), "random": random.getstate(), "modules": set(sys.modules)}
 
 
 def restore(saved: dict) -> None:
@@ -73,7 +73,7 @@ def restore(saved: dict) -> None:
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `python3 args` in a fresh process, as a user would."""
     return subprocess.run([sys.executable, *map(str, args)], cwd=cwd or ROOT, capture_output=True, text=True,
-                          timeout=timeout, check=False, preexec_fn=default_signals)  # fmt: skip
+                          timeout=timeout, check=False, preexec_fn=default_signals)
 
 
 def default_signals() -> None:
@@ -86,7 +86,7 @@ def default_signals() -> None:
 def popen(*args, log=None) -> subprocess.Popen:
     """Start `python3 args` in the repository, as a user would, with the default signal handling."""
     return subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, stdout=log or subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT, text=True, preexec_fn=default_signals)  # fmt: skip
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=default_signals)
 
 
 def wait_for(condition, timeout=300.0, process=None) -> None:
@@ -169,7 +169,7 @@ def predictor_path(tmp_path_factory, tiny_model_dir) -> Path:
     args = [
         "--model=tiny-random", "--data=synthetic", "--num_data=512", "--image_size=64", "--num_epochs=5", "--batch_size=32",
         "--val_fraction=0.25", f"--labels_path={labels}", f"--cache_dir={root / 'cache'}", f"--out_path={root / 'convnet.pth'}",
-    ]  # fmt: skip
+    ]
     assert run_script("train.py", *args) == 0
     return root / "convnet.pth"
 

@@ -30,7 +30,7 @@ def pilot_pipe(predicted, calls: list):
         return Scored(torch.zeros(len(indices), 3, 4, 4), torch.full((len(indices),), value), None, None)
 
     return SimpleNamespace(sample=sample, predictor=SimpleNamespace(net=None),
-                           sd=SimpleNamespace(scheduler=SimpleNamespace(timesteps=range(5))))  # fmt: skip
+                           sd=SimpleNamespace(scheduler=SimpleNamespace(timesteps=range(5))))
 
 
 SETTINGS = SweepSettings(num_images=8, batch_size=4, num_inference_steps=5, cfg=1.0)
@@ -55,7 +55,7 @@ def test_an_unguided_pilot_that_diverges_is_the_models_fault_and_stops():
 
 
 @pytest.mark.parametrize(("batch_size", "num_images", "expected"), [(4, 8, [[0, 1, 2, 3]]), (2, 8, [[0, 1], [2, 3]]),
-                                                                     (3, 8, [[0, 1, 2], [3]]), (4, 2, [[0, 1]])])  # fmt: skip
+                                                                     (3, 8, [[0, 1, 2], [3]]), (4, 2, [[0, 1]])])
 def test_the_pilot_samples_the_runs_first_images_in_the_runs_batches(batch_size, num_images, expected):
     calls = []
     settings = SweepSettings(num_images=num_images, batch_size=batch_size, num_inference_steps=5, cfg=1.0)
@@ -66,7 +66,7 @@ def test_the_pilot_samples_the_runs_first_images_in_the_runs_batches(batch_size,
 def test_a_resumed_auto_run_keeps_the_strengths_it_chose(tmp_path, monkeypatch, capsys, reward_model_path, predictor_path):
     args = ["--model", "tiny-random", "--reward_model", reward_model_path, "--predictor", predictor_path, "--seed", "0",
             "--target", "1.0", "--guidance", "auto", "--auto_tolerance", "0.05", "--num_images", "4", "--bs", "2",
-            "--num_inference_steps", "2", "--out_dir", tmp_path / "run"]  # fmt: skip
+            "--num_inference_steps", "2", "--out_dir", tmp_path / "run"]
     real_atomic_path, pngs = atomic.atomic_path, []
 
     def interrupt_on_the_third_image(path):  # after batch 0 (images 0 and 1) was recorded

@@ -157,7 +157,7 @@ def test_best_of_n_keeps_the_candidate_closest_to_the_target(tmp_path, reward_mo
 def test_a_sweep_draws_the_compute_comparison_and_measures_every_combination(tmp_path, reward_model_path, predictor_path):
     args = ["--model", "tiny-random", "--reward_model", reward_model_path, "--predictor", predictor_path, "--seed", "0",
             "--target", "-3", "--guidance", "0", "10", "--best_of", "1", "2", "--num_images", "3",
-            "--num_inference_steps", "3", "--out_dir", tmp_path / "sweep"]  # fmt: skip
+            "--num_inference_steps", "3", "--out_dir", tmp_path / "sweep"]
     assert run_script("inference.py", *args) == 0
     summary = json.loads((tmp_path / "sweep" / "summary.json").read_text())["combinations"]
     for name in ("reward_vs_compute.png", "reward_vs_distance.png"):

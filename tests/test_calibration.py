@@ -61,6 +61,6 @@ def test_diversity_is_zero_for_identical_images_and_grows_with_their_spread():
     assert diversity(image_features(image.expand(4, -1, -1, -1))) == 0
     assert median_bandwidth(image_features(image.expand(4, -1, -1, -1))) is None  # no spread: no length scale
     noisy = [image_features((image + s * torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))).clamp(0, 1))
-             for s in (0.05, 0.2)]  # fmt: skip
+             for s in (0.05, 0.2)]
     assert 0 < diversity(noisy[0]) < diversity(noisy[1])
     assert diversity(noisy[0][:1]) is None and image_features(image[None]).shape == (1, 3 * 16 * 16)

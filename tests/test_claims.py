@@ -17,13 +17,13 @@ from safetensors.torch import load_file, save_file
 def sweep(out, reward_model_path, predictor_path, *extra) -> list[str]:
     return ["inference.py", "--model", "tiny-random", "--reward_model", reward_model_path, "--predictor", predictor_path,
             "--seed", "0", "--num_images", "2", "--bs", "2", "--num_inference_steps", "3", "--target", "2", "--out_dir", out,
-            *extra]  # fmt: skip
+            *extra]
 
 
 def test_batch_mean_guidance_at_g_is_ours_at_g_over_the_batch_size(tmp_path, reward_model_path, predictor_path):
     """README: the original's guidance g at batch size B equals ours at g / B; --batch_mean_guidance reproduces it."""
     assert run_script(*sweep(tmp_path / "original", reward_model_path, predictor_path, "--guidance", "40",
-                             "--batch_mean_guidance")) == 0  # fmt: skip
+                             "--batch_mean_guidance")) == 0
     assert run_script(*sweep(tmp_path / "ours", reward_model_path, predictor_path, "--guidance", "20")) == 0
     assert run_script(*sweep(tmp_path / "plain", reward_model_path, predictor_path, "--guidance", "40")) == 0
     original, ours, plain = (read_rows(tmp_path / d / "results.csv") for d in ("original", "ours", "plain"))
@@ -46,7 +46,7 @@ def train_args(tmp_path, model="tiny-random", *extra, out="out") -> list[str]:
         np.save(labels, np.linspace(0, 1, 64, dtype=np.float32)[:, None])
     return ["train.py", f"--model={model}", "--data=synthetic", "--num_data=64", "--image_size=64", "--val_fraction=0.25",
             "--batch_size=8", f"--labels_path={labels}", f"--cache_dir={tmp_path / 'cache'}",
-            f"--out_path={tmp_path / out / 'convnet.pth'}", *extra]  # fmt: skip
+            f"--out_path={tmp_path / out / 'convnet.pth'}", *extra]
 
 
 def test_best_pth_holds_the_best_validation_epoch(tmp_path):
@@ -79,7 +79,7 @@ def test_a_training_resume_refuses_a_changed_vae(tmp_path, capsys, tiny_model_di
 def test_ctrl_c_and_sigterm_stop_a_real_sweep_cleanly(tmp_path, reward_model_path, predictor_path, signum):
     out = tmp_path / "out"
     args = sweep(out, reward_model_path, predictor_path, "--guidance", "5", "--num_images", "6", "--bs", "1",
-                 "--num_inference_steps", "10")  # fmt: skip
+                 "--num_inference_steps", "10")
     with open(tmp_path / "log", "w") as log:
         running = popen(*args, log=log)
         progress = out / "progress.json"

@@ -33,7 +33,7 @@ def original_module() -> types.ModuleType:
             self.shortcut = nn.Sequential()
             if stride != 1 or in_channels != out_channels:
                 self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
-                                              nn.BatchNorm2d(out_channels))  # fmt: skip
+                                              nn.BatchNorm2d(out_channels))
 
         def forward(self, x):
             out = self.relu(self.bn1(self.conv1(x)))
@@ -136,7 +136,7 @@ def test_the_originals_float64_labels_train_without_a_sidecar(tmp_path, capsys):
     labels = tmp_path / "cifar10_outputs_with_noise.npy"
     np.save(labels, np.random.default_rng(0).normal(size=(16, 1)))  # float64, as the original's NumPy noise makes them
     args = ["--model=tiny-random", "--data=synthetic", "--num_data=16", "--image_size=64", "--num_epochs=1", "--val_fraction=0",
-            f"--labels_path={labels}", f"--out_path={tmp_path / 'convnet.pth'}", f"--cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+            f"--labels_path={labels}", f"--out_path={tmp_path / 'convnet.pth'}", f"--cache_dir={tmp_path / 'cache'}"]
     assert run_script("train.py", *args) == 0
     out = capsys.readouterr().out
     assert out.count("cannot be verified") == 1

@@ -34,7 +34,7 @@ def launch(tmp_path, script: str, *args) -> subprocess.CompletedProcess:
     """`accelerate launch --multi_gpu --num_processes 2 script args`; skips the test only when
     accelerate cannot start two CPU processes here at all (checked with a probe script)."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]  # fmt: skip
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
     result = subprocess.run([*command, str(ROOT / script), *map(str, args)], capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
         probe = tmp_path / "probe.py"
@@ -75,7 +75,7 @@ def sweep(tmp_path_factory, reward_model_path, predictor_path):
     """(the sweep's flags, its one-process output folder): 2 targets x 2 guidance levels x 3 images in batches of 2."""
     args = ["--model", "tiny-random", "--reward_model", reward_model_path, "--predictor", predictor_path,
             "--num_inference_steps", "4",
-            "--seed", "3", "--target", "-1", "1", "--guidance", "0", "40", "--num_images", "3", "--bs", "2"]  # fmt: skip
+            "--seed", "3", "--target", "-1", "1", "--guidance", "0", "40", "--num_images", "3", "--bs", "2"]
     one = tmp_path_factory.mktemp("sweep") / "one"
     with one_thread():
         assert run_script("inference.py", *args, "--out_dir", one) == 0
@@ -194,7 +194,7 @@ def test_train_py_in_two_processes_then_resumed_in_one(tmp_path):
     """Clean latents (noise=False) so a short run learns clearly; the cache is assembled from two parts."""
     labels = latent_labels(tmp_path / "labels.npy", 512)
     args = ["--model=tiny-random", "--data=synthetic", "--num_data=512", "--image_size=64", "--batch_size=16",
-            "--encode_batch_size=64", "--val_fraction=0.25", "--noise=False", f"--labels_path={labels}"]  # fmt: skip
+            "--encode_batch_size=64", "--val_fraction=0.25", "--noise=False", f"--labels_path={labels}"]
 
     def outputs(name: str) -> list[str]:
         return [f"--out_path={tmp_path / name / 'convnet.pth'}", f"--cache_dir={tmp_path / name / 'cache'}"]

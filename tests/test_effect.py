@@ -20,7 +20,7 @@ def trained(tmp_path_factory):
     assert run_script("fake_dataset.py", "--data", "synthetic", "--num_data", "1024", "--weights", "none", "--out_dir", root) == 0
     args = ["--model=tiny", "--data=synthetic", "--num_data=1024", "--image_size=32", "--num_epochs=40", "--batch_size=32",
             "--val_fraction=0.25", f"--labels_path={root / LABELS}", f"--out_path={root / 'convnet.pth'}",
-            f"--cache_dir={root / 'cache'}"]  # fmt: skip
+            f"--cache_dir={root / 'cache'}"]
     assert run_script("train.py", *args) == 0
     summary = json.loads((root / "convnet.train_summary.json").read_text())
     # the predictor has learned: 0.52x the predict-the-mean baseline here (torch 2.14), 0.6x leaves a margin
@@ -35,7 +35,7 @@ def test_the_reward_of_generated_images_follows_the_target(tmp_path, trained):
     args = ["--model", "tiny", "--reward_model", root / "reward_model.pth", "--predictor", root / "convnet.pth",
             "--prompt", PROMPTS[0], "--target", *targets, "--guidance", f"{GUIDANCE:g}", "--num_images", "6", "--bs", "6",
             "--cfg", f"{CFG:g}",
-            "--num_inference_steps", "20", "--seed", "0", "--out_dir", tmp_path / "sweep"]  # fmt: skip
+            "--num_inference_steps", "20", "--seed", "0", "--out_dir", tmp_path / "sweep"]
     assert run_script("inference.py", *args) == 0
     combos = sorted(json.loads((tmp_path / "sweep" / "summary.json").read_text())["combinations"], key=lambda c: c["target"])
     gt = [c["gt_mean"] for c in combos]
@@ -51,7 +51,7 @@ def test_guidance_auto_reaches_a_target_inside_the_labels_and_reports_one_outsid
     args = ["--model", "tiny", "--reward_model", root / "reward_model.pth", "--predictor", root / "convnet.pth",
             "--prompt", PROMPTS[0], "--target", f"{inside:.3f}", f"{outside:.3f}", "--guidance", "auto",
             "--num_images", "4", "--bs", "4", "--cfg", f"{CFG:g}", "--num_inference_steps", "20", "--seed", "0",
-            "--out_dir", tmp_path / "auto"]  # fmt: skip
+            "--out_dir", tmp_path / "auto"]
     assert run_script("inference.py", *args) == 0
     combos = sorted(json.loads((tmp_path / "auto" / "summary.json").read_text())["combinations"], key=lambda c: c["target"])
     reached, unreachable = (c["auto"] for c in combos)

@@ -159,7 +159,7 @@ def test_the_reward_input_is_resized_and_normalised_as_torchvision_does():
 
     reference = ResNet18_Weights.IMAGENET1K_V1.transforms()
     by_torchvision = v2.Compose([v2.Resize((224, 224), interpolation=InterpolationMode.BILINEAR, antialias=True),
-                                 v2.Normalize(mean=reference.mean, std=reference.std)])  # fmt: skip
+                                 v2.Normalize(mean=reference.mean, std=reference.std)])
     images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     ours = preprocess(images)
     assert ours.shape == (3, 3, 224, 224) and ours.dtype == torch.float32

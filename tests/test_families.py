@@ -37,7 +37,7 @@ def predictor(family: str, dtype=torch.float32) -> ThreeLayerConvNet:
 
 # (family, scheduler, scheduler config changes, cfg): each family's own scheduler and another; SDXL also as v_prediction
 STOCK_CASES = [("sdxl", "euler", {}, 5.0), ("sdxl", "ddim", {}, 5.0), ("sdxl", "euler", {"prediction_type": "v_prediction"}, 5.0),
-               ("sd3", "flow_euler", {}, 7.0), ("sd3", "flow_heun", {}, 7.0), ("sd3", "flow_euler", {}, 1.0)]  # fmt: skip
+               ("sd3", "flow_euler", {}, 7.0), ("sd3", "flow_heun", {}, 7.0), ("sd3", "flow_euler", {}, 1.0)]
 
 
 @pytest.mark.parametrize(("family", "scheduler", "changes", "cfg"), STOCK_CASES)
@@ -47,7 +47,7 @@ def test_guidance_zero_is_the_stock_pipeline_bit_for_bit(pipes, monkeypatch, fam
     monkeypatch.setattr(pipe, "scheduler", make_scheduler(scheduler, {**pipe.scheduler.config, **changes}, kind))
     gens = image_generators(0, range(2))
     stock = pipe(PROMPT, num_images_per_prompt=2, generator=gens, num_inference_steps=4, guidance_scale=cfg,
-                 output_type="pt").images  # fmt: skip
+                 output_type="pt").images
     gens = image_generators(0, range(2))
     latents = sample_latents(pipe, PROMPT, gens, RewardGuidance(predictor(family), 5.0, 0.0), 4, cfg, progress_bar=False)
     ours = decode(pipe, latents, gens)
@@ -114,18 +114,18 @@ def labels(tmp_path_factory):
 
 @pytest.mark.parametrize(("family", "other"), [("sdxl", "sd3"), ("sd3", "sdxl")])
 def test_the_three_scripts_run_on_the_family_and_its_predictor_is_refused_by_another(tmp_path, capsys, labels, family,
-                                                                                     other):  # fmt: skip
+                                                                                     other):
     model, predictor_path = MODELS[family], tmp_path / "convnet.pth"
     args = [f"--model={model}", "--data=synthetic", "--num_data=32", "--image_size=64", "--num_epochs=1", "--batch_size=16",
             f"--labels_path={labels / 'cifar10_outputs_with_noise.npy'}", f"--cache_dir={tmp_path / 'cache'}",
-            f"--out_path={predictor_path}"]  # fmt: skip
+            f"--out_path={predictor_path}"]
     assert run_script("train.py", *args) == 0
     saved = torch.load(predictor_path, weights_only=True)
     assert (saved["family"], saved["latent_channels"], saved["latent_size"]) == (family, CHANNELS[family], [8, 8])
 
     common = ["--predictor", predictor_path, "--reward_model", labels / "reward_model.pth", "--seed", "0"]
     run = ["--model", model, *common, "--target", "-1", "3", "--guidance", "0", "30", "--num_images", "2",
-           "--num_inference_steps", "4", "--out_dir", tmp_path / "run"]  # fmt: skip
+           "--num_inference_steps", "4", "--out_dir", tmp_path / "run"]
     assert run_script("inference.py", *run) == 0
     rows = read_rows(tmp_path / "run" / "results.csv")
     assert len(rows) == 8 and all(float(row["gt"]) == float(row["gt"]) for row in rows)  # finite: NaN is never a result
@@ -160,7 +160,7 @@ def test_sdxl_in_float16_decodes_with_a_float32_vae_as_its_pipeline():
     ours = load_pipeline(MODELS["sdxl"], torch.float16)
     assert (ours.unet.dtype, ours.vae.dtype) == (torch.float16, torch.float32)
     stock = StableDiffusionXLPipeline.from_pretrained(ensure_built(MODELS["sdxl"]), torch_dtype=torch.float16,
-                                                      add_watermarker=False)  # fmt: skip
+                                                      add_watermarker=False)
     for pipe in (ours, stock):
         pipe.set_progress_bar_config(disable=True)
     gens = image_generators(0, range(2))

@@ -37,7 +37,7 @@ def test_a_sweep_writes_rows_folders_and_figures(tmp_path, run):
     rows = read_rows(out / "results.csv")
     assert len(rows) == 2 * 2 * 2 * 3
     columns = ["prompt", "target", "guidance", "best_of", "image", "seed", "image_seed", "gt", "pred", "shift", "unet_calls",
-               "file", "guidance_used", "pilot_unet_calls"]  # fmt: skip
+               "file", "guidance_used", "pilot_unet_calls"]
     assert list(rows[0]) == columns
     assert all(float(r["shift"]) > 0 for r in rows)  # the predictor carries its training latents
     folders = sorted(p.name for p in out.iterdir() if p.is_dir())
@@ -90,7 +90,7 @@ def test_batch_size_does_not_change_the_images(tmp_path, run):
 
 def test_random_seed_is_recorded_and_reproduces(tmp_path, run, reward_model_path, predictor_path):
     base = ["--model", "tiny-random", "--reward_model", reward_model_path, "--predictor", predictor_path,
-            "--num_inference_steps", "3"]  # fmt: skip
+            "--num_inference_steps", "3"]
     assert run_script("inference.py", *base, "--num_images", "2", "--out_dir", tmp_path / "r1") == 0
     seed = json.loads((tmp_path / "r1/summary.json").read_text())["settings"]["seed_used"]
     assert seed >= 0
@@ -151,7 +151,7 @@ def test_hub_model_offline_is_a_clear_error(tmp_path, reward_model_path, predict
     result = run_cli(
         "inference.py", "--model", "stable-diffusion-v1-5/stable-diffusion-v1-5", "--reward_model", reward_model_path,
         "--predictor", predictor_path, "--out_dir", tmp_path / "out", "--seed", "0",
-    )  # fmt: skip
+    )
     assert result.returncode == 2
     line = error_line(result.stderr)
     assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in line and "--model tiny" in line
@@ -189,9 +189,9 @@ def test_distribution_shift_is_the_rms_distance_to_the_nearest_training_latents(
     ({"vae": {"block_out_channels": 7}}, [], "vae/config.json field 'block_out_channels' holds 7; expected a list"),
     ({"scheduler": {"prediction_type": "flow"}}, [], "predicts 'flow'; expected one of epsilon, v_prediction, sample"),
     ({"unet": {"in_channels": 16}}, [], "trained on 4-channel latents; the model's VAE makes 16"),
-])  # fmt: skip
+])
 def test_a_model_the_term_cannot_guide_is_refused_before_it_loads(tmp_path, capsys, tiny_model_dir, reward_model_path,
-                                                                    predictor_path, edit, extra, expected):  # fmt: skip
+                                                                    predictor_path, edit, extra, expected):
     import shutil
 
     folder = tmp_path / "model"
@@ -201,7 +201,7 @@ def test_a_model_the_term_cannot_guide_is_refused_before_it_loads(tmp_path, caps
         config.write_text(json.dumps({**json.loads(config.read_text()), **changes}))
     (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not weights: they must never be read")
     args = ["--model", folder, "--reward_model", reward_model_path, "--predictor", predictor_path, "--ignore_provenance",
-            "--out_dir", tmp_path / "out", *extra]  # fmt: skip
+            "--out_dir", tmp_path / "out", *extra]
     assert run_script("inference.py", *args) == 2
     assert expected in error_line(capsys.readouterr().err)
     assert not (tmp_path / "out").exists()

@@ -46,7 +46,7 @@ def plant(folder, case: str, marker) -> str:
 
 
 CASES = ["top.py", "unet/modeling_unet.py", "scheduler/my_scheduler.py", "native", "auto_map", "tokenizer auto_map",
-         "custom class", "custom_pipeline"]  # fmt: skip
+         "custom class", "custom_pipeline"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -66,7 +66,7 @@ def test_the_scripts_refuse_it_and_create_nothing(tmp_path, capsys, tiny_model_d
     shutil.copytree(tiny_model_dir, folder)
     plant(folder, "unet/modeling_unet.py", marker)
     args = ["--model", folder, "--reward_model", reward_model_path, "--predictor", predictor_path, "--ignore_provenance",
-            "--out_dir", tmp_path / "out"]  # fmt: skip
+            "--out_dir", tmp_path / "out"]
     assert run_script("inference.py", *args) == 2
     assert "holds the code file 'unet/modeling_unet.py'" in error_line(capsys.readouterr().err)
     labels = tmp_path / "labels.npy"
@@ -75,7 +75,7 @@ def test_the_scripts_refuse_it_and_create_nothing(tmp_path, capsys, tiny_model_d
     np.save(labels, np.zeros((8, 1), np.float32))
     out = tmp_path / "out"
     train = [f"--model={folder}", "--data=synthetic", "--num_data=8", "--image_size=64", f"--labels_path={labels}",
-             "--val_fraction=0", f"--out_path={out / 'c.pth'}", f"--cache_dir={out / 'cache'}"]  # fmt: skip
+             "--val_fraction=0", f"--out_path={out / 'c.pth'}", f"--cache_dir={out / 'cache'}"]
     assert run_script("train.py", *train) == 2
     assert "holds the code file 'unet/modeling_unet.py'" in error_line(capsys.readouterr().err)
     assert not marker.exists() and not (tmp_path / "out").exists()

@@ -17,13 +17,13 @@ from rcgdm.tiny.manifest import verify_manifest
 def snapshot(folder) -> dict:
     """Every file under `folder` (hidden staging folders aside) -> its bytes."""
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)}  # fmt: skip
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)}
 
 
 def test_a_failing_overwrite_sweep_leaves_the_earlier_sweep_as_it_was(tmp_path, capsys, reward_model_path, predictor_path):
     out = tmp_path / "out"
     base = ["--model", "tiny-random", "--reward_model", reward_model_path, "--predictor", predictor_path, "--seed", "0",
-            "--num_images", "2", "--bs", "1", "--num_inference_steps", "2", "--out_dir", out, "--target", "1"]  # fmt: skip
+            "--num_images", "2", "--bs", "1", "--num_inference_steps", "2", "--out_dir", out, "--target", "1"]
     assert run_script("inference.py", *base, "--guidance", "0", "5") == 0
     earlier = snapshot(out)
     assert len([name for name in earlier if name.endswith(".png") and "_gt_" in name]) == 4
@@ -47,7 +47,7 @@ def test_an_overwrite_sweep_killed_midway_keeps_the_earlier_one_and_resumes(tmp_
     out = tmp_path / "out"
     base = ["inference.py", "--model", "tiny-random", "--reward_model", reward_model_path, "--predictor", predictor_path,
             "--num_images", "4", "--bs", "1", "--num_inference_steps", "4", "--out_dir", out, "--target", "1",
-            "--guidance", "3"]  # fmt: skip
+            "--guidance", "3"]
     assert run_script(*base, "--seed", "0") == 0
     earlier = snapshot(out)
     killed = popen(*base, "--seed", "1", "--overwrite")
@@ -66,7 +66,7 @@ def test_a_failing_overwrite_training_leaves_the_earlier_one_as_it_was(tmp_path)
     np.save(labels, np.linspace(0, 1, 64, dtype=np.float32)[:, None])
     out = tmp_path / "out" / "convnet.pth"
     base = ["train.py", "--model=tiny-random", "--data=synthetic", "--num_data=64", "--image_size=64", "--val_fraction=0.25",
-            "--batch_size=4", f"--labels_path={labels}", f"--cache_dir={tmp_path / 'cache'}", f"--out_path={out}"]  # fmt: skip
+            "--batch_size=4", f"--labels_path={labels}", f"--cache_dir={tmp_path / 'cache'}", f"--out_path={out}"]
     assert run_script(*base, "--num_epochs=1") == 0
     earlier = snapshot(out.parent)
     assert set(earlier) >= {"convnet.pth", "convnet.best.pth", "convnet.resume.pth", "convnet.metrics.jsonl"}
@@ -98,7 +98,7 @@ def test_outputs_inside_an_input_folder_are_refused(tmp_path, capsys, reward_mod
     np.save(labels, np.zeros((4, 1), np.float32))
     train = ["--model=tiny", f"--data={images}", "--num_data=4", "--image_size=32", f"--labels_path={labels}"]
     for inside in ([f"--out_path={images / 'c.pth'}", f"--cache_dir={tmp_path / 'cache'}"],
-                   [f"--out_path={tmp_path / 'c.pth'}", f"--cache_dir={TINY_FOLDER / 'cache'}"]):  # fmt: skip
+                   [f"--out_path={tmp_path / 'c.pth'}", f"--cache_dir={TINY_FOLDER / 'cache'}"]):
         assert run_script("train.py", *train, *inside) == 2
         assert "is inside" in error_line(capsys.readouterr().err)
     fake = ["--data", images, "--weights", "none", "--num_data", "4", "--out_dir", images / "labels"]

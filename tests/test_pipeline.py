@@ -27,7 +27,7 @@ def test_the_api_gives_the_scripts_images_and_rewards(tmp_path, api, reward_mode
 
     args = ["--model", "tiny-random", "--reward_model", reward_model_path, "--predictor", predictor_path, "--target", "1.5",
             "--guidance", "20", "--num_images", "3", "--seed", "5", "--num_inference_steps", "3", "--bs", "2",
-            "--out_dir", tmp_path / "run"]  # fmt: skip
+            "--out_dir", tmp_path / "run"]
     assert run_script("inference.py", *args) == 0
     rows = read_rows(tmp_path / "run" / "results.csv")
     for j, row in enumerate(rows):
@@ -114,7 +114,7 @@ def test_a_sweep_samples_each_distinct_image_once(tmp_path, monkeypatch, reward_
     monkeypatch.setattr(RewardDirectedPipeline, "sample", counting)
     args = ["--model", "tiny-random", "--reward_model", reward_model_path, "--predictor", predictor_path, "--seed", "0",
             "--target", "-1", "1", "--guidance", "0", "10", "--best_of", "1", "2", "--num_images", "2",
-            "--num_inference_steps", "3", "--out_dir", tmp_path / "sweep"]  # fmt: skip
+            "--num_inference_steps", "3", "--out_dir", tmp_path / "sweep"]
     assert run_script("inference.py", *args) == 0
     # 2 candidates x (guidance 0 for both targets, guidance 10 per target) = 6 batches of 2, where every combination
     # sampled alone would take 2 targets x 2 strengths x (1 + 2) candidates = 12

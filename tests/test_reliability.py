@@ -43,7 +43,7 @@ def test_a_code_running_pickle_is_refused_everywhere(tmp_path, capsys, reward_mo
     marker = tmp_path / "pwned"
     bad = hostile_checkpoint(tmp_path / "bad.pth", marker)
     base = ["--model", "tiny-random", "--num_images", "1", "--num_inference_steps", "2", "--seed", "0",
-            "--out_dir", tmp_path / "out"]  # fmt: skip
+            "--out_dir", tmp_path / "out"]
     assert run_script("inference.py", *base, "--reward_model", bad, "--predictor", predictor_path) == 2
     assert "cannot be loaded safely" in error_line(capsys.readouterr().err)
     assert run_script("inference.py", *base, "--reward_model", reward_model_path, "--predictor", bad) == 2
@@ -55,7 +55,7 @@ def test_a_code_running_pickle_is_refused_everywhere(tmp_path, capsys, reward_mo
     out.parent.mkdir()
     hostile_checkpoint(out.with_suffix(".resume.pth"), marker)
     args = ["--model=tiny-random", "--data=synthetic", "--num_data=8", "--image_size=64", "--val_fraction=0",
-            f"--labels_path={labels}"]  # fmt: skip
+            f"--labels_path={labels}"]
     assert run_script("train.py", *args, f"--out_path={out}", f"--cache_dir={tmp_path / 'cache'}", "--resume=True") == 2
     assert "cannot be loaded safely" in error_line(capsys.readouterr().err)
     assert not marker.exists()
@@ -82,7 +82,7 @@ def test_a_reward_file_naming_user_code_never_runs_it(tmp_path, capsys, monkeypa
     torch.save({"format": "rcgdm.reward/1", "reward": spec, "state_dict": {}}, crafted)
     out = tmp_path / "out"
     base = ["--model", "tiny-random", "--num_images", "1", "--num_inference_steps", "2", "--seed", "0", "--out_dir", out,
-            "--reward_model", crafted, "--predictor", predictor_path]  # fmt: skip
+            "--reward_model", crafted, "--predictor", predictor_path]
     assert run_script(str(ROOT / "inference.py"), *base) == 2
     line = error_line(capsys.readouterr().err)
     assert f"records the user-code reward {spec!r}" in line and f"pass --reward {spec!r}" in line
@@ -101,7 +101,7 @@ def test_a_reward_file_naming_user_code_never_runs_it(tmp_path, capsys, monkeypa
     (["a", "list"], "field 'reward' is ['a', 'list']; expected a reward name"),
     ("", "field 'reward' is ''; expected a reward name"),
     ("resnet50", "records the reward 'resnet50'; expected one of resnet18-random, compressibility, aesthetic"),
-])  # fmt: skip
+])
 def test_a_reward_file_with_a_bad_reward_field_is_refused(tmp_path, field, expected):
     from rcgdm.rewards import load_reward
 
@@ -146,13 +146,13 @@ def test_an_sd_label_on_an_sdxl_unet_is_refused_from_the_configs(tmp_path, monke
 
 @pytest.mark.parametrize("steps", [1, 3])
 def test_pndm_with_its_warm_up_on_too_few_steps_is_one_line(tmp_path, capsys, tiny_model_dir, predictor_path,
-                                                            reward_model_path, steps):  # fmt: skip
+                                                            reward_model_path, steps):
     folder = tmp_path / "model"
     shutil.copytree(tiny_model_dir, folder)
     config = folder / "scheduler" / "scheduler_config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "skip_prk_steps": False}))
     args = ["--model", folder, "--predictor", predictor_path, "--ignore_provenance", "--num_inference_steps", steps,
-            "--reward_model", reward_model_path, "--out_dir", tmp_path / "out"]  # fmt: skip
+            "--reward_model", reward_model_path, "--out_dir", tmp_path / "out"]
     assert run_script("inference.py", *args) == 2
     assert f"--num_inference_steps {steps} is too few for PNDMScheduler" in error_line(capsys.readouterr().err)
     from rcgdm.pipeline import RewardDirectedPipeline
@@ -164,7 +164,7 @@ def test_pndm_with_its_warm_up_on_too_few_steps_is_one_line(tmp_path, capsys, ti
     np.save(labels, np.zeros((8, 1), np.float32))
     train = [f"--model={folder}", "--data=synthetic", "--num_data=8", "--image_size=32", f"--labels_path={labels}",
              "--val_fraction=0", f"--num_inference_steps={steps}", f"--out_path={tmp_path / 'out' / 'c.pth'}",
-             f"--cache_dir={tmp_path / 'c'}"]  # fmt: skip
+             f"--cache_dir={tmp_path / 'c'}"]
     assert run_script("train.py", *train) == 2
     assert "at least 4 steps for PNDM's Runge-Kutta warm-up" in error_line(capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
@@ -187,7 +187,7 @@ def test_truncated_labels_name_the_file(tmp_path, capsys):
     np.save(labels, np.zeros((64, 1), np.float32))
     labels.write_bytes(labels.read_bytes()[:100])
     args = ["--model=tiny-random", "--data=synthetic", "--num_data=8", f"--labels_path={labels}",
-            f"--out_path={tmp_path / 'c.pth'}"]  # fmt: skip
+            f"--out_path={tmp_path / 'c.pth'}"]
     assert run_script("train.py", *args) == 2
     line = error_line(capsys.readouterr().err)
     assert str(labels) in line and "not a readable .npy file" in line
@@ -381,7 +381,7 @@ def test_train_bad_input(tmp_path, capsys, paths, args, expected):
     labels = tmp_path / "labels.npy"
     np.save(labels, np.zeros((16, 1), np.float32))
     base = ["--model=tiny-random", "--data=synthetic", "--num_data=8", "--image_size=64", "--num_epochs=1",
-            f"--labels_path={labels}"]  # fmt: skip
+            f"--labels_path={labels}"]
     base += [f"--out_path={tmp_path / 'out' / 'convnet.pth'}", f"--cache_dir={tmp_path / 'out' / 'cache'}", "--val_fraction=0"]
     assert_refused(capsys, tmp_path, "train.py", base, swap(args, paths), expected)
 
@@ -427,7 +427,7 @@ def test_override_parser_rejects_unknown_keys(key):
 
 def inference_args(out, reward_model_path, predictor_path, *extra):
     return ["inference.py", "--model", "tiny-random", "--reward_model", reward_model_path, "--predictor", predictor_path,
-            "--seed", "0", "--out_dir", out, *extra]  # fmt: skip
+            "--seed", "0", "--out_dir", out, *extra]
 
 
 def test_a_second_run_on_the_same_out_dir_is_refused(tmp_path, reward_model_path, predictor_path):
@@ -435,7 +435,7 @@ def test_a_second_run_on_the_same_out_dir_is_refused(tmp_path, reward_model_path
 
     out = tmp_path / "out"
     first = popen(*inference_args(out, reward_model_path, predictor_path, "--num_images", "64", "--bs", "2",
-                                  "--num_inference_steps", "50"))  # fmt: skip  (a minute: it outlasts the second's start)
+                                  "--num_inference_steps", "50"))  # a minute: it outlasts the second's start
 
     def first_holds_the_lock():
         if not (out / ".rcgdm.lock").exists():
@@ -448,7 +448,7 @@ def test_a_second_run_on_the_same_out_dir_is_refused(tmp_path, reward_model_path
 
     wait_for(first_holds_the_lock, process=first)
     second = subprocess.run([sys.executable, *map(str, inference_args(out, reward_model_path, predictor_path))],
-                            cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+                            cwd=ROOT, capture_output=True, text=True)
     assert second.returncode == 2 and "is in use by another run" in error_line(second.stderr)
     assert first.poll() is None  # the refused run left the running one alone; stop it (Ctrl-C) rather than wait
     first.send_signal(signal.SIGINT)
@@ -461,7 +461,7 @@ def test_two_trainings_share_one_cache_and_encode_each_image_once(tmp_path):
     def start(name):
         return popen("train.py", "--model=tiny-random", "--data=synthetic", "--num_data=64", "--image_size=64", "--num_epochs=1",
                      "--val_fraction=0", f"--labels_path={labels}", f"--cache_dir={tmp_path / 'cache'}",
-                     f"--out_path={tmp_path / name / 'convnet.pth'}")  # fmt: skip
+                     f"--out_path={tmp_path / name / 'convnet.pth'}")
 
     a, b = start("a"), start("b")
     assert a.wait(timeout=300) == 0 and b.wait(timeout=300) == 0
@@ -478,7 +478,7 @@ def test_training_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
     def args(name, *extra):
         return ["train.py", "--model=tiny-random", "--data=synthetic", "--num_data=512", "--image_size=64", "--num_epochs=3",
                 "--batch_size=8", f"--labels_path={labels}", f"--cache_dir={tmp_path / 'cache'}",
-                f"--out_path={tmp_path / name / 'convnet.pth'}", *extra]  # fmt: skip
+                f"--out_path={tmp_path / name / 'convnet.pth'}", *extra]
 
     assert run_script(*args("whole")) == 0
     with open(tmp_path / "log.txt", "w") as log:
@@ -497,12 +497,12 @@ def test_training_killed_while_building_the_cache_rebuilds_it(tmp_path):
     labels = latent_labels(tmp_path / "labels.npy", 1024)
     argv = ["train.py", "--model=tiny-random", "--data=synthetic", "--num_data=1024", "--image_size=64", "--num_epochs=1",
             "--val_fraction=0", f"--labels_path={labels}", f"--cache_dir={tmp_path / 'cache'}",
-            f"--out_path={tmp_path / 'out' / 'convnet.pth'}", "--encode_batch_size=8"]  # fmt: skip
+            f"--out_path={tmp_path / 'out' / 'convnet.pth'}", "--encode_batch_size=8"]
     with open(tmp_path / "log.txt", "w") as log:
         killed = popen(*argv, log=log)
         # killed once a batch is encoded (the progress bar says so) and the build is under way, not after a fixed time
         wait_for(lambda: re.search(r"encoding latents:[^\r\n]*\| *[1-9]\d*/1024", (tmp_path / "log.txt").read_text()),
-                 process=killed)  # fmt: skip
+                 process=killed)
         killed.send_signal(signal.SIGKILL)
         killed.wait()
     assert not list((tmp_path / "cache").glob("latents-*.safetensors"))  # nothing half-written under a final name
@@ -538,7 +538,7 @@ def test_a_sweep_killed_midway_resumes_to_the_same_results(tmp_path, reward_mode
 def train_args(tmp_path, labels, out_path, *extra):
     return ["train.py", "--model=tiny-random", "--data=synthetic", "--num_data=16", "--image_size=64", "--num_epochs=1",
             "--val_fraction=0.25", f"--labels_path={labels}", f"--cache_dir={tmp_path / 'cache'}", f"--out_path={out_path}",
-            *extra]  # fmt: skip
+            *extra]
 
 
 @pytest.fixture
@@ -595,7 +595,7 @@ def test_train_refuses_to_start_over_an_interrupted_run(tmp_path, capsys, small_
 
 def test_a_sweep_never_replaces_an_earlier_sweeps_results(tmp_path, capsys, reward_model_path, predictor_path):
     base = ["--model", "tiny-random", "--reward_model", reward_model_path, "--predictor", predictor_path, "--seed", "0",
-            "--num_images", "1", "--num_inference_steps", "2", "--out_dir", tmp_path / "out", "--guidance", "0"]  # fmt: skip
+            "--num_images", "1", "--num_inference_steps", "2", "--out_dir", tmp_path / "out", "--guidance", "0"]
     assert run_script("inference.py", *base, "--target", "1", "2") == 0
     results = (tmp_path / "out" / "results.csv").read_bytes()
     assert run_script("inference.py", *base, "--target", "3", "4") == 2  # other targets: no image clash, but the results
@@ -630,7 +630,7 @@ def test_fake_dataset_never_replaces_earlier_labels(tmp_path, capsys):
 
 def test_nan_never_becomes_a_result(tmp_path, capsys, reward_model_path, predictor_path):
     base = ["--model", "tiny-random", "--reward_model", reward_model_path, "--seed", "0", "--num_images", "1",
-            "--num_inference_steps", "3", "--target", "1"]  # fmt: skip
+            "--num_inference_steps", "3", "--target", "1"]
     huge = ["--predictor", predictor_path, "--guidance", "1e30", "--out_dir", tmp_path / "a"]
     assert run_script("inference.py", *base, *huge) == 2
     line = error_line(capsys.readouterr().err)
@@ -661,7 +661,7 @@ def changed(path) -> None:
 
 @pytest.mark.parametrize("flag", ["--predictor", "--reward_model", "--model"])
 def test_a_resumed_sweep_refuses_inputs_whose_content_changed(tmp_path, capsys, tiny_model_dir, reward_model_path,
-                                                              predictor_path, flag):  # fmt: skip
+                                                              predictor_path, flag):
     inputs = {"--predictor": tmp_path / "convnet.pth", "--reward_model": tmp_path / "reward_model.pth", "--model": tmp_path / "m"}
     shutil.copyfile(predictor_path, inputs["--predictor"])
     shutil.copyfile(reward_model_path, inputs["--reward_model"])
@@ -699,7 +699,7 @@ def test_labels_from_other_data_are_refused(tmp_path, capsys):
     assert run_script("fake_dataset.py", *step1) == 0
     labels = tmp_path / "cifar10_outputs_with_noise.npy"
     base = ["--model=tiny-random", "--num_data=16", "--image_size=64", "--num_epochs=1", "--val_fraction=0",
-            f"--labels_path={labels}", f"--cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+            f"--labels_path={labels}", f"--cache_dir={tmp_path / 'cache'}"]
     assert run_script("train.py", *base, "--data=synthetic:1", f"--out_path={tmp_path / 'a.pth'}") == 2
     line = error_line(capsys.readouterr().err)
     assert "was made from 'synthetic:0'" in line and "check_provenance=False" in line
@@ -718,7 +718,7 @@ def test_inference_checks_the_predictor_belongs_to_the_reward_model(tmp_path, ca
         assert run_script("fake_dataset.py", *args) == 0
     train = ["--model=tiny-random", "--data=synthetic", "--num_data=16", "--image_size=64", "--num_epochs=1", "--val_fraction=0",
              f"--labels_path={tmp_path / 'a' / 'cifar10_outputs_with_noise.npy'}", f"--cache_dir={tmp_path / 'cache'}",
-             f"--out_path={tmp_path / 'a' / 'convnet.pth'}"]  # fmt: skip
+             f"--out_path={tmp_path / 'a' / 'convnet.pth'}"]
     assert run_script("train.py", *train) == 0
     base = ["--num_images", "1", "--num_inference_steps", "2"]
     args = inference_args(tmp_path / "out", tmp_path / "b" / "reward_model.pth", tmp_path / "a" / "convnet.pth", *base)
@@ -810,7 +810,7 @@ def other_shapes() -> dict:
 CRAFTED_STATES = [("epoch", "3"), ("epoch", 0), ("history", {}), ("generator", [1]), ("config", 7), ("model", "other shapes"),
                   ("optimizer", "other shapes"), ("generator", torch.zeros(3, dtype=torch.uint8)), ("epoch", 2),
                   ("history", [{"epoch": 1, "train_loss": float("inf")}]), ("history", [{"epoch": 1, "train_loss": "0.5"}]),
-                  ("model", "nan")]  # fmt: skip
+                  ("model", "nan")]
 
 
 @pytest.mark.parametrize(("field", "value"), CRAFTED_STATES)
@@ -841,7 +841,7 @@ def test_train_py_checks_a_resume_state_in_full_before_encoding(tmp_path, capsys
 
 
 @pytest.mark.parametrize("rows", [[{"prompt": 1}], "rows", [{"prompt": "p", "target": 1, "guidance": 0, "best_of": 1, "image": 0,
-                                                               "file": "../../etc/passwd"}]])  # fmt: skip
+                                                               "file": "../../etc/passwd"}]])
 def test_a_crafted_progress_file_is_one_line(tmp_path, rows):
     from rcgdm.sweep.resume import ResumeLog
 
@@ -851,7 +851,7 @@ def test_a_crafted_progress_file_is_one_line(tmp_path, rows):
 
 
 @pytest.mark.parametrize(("variable", "value", "expected"), [("WORLD_SIZE", "two", "WORLD_SIZE='two'"),
-                                                             ("RCGDM_CACHE_DIR", "A_FILE", "RCGDM_CACHE_DIR")])  # fmt: skip
+                                                             ("RCGDM_CACHE_DIR", "A_FILE", "RCGDM_CACHE_DIR")])
 def test_odd_environment_variables_are_one_line(tmp_path, variable, value, expected):
     (tmp_path / "a_file").write_text("x")
     env = {**os.environ, variable: str(tmp_path / "a_file") if value == "A_FILE" else value}

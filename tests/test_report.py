@@ -24,7 +24,7 @@ def sweep(tmp_path_factory, reward_model_path, predictor_path):
     out = tmp_path_factory.mktemp("report") / "sweep"
     args = ["--model", "tiny-random", "--reward_model", reward_model_path, "--predictor", predictor_path, "--seed", "0",
             "--prompt", *PROMPTS, "--target", *TARGETS, "--guidance", *GUIDANCE, "--num_images", str(IMAGES), "--bs", "2",
-            "--num_inference_steps", "3", "--out_dir", out]  # fmt: skip
+            "--num_inference_steps", "3", "--out_dir", out]
     assert run_script("inference.py", *args) == 0
     return out, read_rows(out / "results.csv"), json.loads((out / "summary.json").read_text())
 

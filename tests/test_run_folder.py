@@ -25,7 +25,7 @@ def sweep(tmp_path, reward_model_path, predictor_path):
 
     def run(*flags, out=None):
         args = ["--model", "tiny-random", "--reward_model", reward_model_path, "--predictor", predictor_path, "--seed", "0",
-                "--num_inference_steps", "2", "--bs", "4", "--out_dir", out or tmp_path / "out", *flags]  # fmt: skip
+                "--num_inference_steps", "2", "--bs", "4", "--out_dir", out or tmp_path / "out", *flags]
         return run_script("inference.py", *args)
 
     return run
@@ -34,7 +34,7 @@ def sweep(tmp_path, reward_model_path, predictor_path):
 def files(folder) -> dict:
     """Every file under `folder` -> its bytes (the lock aside)."""
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != LOCK_FILE}  # fmt: skip
+            if p.is_file() and p.name != LOCK_FILE}
 
 
 def test_an_overwrite_leaves_no_file_of_the_earlier_run_and_every_file_of_the_user(tmp_path, sweep):
@@ -50,10 +50,10 @@ def test_an_overwrite_leaves_no_file_of_the_earlier_run_and_every_file_of_the_us
     assert not (out / "reward_vs_distance.png").exists()  # the new run drew none: the earlier one's is gone
     written = json.loads((out / ".sweep.files.json").read_text())
     assert set(written) == {r["file"] for r in rows} | {"results.csv", "summary.json", "reward_vs_target.png",
-                                                        "shift_vs_target.png", "reward_vs_compute.png", "grid.png"}  # fmt: skip
+                                                        "shift_vs_target.png", "reward_vs_compute.png", "grid.png"}
     left = set(files(out))
     assert left == set(written) | {".sweep.files.json", "notes.txt", "progress_notes.json",
-                                   "target0.8guidance0.0/my_gt_1_pred_2.png"}  # fmt: skip
+                                   "target0.8guidance0.0/my_gt_1_pred_2.png"}
     assert not (out / "target1.2guidance5.0").exists()  # an earlier run's folder that held only its images
 
 
@@ -66,7 +66,7 @@ def test_an_overwrite_of_fake_dataset_and_train_keeps_what_they_did_not_write(tm
     assert json.loads((out / "cifar10_outputs_with_noise.json").read_text())["seed"] == 1
     train = ["train.py", "--model=tiny-random", "--data=synthetic", "--num_data=16", "--image_size=64", "--num_epochs=1",
              f"--labels_path={out / 'cifar10_outputs_with_noise.npy'}", f"--cache_dir={tmp_path / 'cache'}",
-             f"--out_path={out / 'c.pth'}"]  # fmt: skip
+             f"--out_path={out / 'c.pth'}"]
     assert run_script(*train, "--val_fraction=0.25") == 0
     assert (out / "c.best.pth").is_file() and (out / "c.loss_by_noise.png").is_file()
     assert run_script(*train, "--val_fraction=0", "--overwrite=True") == 0  # no validation: no best, no loss by noise
@@ -149,7 +149,7 @@ def test_an_interrupted_sweep_publish_is_finished_before_anything_else(tmp_path,
 
 
 def test_the_earlier_run_check_is_made_again_holding_the_lock(tmp_path, monkeypatch, capsys, sweep, reward_model_path,
-                                                              predictor_path):  # fmt: skip
+                                                              predictor_path):
     """Two runs started together both pass the first check; the second to take the lock must not replace the first."""
     from rcgdm.pipeline import RewardDirectedPipeline
 
@@ -157,7 +157,7 @@ def test_the_earlier_run_check_is_made_again_holding_the_lock(tmp_path, monkeypa
 
     def another_run_finishes_meanwhile(cls, *args, **kwargs):  # between the first check and the lock
         other = ["inference.py", "--model", "tiny-random", "--reward_model", reward_model_path, "--predictor",
-                 predictor_path, "--num_images", "1", "--num_inference_steps", "2", "--seed", "0", "--out_dir", out]  # fmt: skip
+                 predictor_path, "--num_images", "1", "--num_inference_steps", "2", "--seed", "0", "--out_dir", out]
         assert run_cli(*other).returncode == 0
         return real(cls, *args, **kwargs)
 
@@ -187,7 +187,7 @@ def test_trainings_whose_side_files_coincide_never_run_together(tmp_path, capsys
     out = tmp_path / "out"
     out.mkdir()
     train = ["train.py", "--model=tiny-random", "--data=synthetic", "--num_data=8", "--image_size=64", "--num_epochs=1",
-             "--val_fraction=0", f"--labels_path={tmp_path / 'labels.npy'}", f"--cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+             "--val_fraction=0", f"--labels_path={tmp_path / 'labels.npy'}", f"--cache_dir={tmp_path / 'cache'}"]
     with locked(out / ".a.lock", "a running a.pth"):  # as train.py holds it while training out_path=a.pth
         assert run_script(*train, f"--out_path={out / 'a.pt'}") == 2
     assert "is in use by another run" in error_line(capsys.readouterr().err)
@@ -195,7 +195,7 @@ def test_trainings_whose_side_files_coincide_never_run_together(tmp_path, capsys
 
 
 def test_outputs_never_go_into_a_model_folder_before_it_is_built_or_a_cached_snapshot(tmp_path, monkeypatch, capsys,
-                                                                                        sweep, tiny_model_dir):  # fmt: skip
+                                                                                        sweep, tiny_model_dir):
     import shutil
 
     monkeypatch.setenv("RCGDM_CACHE_DIR", str(tmp_path / "fresh-cache"))
@@ -241,7 +241,7 @@ def test_leftovers_of_killed_runs_go_and_a_lock_that_is_a_folder_is_one_line(tmp
 
 
 def test_a_full_disk_while_a_figure_is_saved_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatch, capsys,
-                                                                                         sweep):  # fmt: skip
+                                                                                         sweep):
     from matplotlib.figure import Figure
 
     out = tmp_path / "out"
@@ -263,7 +263,7 @@ def test_a_full_disk_while_a_figure_is_saved_is_one_line_and_leaves_no_temporary
     np.save(labels, np.zeros((8, 1), np.float32))
     train = ["train.py", "--model=tiny-random", "--data=synthetic", "--num_data=8", "--image_size=64", "--num_epochs=1",
              "--val_fraction=0", f"--labels_path={labels}", f"--cache_dir={tmp_path / 'cache'}",
-             f"--out_path={tmp_path / 'trained' / 'c.pth'}"]  # fmt: skip
+             f"--out_path={tmp_path / 'trained' / 'c.pth'}"]
     assert run_script(*train) == 2  # its loss curve meets the full disk
     assert "No space left on device writing" in error_line(capsys.readouterr().err)
     assert not list((tmp_path / "trained").rglob("*.tmp")) and not (tmp_path / "trained" / "c.pth").exists()

@@ -151,7 +151,7 @@ def other_pipes(tmp_path_factory, tiny_model_dir):
 
 # diffusers' PNDM cannot step a sample-predicting model: inference.py refuses that pair (test_inference.py)
 @pytest.mark.parametrize(("kind", "scheduler"), [("v_prediction", "pndm"), ("v_prediction", "ddim"), ("v_prediction", "euler"),
-                                                 ("sample", "ddim"), ("sample", "euler")])  # fmt: skip
+                                                 ("sample", "ddim"), ("sample", "euler")])
 def test_other_prediction_types_at_guidance_zero_are_the_stock_pipeline(other_pipes, predictor, kind, scheduler, monkeypatch):
     pipe = other_pipes[kind]
     monkeypatch.setattr(pipe, "scheduler", make_scheduler(scheduler, pipe.scheduler.config))  # put back, pass or fail

@@ -25,7 +25,7 @@ CASES = [
     ("euler", {"timestep_type": "continuous", "prediction_type": "v_prediction"}), ("euler_a", {}), ("heun", {}),
     ("heun", KARRAS), ("lms", {}), ("lms", KARRAS), ("dpm++", {}), ("dpm++", KARRAS), ("unipc", {}), ("unipc", KARRAS),
     ("ddim", {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"}),
-]  # fmt: skip
+]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ SCHEDULERS_NOISE = {  # written out here, apart from rcgdm.schedulers: which cla
     diffusers.EulerDiscreteScheduler: "sigmas", diffusers.EulerAncestralDiscreteScheduler: "sigmas",
     diffusers.HeunDiscreteScheduler: "sigmas", diffusers.LMSDiscreteScheduler: "sigmas",
     diffusers.DPMSolverMultistepScheduler: "sigmas", diffusers.UniPCMultistepScheduler: "sigmas",
-}  # fmt: skip
+}
 
 
 def expected_alpha_bars(scheduler) -> list[float]:
@@ -106,7 +106,7 @@ def test_zero_terminal_snr_leaves_that_step_alone(predictor):
 
 
 @pytest.mark.parametrize("name", ["DDIMInverseScheduler", "RePaintScheduler", "SchedulerMixin", "FlowMatchLCMScheduler",
-                                  "LCMScheduler", "CMStochasticIterativeScheduler"])  # fmt: skip
+                                  "LCMScheduler", "CMStochasticIterativeScheduler"])
 def test_other_schedulers_are_refused_by_class(pipe, name):
     with pytest.raises(UserError, match=f"scheduler '{name}' is not a text-to-image sampler the guidance is exact for"):
         make_scheduler(name, pipe.scheduler.config)
@@ -130,7 +130,7 @@ def test_every_listed_scheduler_builds_on_this_install(pipe):
 
 
 @pytest.mark.parametrize(("name", "kind"), [("flow_euler", "epsilon"), ("flow_heun", "v_prediction"),
-                                            ("euler", "flow_prediction"), ("dpm++", "flow_prediction")])  # fmt: skip
+                                            ("euler", "flow_prediction"), ("dpm++", "flow_prediction")])
 def test_flow_and_diffusion_samplers_do_not_cross(pipe, name, kind):
     with pytest.raises(UserError, match=f"cannot step a model that predicts '{kind}'"):
         make_scheduler(name, pipe.scheduler.config, kind)

@@ -176,7 +176,7 @@ def test_checkpoints_with_the_earlier_parameter_names_still_load(tmp_path):
 
     net = ThreeLayerConvNet().eval()
     old = {key.replace("layer1.", "blocks.0.").replace("layer2.", "blocks.1.").replace("layer3.", "blocks.2.")
-           .replace("fc.", "head."): value for key, value in net.state_dict().items()}  # fmt: skip
+           .replace("fc.", "head."): value for key, value in net.state_dict().items()}
     assert any(key.startswith("blocks.2.shortcut.") for key in old) and "head.weight" in old
     save_torch(predictor_checkpoint(net, {"latent_channels": 4}) | {"state_dict": old}, tmp_path / "old.pth")
     loaded = load_predictor(tmp_path / "old.pth", latent_channels=4).net
@@ -259,7 +259,7 @@ def test_the_loss_buckets_are_the_saved_predictors_error_per_noise_level(tmp_pat
     scheduler = load_scheduler("tiny-random")
     scheduler.set_timesteps(50)
     inputs, _, timesteps = add_training_noise(scheduler, latents[val], torch.unique(scheduler.timesteps),
-                                              torch.Generator().manual_seed(0 + 1))  # fmt: skip
+                                              torch.Generator().manual_seed(0 + 1))
     net = load_predictor(tmp_path / "run" / "convnet.pth", latent_channels=4).net.eval()
     y = torch.from_numpy(np.load(labels)[:64][val.numpy()]).float()
     with torch.no_grad():

@@ -31,12 +31,12 @@ def load_checkpoint(path: str | Path, expected_format: str) -> dict:
         raise UserError(f"checkpoint {str(path)!r} has format {found!r}; expected {expected_format!r}")
     if not isinstance(checkpoint.get("state_dict", {}), dict):
         raise UserError(f"checkpoint {str(path)!r}: field 'state_dict' holds a {type(checkpoint['state_dict']).__name__}; "
-                        "expected a dict of tensors")  # fmt: skip
+                        "expected a dict of tensors")
     return checkpoint
 
 
 _SIGNATURES = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"\x93NUMPY": "a .npy array",
-               b"{": "JSON or text", b"[": "JSON or text"}  # fmt: skip
+               b"{": "JSON or text", b"[": "JSON or text"}
 
 
 def _other_kind(path: Path) -> str | None:

@@ -37,7 +37,7 @@ def open_lock(lock_file: str | Path, what: str) -> int:
         return os.open(lock_file, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o644)
     except OSError as err:
         raise UserError(f"the lock file {str(lock_file)!r} of {what} cannot be opened ({err.strerror}); expected a plain "
-                        "file there (remove what is in its place)") from None  # fmt: skip
+                        "file there (remove what is in its place)") from None
 
 
 def refuse_if_locked(lock_file: str | Path, what: str, message: str | None = None) -> None:

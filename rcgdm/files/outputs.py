@@ -30,7 +30,7 @@ def refuse_inputs_as_outputs(inputs: dict[str, str | Path], outputs: Iterable[Pa
         clash = next((out for out in outputs if same_file(path, out)), None)
         if clash is not None:
             raise UserError(f"{flag} {str(path)!r} is also an output of this run ({clash.name}); inputs are never outputs, "
-                            "expected another path")  # fmt: skip
+                            "expected another path")
 
 
 def refuse_existing(outputs: Iterable[Path], how_to_replace: str) -> None:
@@ -49,7 +49,7 @@ def refuse_outputs_inside_inputs(outputs: dict[str, str | Path], inputs: dict[st
         for in_flag, folder in inputs.items():
             if folder is not None and (out_path == Path(folder).resolve() or Path(folder).resolve() in out_path.parents):
                 raise UserError(f"{out_flag} {str(out)!r} is inside {in_flag} {str(folder)!r}; outputs never go into an "
-                                "input, expected a path outside it")  # fmt: skip
+                                "input, expected a path outside it")
 
 
 STAGING = ".overwrite"  # an overwriting run's files wait here until the run completes (rcgdm/files/run_folder.py)
@@ -63,7 +63,7 @@ def refuse_nested_runs(out_dir: Path, what: str, below: bool = True) -> None:
     ancestors = [folder / LOCK_FILE for folder in out_dir.parents]
     for lock in ancestors + (_locks_below(out_dir) if below else []):
         refuse_if_locked(lock, "", f"{what} {str(out_dir)!r} lies inside or around the folder of a running run "
-                                   f"({str(lock.parent)!r}); expected a folder apart from it")  # fmt: skip
+                                   f"({str(lock.parent)!r}); expected a folder apart from it")
 
 
 def _locks_below(folder: Path) -> list[Path]:

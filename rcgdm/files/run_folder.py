@@ -53,7 +53,7 @@ def _read(path: Path, what: str) -> object:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise UserError(f"{what} {str(path)!r} cannot be read ({type(err).__name__}); expected the file this project "
-                        "wrote (remove it if it is not)") from None  # fmt: skip
+                        "wrote (remove it if it is not)") from None
 
 
 def recorded_files(root: Path, run: str) -> list[str] | None:
@@ -65,7 +65,7 @@ def recorded_files(root: Path, run: str) -> list[str] | None:
         return _relative_names(_read(path, "the record of files"))
     except ValueError as err:
         raise UserError(f"the record of files {str(path)!r} is damaged ({err}); expected the file this project wrote "
-                        "(remove it if it is not)") from None  # fmt: skip
+                        "(remove it if it is not)") from None
 
 
 def earlier_files(root: Path, run: str, declared: Iterable[str]) -> list[str]:
@@ -88,7 +88,7 @@ def make_staging(staging: Path) -> Path:
     remove_staging(staging)
     if staging.exists():
         raise UserError(f"{str(staging)!r} exists and is not a staging folder of this project; expected it gone "
-                        "(move it away)")  # fmt: skip
+                        "(move it away)")
     staging.mkdir(parents=True)
     (staging / MARKER).touch()
     return staging
@@ -133,7 +133,7 @@ def publish(staging: Path, root: Path, run: str, written: Iterable[str], earlier
     docstring). Until this is called an overwriting run leaves the earlier files as they were."""
     written = list(dict.fromkeys(written))
     plan = {"staging": staging.relative_to(root).as_posix(), "written": written,
-            "remove": [name for name in dict.fromkeys(earlier) if name not in set(written)]}  # fmt: skip
+            "remove": [name for name in dict.fromkeys(earlier) if name not in set(written)]}
     with signals_held():
         save_json(plan, journal(root, run))
         _carry_out(root, run, plan)
@@ -159,7 +159,7 @@ def _read_plan(root: Path, run: str) -> dict:
         _relative_names(plan["remove"])
     except (KeyError, ValueError) as err:
         raise UserError(f"the publishing plan {str(journal(root, run))!r} is damaged ({err}); expected the file this "
-                        "project wrote (remove it if it is not)") from None  # fmt: skip
+                        "project wrote (remove it if it is not)") from None
     return plan
 
 

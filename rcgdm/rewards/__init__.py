@@ -62,8 +62,8 @@ def load_reward(path: str | Path, user_reward: str | None = None) -> tuple[Rewar
         return Compressibility(), meta
     if ":" not in name:
         raise UserError(f"reward model {str(path)!r} records the reward {name!r}; expected one of {', '.join(BUILT_IN)} "
-                        "or module:function")  # fmt: skip
+                        "or module:function")
     if user_reward is None:
         raise UserError(f"reward model {str(path)!r} records the user-code reward {name!r}; loading a file never runs code, "
-                        f"so pass --reward {name!r} to run it")  # fmt: skip
+                        f"so pass --reward {name!r} to run it")
     return UserFunction(user_reward), meta

@@ -24,7 +24,7 @@ class AestheticHead(nn.Module):
         self.layers = nn.Sequential(
             nn.Linear(768, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
             nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1),
-        )  # fmt: skip
+        )
 
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:
         return self.layers(embedding)

@@ -52,5 +52,5 @@ class UserFunction(Reward):
         rewards = torch.as_tensor(np.asarray(self.function(images), dtype=np.float32)).reshape(-1)
         if rewards.shape != (len(images),) or not torch.isfinite(rewards).all():
             raise InputError("reward", f"{self.name!r} returned {tuple(rewards.shape)} values for {len(images)} images, "
-                            "or non-finite ones; expected one finite number per image")  # fmt: skip
+                            "or non-finite ones; expected one finite number per image")
         return rewards

@@ -52,7 +52,7 @@ class AutoChoice:
     def summary(self) -> dict:
         return {"chosen_guidance": self.guidance, "reached": self.reached, "pilot_predicted": self.predicted,
                 "tolerance": self.tolerance, "pilot": [list(p) for p in self.pilot],
-                "pilot_unet_calls": self.unet_calls}  # fmt: skip
+                "pilot_unet_calls": self.unet_calls}
 
     @classmethod
     def from_summary(cls, summary: dict) -> AutoChoice:
@@ -60,7 +60,7 @@ class AutoChoice:
         try:
             pilot = tuple((float(g), None if p is None else float(p)) for g, p in summary["pilot"])
             choice = cls(float(summary["chosen_guidance"]), summary["reached"], float(summary["pilot_predicted"]),
-                         float(summary["tolerance"]), pilot, int(summary["pilot_unet_calls"]))  # fmt: skip
+                         float(summary["tolerance"]), pilot, int(summary["pilot_unet_calls"]))
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"not a recorded choice ({type(err).__name__})") from None
         if not isinstance(choice.reached, bool) or not all(map(math.isfinite, (choice.guidance, choice.predicted))):
@@ -76,13 +76,13 @@ def choose_guidance(pipe, settings, prompt: str, target: float, seed: int, toler
     def pilot(guidance: float) -> float:
         nonlocal calls
         steer = None if guidance == 0 else RewardGuidance(pipe.predictor.net, target, guidance, settings.batch_mean,
-                                                          settings.grad_path)  # fmt: skip
+                                                          settings.grad_path)
         steps = min(PILOT_STEPS, settings.num_inference_steps)
         predicted = []
         for indices in batches(min(PILOT_IMAGES, settings.num_images), settings.batch_size):  # the run's batches
             try:
                 scored = pipe.sample(prompt, steer, seed, indices, 0, steps, settings.cfg, settings.height,
-                                     settings.width, progress_bar=False)  # fmt: skip
+                                     settings.width, progress_bar=False)
             except NonFiniteError:
                 if guidance == 0:
                     raise  # the model itself diverges: no strength can help

@@ -52,7 +52,7 @@ class SweepSettings:
 
 
 def run_sweep(pipe: RewardDirectedPipeline, settings: SweepSettings, combos: list[Combo], out_dir: Path, log: ResumeLog,
-              state: PartialState) -> tuple[list[dict], SweepStats]:  # fmt: skip
+              state: PartialState) -> tuple[list[dict], SweepStats]:
     """Sample this process's share of the batches into `out_dir` (the combinations' folders lie in it), skipping those
     `log` holds -> (every row of the run, gathered from all processes; seconds, memory and auto choices per combination).
     An auto combination's strength is searched first (rcgdm/sweep/auto.py), by each process for its own share."""
@@ -85,7 +85,7 @@ def run_sweep(pipe: RewardDirectedPipeline, settings: SweepSettings, combos: lis
             steps = len(pipe.sd.scheduler.timesteps)  # one batched UNet call per step covers both CFG branches
             cost = Cost(steps, 0 if choice is None else choice.unet_calls / settings.num_images)
             rows = [row for combo in draw.combos
-                    for row in save_images(combo, indices, log.seed, out_dir, best[combo], strength, cost)]  # fmt: skip
+                    for row in save_images(combo, indices, log.seed, out_dir, best[combo], strength, cost)]
             log.add([row for row in rows if not log.finished(combo_key(row), row["image"])])
             for combo in draw.combos:
                 k = combos.index(combo)
@@ -95,12 +95,12 @@ def run_sweep(pipe: RewardDirectedPipeline, settings: SweepSettings, combos: lis
     every = gather_object([(seconds, peaks, auto)])
     stats = SweepStats([sum(s[k] for s, _, _ in every) for k in range(len(combos))],
                        [max((p[k] for _, p, _ in every if p[k] is not None), default=None) for k in range(len(combos))],
-                       [next((a[k] for _, _, a in every if a[k] is not None), None) for k in range(len(combos))])  # fmt: skip
+                       [next((a[k] for _, _, a in every if a[k] is not None), None) for k in range(len(combos))])
     return unique_rows(gather_object(log.rows)), stats
 
 
 def sample_draw(pipe: RewardDirectedPipeline, settings: SweepSettings, draw: Draw, strength: float, seed: int,
-                indices: range) -> dict[Combo, Scored]:  # fmt: skip
+                indices: range) -> dict[Combo, Scored]:
     """Images `indices` of every combination of `draw`, guided with `strength` (the draw's, or what auto chose):
     candidates 0 .. N-1 sampled once, and per combination (best of N, target T) the candidate of its first N whose
     predicted reward is closest to T (candidate 0: the plain image)."""
@@ -124,7 +124,7 @@ class Cost:
 
 
 def save_images(combo: Combo, indices: range, seed: int, out_dir: Path, scored: Scored, strength: float,
-                cost: Cost) -> list[dict]:  # fmt: skip
+                cost: Cost) -> list[dict]:
     """Write a batch's images as {idx}_gt_{gt}_pred_{pred}.png in the combination's folder -> their rows."""
     rows = []
     for j, i in enumerate(indices):
@@ -134,12 +134,12 @@ def save_images(combo: Combo, indices: range, seed: int, out_dir: Path, scored: 
         shift = None if scored.shift is None else scored.shift[j].item()
         file = path.relative_to(out_dir).as_posix()
         rows.append(image_row(combo.key(), i, seed, gt, pred, shift, combo.best_of * cost.steps, file, strength,
-                              cost.pilot_per_image))  # fmt: skip
+                              cost.pilot_per_image))
     return rows
 
 
 def unguided_first_images(pipe: RewardDirectedPipeline, settings: SweepSettings, combos: list[Combo],
-                          seed: int) -> dict[str, tuple[torch.Tensor, float, float]]:  # fmt: skip
+                          seed: int) -> dict[str, tuple[torch.Tensor, float, float]]:
     """Image 0 of every prompt the sweep samples at no guidance 0, unguided, as (image (3, H, W), gt, pred): the
     grid's first column needs it."""
     out, s = {}, settings

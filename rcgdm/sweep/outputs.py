@@ -20,7 +20,7 @@ RUN = "sweep"  # its record in --out_dir: .sweep.files.json
 
 
 def check_outputs(out_dir: Path, combos: list[Combo], inputs: dict[str, str], model_folder: Path | None, resume: bool,
-                  overwrite: bool) -> None:  # fmt: skip
+                  overwrite: bool) -> None:
     """UserError unless the run may write its files; `inputs` maps flags to the files the run reads. Creates nothing;
     checked before anything loads, and again under the run's lock."""
     for combo in combos:
@@ -30,13 +30,13 @@ def check_outputs(out_dir: Path, combos: list[Combo], inputs: dict[str, str], mo
     for flag, path in inputs.items():
         if Path(path).resolve().parent in folders and fnmatch.fnmatch(Path(path).name, IMAGE_GLOB):
             raise UserError(f"{flag} {path!r} is named like this run's images, in its folder; inputs are never outputs, "
-                            "expected another path")  # fmt: skip
+                            "expected another path")
     refuse_outputs_inside_inputs({"--out_dir": out_dir}, {"--model": model_folder})
     check_start(out_dir, resume, overwrite)
     earlier = sorted(earlier_files(out_dir, combos), key=lambda name: name != "results.csv")  # named first, if there
     if earlier and not (overwrite or resume):
         raise UserError(f"{str(out_dir / earlier[0])!r} already exists (an earlier run's output); use --overwrite to "
-                        "replace it, or another --out_dir")  # fmt: skip
+                        "replace it, or another --out_dir")
 
 
 def earlier_files(out_dir: Path, combos: list[Combo]) -> list[str]:
@@ -45,7 +45,7 @@ def earlier_files(out_dir: Path, combos: list[Combo]) -> list[str]:
     if not out_dir.is_dir():
         return []
     images = [p.relative_to(out_dir).as_posix() for combo in combos if combo.folder.is_dir()
-              for p in sorted(combo.folder.iterdir()) if is_image_name(p.name)]  # fmt: skip
+              for p in sorted(combo.folder.iterdir()) if is_image_name(p.name)]
     return run_folder.earlier_files(out_dir, RUN, [*REPORT_FILES, *images])
 
 

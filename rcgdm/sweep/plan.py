@@ -28,7 +28,7 @@ class Combo:
 
 
 def plan(prompts: list[str], targets: list[float], guidances: list[float], best_ofs: list[int],
-         out_dir: str | None = None) -> tuple[Path, list[Combo]]:  # fmt: skip
+         out_dir: str | None = None) -> tuple[Path, list[Combo]]:
     """The run folder and its combinations; a single combination keeps the original's layout (images in the run folder).
     out_dir defaults to imgs/target{target}guidance{guidance}, or imgs/sweep for a sweep."""
     single = len(prompts) == len(targets) == len(guidances) == len(best_ofs) == 1

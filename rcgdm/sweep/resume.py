@@ -119,6 +119,6 @@ def _check_same(saved: dict, settings: dict) -> None:
         if key.endswith(("_sha256", "_fingerprint")) and saved.get(key) != value:
             what = key.removesuffix("_sha256").removesuffix("_fingerprint")
             raise UserError(f"--resume: --{what} holds other content than in the interrupted run (its file changed); "
-                            "expected the same files, or --overwrite to start again")  # fmt: skip
+                            "expected the same files, or --overwrite to start again")
         if key != "seed_used" and saved.get(key) != value:
             raise UserError(f"--resume: the interrupted run used {key}={saved.get(key)!r}, not {value!r}; use the same settings")

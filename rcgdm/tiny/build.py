@@ -167,7 +167,7 @@ def clip_tokenizer(words: bool, model_max_length: int):
     with tempfile.TemporaryDirectory() as tmp:
         write_tokenizer(Path(tmp) / "tok", words)
         tokenizer = CLIPTokenizer(str(Path(tmp) / "tok" / "vocab.json"), str(Path(tmp) / "tok" / "merges.txt"),
-                                  pad_token=SPECIAL_TOKENS[1], model_max_length=model_max_length)  # fmt: skip
+                                  pad_token=SPECIAL_TOKENS[1], model_max_length=model_max_length)
     if words:
         split = [w for w in caption_words() if tokenizer.tokenize(w) != [w + "</w>"]]
         assert not split, f"caption words split into several tokens: {split}"
@@ -178,7 +178,7 @@ def clip_text_config(tokenizer, sizes: dict) -> dict:
     """A CLIP text encoder's config for `tokenizer` (its vocabulary, positions, special tokens) and `sizes`."""
     bos, eos = (tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS)
     return {"vocab_size": len(tokenizer), "max_position_embeddings": tokenizer.model_max_length, "bos_token_id": bos,
-            "eos_token_id": eos, "pad_token_id": eos, **sizes}  # fmt: skip
+            "eos_token_id": eos, "pad_token_id": eos, **sizes}
 
 
 def tiny_vae(sizes: dict, latent_channels: int, scaling_factor: float, shift_factor: float | None = None):
@@ -188,7 +188,7 @@ def tiny_vae(sizes: dict, latent_channels: int, scaling_factor: float, shift_fac
     blocks = len(sizes["block_out_channels"])
     return AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
                          latent_channels=latent_channels, scaling_factor=scaling_factor, shift_factor=shift_factor,
-                         **sizes)  # fmt: skip
+                         **sizes)
 
 
 def build_pipeline(arch: str = "tiny", seed: int = TINY_SEED):
@@ -254,12 +254,12 @@ def train_sd(out_dir: str | Path, quick: bool = False) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m rcgdm.tiny", description=__doc__.split("\n\n")[0],
                                 epilog="--model tiny loads the committed, trained models/tiny-sd; "
-                                       "tiny-random and sd15-random are built on first use into $RCGDM_CACHE_DIR")  # fmt: skip
+                                       "tiny-random and sd15-random are built on first use into $RCGDM_CACHE_DIR")
     p.add_argument("out_dir", help="a new folder")
     p.add_argument("--train", action="store_true", help="train the tiny model (about an hour on 2 CPU cores)")
     p.add_argument("--quick", action="store_true", help="with --train: a few steps only, to check the plumbing")
     p.add_argument("--arch", default="tiny-random", choices=[a for a in ARCHITECTURES if a != "tiny"],
-                   help="without --train: which random-weight build (default: tiny-random)")  # fmt: skip
+                   help="without --train: which random-weight build (default: tiny-random)")
     args = p.parse_args()
     out_dir = Path(args.out_dir)
     if out_dir.exists():

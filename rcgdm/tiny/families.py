@@ -55,12 +55,12 @@ def build_random_sdxl(out_dir: str | Path, seed: int = 0) -> Path:
         cross_attention_dim=2 * _TEXT["hidden_size"],  # both encoders' hidden states, concatenated
         addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
         projection_class_embeddings_input_dim=6 * time_embed_dim + _TEXT["projection_dim"],
-    )  # fmt: skip
+    )
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       steps_offset=1, timestep_spacing="leading")  # fmt: skip
+                                       steps_offset=1, timestep_spacing="leading")
     pipe = StableDiffusionXLPipeline(vae=_vae(4, 0.13025), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                      tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
-                                     force_zeros_for_empty_prompt=True, add_watermarker=False)  # fmt: skip
+                                     force_zeros_for_empty_prompt=True, add_watermarker=False)
     pipe.save_pretrained(out_dir)
     return Path(out_dir)
 
@@ -77,11 +77,11 @@ def build_random_sd3(out_dir: str | Path, seed: int = 0) -> Path:
         num_attention_heads=4, caption_projection_dim=32, pos_embed_max_size=16,
         joint_attention_dim=2 * _TEXT["hidden_size"],  # both CLIP encoders' hidden states, concatenated (and T5's width)
         pooled_projection_dim=2 * _TEXT["projection_dim"],
-    )  # fmt: skip
+    )
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae(16, 1.5305, 0.0609),
         text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
         text_encoder_3=None, tokenizer_3=None,
-    )  # fmt: skip
+    )
     pipe.save_pretrained(out_dir)
     return Path(out_dir)

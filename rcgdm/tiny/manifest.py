@@ -42,7 +42,7 @@ def verify_manifest(folder: str | Path) -> None:
             raise UserError(f"model file {str(path)!r} is missing; restore it (git checkout -- {folder})")
         if sha256_file(path) != digest:
             raise UserError(f"model file {str(path)!r} is damaged (sha256 differs from {MANIFEST}); restore it "
-                            f"(git checkout -- {folder})")  # fmt: skip
+                            f"(git checkout -- {folder})")
     extra = [p.relative_to(folder).as_posix() for p in _listed(folder) if p.relative_to(folder).as_posix() not in expected]
     if extra:
         raise UserError(f"model folder {str(folder)!r} holds {extra[0]!r}, which {MANIFEST} does not list")

@@ -124,7 +124,7 @@ def _chunks(items: list, size: int):
 
 
 def train_unet(pipe, latents: torch.Tensor, states: torch.Tensor, empty: torch.Tensor, recipe: Recipe,
-               generator: torch.Generator) -> float:  # fmt: skip
+               generator: torch.Generator) -> float:
     """The epsilon loss at uniform timesteps, with caption dropout; returns the final running loss."""
     unet, scheduler = pipe.unet.train(), pipe.scheduler
 
