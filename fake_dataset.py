@@ -40,7 +40,7 @@ from rcgdm.data import check_num_data, load_batch, open_source
 from rcgdm.files import run_folder
 from rcgdm.files.atomic import remove_leftovers, save_json, save_npy, save_torch
 from rcgdm.files.locking import LOCK_FILE, refuse_if_locked
-from rcgdm.files.outputs import refuse_nested_runs, refuse_outputs_inside_inputs
+from rcgdm.files.output_checks import refuse_nested_runs, refuse_outputs_inside_inputs
 from rcgdm.files.provenance import package_versions, sha256_file
 from rcgdm.rewards import Reward
 from rcgdm.rewards.resnet18 import WEIGHT_CHOICES

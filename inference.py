@@ -47,12 +47,12 @@ from rcgdm.families import FAMILIES, Family
 from rcgdm.files import run_folder
 from rcgdm.files.atomic import remove_leftovers
 from rcgdm.files.locking import LOCK_FILE, refuse_if_locked
-from rcgdm.files.outputs import refuse_nested_runs
+from rcgdm.files.output_checks import refuse_nested_runs
 from rcgdm.files.provenance import package_versions, sha256_file
 from rcgdm.guidance import GRAD_PATHS
 from rcgdm.models import SD15, local_model_folder, model_facts, model_fingerprint
-from rcgdm.pipeline import RewardDirectedPipeline, check_memory, latent_size
-from rcgdm.predictor import load_predictor
+from rcgdm.pipeline import RewardDirectedPipeline
+from rcgdm.pipeline_checks import check_memory
 from rcgdm.report import write_report
 from rcgdm.schedulers import SCHEDULERS, scheduler_support
 from rcgdm.sweep.auto import AUTO
@@ -247,13 +247,10 @@ def load(args: argparse.Namespace, facts: dict, state: PartialState, device: tor
     """The pipeline with --scheduler, the predictor and the ground-truth reward, on `device`. What configs (`facts`:
     rcgdm.models.model_facts) and checkpoints can tell is checked before the pipeline's weights load."""
     with state.main_process_first():  # hub downloads happen once
-        predictor = load_predictor(args.predictor, family=facts["family"], latent_channels=facts["in_channels"])
-        predictor.check_grad_path(args.grad_path)
-        scale = facts["vae_scale_factor"]
-        predictor.check_latent_size(latent_size(facts["sample_size"], scale, args.height, args.width), scale)
         pipe = RewardDirectedPipeline.from_pretrained(
-            args.model, predictor, args.reward_model, user_reward=args.reward, scheduler=args.scheduler, device=device,
-            dtype=dtype, ignore_provenance=args.ignore_provenance,
+            args.model, args.predictor, args.reward_model, user_reward=args.reward, scheduler=args.scheduler, device=device,
+            dtype=dtype, ignore_provenance=args.ignore_provenance, grad_path=args.grad_path, height=args.height,
+            width=args.width, facts=facts,
         )
     pipe.check(args.num_inference_steps, args.grad_path, args.height, args.width)
     check_memory(args.num_images, args.bs, max(args.best_of), *pipe.image_size(args.height, args.width), device)

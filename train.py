@@ -30,35 +30,31 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
 
 from rcgdm import distributed, plots
-from rcgdm.cli import MAX_SEED, UserError, check_creatable, run_main, writable_dir
+from rcgdm.cli import MAX_SEED, UserError, run_main, writable_dir
 from rcgdm.config import describe, parse_overrides
 from rcgdm.data import check_num_data, open_source
 from rcgdm.files import run_folder
 from rcgdm.files.atomic import remove_leftovers, save_json, save_text, save_torch
 from rcgdm.files.locking import refuse_if_locked
-from rcgdm.files.outputs import STAGING, refuse_inputs_as_outputs, refuse_nested_runs, refuse_outputs_inside_inputs
-from rcgdm.files.provenance import package_versions, sha256_file
-from rcgdm.latents import LatentSpec, cached_latents, vae_fingerprint
-from rcgdm.models import check_vae, load_scheduler, load_vae, local_model_folder, model_facts
-from rcgdm.predictor import ThreeLayerConvNet, predictor_checkpoint, reference_sample
+from rcgdm.files.output_checks import refuse_nested_runs
+from rcgdm.files.provenance import package_versions
+from rcgdm.models import load_scheduler, model_facts
+from rcgdm.predictor import ThreeLayerConvNet, predictor_checkpoint
 from rcgdm.schedulers import check_step_count
 from rcgdm.training import (
-    add_training_noise,
-    check_labels_source,
-    labels_sidecar,
+    TrainingData,
     load_labels,
-    load_state,
     loss_by_noise_level,
     mean_squared_error,
-    read_state,
-    save_state,
+    prepare_data,
     split,
     train_epoch,
 )
+from rcgdm.training_outputs import PredictorFiles
+from rcgdm.training_state import load_state, read_state, save_state
 
 # ----------------------------------------------------------------------------- config
 lr = 0.001
@@ -119,20 +115,6 @@ def read_config(argv: list[str]) -> SimpleNamespace:
     return SimpleNamespace(**config)
 
 
-def encode_dataset(config: SimpleNamespace, state: PartialState, dev: torch.device) -> tuple[torch.Tensor, int, float, str]:
-    """(latents (N, C, h, w) float32 on the CPU, images encoded now, seconds from the VAE's load to the latents,
-    the VAE's fingerprint)."""
-    with state.main_process_first():  # CIFAR-10 and the VAE are downloaded once
-        source = open_source(config.data, config.data_root)
-        check_num_data(config.num_data, source)
-        check_labels_source(config.labels_path, source.identity, config.data, config.check_provenance, state.is_main_process)
-        vae = load_vae(config.model, torch.float16 if dev.type == "cuda" else torch.float32)
-    start = time.perf_counter()
-    spec = LatentSpec(vae_fingerprint(vae), source.identity, config.num_data, config.image_size, config.seed)
-    latents, encoded = cached_latents(vae.to(dev), source, spec, config.cache_dir, config.encode_batch_size, dev, state)
-    return latents, encoded, time.perf_counter() - start, spec.vae
-
-
 def start_wandb(config: SimpleNamespace):
     if not config.wandb:
         return None
@@ -151,33 +133,31 @@ def main() -> None:
         n = state.num_processes
         raise UserError(f"batch_size={config.batch_size} is smaller than the {n} processes; "
                         f"expected at least {n}, one sample each")
-    out_path = Path(config.out_path)
-    files, staged = run_files(out_path), run_files(staging_folder(out_path) / out_path.name)
-    lock, what = lock_file(out_path), f"out_path {str(out_path)!r}"
+    files = PredictorFiles(Path(config.out_path))
+    what = f"out_path {str(files.out_path)!r}"
     if state.is_main_process:  # a running run's files are not an earlier run's (only the main process ever locks)
-        refuse_if_locked(lock, what)
-        refuse_nested_runs(out_path.parent, "out_path's folder", below=False)
-        run_folder.recover(out_path.parent, run_name(out_path), lock, what)  # a publish cut short by a kill is finished
-    check_outputs(config, files, staged)
+        refuse_if_locked(files.lock, what)
+        refuse_nested_runs(files.folder, "out_path's folder", below=False)
+        run_folder.recover(files.folder, files.run, files.lock, what)  # a publish cut short by a kill is finished
+    files.check(config)
     labels = load_labels(config.labels_path, config.num_data)
-    train_idx, val_idx = split(config.num_data, config.val_fraction, config.seed)  # an empty side fails here, before any encoding
+    indices = split(config.num_data, config.val_fraction, config.seed)  # an empty side fails here, before any encoding
     facts = model_facts(config.model)  # configs only: a model that cannot be had fails before anything is created
-    check_vae(config.model)
     check_step_count(load_scheduler(config.model), config.num_inference_steps)  # a config only: its schedule must exist
     if config.data != "cifar10":  # cheap to open (cifar10 is downloaded once, later, by the main process first)
         check_num_data(config.num_data, open_source(config.data, config.data_root))
-    writable_dir(out_path.parent, "out_path's folder")
+    writable_dir(files.folder, "out_path's folder")
     writable_dir(config.cache_dir, "cache_dir")
-    with distributed.main_only_lock(state, lock, what):
+    with distributed.main_only_lock(state, files.lock, what):
         if state.is_main_process:  # again, holding the lock: another run may have written meanwhile
-            check_outputs(config, files, staged)
-            remove_leftovers(out_path.parent)  # temporary files of killed runs
-        writes = where_to_write(config, files, staged, state.is_main_process)
+            files.check(config)
+            remove_leftovers(files.folder)  # temporary files of killed runs
+        writes = files.where_to_write(config, state.is_main_process)
         if config.resume:  # checked in full before any encoding
             check_resume_state(writes["resume"], facts["in_channels"], config)
-        train(config, facts["family"], state, dev, labels, (train_idx, val_idx), writes, start_time)
+        train(config, facts["family"], state, dev, labels, indices, writes, start_time)
         if state.is_main_process:
-            finish(out_path, files, writes)
+            files.finish(writes)
     distributed.finish(state)
 
 
@@ -190,209 +170,89 @@ def check_resume_state(path: Path, channels: int, config: SimpleNamespace) -> No
                         "expected a larger num_epochs to train further")
 
 
-def where_to_write(config: SimpleNamespace, files: dict[str, Path], staged: dict[str, Path], main: bool) -> dict[str, Path]:
-    """`files` (beside out_path); or `staged`, in a staging folder, when the run replaces an earlier one (its files
-    are published over the earlier ones once it completes: rcgdm/files/run_folder.py) or resumes an interrupted
-    replacement. A fresh start removes an unfinished replacement's staging folder (the main process does)."""
-    staging = staged["predictor"].parent
-    if config.resume:
-        return staged if run_folder.is_staging(staging) and staged["resume"].is_file() else files
-    replacing = config.overwrite and bool(earlier_files(files))
-    if main:
-        run_folder.make_staging(staging) if replacing else run_folder.remove_staging(staging)
-    return staged if replacing else files
-
-
-def finish(out_path: Path, files: dict[str, Path], writes: dict[str, Path]) -> None:
-    """The run completed: publish its files over the earlier run's (staged), or record them (in place)."""
-    written = [path.name for path in writes.values() if path.is_file()]
-    if writes["predictor"] != files["predictor"]:
-        run_folder.publish(writes["predictor"].parent, out_path.parent, run_name(out_path), written, earlier_files(files))
-    else:
-        run_folder.record(out_path.parent, run_name(out_path), written)
-    shown = [files[k] for k in ("predictor", "metrics", "loss_curve", "loss_by_noise", "train_summary")]
-    print(f"wrote {', '.join(str(path) for path in shown if path.exists())}")
-
-
-def earlier_files(files: dict[str, Path]) -> list[str]:
-    """An earlier run's files beside out_path (names): its record, or those of this run's names that exist."""
-    out_path = files["predictor"]
-    return run_folder.earlier_files(out_path.parent, run_name(out_path), [path.name for path in files.values()])
-
-
-def side_name(out_path: Path) -> str:
-    """What the side files are named from: out_path without its suffix (convnet.pth -> convnet). Runs whose out_paths
-    share it (a.pth, a.pt) would share side files: one lock and one record serve them both."""
-    return out_path.with_suffix("").name
-
-
-def run_name(out_path: Path) -> str:
-    return f"{side_name(out_path)}.train"  # its record: .convnet.train.files.json
-
-
-def lock_file(out_path: Path) -> Path:
-    return out_path.parent / f".{side_name(out_path)}.lock"
-
-
-def staging_folder(out_path: Path) -> Path:
-    return out_path.parent / f".{out_path.name}{STAGING}"
-
-
-def run_files(out_path: Path) -> dict[str, Path]:
-    """Every file a run writes: out_path, and beside it files named from its stem."""
-    side = ("best.pth", "resume.pth", "metrics.jsonl", "loss_curve.png", "loss_by_noise.png", "train_summary.json")
-    return {"predictor": out_path, **{name.split(".")[0]: out_path.with_suffix(f".{name}") for name in side}}
-
-
-def check_outputs(config: SimpleNamespace, files: dict[str, Path], staged: dict[str, Path]) -> None:
-    """Before anything is created: out_path is a file path, no input is an output or holds one, and no earlier
-    run's files are replaced unless resume=True (an interrupted run, `staged` for an interrupted overwrite) or
-    overwrite=True."""
-    out_path = files["predictor"]
-    if out_path.is_dir():
-        raise UserError(f"out_path {str(out_path)!r} is a directory; expected a file path like convnet.pth")
-    check_creatable(out_path.parent, "out_path's folder")
-    check_creatable(config.cache_dir, "cache_dir")
-    refuse_inputs_as_outputs({"labels_path": config.labels_path}, files.values())
-    if Path(config.cache_dir).resolve() in out_path.resolve().parents:
-        raise UserError(f"out_path {str(out_path)!r} is inside cache_dir {config.cache_dir!r}; expected a path outside the cache")
-    model_folder = local_model_folder(config.model)
-    data_folder = config.data if Path(config.data).is_dir() else None
-    outputs = {"out_path": out_path, "cache_dir": config.cache_dir}
-    refuse_outputs_inside_inputs(outputs, {"model": model_folder, "data": data_folder})
-    if config.resume:
-        if not (files["resume"].is_file() or staged["resume"].is_file()):
-            raise UserError(f"resume=True but {str(files['resume'])!r} does not exist; expected a run to continue")
-    elif not config.overwrite:
-        # an unfinished replacement, or a run that stopped before out_path (a finished one keeps its resume state)
-        unfinished = [staged["resume"]] if staged["resume"].exists() else []
-        unfinished += [files["resume"]] if files["resume"].exists() and not out_path.exists() else []
-        if unfinished:
-            raise UserError(f"{str(unfinished[0])!r} holds an interrupted run; resume=True to finish it, or overwrite=True "
-                            "to start again")
-        earlier = earlier_files(files)
-        if earlier:
-            raise UserError(f"{str(out_path.parent / earlier[0])!r} already exists (an earlier run's output); "
-                            "overwrite=True to replace it, or another out_path")
-
-
-def train(
-    config: SimpleNamespace, family: str, state: PartialState, dev: torch.device, labels: torch.Tensor, indices: tuple,
-    files: dict[str, Path], start_time: float,
-) -> None:
-    """Encode (or read) the latents, then train for the remaining epochs. indices: (train, validation) from `split`;
-    `family`: the model's (rcgdm/families.py), recorded in the predictor.
-    With several processes (rcgdm.distributed) the net trains data-parallel and only the main process writes."""
-    out_path, state_path, best_path = files["predictor"], files["resume"], files["best"]
-
-    # --- data: cached VAE latents, a seeded train/validation split, the timestep pool
-    latents, images_encoded, encode_seconds, vae_id = encode_dataset(config, state, dev)
-    run_config = {**vars(config), "labels_sha256": sha256_file(config.labels_path), "vae_fingerprint": vae_id}
-    sidecar = labels_sidecar(config.labels_path) or {}
-    train_idx, val_idx = indices
-    x_train, y_train = latents[train_idx].to(dev), labels[train_idx].to(dev)  # GPU-resident on CUDA
-    x_val, y_val = latents[val_idx].to(dev), labels[val_idx].to(dev)
-    reference = reference_sample(latents[train_idx], config.seed)  # stored with the predictor: inference's distribution shift
-    scheduler = load_scheduler(config.model)
-    scheduler.set_timesteps(config.num_inference_steps)
-    timestep_pool = torch.unique(scheduler.timesteps)
-
-    # validation sees the same noise and timesteps every epoch, so its loss is comparable across epochs
-    val_generator = torch.Generator().manual_seed(config.seed + 1)
-    val_inputs, _, val_timesteps = add_training_noise(scheduler, x_val, timestep_pool, val_generator)
-    if not config.noise:
-        val_inputs = x_val
-    baseline_val = F.mse_loss(y_train.mean().expand_as(y_val), y_val).item() if len(val_idx) else None
-
-    # --- model, optimizer, RNG (restored on resume)
-    torch.manual_seed(config.seed)
-    net = ThreeLayerConvNet(in_channels=latents.shape[1]).to(dev)
+def train(config: SimpleNamespace, family: str, state: PartialState, dev: torch.device, labels: torch.Tensor,
+          indices: tuple, files: dict[str, Path], start_time: float) -> None:
+    """Encode (or read) the latents, then train for the remaining epochs and write the outputs. indices: (train,
+    validation) from `split`; `family`: the model's (rcgdm/families.py), recorded in the predictor. With several
+    processes (rcgdm.distributed) the net trains data-parallel and only the main process writes."""
+    data = prepare_data(config, state, dev, labels, indices)
+    torch.manual_seed(config.seed)  # model init
+    net = ThreeLayerConvNet(in_channels=data.channels).to(dev)
     optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)  # the training noise and timesteps
     history: list[dict] = []
     if config.resume:  # every process loads the same state, so all continue alike
-        history = load_state(state_path, run_config, RESUME_MUST_MATCH, net, optimizer, generator)
-        state.print(f"resuming from {state_path} after epoch {len(history)}")
-    main = state.is_main_process
-    run = start_wandb(config) if main else None
+        history = load_state(files["resume"], data.run_config, RESUME_MUST_MATCH, net, optimizer, generator)
+        state.print(f"resuming from {files['resume']} after epoch {len(history)}")
+    run = start_wandb(config) if state.is_main_process else None
+    meta = run_epochs(config, data, (net, optimizer, generator), history, state, dev, files, run, family)
+    if state.is_main_process:
+        write_outputs(config, data, net, history, meta, files, time.perf_counter() - start_time)
+        if run is not None:
+            run.finish()
+
+
+def run_epochs(config: SimpleNamespace, data: TrainingData, model: tuple, history: list[dict], state: PartialState,
+               dev: torch.device, files: dict[str, Path], run, family: str) -> dict:
+    """Train the epochs after those in `history` (appended to it), saving the resume state, the best predictor and the
+    metrics after each -> the predictor's metadata at the last epoch."""
+    net, optimizer, generator = model
     # several processes: DDP through accelerate averages the gradients; `net` stays the plain model that is saved
     trained_net = net
     if state.num_processes > 1:
         trained_net = Accelerator(cpu=dev.type == "cpu").prepare_model(net, device_placement=False)
-    shard = (state.process_index, state.num_processes)
-
+    shard, validating = (state.process_index, state.num_processes), len(data.y_val) > 0
     where = f"device {dev}" + (f", {state.num_processes} processes" if state.num_processes > 1 else "")
-    state.print(f"training on {len(train_idx)} latents {tuple(latents.shape[1:])}, validating on {len(val_idx)}, {where}")
+    state.print(f"training on {len(data.x_train)} latents {tuple(data.x_train.shape[1:])}, validating on "
+                f"{len(data.y_val)}, {where}")
+    meta = {}
     for epoch in range(len(history) + 1, config.num_epochs + 1):
         epoch_start = time.perf_counter()
-        desc = f"epoch {epoch}/{config.num_epochs}"
-        train_loss = train_epoch(trained_net, optimizer, scheduler, x_train, y_train, timestep_pool, generator,
-                                 config.batch_size, desc, config.noise, shard)
+        train_loss = train_epoch(trained_net, optimizer, data.scheduler, data.x_train, data.y_train, data.timestep_pool,
+                                 generator, config.batch_size, f"epoch {epoch}/{config.num_epochs}", config.noise, shard)
         if not math.isfinite(train_loss):
-            kept = f"the last good checkpoint {state_path} is kept" if history else "no checkpoint was written"
+            kept = f"the last good checkpoint {files['resume']} is kept" if history else "no checkpoint was written"
             raise UserError(f"training loss became {train_loss} in epoch {epoch}; {kept}; try a smaller lr (now {config.lr})")
-        val_loss = mean_squared_error(net, val_inputs, y_val) if len(val_idx) else None
-        by_noise = loss_by_noise_level(net, val_inputs, y_val, val_timesteps) if len(val_idx) and config.noise else None
-        history.append(
-            {
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "val_loss": val_loss,
-                "baseline_val_loss": baseline_val,
-                "val_loss_by_noise": by_noise,
-                "seconds": time.perf_counter() - epoch_start,
-            }
-        )
-        val_text = f", val {val_loss:.4f} (baseline {baseline_val:.4f})" if val_loss is not None else ""
-        state.print(f"epoch {epoch}: train {history[-1]['train_loss']:.4f}{val_text}")
+        val_loss = mean_squared_error(net, data.val_inputs, data.y_val) if validating else None
+        by_noise = None
+        if validating and config.noise:
+            by_noise = loss_by_noise_level(net, data.val_inputs, data.y_val, data.val_timesteps)
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "baseline_val_loss": data.baseline_val,
+                        "val_loss_by_noise": by_noise, "seconds": time.perf_counter() - epoch_start})
+        val_text = f", val {val_loss:.4f} (baseline {data.baseline_val:.4f})" if val_loss is not None else ""
+        state.print(f"epoch {epoch}: train {train_loss:.4f}{val_text}")
         if run is not None:
             run.log(history[-1])
-        meta = {
-            "family": family,
-            "latent_channels": latents.shape[1],
-            "latent_size": list(latents.shape[2:]),
-            "model": config.model,
-            "labels_sha256": run_config["labels_sha256"],
-            "reward_model_sha256": sidecar.get("reward_model_sha256"),
-            "image_size": config.image_size,
-            "label_mean": labels.mean().item(),
-            "label_std": labels.std().item(),
-            "epochs": epoch,
-            "val_loss": val_loss,
-            "noised": config.noise,
-        }
-        if not main:
-            continue
-        if val_loss is not None and val_loss <= min(h["val_loss"] for h in history):
-            save_torch(predictor_checkpoint(net, meta, reference), best_path)
-        save_state(state_path, run_config, epoch, net, optimizer, generator, history)
-        save_text("".join(json.dumps(h) + "\n" for h in history), files["metrics"])
+        stats = data.label_stats
+        meta = {"family": family, "latent_channels": data.channels, "latent_size": list(data.x_train.shape[2:]),
+                "model": config.model, "labels_sha256": stats["labels_sha256"],
+                "reward_model_sha256": stats["reward_model_sha256"], "image_size": config.image_size,
+                "label_mean": stats["label_mean"], "label_std": stats["label_std"], "epochs": epoch, "val_loss": val_loss,
+                "noised": config.noise}
+        if state.is_main_process:
+            if val_loss is not None and val_loss <= min(h["val_loss"] for h in history):
+                save_torch(predictor_checkpoint(net, meta, data.reference), files["best"])
+            save_state(files["resume"], data.run_config, epoch, net, optimizer, generator, history)
+            save_text("".join(json.dumps(h) + "\n" for h in history), files["metrics"])
+    return meta
 
-    # --- outputs
-    if not main:
-        return
+
+def write_outputs(config: SimpleNamespace, data: TrainingData, net: ThreeLayerConvNet, history: list[dict], meta: dict,
+                  files: dict[str, Path], seconds: float) -> None:
+    """The loss figures, the summary and, last (a predictor at out_path is a finished run's), the predictor."""
     plots.loss_curve(history, files["loss_curve"])
     last = history[-1]
     if last["val_loss_by_noise"] is not None:
         plots.loss_by_noise(last, files["loss_by_noise"])
-    summary = {
-        "images_encoded": images_encoded,
-        "encode_seconds": encode_seconds,
-        "final_train_loss": last["train_loss"],
-        "final_val_loss": last["val_loss"],
-        "baseline_val_loss": baseline_val,
-        "final_val_loss_by_noise": last["val_loss_by_noise"],
-        "epochs": last["epoch"],
-        "seconds": time.perf_counter() - start_time,
-        "config": vars(config),
-        "versions": package_versions(),
-    }
+    summary = {"images_encoded": data.images_encoded, "encode_seconds": data.encode_seconds,
+               "final_train_loss": last["train_loss"], "final_val_loss": last["val_loss"],
+               "baseline_val_loss": data.baseline_val, "final_val_loss_by_noise": last["val_loss_by_noise"],
+               "epochs": last["epoch"], "seconds": seconds, "config": vars(config), "versions": package_versions()}
     save_json(summary, files["train_summary"])
-    save_torch(predictor_checkpoint(net, meta, reference), out_path)  # last: a predictor at out_path is a finished run's
-    if run is not None:
-        run.finish()
-    val_text = f"; final val {last['val_loss']:.4f} vs predict-the-mean {baseline_val:.4f}" if baseline_val is not None else ""
-    print(f"latents ready in {encode_seconds:.1f}s ({images_encoded} images encoded){val_text}")
+    save_torch(predictor_checkpoint(net, meta, data.reference), files["predictor"])
+    baseline = data.baseline_val
+    val_text = f"; final val {last['val_loss']:.4f} vs predict-the-mean {baseline:.4f}" if baseline is not None else ""
+    print(f"latents ready in {data.encode_seconds:.1f}s ({data.images_encoded} images encoded){val_text}")
     if last["val_loss_by_noise"] is not None:
         buckets = ", ".join(f"{name} {loss:.4f}" for name, loss in last["val_loss_by_noise"].items() if loss is not None)
         print(f"validation by noise level: {buckets}")

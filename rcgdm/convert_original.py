@@ -24,7 +24,7 @@ from torch import nn
 
 from rcgdm.cli import ArgumentParser, UserError, check_creatable, run_main, writable_dir
 from rcgdm.files.atomic import save_torch
-from rcgdm.files.outputs import refuse_existing, refuse_inputs_as_outputs
+from rcgdm.files.output_checks import refuse_existing, refuse_inputs_as_outputs
 from rcgdm.predictor import ResidualBlock, ThreeLayerConvNet, predictor_checkpoint
 from rcgdm.rewards.resnet18 import ARCH as REWARD_ARCH
 from rcgdm.rewards.resnet18 import FORMAT as REWARD_FORMAT

@@ -14,6 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+DIFFUSION_TYPES = ("epsilon", "v_prediction", "sample")  # what a diffusion (alpha_bar) model's scheduler config may say
+FLOW_PREDICTION = "flow_prediction"  # the velocity eps - x0 of a flow-matching model
+PREDICTION_TYPES = (*DIFFUSION_TYPES, FLOW_PREDICTION)
+
 
 @dataclass(frozen=True)
 class Family:
@@ -26,6 +30,11 @@ class Family:
     scheduler: str  # its model's scheduler, a short name of rcgdm/schedulers.py
     label: str  # for messages and the README
     float32_vae: bool = False  # its VAE overflows in float16: with force_upcast its pipeline decodes in float32
+
+    def prediction_type(self, configured: str | None) -> str:
+        """What the denoiser predicts: a flow-matching family's velocity, whatever its scheduler config says, else
+        the scheduler config's `prediction_type` (`configured`; default epsilon)."""
+        return FLOW_PREDICTION if self.flow else configured or "epsilon"
 
     def fill(self, steps: int | None, cfg: float | None, scheduler: str | None = None) -> tuple[int, float, str]:
         """Steps, classifier-free guidance scale and scheduler: the family's own where None."""

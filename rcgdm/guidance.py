@@ -54,6 +54,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rcgdm.families import PREDICTION_TYPES
+
 
 def reward_gradient(predictor: nn.Module, x_t: torch.Tensor, target: float, batch_mean: bool = False) -> torch.Tensor:
     """grad_x 1/2 ||target - mu(x)||^2 for each image of x_t (B, C, h, w), in float32 (float64 stays float64).
@@ -75,7 +77,6 @@ def reward_gradient(predictor: nn.Module, x_t: torch.Tensor, target: float, batc
 GRAD_PATHS = ("xt", "x0")
 
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
 
 
 def signal_and_noise(level: torch.Tensor, prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:

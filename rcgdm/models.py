@@ -2,7 +2,7 @@
 
 `tiny` is the trained tiny model committed under models/tiny-sd (its sha256 manifest is checked on
 every load). `tiny-random` (random weights, for plumbing tests), `tiny-sdxl-random` and `tiny-sd3-random`
-(the same for SDXL and SD3, rcgdm/tiny/families.py) and `sd15-random` (SD v1.5's architecture with random
+(the same for SDXL and SD3, rcgdm/tiny/family_builds.py) and `sd15-random` (SD v1.5's architecture with random
 weights, ~4 GB, for benchmarks) are built once (offline, seeded) into the cache folder ``$RCGDM_CACHE_DIR``
 (default ``~/.cache/rcgdm``). All load through the same `from_pretrained` path as the real models; which
 pipeline class loads a model is its family's (rcgdm/families.py).
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from rcgdm.cli import InputError, check_creatable
-from rcgdm.families import FAMILIES, Family, family_of, refusal
+from rcgdm.families import DIFFUSION_TYPES, FAMILIES, Family, family_of, refusal
 from rcgdm.files.atomic import atomic_folder
 from rcgdm.model_files import cached_snapshot, checked_folder, hub_offline, hub_revision
 
@@ -40,7 +40,7 @@ def ensure_built(name: str = "tiny-random") -> Path:
     """The folder of a locally built random-weight model (`tiny-random`, `sd15-random`, `tiny-sdxl-random`,
     `tiny-sd3-random`), built on first use (atomically, so concurrent builders are safe)."""
     from rcgdm.tiny.build import build_random_sd
-    from rcgdm.tiny.families import build_random_sd3, build_random_sdxl
+    from rcgdm.tiny.family_builds import build_random_sd3, build_random_sdxl
 
     target = cache_root() / _BUILT_FOLDERS[name]
     if (target / "model_index.json").is_file():
@@ -136,7 +136,6 @@ def _dtype_kwargs(dtype: torch.dtype) -> dict:
     return {} if dtype == torch.float32 else {"torch_dtype": dtype}
 
 
-DIFFUSION_TYPES = ("epsilon", "v_prediction", "sample")  # what an alpha_bar family's scheduler config may say
 
 
 def check_model_index(name: str) -> Family:
@@ -173,13 +172,12 @@ def model_facts(name: str) -> dict:
     if vae.get("latents_mean") is not None or vae.get("latents_std") is not None:
         raise InputError("model", f"{name!r}: vae/config.json sets latents_mean/latents_std, a per-channel latent "
                                   "normalisation the sampler does not apply; expected scaling (and shift) only")
-    if family.flow:
-        kind = "flow_prediction"
-    else:
-        kind = _field(scheduler, "prediction_type", str, name, "scheduler/scheduler_config.json", "a string", "epsilon")
-        if kind not in DIFFUSION_TYPES:
-            raise InputError("model", f"{name!r} predicts {kind!r}; expected one of {', '.join(DIFFUSION_TYPES)} "
-                                      "(see README, model families)")
+    configured = None if family.flow else _field(scheduler, "prediction_type", str, name,
+                                                 "scheduler/scheduler_config.json", "a string", "epsilon")
+    kind = family.prediction_type(configured)
+    if not family.flow and kind not in DIFFUSION_TYPES:
+        raise InputError("model", f"{name!r} predicts {kind!r}; expected one of {', '.join(DIFFUSION_TYPES)} "
+                                  "(see README, model families)")
     return {
         "family": family.name,
         "in_channels": _field(denoiser, "in_channels", int, name, denoiser_file, "an integer"),
@@ -206,13 +204,13 @@ def _field(config: dict, key: str, kind: type, name: str, file: str, expected: s
     return value
 
 
-def load_pipeline(name: str, dtype: torch.dtype = torch.float32):
+def load_pipeline(name: str, dtype: torch.dtype = torch.float32, facts: dict | None = None):
     """The pipeline of `name`'s family (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline);
     components the model leaves out (SD's safety checker, SD3's T5) are None; no safety checker (as the paper's code)
     and no watermark (SDXL), so that images are the model's own."""
     import diffusers
 
-    family = FAMILIES[model_facts(name)["family"]]  # refuses what the configs show cannot be guided
+    family = FAMILIES[(facts or model_facts(name))["family"]]  # refuses what the configs show cannot be guided
     index = _config(diffusers.DiffusionPipeline, name, "model_index.json")
     absent = {component: None for component, spec in index.items() if spec == [None, None]}
     extra = {

@@ -13,18 +13,26 @@ inference.py samples through the same object, so for the same settings and seed 
 
 from __future__ import annotations
 
-import math
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
-from rcgdm.cli import MAX_SEED, InputError, UserError, text_problem
-from rcgdm.distributed import batches, resolve_device
+from rcgdm.cli import InputError, UserError
+from rcgdm.distributed import batches
 from rcgdm.evaluate import distribution_shift, predicted_reward
 from rcgdm.families import FAMILIES, Family, family_of
-from rcgdm.guidance import GRAD_PATHS, RewardGuidance
+from rcgdm.guidance import RewardGuidance
 from rcgdm.models import SD15, load_pipeline, model_facts
+from rcgdm.pipeline_checks import (
+    check_call,
+    check_load,
+    check_memory,
+    check_predictor,
+    checked_device,
+    latent_size,
+)
 from rcgdm.predictor import TrainedPredictor, load_predictor
 from rcgdm.rewards import Reward, load_reward
 from rcgdm.sampler import decode, sample_latents
@@ -59,32 +67,27 @@ class Scored:
                         for f in fields(Scored)))
 
 
-def latent_size(sample_size: int, vae_scale_factor: int, height: int | None, width: int | None) -> tuple[int, int]:
-    """The (h, w) of the latents sampled for images of height x width (default: the model's, sample_size latents)."""
-    default = sample_size * vae_scale_factor
-    return (height or default) // vae_scale_factor, (width or default) // vae_scale_factor
+def best_of_n(candidates: Iterable[Scored], picks: dict) -> dict:
+    """Best-of-N over one batch's candidates 0, 1, ... (sampled lazily, as many as the largest N needs): per pick
+    {key: (target T, N)}, per image, the candidate among the first N whose predicted reward is closest to T (ties:
+    the earlier; candidate 0 is the plain image) -> {key: Scored}."""
+    best, needed = {}, max(n for _, n in picks.values())
+    for k, scored in zip(range(needed), candidates, strict=False):  # range first: no candidate past the last needed
+        for key, (target, n) in picks.items():
+            if k < n:
+                best[key] = scored.closer_to(target, best[key]) if k else scored
+    return best
 
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+@dataclass(frozen=True)
+class Sampling:
+    """How each image is sampled: denoising steps and classifier-free guidance scale (None: the family's), and the
+    image size (None: the model's)."""
 
-
-def _check_load(**values) -> None:
-    """InputError naming the first from_pretrained argument of the wrong type."""
-    kinds = {"model": (str,), "predictor": (str, Path, TrainedPredictor), "reward_model": (str, Path, type(None)),
-             "user_reward": (str, type(None)), "scheduler": (str, type(None)), "ignore_provenance": (bool,)}
-    for name, kind in kinds.items():
-        if not isinstance(values[name], kind):
-            expected = " or ".join("None" if k is type(None) else k.__name__ for k in kind)
-            raise InputError(name, f"{_shown(values[name])} is a {type(values[name]).__name__}; expected {expected}")
-    if not isinstance(values["dtype"], torch.dtype) or values["dtype"] not in DTYPES:
-        raise InputError("dtype", f"{_shown(values['dtype'])} is not supported; expected torch.float32, float16 or bfloat16")
-
-
-def _device(device) -> torch.device:
-    """A device name ("auto", "cpu", "cuda:1") or torch.device, checked usable."""
-    if not isinstance(device, str | torch.device):
-        raise InputError("device", f"{_shown(device)} is a {type(device).__name__}; expected a device name or torch.device")
-    return resolve_device(str(device))
+    num_inference_steps: int | None = None
+    cfg: float | None = None
+    height: int | None = None
+    width: int | None = None
 
 
 class RewardDirectedPipeline:
@@ -93,9 +96,13 @@ class RewardDirectedPipeline:
     from. Calling it samples with the paper's term added at every step and scores the images. Steps and the
     classifier-free guidance scale default to the family's own (rcgdm/families.py)."""
 
-    def __init__(self, sd, predictor: TrainedPredictor, reward: Reward | None = None, reward_meta: dict | None = None):
-        self.sd, self.predictor, self.reward, self.reward_meta = sd, predictor, reward, reward_meta or {}
-        self.family: Family = family_of(type(sd).__name__)
+    def __init__(self, base, predictor: TrainedPredictor, reward: Reward | None = None, reward_meta: dict | None = None):
+        self.base = base  # the diffusers pipeline whose components sample: its unet or transformer, VAE, scheduler
+        self.predictor, self.reward, self.reward_meta = predictor, reward, reward_meta or {}
+        self.family: Family = family_of(type(base).__name__)
+        denoiser = getattr(base, self.family.denoiser).config
+        self.facts = {"family": self.family.name, "in_channels": denoiser.in_channels, "sample_size": denoiser.sample_size,
+                      "patch_size": denoiser.get("patch_size") or 1, "vae_scale_factor": base.vae_scale_factor}
 
     @classmethod
     def from_pretrained(
@@ -109,30 +116,34 @@ class RewardDirectedPipeline:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         ignore_provenance: bool = False,
+        grad_path: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        facts: dict | None = None,
     ) -> RewardDirectedPipeline:
         """Load `model` (hub id, local diffusers folder, tiny, tiny-random; SD 1.x/2.x, SDXL or SD3) with `scheduler`
         (default: its family's, rcgdm/families.py), the predictor (train.py's checkpoint) and, if given, the ground-truth
         reward model (fake_dataset.py's; `user_reward` names a module:function reward it records). What configs and
-        checkpoints can tell is checked before the pipeline's weights load."""
-        _check_load(model=model, predictor=predictor, reward_model=reward_model, user_reward=user_reward,
+        checkpoints can tell is checked before the pipeline's weights load; given the `grad_path` (and `height`,
+        `width`) that calls will use, the predictor is checked for those too. `facts`: the model's configs as
+        rcgdm.models.model_facts read them, when the caller has them already."""
+        check_load(model=model, predictor=predictor, reward_model=reward_model, user_reward=user_reward,
                     scheduler=scheduler, dtype=dtype, ignore_provenance=ignore_provenance)
-        device = _device(device)
-        facts = model_facts(model)
-        family = FAMILIES[facts["family"]]
-        *_, scheduler = family.fill(None, None, scheduler)
+        device = checked_device(device)
+        facts = facts or model_facts(model)
+        *_, scheduler = FAMILIES[facts["family"]].fill(None, None, scheduler)
         check_steps(scheduler, facts["prediction_type"])
         if not isinstance(predictor, TrainedPredictor):
             predictor = load_predictor(predictor)
-        predictor.check_family(family.name)
-        predictor.check_latent_channels(facts["in_channels"])
+        check_predictor(predictor, facts, grad_path, None if grad_path is None else (height, width))
         reward, reward_meta = load_reward(reward_model, user_reward) if reward_model is not None else (None, {})
         if not ignore_provenance:
             predictor.check_trained_for(model, reward_model)
-        sd = load_pipeline(model, dtype).to(device)
-        sd.scheduler = make_scheduler(scheduler, sd.scheduler.config, facts["prediction_type"])
-        sd.set_progress_bar_config(disable=True)
+        base = load_pipeline(model, dtype, facts).to(device)
+        base.scheduler = make_scheduler(scheduler, base.scheduler.config, facts["prediction_type"])
+        base.set_progress_bar_config(disable=True)
         predictor = TrainedPredictor(predictor.net.to(device), predictor.meta, predictor.reference, predictor.path)
-        return cls(sd, predictor, None if reward is None else reward.to(device), reward_meta)
+        return cls(base, predictor, None if reward is None else reward.to(device), reward_meta)
 
     def defaults(self, num_inference_steps: int | None, cfg: float | None) -> tuple[int, float]:
         """Steps and classifier-free guidance scale, the family's own where None."""
@@ -141,45 +152,33 @@ class RewardDirectedPipeline:
 
     def check(self, num_inference_steps: int, grad_path: str, height: int | None, width: int | None) -> None:
         """InputError unless this pipeline can sample with these settings as the predictor was trained for."""
-        train_steps = self.sd.scheduler.config.num_train_timesteps
+        train_steps = self.base.scheduler.config.num_train_timesteps
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
             raise InputError("num_inference_steps", f"{num_inference_steps!r} is not an integer; expected 1 to {train_steps}")
         if not 1 <= num_inference_steps <= train_steps:
             raise InputError("num_inference_steps", f"{num_inference_steps} is outside the model's {train_steps} training "
                                                     f"timesteps; expected 1 to {train_steps}")
-        check_step_count(self.sd.scheduler, num_inference_steps)
-        if grad_path not in GRAD_PATHS:
-            raise InputError("grad_path", f"{grad_path!r} is unknown; expected one of {', '.join(GRAD_PATHS)}")
-        self.predictor.check_grad_path(grad_path)
-        denoiser = getattr(self.sd, self.family.denoiser).config
-        size = latent_size(denoiser.sample_size, self.sd.vae_scale_factor, height, width)
-        patch = denoiser.get("patch_size", 1)  # SD3's transformer cuts the latents into patch x patch tokens
-        for name, value in zip(("height", "width"), size, strict=True):
-            if value % patch:
-                multiple = patch * self.sd.vae_scale_factor
-                raise InputError(name, f"{value * self.sd.vae_scale_factor} is not a multiple of {multiple}; expected "
-                                       f"a multiple of {multiple} (latent patches of {patch})")
-        self.predictor.check_latent_size(size, self.sd.vae_scale_factor)
+        check_step_count(self.base.scheduler, num_inference_steps)
+        check_predictor(self.predictor, self.facts, grad_path, (height, width))
 
     def image_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """(height, width) of the images sampled: as asked, else the model's default."""
-        denoiser = getattr(self.sd, self.family.denoiser).config
-        h, w = latent_size(denoiser.sample_size, self.sd.vae_scale_factor, height, width)
-        return h * self.sd.vae_scale_factor, w * self.sd.vae_scale_factor
+        scale = self.facts["vae_scale_factor"]
+        h, w = latent_size(self.facts["sample_size"], scale, height, width)
+        return h * scale, w * scale
 
-    def sample(self, prompt: str, reward_guidance: RewardGuidance | None, seed: int, indices, candidate: int = 0,
-               num_inference_steps: int | None = None, cfg: float | None = None, height: int | None = None,
-               width: int | None = None, progress_bar: bool = True) -> Scored:
+    def sample(self, prompt: str, reward_guidance: RewardGuidance | None, seed: int, indices, sampling: Sampling,
+               candidate: int = 0, progress_bar: bool = True) -> Scored:
         """Images `indices` of a run seeded `seed` (candidate k of best-of-N; 0 is the plain image), one batch, scored.
         Image i starts from the seed (seed, i, candidate), so it is the same whatever batch it is sampled in."""
         generators = image_generators(seed, indices, candidate)
-        num_inference_steps, cfg = self.defaults(num_inference_steps, cfg)
-        latents = sample_latents(self.sd, prompt, generators, reward_guidance, num_inference_steps, cfg, height, width,
-                                 progress_bar)
+        steps, cfg = self.defaults(sampling.num_inference_steps, sampling.cfg)
+        latents = sample_latents(self.base, prompt, generators, reward_guidance, steps, cfg, sampling.height,
+                                 sampling.width, progress_bar)
         _check_finite(latents, "the final latents", reward_guidance, cfg)
-        images = decode(self.sd, latents, generators)
+        images = decode(self.base, latents, generators)
         rewards = None if self.reward is None else self.reward(images)
-        predicted = predicted_reward(self.predictor.net, self.sd.vae, images)[:, 0]
+        predicted = predicted_reward(self.predictor.net, self.base.vae, images)[:, 0]
         if rewards is not None:
             _check_finite(rewards, "the ground-truth rewards", reward_guidance, cfg)
         _check_finite(predicted, "the predicted rewards", reward_guidance, cfg)
@@ -206,82 +205,18 @@ class RewardDirectedPipeline:
         (0: the plain model), in batches of `batch_size`; `cfg` is the classifier-free guidance scale; best_of N keeps,
         per image, the candidate whose predicted reward is closest to the target. Steps and cfg default to the family's."""
         num_inference_steps, cfg = self.defaults(num_inference_steps, cfg)
-        _check_call(prompt=prompt, target=target, guidance=guidance, cfg=cfg, num_images=num_images, seed=seed,
+        check_call(prompt=prompt, target=target, guidance=guidance, cfg=cfg, num_images=num_images, seed=seed,
                     best_of=best_of, batch_size=batch_size, height=height, width=width, batch_mean=batch_mean)
         self.check(num_inference_steps, grad_path, height, width)
         size = self.image_size(height, width)
-        check_memory(num_images, batch_size, best_of, *size, self.sd._execution_device)
+        check_memory(num_images, batch_size, best_of, *size, self.base._execution_device)
         steer = RewardGuidance(self.predictor.net, target, guidance, batch_mean, grad_path)
+        sampling = Sampling(num_inference_steps, cfg, height, width)
         kept = []
         for indices in batches(num_images, batch_size):  # the batches inference.py --bs samples
-            best = None
-            for candidate in range(best_of):
-                scored = self.sample(prompt, steer, seed, indices, candidate, num_inference_steps, cfg, height, width)
-                best = scored if best is None else scored.closer_to(target, best)
-            kept.append(best)
+            candidates = (self.sample(prompt, steer, seed, indices, sampling, k) for k in range(best_of))
+            kept.append(best_of_n(candidates, {"call": (target, best_of)})["call"])
         return Scored.concat(kept)
-
-
-MAX_SIZE = 4096  # pixels a side, as inference.py's --height/--width
-VAE_FULL_RES_CHANNELS = 128  # SD's VAE decoder runs its last blocks at full resolution with 128 channels
-
-
-def _check_call(**values) -> None:
-    """InputError naming the first call argument of the wrong type or out of range."""
-    prompt = values["prompt"]
-    if not isinstance(prompt, str) or text_problem(prompt):
-        problem = text_problem(prompt) if isinstance(prompt, str) else f"is a {type(prompt).__name__}"
-        raise InputError("prompt", f"{ascii(prompt)[:80]} {problem}; expected a text prompt")
-    for name in ("target", "guidance", "cfg"):
-        value = values[name]
-        try:
-            finite = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(float(value))
-        except OverflowError:
-            finite = False
-        if not finite:
-            raise InputError(name, f"{_shown(value)} is not a finite number; expected one")
-    for name, low, high in (("num_images", 1, MAX_SEED), ("best_of", 1, MAX_SEED), ("batch_size", 1, MAX_SEED),
-                            ("seed", 0, MAX_SEED), ("height", 8, MAX_SIZE), ("width", 8, MAX_SIZE)):
-        value = values[name]
-        if value is None and name in ("height", "width"):
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise InputError(name, f"{_shown(value)} is out of range; expected an integer from {low} to {high}")
-        if name in ("height", "width") and value % 8:
-            raise InputError(name, f"{value} is not a multiple of 8; expected e.g. {value - value % 8 or 8}")
-    if not isinstance(values["batch_mean"], bool):
-        raise InputError("batch_mean", f"{_shown(values['batch_mean'])} is not True or False; expected a bool")
-
-
-def _shown(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else f"a {type(value).__name__} of {len(text)} characters"
-
-
-def memory_needed(num_images: int, batch_size: int, best_of: int, height: int, width: int) -> tuple[int, str]:
-    """A lower bound on the bytes a call (or one sweep combination, whose images the report holds) needs: its images
-    (float32, 3 x height x width each), and one batch's decoding at full resolution (with a second batch kept for
-    best-of-N) -> (bytes, how they add up)."""
-    image = 3 * height * width * 4
-    batch = min(batch_size, num_images)
-    held = num_images * image
-    decoding = batch * (VAE_FULL_RES_CHANNELS * height * width * 4 * 3 + image * (2 if best_of > 1 else 1))
-    return held + decoding, f"{held / 1e9:.3g} GB of images held, {decoding / 1e9:.3g} GB to decode a batch"
-
-
-def check_memory(num_images: int, batch_size: int, best_of: int, height: int, width: int, device: torch.device) -> None:
-    """InputError before anything is allocated when `memory_needed` exceeds the device's memory."""
-    needed, parts = memory_needed(num_images, batch_size, best_of, height, width)
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-    else:
-        import psutil
-
-        total = psutil.virtual_memory().total
-    if needed > total:
-        raise InputError("num_images", f"{num_images} images of {height}x{width} in batches of {batch_size} need at least "
-                                       f"{needed / 1e9:.3g} GB ({parts}), more than the {total / 1e9:.3g} GB of {device.type}; "
-                                       "expected fewer images, smaller batches or a smaller size")
 
 
 class NonFiniteError(UserError):

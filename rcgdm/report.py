@@ -4,7 +4,7 @@ the figures (drawn by plots.py: reward_vs_target, shift_vs_target, reward_vs_com
 Per combination, beside the rewards: calibration (target error: mean ground truth minus target; predictor gap: mean
 prediction minus mean ground truth on the same images, which grows when the predictor is being exploited), what
 the images lost or moved against the unguided images of the same prompt (diversity ratio, MMD^2 with its standard
-error: rcgdm/calibration.py; None without a guidance-0 combination of that prompt), and the cost per image (seconds,
+error: rcgdm/image_distances.py; None without a guidance-0 combination of that prompt), and the cost per image (seconds,
 UNet calls, peak memory of the sampling)."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from rcgdm import plots
-from rcgdm.calibration import diversity, image_features, median_bandwidth, mmd2
 from rcgdm.files.atomic import save_json, save_text
 from rcgdm.files.png import load_png
+from rcgdm.image_distances import diversity, image_features, median_bandwidth, mmd2
 from rcgdm.sweep.auto import MAX_GUIDANCE
 from rcgdm.sweep.engine import SweepStats
 from rcgdm.sweep.plan import Combo
@@ -124,7 +124,7 @@ def summarise(combos: list[Combo], rows: list[dict], stats: SweepStats) -> list[
 
 def add_image_measures(out_dir: Path, rows: list[dict], summary: list[dict]) -> None:
     """Add to each combination's summary its images' diversity and, against the unguided images of its prompt (guidance
-    0, best of 1; paired by image index), its diversity ratio and MMD^2 with standard error (rcgdm/calibration.py)."""
+    0, best of 1; paired by image index), its diversity ratio and MMD^2 with standard error (rcgdm/image_distances.py)."""
     features = {}
     for c in summary:
         mine = [r for r in rows if combo_key(r) == combo_key(c)]

@@ -48,7 +48,7 @@ def sample_latents(
     scale_input = (lambda x, t: x) if family.flow else scheduler.scale_model_input  # flow samplers take x_t as it is
     # moved to the device once: a step's value is then indexed there, with no per-step copy that would wait for the GPU
     levels = noise_levels(scheduler).to(device, torch.float64 if latents.dtype == torch.float64 else torch.float32)
-    prediction_type = "flow_prediction" if family.flow else scheduler.config.get("prediction_type", "epsilon")
+    prediction_type = family.prediction_type(scheduler.config.get("prediction_type"))
     guided = reward_guidance is not None and reward_guidance.guidance != 0
 
     for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoising", leave=False, disable=not progress_bar)):

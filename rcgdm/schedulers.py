@@ -25,38 +25,36 @@ from dataclasses import dataclass
 import torch
 
 from rcgdm.cli import InputError
-
-ALL_TYPES = ("epsilon", "v_prediction", "sample")
-FLOW = ("flow_prediction",)
+from rcgdm.families import DIFFUSION_TYPES, FLOW_PREDICTION
 
 
 @dataclass(frozen=True)
-class Sampler:
+class SchedulerSupport:
     """A supported scheduler class: where its noise level comes from and which model outputs it can step."""
 
     class_name: str
     noise: str  # "alphas", "sigmas" or "flow" (module docstring)
-    prediction_types: tuple[str, ...] = ALL_TYPES
+    prediction_types: tuple[str, ...] = DIFFUSION_TYPES
 
 
 SCHEDULERS = {
-    "pndm": Sampler("PNDMScheduler", "alphas", ("epsilon", "v_prediction")),
-    "ddim": Sampler("DDIMScheduler", "alphas"),
-    "ddpm": Sampler("DDPMScheduler", "alphas"),
-    "euler": Sampler("EulerDiscreteScheduler", "sigmas"),
-    "euler_a": Sampler("EulerAncestralDiscreteScheduler", "sigmas", ("epsilon", "v_prediction")),
-    "heun": Sampler("HeunDiscreteScheduler", "sigmas"),
-    "lms": Sampler("LMSDiscreteScheduler", "sigmas"),
-    "dpm++": Sampler("DPMSolverMultistepScheduler", "sigmas"),
-    "unipc": Sampler("UniPCMultistepScheduler", "sigmas"),
-    "flow_euler": Sampler("FlowMatchEulerDiscreteScheduler", "flow", FLOW),
-    "flow_heun": Sampler("FlowMatchHeunDiscreteScheduler", "flow", FLOW),
+    "pndm": SchedulerSupport("PNDMScheduler", "alphas", ("epsilon", "v_prediction")),
+    "ddim": SchedulerSupport("DDIMScheduler", "alphas"),
+    "ddpm": SchedulerSupport("DDPMScheduler", "alphas"),
+    "euler": SchedulerSupport("EulerDiscreteScheduler", "sigmas"),
+    "euler_a": SchedulerSupport("EulerAncestralDiscreteScheduler", "sigmas", ("epsilon", "v_prediction")),
+    "heun": SchedulerSupport("HeunDiscreteScheduler", "sigmas"),
+    "lms": SchedulerSupport("LMSDiscreteScheduler", "sigmas"),
+    "dpm++": SchedulerSupport("DPMSolverMultistepScheduler", "sigmas"),
+    "unipc": SchedulerSupport("UniPCMultistepScheduler", "sigmas"),
+    "flow_euler": SchedulerSupport("FlowMatchEulerDiscreteScheduler", "flow", (FLOW_PREDICTION,)),
+    "flow_heun": SchedulerSupport("FlowMatchHeunDiscreteScheduler", "flow", (FLOW_PREDICTION,)),
 }
 _BY_CLASS = {s.class_name: s for s in SCHEDULERS.values()}
 EXPECTED = f"one of {', '.join(SCHEDULERS)} (or their class names)"
 
 
-def scheduler_support(name: str) -> Sampler:
+def scheduler_support(name: str) -> SchedulerSupport:
     """The supported sampler that a short name or a class name stands for, else UserError."""
     support = SCHEDULERS.get(name.lower()) or _BY_CLASS.get(name)
     if support is None:
@@ -68,7 +66,7 @@ def scheduler_support(name: str) -> Sampler:
     return support
 
 
-def check_steps(name: str, prediction_type: str) -> Sampler:
+def check_steps(name: str, prediction_type: str) -> SchedulerSupport:
     """UserError unless scheduler `name` is supported and can step a model that predicts `prediction_type`."""
     support = scheduler_support(name)
     if prediction_type not in support.prediction_types:

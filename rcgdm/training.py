@@ -1,23 +1,28 @@
-"""Pieces of train.py's loop: labels, the split, noising, evaluation and the resumable state."""
+"""Pieces of train.py's loop: labels, the latents, the split, noising and evaluation (its resume state:
+rcgdm/training_state.py)."""
 
 from __future__ import annotations
 
 import json
-import math
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import PartialState
 from accelerate.utils import reduce
 from tqdm import tqdm
 
 from rcgdm.cli import InputError, UserError
-from rcgdm.files.atomic import save_torch
-from rcgdm.files.checkpoint import check_finite_state, load_checkpoint
+from rcgdm.data import check_num_data, open_source
+from rcgdm.files.provenance import sha256_file
+from rcgdm.latents import LatentSpec, cached_latents, vae_fingerprint
+from rcgdm.models import load_scheduler, load_vae
+from rcgdm.predictor import reference_sample
 from rcgdm.schedulers import is_flow
-
-STATE_FORMAT = "rcgdm.train-state/1"
 
 
 def load_labels(path: str | Path, num_data: int) -> torch.Tensor:
@@ -179,71 +184,60 @@ def loss_by_noise_level(net: torch.nn.Module, inputs: torch.Tensor, labels: torc
     return out
 
 
-def save_state(path: Path, config: dict, epoch: int, net, optimizer, generator: torch.Generator, history: list) -> None:
-    save_torch(
-        {
-            "format": STATE_FORMAT,
-            "config": config,
-            "epoch": epoch,
-            "model": net.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "generator": generator.get_state(),
-            "history": history,
-        },
-        path,
-    )
+def encode_dataset(config: SimpleNamespace, state: PartialState, dev: torch.device) -> tuple[torch.Tensor, int, float, str]:
+    """(latents (N, C, h, w) float32 on the CPU, images encoded now, seconds from the VAE's load to the latents,
+    the VAE's fingerprint)."""
+    with state.main_process_first():  # CIFAR-10 and the VAE are downloaded once
+        source = open_source(config.data, config.data_root)
+        check_num_data(config.num_data, source)
+        check_labels_source(config.labels_path, source.identity, config.data, config.check_provenance, state.is_main_process)
+        vae = load_vae(config.model, torch.float16 if dev.type == "cuda" else torch.float32)
+    start = time.perf_counter()
+    spec = LatentSpec(vae_fingerprint(vae), source.identity, config.num_data, config.image_size, config.seed)
+    latents, encoded = cached_latents(vae.to(dev), source, spec, config.cache_dir, config.encode_batch_size, dev, state)
+    return latents, encoded, time.perf_counter() - start, spec.vae
 
 
-def load_state(path: Path, config: dict, must_match: tuple[str, ...], net, optimizer, generator: torch.Generator) -> list:
-    """Restore `net`, `optimizer` and `generator` from a saved training state (checked in full: `read_state`) whose
-    config agrees with `config` on `must_match` -> the history of its epochs."""
-    state = read_state(path, net, optimizer, generator)
-    for key in must_match:
-        if state["config"].get(key) != config[key]:
-            raise UserError(
-                f"resume=True: {str(path)!r} was trained with {key}={state['config'].get(key)!r}, not {config[key]!r}; "
-                "use the same settings or resume=False"
-            )
-    return state["history"]
+@dataclass(frozen=True)
+class TrainingData:
+    """The latents and labels of a run, split, on the training device, and what is recorded with them."""
+
+    x_train: torch.Tensor  # (N_train, C, h, w) clean latents
+    y_train: torch.Tensor  # (N_train, 1) labels
+    y_val: torch.Tensor  # (N_val, 1)
+    val_inputs: torch.Tensor  # (N_val, C, h, w): noised once, with a fixed seed, so epochs are comparable
+    val_timesteps: torch.Tensor  # (N_val,) the timestep each validation latent was noised at
+    baseline_val: float | None  # validation MSE of predicting the training labels' mean
+    scheduler: object  # the noising scheduler, its timesteps set
+    timestep_pool: torch.Tensor  # the timesteps training noise is drawn from
+    reference: torch.Tensor  # up to 512 training latents, stored with the predictor (inference's distribution shift)
+    run_config: dict  # the config and what the files hold (labels' sha256, the VAE's fingerprint): a resume must match
+    label_stats: dict  # what the predictor records about the labels: mean, std, their sha256, their reward model's
+    images_encoded: int
+    encode_seconds: float
+
+    @property
+    def channels(self) -> int:
+        return self.x_train.shape[1]
 
 
-def read_state(path: Path, net, optimizer, generator: torch.Generator) -> dict:
-    """A saved training state, every field checked (types, the net's and optimizer's shapes, finite values, the RNG
-    state, one history entry per epoch) and loaded into `net`, `optimizer` and `generator`."""
-    state = load_checkpoint(path, STATE_FORMAT)
-
-    def bad(field: str, detail: str) -> UserError:
-        return UserError(f"resume state {str(path)!r}: field {field!r} {detail}; expected an undamaged file as train.py "
-                         "writes, or overwrite=True to start again")
-
-    expected = {"config": dict, "epoch": int, "model": dict, "optimizer": dict, "generator": torch.Tensor, "history": list}
-    for field, kind in expected.items():
-        if not isinstance(state.get(field), kind) or (field == "epoch" and state[field] < 1):
-            raise bad(field, f"is not a {kind.__name__}")
-    for field, target in (("model", net), ("optimizer", optimizer)):
-        try:
-            target.load_state_dict(state[field])
-        except (RuntimeError, KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
-            raise bad(field, f"does not fit the predictor ({(str(err).splitlines() or [''])[0][:120]})") from None
-    check_finite_state(net.state_dict(), path, "resume state")
-    for param, slots in optimizer.state.items():
-        for name, value in slots.items():
-            if not torch.is_tensor(value) or (name != "step" and value.shape != param.shape) or not torch.isfinite(value).all():
-                raise bad("optimizer", f"holds a {name!r} that does not fit its parameter (shape, or NaN/inf)")
-    if state["generator"].dtype != torch.uint8 or state["generator"].shape != generator.get_state().shape:
-        raise bad("generator", "is not a CPU generator's state")
-    generator.set_state(state["generator"])
-    for epoch, entry in enumerate(state["history"], start=1):
-        if not _history_entry(entry, epoch):
-            raise bad("history", f"entry {epoch} is not epoch {epoch}'s finite losses")
-    if len(state["history"]) != state["epoch"]:
-        raise bad("epoch", f"is {state['epoch']}, but the history holds {len(state['history'])} epochs")
-    return state
-
-
-def _history_entry(entry, epoch: int) -> bool:
-    def finite(value) -> bool:
-        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-    return (isinstance(entry, dict) and entry.get("epoch") == epoch and finite(entry.get("train_loss"))
-            and (entry.get("val_loss") is None or finite(entry["val_loss"])))
+def prepare_data(config: SimpleNamespace, state: PartialState, dev: torch.device, labels: torch.Tensor,
+                 indices: tuple) -> TrainingData:
+    """Cached VAE latents, the seeded train/validation split, the timestep pool and the fixed validation noise."""
+    latents, images_encoded, encode_seconds, vae_id = encode_dataset(config, state, dev)
+    run_config = {**vars(config), "labels_sha256": sha256_file(config.labels_path), "vae_fingerprint": vae_id}
+    train_idx, val_idx = indices
+    x_train, y_train = latents[train_idx].to(dev), labels[train_idx].to(dev)  # GPU-resident on CUDA
+    x_val, y_val = latents[val_idx].to(dev), labels[val_idx].to(dev)
+    reference = reference_sample(latents[train_idx], config.seed)
+    scheduler = load_scheduler(config.model)
+    scheduler.set_timesteps(config.num_inference_steps)
+    timestep_pool = torch.unique(scheduler.timesteps)
+    val_generator = torch.Generator().manual_seed(config.seed + 1)
+    val_inputs, _, val_timesteps = add_training_noise(scheduler, x_val, timestep_pool, val_generator)
+    baseline_val = F.mse_loss(y_train.mean().expand_as(y_val), y_val).item() if len(val_idx) else None
+    label_stats = {"labels_sha256": run_config["labels_sha256"], "label_mean": labels.mean().item(),
+                   "label_std": labels.std().item(),
+                   "reward_model_sha256": (labels_sidecar(config.labels_path) or {}).get("reward_model_sha256")}
+    return TrainingData(x_train, y_train, y_val, val_inputs if config.noise else x_val, val_timesteps, baseline_val,
+                        scheduler, timestep_pool, reference, run_config, label_stats, images_encoded, encode_seconds)

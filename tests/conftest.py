@@ -181,3 +181,24 @@ def reward_model_path(tmp_path_factory) -> Path:
     args = ["--data", "synthetic", "--num_data", "4", "--weights", "none", "--out_dir", root]
     assert run_script("fake_dataset.py", *args) == 0
     return root / "reward_model.pth"
+
+
+def small_train_args(tmp_path, labels, out_path, *extra) -> list[str]:
+    """train.py on 16 synthetic images of the tiny random model, one epoch, a quarter held out."""
+    return ["train.py", "--model=tiny-random", "--data=synthetic", "--num_data=16", "--image_size=64", "--num_epochs=1",
+            "--val_fraction=0.25", f"--labels_path={labels}", f"--cache_dir={tmp_path / 'cache'}", f"--out_path={out_path}",
+            *extra]
+
+
+@pytest.fixture
+def small_labels(tmp_path):
+    """16 labels, 0 to 1."""
+    labels = tmp_path / "labels.npy"
+    np.save(labels, np.linspace(0, 1, 16, dtype=np.float32)[:, None])
+    return labels
+
+
+def inference_args(out, reward_model_path, predictor_path, *extra) -> list[str]:
+    """inference.py on the tiny random model, seed 0, into `out`."""
+    return ["inference.py", "--model", "tiny-random", "--reward_model", reward_model_path, "--predictor", predictor_path,
+            "--seed", "0", "--out_dir", out, *extra]

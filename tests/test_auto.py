@@ -21,7 +21,7 @@ def pilot_pipe(predicted, calls: list):
     """A stand-in for the pipeline that the search calls (`sample` only): the predicted reward of each image at strength
     g is predicted(g); None raises NonFiniteError, as a diverged sample does. Records (strength, indices) per call."""
 
-    def sample(prompt, steer, seed, indices, candidate, steps, cfg, height, width, progress_bar=True):
+    def sample(prompt, steer, seed, indices, sampling, candidate=0, progress_bar=True):
         strength = 0.0 if steer is None else steer.guidance
         calls.append((strength, list(indices)))
         value = predicted(strength)
@@ -30,7 +30,7 @@ def pilot_pipe(predicted, calls: list):
         return Scored(torch.zeros(len(indices), 3, 4, 4), torch.full((len(indices),), value), None, None)
 
     return SimpleNamespace(sample=sample, predictor=SimpleNamespace(net=None),
-                           sd=SimpleNamespace(scheduler=SimpleNamespace(timesteps=range(5))))
+                           base=SimpleNamespace(scheduler=SimpleNamespace(timesteps=range(5))))
 
 
 SETTINGS = SweepSettings(num_images=8, batch_size=4, num_inference_steps=5, cfg=1.0)

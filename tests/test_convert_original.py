@@ -10,7 +10,7 @@ import pytest
 import torch
 import torchvision
 from conftest import error_line, run_cli, run_script
-from test_reliability import WritesAMarker
+from test_hostile_files import WritesAMarker
 from torch import nn
 
 from rcgdm.predictor import ThreeLayerConvNet, load_predictor

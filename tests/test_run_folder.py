@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import error_line, read_rows, run_cli, run_script
+from conftest import error_line, read_rows, run_script
 
 from rcgdm.files import run_folder
 from rcgdm.files.locking import LOCK_FILE, locked
@@ -148,25 +148,24 @@ def test_an_interrupted_sweep_publish_is_finished_before_anything_else(tmp_path,
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*_gt_*.png")) == sorted(r["file"] for r in rows)
 
 
-def test_the_earlier_run_check_is_made_again_holding_the_lock(tmp_path, monkeypatch, capsys, sweep, reward_model_path,
-                                                              predictor_path):
+def test_the_earlier_run_check_is_made_again_holding_the_lock(tmp_path, monkeypatch, capsys, sweep):
     """Two runs started together both pass the first check; the second to take the lock must not replace the first."""
+    import shutil
+
     from rcgdm.pipeline import RewardDirectedPipeline
 
-    out, real = tmp_path / "out", RewardDirectedPipeline.from_pretrained.__func__
+    out, other = tmp_path / "out", tmp_path / "other"
+    assert sweep("--num_images", "1", out=other) == 0  # what the other run will have written
+    real = RewardDirectedPipeline.from_pretrained.__func__
 
     def another_run_finishes_meanwhile(cls, *args, **kwargs):  # between the first check and the lock
-        other = ["inference.py", "--model", "tiny-random", "--reward_model", reward_model_path, "--predictor",
-                 predictor_path, "--num_images", "1", "--num_inference_steps", "2", "--seed", "0", "--out_dir", out]
-        assert run_cli(*other).returncode == 0
+        shutil.copytree(other, out, dirs_exist_ok=True)
         return real(cls, *args, **kwargs)
 
     monkeypatch.setattr(RewardDirectedPipeline, "from_pretrained", classmethod(another_run_finishes_meanwhile))
-    before = None
     assert sweep("--num_images", "1", "--target", "3") == 2
     assert "already exists (an earlier run's output)" in error_line(capsys.readouterr().err)
-    before = read_rows(out / "results.csv")
-    assert [r["target"] for r in before] == ["0.0"]  # the other run's results, untouched
+    assert (out / "results.csv").read_bytes() == (other / "results.csv").read_bytes()  # the other run's, untouched
 
 
 @pytest.mark.parametrize("where", ["inside", "around"])

@@ -26,7 +26,7 @@ deterministic (fixed seeds), so a resumed run, or another process, makes the sam
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from rcgdm.distributed import batches
 from rcgdm.guidance import RewardGuidance
@@ -77,17 +77,16 @@ def choose_guidance(pipe, settings, prompt: str, target: float, seed: int, toler
         nonlocal calls
         steer = None if guidance == 0 else RewardGuidance(pipe.predictor.net, target, guidance, settings.batch_mean,
                                                           settings.grad_path)
-        steps = min(PILOT_STEPS, settings.num_inference_steps)
+        sampling = replace(settings.sampling, num_inference_steps=min(PILOT_STEPS, settings.num_inference_steps))
         predicted = []
         for indices in batches(min(PILOT_IMAGES, settings.num_images), settings.batch_size):  # the run's batches
             try:
-                scored = pipe.sample(prompt, steer, seed, indices, 0, steps, settings.cfg, settings.height,
-                                     settings.width, progress_bar=False)
+                scored = pipe.sample(prompt, steer, seed, indices, sampling, progress_bar=False)
             except NonFiniteError:
                 if guidance == 0:
                     raise  # the model itself diverges: no strength can help
                 scored = None
-            calls += len(indices) * len(pipe.sd.scheduler.timesteps)
+            calls += len(indices) * len(pipe.base.scheduler.timesteps)
             if scored is None:
                 predicted = [math.nan]
                 break

@@ -17,7 +17,7 @@ from rcgdm.cli import UserError
 from rcgdm.files.png import save_png
 from rcgdm.guidance import RewardGuidance
 from rcgdm.memory import PeakMemory
-from rcgdm.pipeline import RewardDirectedPipeline, Scored
+from rcgdm.pipeline import RewardDirectedPipeline, Sampling, Scored, best_of_n
 from rcgdm.sweep.auto import AUTO, AutoChoice, choose_guidance
 from rcgdm.sweep.plan import Combo, Draw, draws
 from rcgdm.sweep.resume import ResumeLog, auto_key
@@ -50,6 +50,10 @@ class SweepSettings:
     grad_path: str = "xt"
     auto_tolerance: float = 0.0  # how close a pilot of --guidance auto must come to the target (rcgdm/sweep/auto.py)
 
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(self.num_inference_steps, self.cfg, self.height, self.width)
+
 
 def run_sweep(pipe: RewardDirectedPipeline, settings: SweepSettings, combos: list[Combo], out_dir: Path, log: ResumeLog,
               state: PartialState) -> tuple[list[dict], SweepStats]:
@@ -61,7 +65,7 @@ def run_sweep(pipe: RewardDirectedPipeline, settings: SweepSettings, combos: lis
     mine = distributed.my_share(units, state)
     todo = [(draw, indices) for draw, indices in mine if not all(log.finished(c.key(), i) for c in draw.combos for i in indices)]
     seconds, peaks, auto = [0.0] * len(combos), [None] * len(combos), [None] * len(combos)
-    device = pipe.sd._execution_device
+    device = pipe.base._execution_device
     chosen = {}  # the strength of each auto draw of this process's share, searched once (deterministic: same in each)
     for draw in dict.fromkeys(draw for draw, _ in mine if draw.guidance == AUTO):
         start, key = time.perf_counter(), auto_key(draw.prompt, draw.target)
@@ -82,7 +86,7 @@ def run_sweep(pipe: RewardDirectedPipeline, settings: SweepSettings, combos: lis
             strength = draw.guidance if choice is None else choice.guidance
             with PeakMemory(device, interval=0.01) as memory:
                 best = sample_draw(pipe, settings, draw, strength, log.seed, indices)
-            steps = len(pipe.sd.scheduler.timesteps)  # one batched UNet call per step covers both CFG branches
+            steps = len(pipe.base.scheduler.timesteps)  # one batched UNet call per step covers both CFG branches
             cost = Cost(steps, 0 if choice is None else choice.unet_calls / settings.num_images)
             rows = [row for combo in draw.combos
                     for row in save_images(combo, indices, log.seed, out_dir, best[combo], strength, cost)]
@@ -106,13 +110,8 @@ def sample_draw(pipe: RewardDirectedPipeline, settings: SweepSettings, draw: Dra
     predicted reward is closest to T (candidate 0: the plain image)."""
     s = settings
     steer = RewardGuidance(pipe.predictor.net, draw.target, strength, s.batch_mean, s.grad_path)
-    best: dict[Combo, Scored] = {}
-    for candidate in range(draw.candidates):
-        scored = pipe.sample(draw.prompt, steer, seed, indices, candidate, s.num_inference_steps, s.cfg, s.height, s.width)
-        for combo in draw.combos:
-            if candidate < combo.best_of:
-                best[combo] = scored.closer_to(combo.target, best[combo]) if candidate else scored
-    return best
+    candidates = (pipe.sample(draw.prompt, steer, seed, indices, s.sampling, k) for k in range(draw.candidates))
+    return best_of_n(candidates, {combo: (combo.target, combo.best_of) for combo in draw.combos})
 
 
 @dataclass(frozen=True)
@@ -145,7 +144,7 @@ def unguided_first_images(pipe: RewardDirectedPipeline, settings: SweepSettings,
     out, s = {}, settings
     sampled_unguided = {c.prompt for c in combos if c.guidance == 0}  # ("auto" may choose 0, but on its own images)
     for prompt in dict.fromkeys(c.prompt for c in combos if c.prompt not in sampled_unguided):
-        scored = pipe.sample(prompt, None, seed, [0], 0, s.num_inference_steps, s.cfg, s.height, s.width)
+        scored = pipe.sample(prompt, None, seed, [0], s.sampling)
         out[prompt] = (scored.images[0], scored.rewards.item(), scored.predicted_rewards.item())
     return out
 

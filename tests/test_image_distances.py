@@ -1,4 +1,4 @@
-"""The measures of rcgdm/calibration.py against definitions and closed forms."""
+"""The measures of rcgdm/image_distances.py against definitions and closed forms."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rcgdm.calibration import diversity, image_features, median_bandwidth, mmd2
+from rcgdm.image_distances import diversity, image_features, median_bandwidth, mmd2
 
 D, SIGMA, LENGTH, N, REPEATS = 4, 1.0, 2.0, 20, 200
 
