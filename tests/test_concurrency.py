@@ -36,7 +36,8 @@ def test_a_second_run_on_the_same_out_dir_is_refused(tmp_path, reward_model_path
     second = subprocess.run([sys.executable, *map(str, inference_args(out, reward_model_path, predictor_path))],
                             cwd=ROOT, capture_output=True, text=True)
     assert second.returncode == 2 and "is in use by another run" in error_line(second.stderr)
-    assert first.poll() is None  # the refused run left the running one alone; stop it (Ctrl-C) rather than wait
+    assert first.poll() is None  # the refused run left the running one alone; stop it (Ctrl-C) rather than wait,
+    wait_for(lambda: (out / "progress.json").is_file(), process=first)  # once it has finished a batch
     first.send_signal(signal.SIGINT)
     assert first.wait(timeout=120) == 130 and json.loads((out / "progress.json").read_text())["rows"]  # its images so far
 
