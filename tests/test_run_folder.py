@@ -120,8 +120,12 @@ def test_ctrl_c_during_a_publish_waits_until_it_is_whole(tmp_path, monkeypatch):
         real_replace(src, dst)
 
     monkeypatch.setattr(run_folder, "os", SimpleNamespace(replace=interrupted))
-    with pytest.raises(KeyboardInterrupt):
-        run_folder.publish(staging, root, "r", ["a", "b", "sub/c"], ["a", "old"])
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as a script has it, whatever pytest inherited
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_folder.publish(staging, root, "r", ["a", "b", "sub/c"], ["a", "old"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert files(root) == NEW
 
 
