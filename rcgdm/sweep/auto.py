@@ -28,6 +28,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+import torch
+
 from rcgdm.distributed import batches
 from rcgdm.guidance import RewardGuidance
 from rcgdm.pipeline import NonFiniteError
@@ -88,10 +90,10 @@ def choose_guidance(pipe, settings, prompt: str, target: float, seed: int, toler
                 scored = None
             calls += len(indices) * len(pipe.base.scheduler.timesteps)
             if scored is None:
-                predicted = [math.nan]
-                break
-            predicted += scored.predicted_rewards.tolist()
-        tried[guidance] = sum(predicted) / len(predicted)
+                tried[guidance] = math.nan
+                return tried[guidance]
+            predicted.append(scored.predicted_rewards)
+        tried[guidance] = torch.cat(predicted).mean().item()  # float32, as the run's own mean
         return tried[guidance]
 
     side = 1.0 if target > pilot(0.0) else -1.0
