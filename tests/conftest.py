@@ -202,3 +202,19 @@ def inference_args(out, reward_model_path, predictor_path, *extra) -> list[str]:
     """inference.py on the tiny random model, seed 0, into `out`."""
     return ["inference.py", "--model", "tiny-random", "--reward_model", reward_model_path, "--predictor", predictor_path,
             "--seed", "0", "--out_dir", out, *extra]
+
+
+def interrupt_at_image(monkeypatch, n: int) -> None:
+    """Ctrl-C as the run starts writing its n-th image (as if pressed then): what it finished before stays."""
+    from rcgdm.files import atomic
+
+    real_atomic_path, pngs = atomic.atomic_path, []
+
+    def interrupting(path):
+        if path.suffix == ".png":
+            pngs.append(path)
+            if len(pngs) == n:
+                raise KeyboardInterrupt
+        return real_atomic_path(path)
+
+    monkeypatch.setattr(atomic, "atomic_path", interrupting)

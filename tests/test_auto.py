@@ -9,9 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import error_line, read_rows, run_script
+from conftest import error_line, interrupt_at_image, read_rows, run_script
 
-from rcgdm.files import atomic
 from rcgdm.pipeline import NonFiniteError, Scored
 from rcgdm.sweep.auto import MAX_GUIDANCE, choose_guidance
 from rcgdm.sweep.engine import SweepSettings
@@ -67,16 +66,7 @@ def test_a_resumed_auto_run_keeps_the_strengths_it_chose(tmp_path, monkeypatch, 
     args = ["--model", "tiny-random", "--reward_model", reward_model_path, "--predictor", predictor_path, "--seed", "0",
             "--target", "1.0", "--guidance", "auto", "--auto_tolerance", "0.05", "--num_images", "4", "--bs", "2",
             "--num_inference_steps", "2", "--out_dir", tmp_path / "run"]
-    real_atomic_path, pngs = atomic.atomic_path, []
-
-    def interrupt_on_the_third_image(path):  # after batch 0 (images 0 and 1) was recorded
-        if path.suffix == ".png":
-            pngs.append(path)
-            if len(pngs) == 3:
-                raise KeyboardInterrupt
-        return real_atomic_path(path)
-
-    monkeypatch.setattr(atomic, "atomic_path", interrupt_on_the_third_image)
+    interrupt_at_image(monkeypatch, 3)  # after batch 0 (images 0 and 1) was recorded
     assert run_script("inference.py", *args) == 130
     monkeypatch.undo()
     progress = tmp_path / "run" / "progress.json"

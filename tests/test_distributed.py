@@ -17,13 +17,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, latent_labels, run_script
+from conftest import ROOT, interrupt_at_image, latent_labels, run_script
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from rcgdm import distributed
 from rcgdm.cli import UserError, run_main
-from rcgdm.files import atomic
 from rcgdm.predictor import ThreeLayerConvNet, load_predictor
 from rcgdm.training import train_epoch
 
@@ -104,16 +103,7 @@ def test_sweep_matches_one_process(tmp_path, sweep):
 def test_a_sweep_resumes_with_another_number_of_processes(tmp_path, monkeypatch, sweep):
     """A one-process run interrupted after its first batch is finished by two processes, as if never interrupted."""
     args, one = sweep
-    real_atomic_path, pngs = atomic.atomic_path, []
-
-    def interrupt_on_the_fifth_image(path):  # the first of batch 1: batch 0 wrote images 0, 1 of both unguided combinations
-        if path.suffix == ".png":
-            pngs.append(path)
-            if len(pngs) == 5:
-                raise KeyboardInterrupt
-        return real_atomic_path(path)
-
-    monkeypatch.setattr(atomic, "atomic_path", interrupt_on_the_fifth_image)
+    interrupt_at_image(monkeypatch, 5)  # the first of batch 1: batch 0 wrote images 0, 1 of both unguided combinations
     with one_thread():
         assert run_script("inference.py", *args, "--out_dir", tmp_path / "resumed") == 130
     monkeypatch.undo()
