@@ -229,13 +229,6 @@ def _float32_vae_if_needed(vae, family: Family, dtype: torch.dtype) -> None:
         vae.to(torch.float32)
 
 
-def check_vae(name: str) -> None:
-    """Read the VAE's config only (a one-line UserError when the model cannot be had)."""
-    from diffusers import AutoencoderKL
-
-    _from_pretrained(AutoencoderKL, name, loader="load_config", subfolder="vae")
-
-
 def load_vae(name: str, dtype: torch.dtype = torch.float32):
     from diffusers import AutoencoderKL
 

@@ -15,7 +15,7 @@ from conftest import ROOT, error_line, run_script
 import rcgdm.model_files
 import rcgdm.models
 from rcgdm.cli import UserError
-from rcgdm.models import check_vae, load_pipeline, load_vae, model_facts
+from rcgdm.models import load_pipeline, load_scheduler, load_vae, model_facts
 
 MARKER_CODE = "from pathlib import Path\nPath({marker!r}).touch()\n"
 
@@ -54,7 +54,7 @@ def test_a_model_folder_with_code_is_refused_on_every_load_path(tmp_path, tiny_m
     folder, marker = tmp_path / "model", tmp_path / "pwned"
     shutil.copytree(tiny_model_dir, folder)
     expected = plant(folder, case, marker)
-    for load in (load_pipeline, model_facts, load_vae, check_vae):  # inference's and train.py's paths
+    for load in (load_pipeline, model_facts, load_vae, load_scheduler):  # inference's and train.py's paths
         with pytest.raises(UserError, match="code from a model is never run") as refused:
             load(str(folder))
         assert expected in str(refused.value)
@@ -159,7 +159,7 @@ def test_a_pipeline_as_a_component_or_a_library_at_any_depth_is_refused(tmp_path
     shutil.copytree(tiny_model_dir, folder)
     expected = nest_a_pipeline(folder, marker, where)
     monkeypatch.syspath_prepend(str(tmp_path))  # the module would be importable, as one beside the working folder is
-    for load in (load_pipeline, model_facts, load_vae, check_vae):
+    for load in (load_pipeline, model_facts, load_vae, load_scheduler):
         with pytest.raises(UserError, match="code from a model is never run") as refused:
             load(str(folder))
         assert expected in str(refused.value)
@@ -211,7 +211,7 @@ def test_odd_configs_are_one_line_never_a_hang(tmp_path, tiny_model_dir, capsys,
     assert run_script("inference.py", *args) == 2  # the model's configs are read before the predictor
     assert expected in error_line(capsys.readouterr().err)
     with pytest.raises(UserError, match=re.escape(expected)):
-        check_vae(str(folder))  # train.py's path
+        load_scheduler(str(folder))  # train.py's path
     assert not (tmp_path / "out").exists()
 
 
