@@ -13,7 +13,8 @@ from types import SimpleNamespace
 
 from rcgdm.cli import UserError, check_creatable
 from rcgdm.files import run_folder
-from rcgdm.files.output_checks import STAGING, refuse_inputs_as_outputs, refuse_outputs_inside_inputs
+from rcgdm.files.output_checks import refuse_inputs_as_outputs, refuse_outputs_inside_inputs
+from rcgdm.files.run_folder import STAGING
 from rcgdm.models import local_model_folder
 
 SIDE_FILES = ("best.pth", "resume.pth", "metrics.jsonl", "loss_curve.png", "loss_by_noise.png", "train_summary.json")

@@ -52,7 +52,6 @@ def refuse_outputs_inside_inputs(outputs: dict[str, str | Path], inputs: dict[st
                                 "input, expected a path outside it")
 
 
-STAGING = ".overwrite"  # an overwriting run's files wait here until the run completes (rcgdm/files/run_folder.py)
 MAX_WALK = 20_000  # entries looked at for running runs below an out_dir
 
 

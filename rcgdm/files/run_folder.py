@@ -28,6 +28,7 @@ from rcgdm.files.atomic import save_json
 from rcgdm.files.locking import locked
 
 MARKER = ".rcgdm-staging"
+STAGING = ".overwrite"  # an overwriting sweep's files wait here until the run completes; a training's in .NAME.overwrite
 
 
 def records(root: Path, run: str) -> Path:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from rcgdm.cli import UserError, check_creatable, writable_dir
 from rcgdm.files import run_folder
-from rcgdm.files.output_checks import STAGING, refuse_inputs_as_outputs, refuse_outputs_inside_inputs
+from rcgdm.files.output_checks import refuse_inputs_as_outputs, refuse_outputs_inside_inputs
+from rcgdm.files.run_folder import STAGING
 from rcgdm.report import REPORT_FILES
 from rcgdm.sweep.plan import Combo
 from rcgdm.sweep.resume import FILE, ResumeLog, check_start, progress_files

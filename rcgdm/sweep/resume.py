@@ -15,8 +15,7 @@ from pathlib import Path
 
 from rcgdm.cli import UserError
 from rcgdm.files.atomic import save_json
-from rcgdm.files.output_checks import STAGING
-from rcgdm.files.run_folder import is_staging
+from rcgdm.files.run_folder import STAGING, is_staging
 from rcgdm.sweep.rows import image_key, is_valid, unique_rows
 
 FILE = "progress.json"
