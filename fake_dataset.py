@@ -39,8 +39,8 @@ from rcgdm.cli import (
 from rcgdm.data import check_num_data, load_batch, open_source
 from rcgdm.files import run_folder
 from rcgdm.files.atomic import remove_leftovers, save_json, save_npy, save_torch
-from rcgdm.files.locking import LOCK_FILE, refuse_if_locked
-from rcgdm.files.output_checks import refuse_nested_runs, refuse_outputs_inside_inputs
+from rcgdm.files.locking import LOCK_FILE
+from rcgdm.files.output_checks import refuse_outputs_inside_inputs
 from rcgdm.files.provenance import package_versions, sha256_file
 from rcgdm.rewards import Reward
 from rcgdm.rewards.resnet18 import WEIGHT_CHOICES
@@ -97,29 +97,17 @@ def main() -> None:
     refuse_outputs_inside_inputs({"--out_dir": args.out_dir}, {"--data": args.data if Path(args.data).is_dir() else None})
     out_dir, what = Path(args.out_dir), f"--out_dir {args.out_dir!r}"
     if state.is_main_process:  # only the main process ever locks: others probing would race with it
-        check_out_dir(out_dir, what, args.overwrite)
+        run_folder.check_out_dir(out_dir, RUN, OUTPUTS, what, args.overwrite)
     with state.main_process_first():  # ImageNet weights are downloaded once; a failure here leaves nothing behind
         ground_truth = rewards.build_reward(args.reward, args.weights, args.seed).to(device)
     writable_dir(out_dir)
 
     with distributed.main_only_lock(state, out_dir / LOCK_FILE, what):
         if state.is_main_process:
-            check_out_dir(out_dir, what, args.overwrite, holding_lock=True)  # again: another run may have written
+            # again: another run may have written meanwhile
+            run_folder.check_out_dir(out_dir, RUN, OUTPUTS, what, args.overwrite, holding_lock=True)
             remove_leftovers(out_dir)  # temporary files of killed runs
         write_labels(args, state, ground_truth, source, num_data, out_dir)
-
-
-def check_out_dir(out_dir: Path, what: str, overwrite: bool, holding_lock: bool = False) -> None:
-    """UserError unless this run may write into `out_dir`: no run holds it or a folder around or inside it, and an
-    earlier run's files are replaced only with --overwrite. A publish cut short by a kill is finished first."""
-    if not holding_lock:
-        refuse_if_locked(out_dir / LOCK_FILE, what)
-        run_folder.recover(out_dir, RUN, out_dir / LOCK_FILE, what)
-    refuse_nested_runs(out_dir, "--out_dir")
-    earlier = run_folder.earlier_files(out_dir, RUN, OUTPUTS)
-    if earlier and not overwrite:
-        raise UserError(f"{str(out_dir / earlier[0])!r} already exists (an earlier run's output); use --overwrite to "
-                        "replace it, or another --out_dir")
 
 
 def write_labels(args: argparse.Namespace, state: PartialState, ground_truth: Reward, source, num_data: int, out_dir: Path):

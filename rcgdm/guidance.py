@@ -40,15 +40,25 @@ sits at (rcgdm/schedulers.py: alphas_cumprod[t], or 1 / (1 + sigma^2) for sigma 
 the level is the scheduler's sigma itself.
 
 Zero terminal SNR (alpha_bar_t = 0, the first step of schedules rescaled to zero SNR; sigma = 1 in flow matching,
-where schedules start). Then
-x_t = eps exactly: x_t carries no information about x0, so y and x_t are independent,
-p_t(y | x_t) = p(y) and grad_x log p_t(y | x_t) = 0. The term is zero at that step, and the output is
-left as it is. (The formulas above agree in the limit where they are defined: a v model's output
-cannot express an eps shift there, d eps = s d v = 0, and x0_hat of the x0 path divides by s = 0.)
+where schedules start). Then x_t = eps exactly: x_t carries no information about x0, so y and x_t are independent,
+p_t(y | x_t) = p(y), grad_x log p_t(y | x_t) = 0 and the eps shift is 0. The outputs that carry x0 still move:
+at s = 0 a v model predicts -E[x0 | x_t] and a flow model x_t - E[x0 | x_t], and conditioning on y moves both by
+-(E[x0 | y] - E[x0]) (0.99 in norm at a = 1 in the simulation's default world; rcgdm/simulation/theory.py). The
+formulas above reach that value only as a limit, output shift = n g grad / s with a gradient that vanishes like s,
+and only for a predictor that knows the noise level (E[y | x_t] depends on it): a level-blind predictor's gradient
+does not vanish with s, so it has no limit there. Hence:
+
+- a predictor that takes the level (`predictor.takes_level`, called as predictor(x, level)) is guided with the limit:
+  the term at s = 0 is evaluated at the level where s = LIMIT_SIGNAL, which the tests check against the closed form;
+- for any other predictor (the paper's ConvNet) the term is zero at that one step and the output is left as it is.
+
+The strength `guidance` is a number, or a function of the noise level (the posterior strength 1 / Var(y | x_t),
+rcgdm/posterior.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -57,8 +67,10 @@ from torch import nn
 from rcgdm.families import PREDICTION_TYPES
 
 
-def reward_gradient(predictor: nn.Module, x_t: torch.Tensor, target: float, batch_mean: bool = False) -> torch.Tensor:
+def reward_gradient(predictor: nn.Module, x_t: torch.Tensor, target: float, batch_mean: bool = False,
+                    level: torch.Tensor | None = None) -> torch.Tensor:
     """grad_x 1/2 ||target - mu(x)||^2 for each image of x_t (B, C, h, w), in float32 (float64 stays float64).
+    A predictor that takes the level (`takes_level`) is called as predictor(x, level).
 
     Each image's term is its own (a sum over the batch). batch_mean=True divides by B, as the original
     code's `0.5 * MSELoss()(mu, target)` did: guidance g with batch_mean at batch size B == g / B without.
@@ -66,7 +78,7 @@ def reward_gradient(predictor: nn.Module, x_t: torch.Tensor, target: float, batc
     dtype = torch.float64 if x_t.dtype == torch.float64 else torch.float32
     with torch.enable_grad():
         x = x_t.detach().to(dtype).requires_grad_(True)
-        mu = predictor(x)  # (B, 1)
+        mu = predictor(x, level) if takes_level(predictor) else predictor(x)  # (B, 1)
         loss = 0.5 * (target - mu).pow(2).sum()
         if batch_mean:
             loss = loss / x.shape[0]
@@ -75,8 +87,12 @@ def reward_gradient(predictor: nn.Module, x_t: torch.Tensor, target: float, batc
 
 
 GRAD_PATHS = ("xt", "x0")
+LIMIT_SIGNAL = 1e-6  # s at which a level-aware predictor's term stands for its limit at s = 0 (module docstring)
 
 
+def takes_level(predictor: nn.Module) -> bool:
+    """Whether `predictor` is called with the noise level as well (predictor(x, level))."""
+    return getattr(predictor, "takes_level", False) is True
 
 
 def signal_and_noise(level: torch.Tensor, prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,6 +130,7 @@ def eps_shift(
     guidance: float,
     batch_mean: bool = False,
     grad_path: str = "xt",
+    level: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """n * guidance * grad_{x_t} 1/2 ||target - mu(.)||^2 at x_t = s x0 + n eps (s, n: tensors of x_t's float dtype).
 
@@ -123,9 +140,9 @@ def eps_shift(
     """
     if grad_path == "x0":
         x0_hat = (x_t.to(s.dtype) - n * eps.detach().to(s.dtype)) / s
-        grad = reward_gradient(predictor, x0_hat, target, batch_mean) / s
+        grad = reward_gradient(predictor, x0_hat, target, batch_mean, level) / s
     else:
-        grad = reward_gradient(predictor, x_t, target, batch_mean)
+        grad = reward_gradient(predictor, x_t, target, batch_mean, level)
     return n * guidance * grad
 
 
@@ -134,16 +151,24 @@ def _level(level: torch.Tensor | float, x_t: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(level, dtype=dtype, device=x_t.device)
 
 
+def off_zero_signal(level: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """`level`, or at no signal (alpha_bar = 0, sigma = 1) the level where s = LIMIT_SIGNAL."""
+    if prediction_type == "flow_prediction":
+        return torch.where(level >= 1, torch.full_like(level, 1 - LIMIT_SIGNAL), level)
+    return torch.where(level <= 0, torch.full_like(level, LIMIT_SIGNAL**2), level)
+
+
 @dataclass(frozen=True)
 class RewardGuidance:
-    """Steer sampling toward predictor(x) == target with strength `guidance` (the paper's `guidance`).
+    """Steer sampling toward predictor(x) == target with strength `guidance` (the paper's `guidance`): a number, or a
+    function of the noise level (a level tensor -> a strength tensor), such as the posterior strength.
 
     batch_mean=True divides each image's term by the batch size, as the original code's mean loss did;
     grad_path "x0" lets the predictor see the denoised estimate instead of x_t (see the module docstring)."""
 
     predictor: nn.Module
     target: float
-    guidance: float
+    guidance: float | Callable[[torch.Tensor], torch.Tensor]
     batch_mean: bool = False
     grad_path: str = "xt"
 
@@ -151,11 +176,15 @@ class RewardGuidance:
               prediction_type: str) -> torch.Tensor:
         """A model output (B, C, h, w) of `prediction_type` at x_t, shifted as the paper's eps would be, in the output's
         dtype. `level` is alpha_bar_t, or sigma_t for flow_prediction. No signal left (alpha_bar_t = 0, sigma_t = 1)
-        leaves the output as it is (see the module docstring)."""
-        s, n = signal_and_noise(_level(level, x_t), prediction_type)
+        leaves the output as it is, unless the predictor takes the level (see the module docstring)."""
+        level = _level(level, x_t)
+        if takes_level(self.predictor):
+            level = off_zero_signal(level, prediction_type)
+        s, n = signal_and_noise(level, prediction_type)
         noisy = s > 0  # a tensor test, not a Python one: reading a value on the GPU would wait for it at every step
         s, n = torch.where(noisy, s, torch.ones_like(s)), torch.where(noisy, n, torch.zeros_like(n))  # finite; dropped below
         eps = as_eps(output.to(s.dtype), x_t.to(s.dtype), s, n, prediction_type)
-        shift = eps_shift(eps, x_t, s, n, self.predictor, self.target, self.guidance, self.batch_mean, self.grad_path)
+        strength = self.guidance(level) if callable(self.guidance) else self.guidance
+        shift = eps_shift(eps, x_t, s, n, self.predictor, self.target, strength, self.batch_mean, self.grad_path, level)
         shift = shift * output_per_eps(s, n, prediction_type)
         return output + torch.where(noisy, shift, torch.zeros_like(shift)).to(output.dtype)

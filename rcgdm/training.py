@@ -103,9 +103,17 @@ def add_training_noise(scheduler, x0: torch.Tensor, timestep_pool: torch.Tensor,
     timesteps = timestep_pool[picks]
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
     if is_flow(scheduler):
-        sigma = (timesteps.to(x0.device, x0.dtype) / scheduler.config.num_train_timesteps).view(-1, 1, 1, 1)
+        sigma = noise_level(scheduler, timesteps).to(x0.device, x0.dtype).view(-1, *[1] * (x0.dim() - 1))
         return (1 - sigma) * x0 + sigma * noise, noise, timesteps
     return scheduler.add_noise(x0, noise, timesteps.to(x0.device)), noise, timesteps
+
+
+def noise_level(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """The level add_training_noise noises at, per timestep (float64, on the CPU): alpha_bar_t, or sigma for flow."""
+    timesteps = timesteps.detach().cpu()
+    if is_flow(scheduler):
+        return timesteps.double() / scheduler.config.num_train_timesteps
+    return scheduler.alphas_cumprod.detach().cpu().double()[timesteps.long()]
 
 
 def train_epoch(
@@ -120,6 +128,7 @@ def train_epoch(
     desc: str = "epoch",
     noised: bool = True,
     shard: tuple[int, int] = (0, 1),
+    progress: bool = True,
 ) -> float:
     """One pass over latents x (N, C, h, w) and labels y (N, 1), both on the training device, in a
     random order; each step noises its latents afresh (unless noised=False: clean latents, for the
@@ -135,7 +144,7 @@ def train_epoch(
     total = torch.zeros((), device=x.device)  # summed on the device: no host sync per step
     trained = 0
     steps = range(0, len(order), batch_size)
-    for number, start in enumerate(tqdm(steps, desc=desc, leave=False, unit="step", disable=rank != 0)):
+    for number, start in enumerate(tqdm(steps, desc=desc, leave=False, unit="step", disable=rank != 0 or not progress)):
         batch = order[start : start + batch_size]
         inputs = add_training_noise(scheduler, x[batch], timestep_pool, generator)[0] if noised else x[batch]
         if len(batch) < world:

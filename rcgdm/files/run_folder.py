@@ -25,7 +25,8 @@ from pathlib import Path
 
 from rcgdm.cli import UserError
 from rcgdm.files.atomic import save_json
-from rcgdm.files.locking import locked
+from rcgdm.files.locking import LOCK_FILE, locked, refuse_if_locked
+from rcgdm.files.output_checks import refuse_nested_runs
 
 MARKER = ".rcgdm-staging"
 STAGING = ".overwrite"  # an overwriting sweep's files wait here until the run completes; a training's in .NAME.overwrite
@@ -76,6 +77,20 @@ def earlier_files(root: Path, run: str, declared: Iterable[str]) -> list[str]:
     if names is None:
         names = list(declared)
     return [name for name in dict.fromkeys(names) if (root / name).is_file()]
+
+
+def check_out_dir(out_dir: Path, run: str, declared: Iterable[str], what: str, overwrite: bool,
+                  holding_lock: bool = False) -> None:
+    """UserError unless run `run` may write into `out_dir`: no run holds it (its LOCK_FILE) or a folder around or inside
+    it, and an earlier run's files are replaced only with --overwrite. A publish cut short by a kill is finished first."""
+    if not holding_lock:
+        refuse_if_locked(out_dir / LOCK_FILE, what)
+        recover(out_dir, run, out_dir / LOCK_FILE, what)
+    refuse_nested_runs(out_dir, "--out_dir")
+    earlier = earlier_files(out_dir, run, declared)
+    if earlier and not overwrite:
+        raise UserError(f"{str(out_dir / earlier[0])!r} already exists (an earlier run's output); use --overwrite to "
+                        "replace it, or another --out_dir")
 
 
 def record(root: Path, run: str, written: Iterable[str]) -> None:

@@ -1,0 +1,77 @@
+"""The posterior strength: the guidance at which the paper's term samples p(x | y = a), read off the predictor's errors.
+
+With the paper's likelihood y | x_t ~ N(mu(x_t), sigma_t^2), grad_x log p_t(y | x_t) = -(1 / sigma_t^2) grad_x
+1/2 ||y - mu(x_t)||^2: the strength is 1 / sigma_t^2, where sigma_t^2 = Var(y | x_t) is the predictor's squared error
+at that noise level (at t = 0 with the paper's label noise 0.1 it is 100, the paper's guidance). train.py measures it
+on its validation latents, each noised at one level, and records the curve in the checkpoint (`fit_curve`): the
+errors in equal-count bins by level, made monotone in the noise (a noisier input cannot be predicted better; pooled
+adjacent violators) and interpolated linearly between the bins' mean levels, flat beyond them. The simulation checks it
+against the exact Var(y | x_t) (rcgdm/simulation).
+
+Levels are the predictor's family's: alpha_bar for diffusion models (more noise: lower), sigma for flow matching
+(more noise: higher).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+POSTERIOR = "posterior"
+MAX_BINS = 24
+MIN_PER_BIN = 8
+
+
+def fit_curve(levels: torch.Tensor, squared_errors: torch.Tensor, flow: bool) -> dict:
+    """{"levels": [...], "variances": [...]} (ascending levels) from each validation input's level and squared error
+    (N,); at least MIN_PER_BIN inputs per bin and more than one bin when N allows, at most MAX_BINS."""
+    if len(levels) != len(squared_errors) or len(levels) < 2:
+        raise ValueError(f"{len(levels)} levels and {len(squared_errors)} errors; expected two or more of each")
+    order = torch.argsort(levels.double())
+    levels, errors = levels.double()[order], squared_errors.double()[order]
+    bins = max(2, min(MAX_BINS, len(levels) // MIN_PER_BIN))
+    pairs = zip(levels.chunk(bins), errors.chunk(bins), strict=True)
+    chunks = [(lv.mean().item(), er.mean().item(), len(er)) for lv, er in pairs]
+    by_noise = chunks if flow else chunks[::-1]  # from the least noisy bin to the noisiest
+    smoothed = _nondecreasing([v for _, v, _ in by_noise], [w for _, _, w in by_noise])
+    if not flow:
+        smoothed = smoothed[::-1]
+    return {"levels": [lv for lv, _, _ in chunks], "variances": smoothed}
+
+
+def _nondecreasing(values: list[float], weights: list[int]) -> list[float]:
+    """The weighted least-squares non-decreasing fit to `values` (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, weight, count]
+    for value, weight in zip(values, weights, strict=True):
+        blocks.append([value, weight, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m2, w2, c2), (m1, w1, c1) = blocks.pop(), blocks.pop()
+            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, c1 + c2])
+    return [mean for mean, _, count in blocks for _ in range(count)]
+
+
+@dataclass(frozen=True)
+class PosteriorStrength:
+    """level -> 1 / sigma^2(level), sigma^2 interpolated on a recorded curve. Called at each sampling step with the
+    level as a 0-dim tensor on the sampling device; computed there (no host sync)."""
+
+    levels: tuple[float, ...]
+    variances: tuple[float, ...]
+
+    @classmethod
+    def from_curve(cls, curve: dict) -> PosteriorStrength:
+        return cls(tuple(curve["levels"]), tuple(curve["variances"]))
+
+    def variance(self, level: torch.Tensor) -> torch.Tensor:
+        dtype = torch.float64 if level.dtype == torch.float64 else torch.float32
+        known = torch.tensor(self.levels, dtype=dtype, device=level.device)
+        values = torch.tensor(self.variances, dtype=dtype, device=level.device)
+        x = level.to(dtype).clamp(known[0], known[-1])
+        right = torch.searchsorted(known, x.reshape(1)).clamp(1, len(known) - 1)[0]
+        left = right - 1
+        share = (x - known[left]) / (known[right] - known[left]).clamp(min=torch.finfo(dtype).tiny)
+        return values[left] + share.clamp(0, 1) * (values[right] - values[left])
+
+    def __call__(self, level: torch.Tensor) -> torch.Tensor:
+        return 1 / self.variance(level)

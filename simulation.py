@@ -1,0 +1,140 @@
+"""The paper's simulation, with the answer known: data on a linear subspace, a linear reward, few noisy labels.
+
+x = A z with z ~ N(0, I_d) and A (D x d) orthonormal; r(x) = theta^T x; y = r(x) + N(0, noise_std^2) on
+`num_labelled` points, and `num_unlabelled` points without labels. Everything is Gaussian, so p(x | y = a) is known
+in closed form (rcgdm/simulation/theory.py). Four samplers at each target a (rcgdm/simulation/experiment.py):
+
+- exact: draws from p(x | y = a);
+- fixed: the repository's method (RewardGuidance with a predictor learned on noised labelled points, added to the
+  exact unconditional score, stepped by diffusers' DDIM) at strength `fixed_guidance`, the paper's 100;
+- posterior: the same at the posterior strength 1 / sigma_t^2, read off the predictor's validation errors;
+- conditional: the paper's meta-algorithm, a reward model fitted on the labelled points pseudo-labels the
+  unlabelled ones and a conditional diffusion model is trained on them, sampled at y = a.
+
+It checks the paper's claims: (i) the conditional model recovers the subspace (principal angle), (ii) the reward
+moves toward the target, (iii) leaving the labels' range costs distance from the subspace.
+
+    python3 simulation.py                       # about a minute on 2 CPU cores
+    python3 simulation.py --off_subspace=0.3 --targets=0,2,4,8 --out_dir=sim_off
+
+Writes `out_dir`/summary.json (every measure, per target and sampler), reward_vs_target.png and
+off_subspace_vs_target.png. A run never replaces another run's files: `--overwrite=True` says it may.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from rcgdm.cli import MAX_SEED, UserError, run_main, writable_dir
+from rcgdm.config import describe, parse_overrides
+from rcgdm.files import run_folder
+from rcgdm.files.atomic import remove_leftovers, save_json
+from rcgdm.files.locking import LOCK_FILE, locked
+from rcgdm.simulation.experiment import Settings, run
+from rcgdm.simulation.figures import FIGURES, draw_figures
+
+# ----------------------------------------------------------------------------- config
+dim = 64  # D, the ambient dimension
+sub_dim = 16  # d, the data's subspace
+noise_std = 0.1  # label noise (the paper's)
+off_subspace = 0.0  # share of theta's squared norm outside the subspace
+num_labelled = 200
+num_unlabelled = 20000
+held_out = 0.25  # share of the labelled points that measure the predictor's errors (the posterior strength)
+targets = "-2,0,1,2,3,4,6"  # the labels' std is about 1: 3 and beyond lie outside their range
+num_samples = 2000  # per target and sampler
+num_inference_steps = 50
+fixed_guidance = 100.0
+predictor_epochs = 150
+conditional_steps = 3000
+seed = 0
+out_dir = "simulation_out"
+overwrite = False
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if k.islower() and k[0] != "_" and isinstance(v, (bool, int, float, str))]
+RUN = "simulation"
+OUTPUTS = ("summary.json", *FIGURES)
+STAGING = ".simulation.staging"
+
+CHECKS = {
+    "dim": (lambda c: c["dim"] >= 2, "an integer >= 2"),
+    "sub_dim": (lambda c: 1 <= c["sub_dim"] < c["dim"], "an integer from 1 to dim - 1"),
+    "noise_std": (lambda c: c["noise_std"] > 0, "a number > 0"),
+    "off_subspace": (lambda c: 0 <= c["off_subspace"] < 1, "a share in [0, 1)"),
+    "num_labelled": (lambda c: c["num_labelled"] >= 8, "an integer >= 8"),
+    "num_unlabelled": (lambda c: c["num_unlabelled"] >= 1, "an integer >= 1"),
+    "held_out": (lambda c: 0 < c["held_out"] < 1 and 2 <= round(c["num_labelled"] * c["held_out"]) < c["num_labelled"],
+                 "a share in (0, 1) that holds out 2 or more labelled points and keeps one"),
+    "num_samples": (lambda c: c["num_samples"] > c["dim"], "an integer > dim (a covariance is fitted to the samples)"),
+    "num_inference_steps": (lambda c: 1 <= c["num_inference_steps"] <= 1000, "an integer from 1 to 1000"),
+    "fixed_guidance": (lambda c: c["fixed_guidance"] >= 0, "a number >= 0"),
+    "predictor_epochs": (lambda c: c["predictor_epochs"] >= 1, "an integer >= 1"),
+    "conditional_steps": (lambda c: c["conditional_steps"] >= 1, "an integer >= 1"),
+    "seed": (lambda c: 0 <= c["seed"] <= MAX_SEED, f"a seed from 0 to {MAX_SEED}"),
+}
+
+
+def read_config(argv: list[str]) -> dict:
+    defaults = {k: globals()[k] for k in config_keys}
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__ + "\nconfig (defaults):\n" + describe(defaults))
+        sys.exit(0)
+    config = {**defaults, **parse_overrides(defaults, argv)}
+    for key, (ok, expected) in CHECKS.items():
+        if not ok(config):
+            raise UserError(f"--{key}={config[key]!r} is out of range; expected {expected}")
+    config["targets"] = parse_targets(config["targets"])
+    if not config["out_dir"].strip():
+        raise UserError("--out_dir='' is empty; expected a folder")
+    return config
+
+
+def parse_targets(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or not all(map(math.isfinite, values)) or len(set(values)) != len(values):
+        raise UserError(f"--targets={text!r} is not a list of distinct finite numbers; expected e.g. --targets=0,1,2")
+    return values
+
+
+def main() -> None:
+    config = read_config(sys.argv[1:])
+    out_dir, what = Path(config["out_dir"]), f"--out_dir {config['out_dir']!r}"
+    run_folder.check_out_dir(out_dir, RUN, OUTPUTS, what, config["overwrite"])
+    writable_dir(out_dir)
+    torch.set_num_threads(min(torch.get_num_threads(), 4))  # small matrices: more threads only wait on each other
+    settings = Settings(**{k: config[k] for k in Settings.__dataclass_fields__})
+    summary = {"config": config, **run(settings)}
+    with locked(out_dir / LOCK_FILE, what):
+        run_folder.check_out_dir(out_dir, RUN, OUTPUTS, what, config["overwrite"], holding_lock=True)
+        remove_leftovers(out_dir)
+        staging = run_folder.make_staging(out_dir / STAGING)
+        try:
+            save_json(summary, staging / "summary.json")
+            draw_figures(summary, staging)
+            run_folder.publish(staging, out_dir, RUN, OUTPUTS, run_folder.earlier_files(out_dir, RUN, OUTPUTS))
+        finally:
+            run_folder.remove_staging(staging)
+    print_summary(summary, out_dir)
+
+
+def print_summary(summary: dict, out_dir: Path) -> None:
+    labels = summary["labels"]
+    print(f"labels span {labels['min']:.2f} to {labels['max']:.2f} (std {labels['std']:.2f})")
+    print(f"{'target':>7} {'sampler':>12} {'reward':>8} {'E[r|y=a]':>9} {'off-subsp.':>10} {'W2':>7}")
+    for row in summary["rows"]:
+        print(f"{row['target']:7.2f} {row['sampler']:>12} {row['reward_mean']:8.3f} {row['exact_reward']:9.3f} "
+              f"{row['off_subspace']:10.4f} {row['w2']:7.3f}")
+    angle = summary["conditional_model"]["principal_angle_deg"]
+    print(f"conditional model: largest principal angle to the data's subspace {angle:.2f} degrees")
+    print(f"wrote {out_dir / 'summary.json'} and the figures {', '.join(FIGURES)}")
+
+
+if __name__ == "__main__":
+    run_main(main)
