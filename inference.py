@@ -53,6 +53,7 @@ from rcgdm.guidance import GRAD_PATHS
 from rcgdm.models import SD15, local_model_folder, model_facts, model_fingerprint
 from rcgdm.pipeline import RewardDirectedPipeline
 from rcgdm.pipeline_checks import check_memory
+from rcgdm.posterior import POSTERIOR
 from rcgdm.report import write_report
 from rcgdm.schedulers import SCHEDULERS, scheduler_support
 from rcgdm.sweep.auto import AUTO
@@ -68,7 +69,8 @@ def parse_args() -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--target", type=finite_float, nargs="+", default=[0.0], help="target reward(s) (default: 0)")
     p.add_argument("--guidance", type=guidance_value, nargs="+", default=[0.0],
-                   help="guidance strength(s), or auto: the smallest a short pilot finds to reach the target (default: 0)")
+                   help="guidance strength(s); auto: the smallest a short pilot finds to reach the target; posterior: "
+                        "1 / sigma_t^2 from the predictor's errors at each step (default: 0)")
     p.add_argument("--auto_tolerance", type=finite_float, default=None,
                    help=f"--guidance auto: how close the pilot must come (default: {AUTO_TOLERANCE_STDS:g} x the label std)")
     p.add_argument("--prompt", nargs="+", default=["a nice photo"],
@@ -144,8 +146,9 @@ AUTO_TOLERANCE_STDS = 0.1  # --guidance auto's default tolerance, in label std (
 
 
 def guidance_value(text: str) -> float | str:
-    """argparse type: a finite strength, or "auto"."""
-    return AUTO if text.strip().lower() == AUTO else finite_float(text)
+    """argparse type: a finite strength, "auto" or "posterior"."""
+    word = text.strip().lower()
+    return word if word in (AUTO, POSTERIOR) else finite_float(text)
 
 
 def auto_tolerance(args: argparse.Namespace, predictor_meta: dict) -> float:
@@ -212,6 +215,8 @@ def main() -> None:
         facts = model_facts(args.model)  # configs only; the family fills the settings left open
     fill_family_defaults(args, FAMILIES[facts["family"]])
     pipe = load(args, facts, state, device, dtype)  # every input is checked before any output folder exists
+    if POSTERIOR in args.guidance:
+        pipe.predictor.posterior_strength()  # the predictor must have recorded its error curve
     tolerance = auto_tolerance(args, pipe.predictor.meta)
     writable_dir(out_dir)
     with distributed.main_only_lock(state, lock, what):

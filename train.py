@@ -42,15 +42,18 @@ from rcgdm.files.locking import refuse_if_locked
 from rcgdm.files.output_checks import refuse_nested_runs
 from rcgdm.files.provenance import package_versions
 from rcgdm.models import load_scheduler, model_facts
+from rcgdm.posterior import fit_curve, posterior_fields
 from rcgdm.predictor import ThreeLayerConvNet, predictor_checkpoint
-from rcgdm.schedulers import check_step_count
+from rcgdm.schedulers import check_step_count, is_flow
 from rcgdm.training import (
     TrainingData,
     load_labels,
     loss_by_noise_level,
     mean_squared_error,
+    noise_level,
     prepare_data,
     split,
+    squared_errors,
     train_epoch,
 )
 from rcgdm.training_outputs import PredictorFiles
@@ -214,9 +217,12 @@ def run_epochs(config: SimpleNamespace, data: TrainingData, model: tuple, histor
             kept = f"the last good checkpoint {files['resume']} is kept" if history else "no checkpoint was written"
             raise UserError(f"training loss became {train_loss} in epoch {epoch}; {kept}; try a smaller lr (now {config.lr})")
         val_loss = mean_squared_error(net, data.val_inputs, data.y_val) if validating else None
-        by_noise = None
-        if validating and config.noise:
-            by_noise = loss_by_noise_level(net, data.val_inputs, data.y_val, data.val_timesteps)
+        by_noise, curve = None, None
+        if validating and config.noise:  # the posterior strength's curve, from the same errors (rcgdm/posterior.py)
+            errors = squared_errors(net, data.val_inputs, data.y_val)
+            by_noise = loss_by_noise_level(errors, data.val_timesteps)
+            if len(errors) >= 2:
+                curve = fit_curve(noise_level(data.scheduler, data.val_timesteps), errors, is_flow(data.scheduler))
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "baseline_val_loss": data.baseline_val,
                         "val_loss_by_noise": by_noise, "seconds": time.perf_counter() - epoch_start})
         val_text = f", val {val_loss:.4f} (baseline {data.baseline_val:.4f})" if val_loss is not None else ""
@@ -228,7 +234,7 @@ def run_epochs(config: SimpleNamespace, data: TrainingData, model: tuple, histor
                 "model": config.model, "labels_sha256": stats["labels_sha256"],
                 "reward_model_sha256": stats["reward_model_sha256"], "image_size": config.image_size,
                 "label_mean": stats["label_mean"], "label_std": stats["label_std"], "epochs": epoch, "val_loss": val_loss,
-                "noised": config.noise}
+                "noised": config.noise, **posterior_fields(curve)}
         if state.is_main_process:
             if val_loss is not None and val_loss <= min(h["val_loss"] for h in history):
                 save_torch(predictor_checkpoint(net, meta, data.reference), files["best"])

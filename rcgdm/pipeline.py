@@ -33,11 +33,13 @@ from rcgdm.pipeline_checks import (
     checked_device,
     latent_size,
 )
+from rcgdm.posterior import POSTERIOR, PosteriorStrength
 from rcgdm.predictor import TrainedPredictor, load_predictor
 from rcgdm.rewards import Reward, load_reward
 from rcgdm.sampler import decode, sample_latents
 from rcgdm.schedulers import check_step_count, check_steps, make_scheduler
 from rcgdm.seeds import image_generators
+from rcgdm.sweep.rows import guidance_label
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,11 @@ class RewardDirectedPipeline:
         check_step_count(self.base.scheduler, num_inference_steps)
         check_predictor(self.predictor, self.facts, grad_path, (height, width))
 
+    def strength(self, guidance: float | str) -> float | PosteriorStrength:
+        """A guidance value as RewardGuidance takes it: a number, or for "posterior" 1 / sigma_t^2 from the predictor's
+        recorded error curve (rcgdm/posterior.py; InputError when it has none)."""
+        return self.predictor.posterior_strength() if guidance == POSTERIOR else guidance
+
     def image_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """(height, width) of the images sampled: as asked, else the model's default."""
         scale = self.facts["vae_scale_factor"]
@@ -188,7 +195,7 @@ class RewardDirectedPipeline:
         self,
         prompt: str = "",
         target: float = 0.0,
-        guidance: float = 0.0,
+        guidance: float | str = 0.0,
         *,
         num_images: int = 1,
         seed: int = 0,
@@ -202,15 +209,16 @@ class RewardDirectedPipeline:
         batch_size: int = 4,
     ) -> Scored:
         """Sample `num_images` images of `prompt` steered toward predicted reward `target` with strength `guidance`
-        (0: the plain model), in batches of `batch_size`; `cfg` is the classifier-free guidance scale; best_of N keeps,
-        per image, the candidate whose predicted reward is closest to the target. Steps and cfg default to the family's."""
+        (0: the plain model; "posterior": 1 / sigma_t^2 at each step, rcgdm/posterior.py), in batches of `batch_size`;
+        `cfg` is the classifier-free guidance scale; best_of N keeps, per image, the candidate whose predicted reward is
+        closest to the target. Steps and cfg default to the family's."""
         num_inference_steps, cfg = self.defaults(num_inference_steps, cfg)
         check_call(prompt=prompt, target=target, guidance=guidance, cfg=cfg, num_images=num_images, seed=seed,
                     best_of=best_of, batch_size=batch_size, height=height, width=width, batch_mean=batch_mean)
         self.check(num_inference_steps, grad_path, height, width)
         size = self.image_size(height, width)
         check_memory(num_images, batch_size, best_of, *size, self.base._execution_device)
-        steer = RewardGuidance(self.predictor.net, target, guidance, batch_mean, grad_path)
+        steer = RewardGuidance(self.predictor.net, target, self.strength(guidance), batch_mean, grad_path)
         sampling = Sampling(num_inference_steps, cfg, height, width)
         kept = []
         for indices in batches(num_images, batch_size):  # the batches inference.py --bs samples
@@ -226,6 +234,7 @@ class NonFiniteError(UserError):
 def _check_finite(values: torch.Tensor, what: str, steer: RewardGuidance | None, cfg: float) -> None:
     """NaN or inf is never a result: stop with the likely cause."""
     if not torch.isfinite(values).all():
-        where = "" if steer is None else f"target {steer.target:g}, guidance {steer.guidance:g}, "
+        strength = POSTERIOR if callable(getattr(steer, "guidance", None)) else getattr(steer, "guidance", 0)
+        where = "" if steer is None else f"target {steer.target:g}, guidance {guidance_label(strength)}, "
         raise NonFiniteError(f"{what} became NaN or inf at {where}--cfg {cfg:g}; likely cause: a guidance or cfg too large "
                         "for this model, or a damaged model; expected smaller values")

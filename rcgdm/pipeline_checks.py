@@ -12,6 +12,7 @@ import torch
 from rcgdm.cli import MAX_SEED, InputError, text_problem
 from rcgdm.distributed import resolve_device
 from rcgdm.guidance import GRAD_PATHS
+from rcgdm.posterior import POSTERIOR
 from rcgdm.predictor import TrainedPredictor
 
 
@@ -78,12 +79,15 @@ def check_call(**values) -> None:
         raise InputError("prompt", f"{ascii(prompt)[:80]} {problem}; expected a text prompt")
     for name in ("target", "guidance", "cfg"):
         value = values[name]
+        if name == "guidance" and value == POSTERIOR:
+            continue
         try:
             finite = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(float(value))
         except OverflowError:
             finite = False
         if not finite:
-            raise InputError(name, f"{_shown(value)} is not a finite number; expected one")
+            expected = f"a finite number or {POSTERIOR!r}" if name == "guidance" else "one"
+            raise InputError(name, f"{_shown(value)} is not a finite number; expected {expected}")
     for name, low, high in (("num_images", 1, MAX_SEED), ("best_of", 1, MAX_SEED), ("batch_size", 1, MAX_SEED),
                             ("seed", 0, MAX_SEED), ("height", 8, MAX_SIZE), ("width", 8, MAX_SIZE)):
         value = values[name]

@@ -14,6 +14,8 @@ Levels are the predictor's family's: alpha_bar for diffusion models (more noise:
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +51,25 @@ def _nondecreasing(values: list[float], weights: list[int]) -> list[float]:
             (m2, w2, c2), (m1, w1, c1) = blocks.pop(), blocks.pop()
             blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, c1 + c2])
     return [mean for mean, _, count in blocks for _ in range(count)]
+
+
+def posterior_fields(curve: dict | None) -> dict:
+    """A curve as the predictor checkpoint's flat metadata fields (None: no validation measured one)."""
+    return {"posterior_levels": None if curve is None else curve["levels"],
+            "posterior_variances": None if curve is None else curve["variances"]}
+
+
+def curve_problem(levels: object, variances: object) -> str | None:
+    """What is wrong with a recorded curve, or None: ascending levels in [0, 1] and finite variances > 0, as many."""
+    numbers = all(isinstance(v, list) and 2 <= len(v) <= MAX_BINS and all(type(x) in (int, float) for x in v)
+                  for v in (levels, variances))
+    if not numbers or len(levels) != len(variances):
+        return f"lists of 2 to {MAX_BINS} numbers, as many levels as variances"
+    if not all(0 <= a <= b <= 1 for a, b in itertools.pairwise(levels)):
+        return "ascending levels in [0, 1]"
+    if not all(math.isfinite(v) and v > 0 for v in variances):
+        return "finite variances > 0"
+    return None
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from rcgdm.cli import InputError
 from rcgdm.families import FAMILIES
 from rcgdm.files.checkpoint import check_finite_state, load_checkpoint, plain_metadata
 from rcgdm.files.provenance import sha256_file
+from rcgdm.posterior import PosteriorStrength, curve_problem
 
 FORMAT = "rcgdm.predictor/1"
 ARCH = "ThreeLayerConvNet"
@@ -154,6 +155,15 @@ class TrainedPredictor:
                                           f"this run samples {sampled[0]}x{sampled[1]}; expected --height {h} --width {w}, or "
                                           "a predictor trained at that size (train.py image_size)")
 
+    def posterior_strength(self) -> PosteriorStrength:
+        """The strength 1 / sigma_t^2 from the curve train.py recorded (rcgdm/posterior.py); InputError without one."""
+        levels, variances = self.meta.get("posterior_levels"), self.meta.get("posterior_variances")
+        if levels is None or variances is None:
+            raise InputError("guidance", f"posterior needs the error curve that train.py records; {self.path!r} has none; "
+                                         "expected a predictor trained by this version with val_fraction > 0 and noise=True "
+                                         "(train it again), or a number or auto")
+        return PosteriorStrength(tuple(levels), tuple(variances))
+
     def check_trained_for(self, model: str, reward_model: str | Path | None = None) -> None:
         """The net must come from this model's VAE latents and, if given, labels of this reward model (its file)."""
         recorded = self.meta.get("reward_model_sha256")
@@ -193,6 +203,8 @@ FIELDS = {  # what each metadata field must hold when present (older checkpoints
     "label_std": (_number(0), "a finite number >= 0"),
     "epochs": (_integer(1, 2**31), "an integer >= 1"),
     "val_loss": (lambda v: v is None or _number(0)(v), "a finite number >= 0, or None"),
+    "posterior_levels": (lambda v: v is None or isinstance(v, list), "a list of numbers, or None"),
+    "posterior_variances": (lambda v: v is None or isinstance(v, list), "a list of numbers, or None"),
 }
 
 
@@ -211,6 +223,10 @@ def check_fields(checkpoint: dict, path: str | Path) -> None:
             plain = isinstance(value, str | int | float | bool | list | type(None)) and len(repr(value)) <= 60
             shown = f"is {value!r}" if plain else f"holds a {type(value).__name__}"
             raise InputError("predictor", f"{str(path)!r}: field {field!r} {shown}; expected {expected}")
+    curve = checkpoint.get("posterior_levels"), checkpoint.get("posterior_variances")
+    if curve != (None, None) and (problem := curve_problem(*curve)):
+        raise InputError("predictor", f"{str(path)!r}: fields 'posterior_levels' and 'posterior_variances' do not hold a "
+                                      f"curve; expected {problem}")
 
 
 def load_predictor(path: str | Path, family: str | None = None, latent_channels: int | None = None) -> TrainedPredictor:

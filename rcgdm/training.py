@@ -182,14 +182,25 @@ def bucket_name(low: int, high: int) -> str:
 
 
 @torch.no_grad()
-def loss_by_noise_level(net: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, timesteps: torch.Tensor) -> dict:
-    """Validation MSE per timestep bucket (NOISE_BUCKETS) -> {"t 0-249": mse or None when empty, ...}.
-    High-noise timesteps cap what any predictor can reach; this shows where the predictor stands."""
-    timesteps = timesteps.to(inputs.device)
+def squared_errors(net: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """(net(inputs) - labels)^2 per input (N,), in eval mode."""
+    was_training = net.training
+    net.eval()
+    errors = torch.cat([(net(inputs[i : i + batch_size]) - labels[i : i + batch_size]).pow(2).flatten()
+                        for i in range(0, len(inputs), batch_size)])
+    net.train(was_training)
+    return errors
+
+
+def loss_by_noise_level(errors: torch.Tensor, timesteps: torch.Tensor) -> dict:
+    """Validation MSE per timestep bucket (NOISE_BUCKETS) from each input's squared error (N,) and timestep (N,)
+    -> {"t 0-249": mse or None when empty, ...}. High-noise timesteps cap what any predictor can reach; this shows
+    where the predictor stands."""
+    timesteps = timesteps.to(errors.device)
     out = {}
     for low, high in NOISE_BUCKETS:
         mine = (timesteps >= low) & (timesteps < high)
-        out[bucket_name(low, high)] = mean_squared_error(net, inputs[mine], labels[mine]) if mine.any() else None
+        out[bucket_name(low, high)] = errors[mine].mean().item() if mine.any() else None
     return out
 
 

@@ -103,13 +103,13 @@ def run_sweep(pipe: RewardDirectedPipeline, settings: SweepSettings, combos: lis
     return unique_rows(gather_object(log.rows)), stats
 
 
-def sample_draw(pipe: RewardDirectedPipeline, settings: SweepSettings, draw: Draw, strength: float, seed: int,
+def sample_draw(pipe: RewardDirectedPipeline, settings: SweepSettings, draw: Draw, strength: float | str, seed: int,
                 indices: range) -> dict[Combo, Scored]:
     """Images `indices` of every combination of `draw`, guided with `strength` (the draw's, or what auto chose):
     candidates 0 .. N-1 sampled once, and per combination (best of N, target T) the candidate of its first N whose
     predicted reward is closest to T (candidate 0: the plain image)."""
     s = settings
-    steer = RewardGuidance(pipe.predictor.net, draw.target, strength, s.batch_mean, s.grad_path)
+    steer = RewardGuidance(pipe.predictor.net, draw.target, pipe.strength(strength), s.batch_mean, s.grad_path)
     candidates = (pipe.sample(draw.prompt, steer, seed, indices, s.sampling, k) for k in range(draw.candidates))
     return best_of_n(candidates, {combo: (combo.target, combo.best_of) for combo in draw.combos})
 

@@ -28,20 +28,21 @@ def image_name(index: int, gt: float, pred: float) -> str:
 def image_row(combo_key: tuple, image: int, seed: int, gt: float, pred: float, shift: float | None, unet_calls: int,
               file: str, guidance_used: float, pilot_unet_calls: float = 0.0) -> dict:
     """The results row of image `image` of the combination `combo_key` (the fields of COLUMNS, in order).
-    guidance_used: the strength applied ("auto" chose it); pilot_unet_calls: the image's share of the auto pilot."""
+    guidance_used: the strength applied ("auto" chose it; "posterior" varies by step); pilot_unet_calls: the image's
+    share of the auto pilot."""
     return {**dict(zip(KEY, combo_key, strict=True)), "image": image, "seed": seed, "image_seed": image_seed(seed, image),
             "gt": gt, "pred": pred, "shift": shift, "unet_calls": unet_calls, "file": file, "guidance_used": guidance_used,
             "pilot_unet_calls": pilot_unet_calls}
 
 
 def guidance_label(guidance: float | str) -> str:
-    """A strength as text: "150", "auto"."""
+    """A strength as text: "150", "auto", "posterior"."""
     return guidance if isinstance(guidance, str) else f"{guidance:g}"
 
 
 def guidance_order(guidance: float | str) -> tuple:
-    """A sort key: numbers in order, then "auto"."""
-    return (1, 0.0) if isinstance(guidance, str) else (0, guidance)
+    """A sort key: numbers in order, then "auto", then "posterior"."""
+    return (1, guidance) if isinstance(guidance, str) else (0, guidance)
 
 
 def combo_key(row: dict) -> tuple:

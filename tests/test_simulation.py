@@ -1,0 +1,86 @@
+"""simulation.py as a user runs it, at a reduced size, and the posterior strength's curve against the exact
+Var(y | x_t) of the simulation's world."""
+
+from __future__ import annotations
+
+import json
+
+import diffusers
+import pytest
+import torch
+from conftest import run_script
+
+from rcgdm.posterior import PosteriorStrength, _nondecreasing, fit_curve
+from rcgdm.simulation.theory import make_world
+from rcgdm.training import noise_level
+
+SMALL = ["--dim=16", "--sub_dim=4", "--num_labelled=120", "--num_unlabelled=3000", "--num_samples=600",
+         "--predictor_epochs=60", "--conditional_steps=1500", "--targets=0,1,3"]
+
+
+def test_the_simulation_measures_the_three_claims(tmp_path, capsys):
+    out = tmp_path / "sim"
+    assert run_script("simulation.py", *SMALL, f"--out_dir={out}") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {(r["target"], r["sampler"]): r for r in summary["rows"]}
+    assert len(rows) == 12 and all(isinstance(v, float) for r in rows.values() for v in (r["reward_mean"], r["w2"]))
+    for a in (0.0, 1.0, 3.0):
+        exact = rows[a, "exact"]  # the answer's own draws: the theory's mean reward, within sampling error
+        assert abs(exact["reward_mean"] - exact["exact_reward"]) < 4 * exact["reward_se"]
+        # the posterior strength lands nearer the theory's reward than the paper's fixed 100, which overshoots
+        assert abs(rows[a, "posterior"]["gap_to_exact"]) < abs(rows[a, "fixed"]["gap_to_exact"])
+    for sampler in ("posterior", "conditional"):  # (ii) the reward follows the target
+        rewards = [rows[a, sampler]["reward_mean"] for a in (0.0, 1.0, 3.0)]
+        assert rewards[0] < rewards[1] < rewards[2], (sampler, rewards)
+        assert abs(rows[1.0, sampler]["gap_to_exact"]) < 0.25
+    assert summary["conditional_model"]["principal_angle_deg"] < 15  # (i) the subspace is recovered
+    assert rows[3.0, "posterior"]["w2"] > rows[1.0, "posterior"]["w2"]  # (iii) leaving the labels' range costs fidelity
+    assert all((out / name).stat().st_size > 1000 for name in ("reward_vs_target.png", "off_subspace_vs_target.png"))
+    assert "largest principal angle" in capsys.readouterr().out
+
+    before = (out / "summary.json").read_bytes()
+    assert run_script("simulation.py", *SMALL, f"--out_dir={out}") == 2
+    assert "already exists" in capsys.readouterr().err and (out / "summary.json").read_bytes() == before
+
+
+@pytest.mark.parametrize(("flag", "message"), [("--targets=1,x", "--targets='1,x' is not a list"),
+                                               ("--sub_dim=64", "--sub_dim=64 is out of range"),
+                                               ("--num_samples=8", "--num_samples=8 is out of range")])
+def test_bad_settings_are_one_line(tmp_path, capsys, flag, message):
+    assert run_script("simulation.py", flag, f"--out_dir={tmp_path / 'sim'}") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1 and not (tmp_path / "sim").exists()
+
+
+def test_the_curve_of_exact_errors_is_the_exact_label_variance():
+    """Squared errors of the exact E[y | x_t] at the DDIM schedule's levels: the fitted curve is Var(y | x_t)."""
+    world = make_world(16, 4, 0.1, 0.0, torch.Generator().manual_seed(0))
+    scheduler = diffusers.DDIMScheduler(clip_sample=False)
+    scheduler.set_timesteps(50)
+    generator = torch.Generator().manual_seed(1)
+    timesteps = scheduler.timesteps.repeat_interleave(400)
+    levels = noise_level(scheduler, timesteps)
+    s, n = levels.sqrt()[:, None], (1 - levels).sqrt()[:, None]
+    x0 = world.sample_data(len(levels), generator)
+    x_t = s * x0 + n * torch.randn(x0.shape, generator=generator, dtype=torch.float64)
+    y = x0 @ world.theta + 0.1 * torch.randn(len(x0), generator=generator, dtype=torch.float64)
+    mean = torch.stack([x_t[i] @ world.label_weights(float(s[i]), float(n[i])) for i in range(len(x0))])
+    curve = fit_curve(levels, (y - mean) ** 2, flow=False)
+    assert len(curve["levels"]) == 24 and curve["levels"] == sorted(curve["levels"])
+    strength = PosteriorStrength.from_curve(curve)
+    for level, variance in zip(curve["levels"], curve["variances"], strict=True):
+        exact = world.label_var_given(level**0.5, (1 - level) ** 0.5)
+        assert variance == pytest.approx(exact, rel=0.2, abs=0.002)
+        assert float(strength(torch.tensor(level, dtype=torch.float64))) == pytest.approx(1 / variance)
+    # from Var y at the most noise (a strength near 1) to near the label noise 0.1^2 (the paper's 100) at the least
+    strengths = [1 / v for v in curve["variances"]]
+    assert strengths == sorted(strengths) and strengths[0] == pytest.approx(1 / world.label_var, rel=0.2)
+    assert strengths[-1] > 50
+
+
+def test_the_strength_interpolates_linearly_and_the_fit_is_monotone():
+    strength = PosteriorStrength((0.2, 0.6), (0.5, 0.1))
+    assert float(strength(torch.tensor(0.4))) == pytest.approx(1 / 0.3)
+    assert float(strength(torch.tensor(0.0))) == pytest.approx(2) and float(strength(torch.tensor(0.9))) == pytest.approx(10)
+    assert _nondecreasing([1.0, 3.0, 2.0, 4.0], [1, 1, 1, 1]) == [1.0, 2.5, 2.5, 4.0]
+    assert _nondecreasing([3.0, 1.0], [1, 3]) == [1.5, 1.5]
