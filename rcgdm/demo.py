@@ -9,12 +9,12 @@ show it worked, writes them to `demo_report.json` and copies the figures into as
 The sweep's targets are the label mean + (-2, -1, 0, 1, 2) label std, read from step 1's labels. The
 effect is measured on the unconditional prompt "", whose unguided samples follow the data the labels
 describe; the two captions show it on prompted images (the grid's rows). The same sweep runs
-`--guidance auto` beside the fixed strength (not with --quick), and the demo compares them per prompt.
+`--guidance auto` and `posterior` beside the fixed strength (not with --quick), and the demo compares them per
+prompt, beside the theory's E[r | y = a].
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import subprocess
 import sys
@@ -24,6 +24,16 @@ from pathlib import Path
 
 import numpy as np
 
+from rcgdm.demo_numbers import (
+    LABELS,
+    effect_numbers,
+    methods_compared,
+    prompt_colours,
+    result_rows,
+    theory_rewards,
+    training_numbers,
+)
+from rcgdm.files import run_folder
 from rcgdm.files.atomic import copy_file, save_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +43,6 @@ BREAKDOWN_GUIDANCE = (0.0, 150.0, 600.0, 2400.0)  # at the top target: where ima
 CFG = 3.0  # classifier-free guidance: the tiny model's samples are clean at 2-4 and oversaturated at SD's 7.5
 COMPRESSIBILITY_GUIDANCE = 40.0  # its labels span ~4x the ResNet's: the same pull needs less strength
 TARGET_STDS = (-2, -1, 0, 1, 2)
-LABELS = "cifar10_outputs_with_noise.npy"
 
 
 @dataclass(frozen=True)
@@ -83,88 +92,8 @@ def targets(mean: float, std: float) -> list[str]:
     return [f"{mean + k * std:.3f}" for k in TARGET_STDS]
 
 
-def training_numbers(folder: Path) -> dict:
-    """Validation loss over all timesteps and on the least noisy bucket, as fractions of predict-the-mean."""
-    summary = json.loads((folder / "convnet.train_summary.json").read_text())
-    baseline = summary["baseline_val_loss"]
-    lowest = next(iter(summary["final_val_loss_by_noise"].values()))
-    return {"val_vs_baseline": summary["final_val_loss"] / baseline,
-            "lowest_noise_val_vs_baseline": None if lowest is None else lowest / baseline}
-
-
-def spearman(xs: list[float], ys: list[float]) -> float | None:
-    """Rank correlation; None where it is undefined (fewer than two points, or a constant side)."""
-    rx, ry = (np.argsort(np.argsort(v)).astype(float) for v in (xs, ys))
-    return float(np.corrcoef(rx, ry)[0, 1]) if len(xs) > 1 and rx.std() > 0 and ry.std() > 0 else None
-
-
-def effect_numbers(sweep: Path, mean: float, std: float, guidance: float, prompt: str = "") -> dict:
-    """The paper's effect for one prompt, in label std: per-target mean ground truth at `guidance`, its
-    Spearman against the target, top minus bottom, the unguided mean's offset, and the largest shift."""
-    combos = [c for c in json.loads((sweep / "summary.json").read_text())["combinations"] if c["prompt"] == prompt]
-
-    def pooled(rows: list[dict], key: str) -> float:
-        return sum(c[key] * c["n"] for c in rows) / sum(c["n"] for c in rows)
-
-    ts = sorted({c["target"] for c in combos})
-    guided = [pooled([c for c in combos if c["target"] == t and c["guidance"] == guidance], "gt_mean") for t in ts]
-    unguided = pooled([c for c in combos if c["guidance"] == 0], "gt_mean")
-    shifts = [c["shift_vs_unguided"] for c in combos if c["guidance"] == guidance and c["shift_vs_unguided"] is not None]
-    return {
-        "guidance": guidance,
-        "targets": ts,
-        "gt_mean_per_target": guided,
-        "spearman": spearman(ts, guided),
-        "top_minus_bottom_in_label_std": (guided[-1] - guided[0]) / std,
-        "unguided_offset_in_label_std": (unguided - mean) / std,
-        "max_shift_vs_unguided": max(shifts, default=None),
-    }
-
-
-def auto_vs_fixed(sweep: Path, std: float, guidance: float, prompt: str) -> dict:
-    """For one prompt, `--guidance auto` beside the fixed `guidance`, over the sweep's targets: mean |ground truth -
-    target|, mean MMD^2 to the unguided images, the ground truth's spread across targets (max - min, in label std),
-    total UNet calls of the images (and of auto's pilots), and how many targets auto reported unreachable."""
-    combos = [c for c in json.loads((sweep / "summary.json").read_text())["combinations"] if c["prompt"] == prompt]
-    out = {}
-    for name in (f"{guidance:g}", "auto"):
-        mine = [c for c in combos if c["guidance"] == (name if name == "auto" else guidance)]
-        gt = [c["gt_mean"] for c in mine]
-        out[name] = {
-            "mean_abs_target_error": float(np.mean([c["abs_target_error"] for c in mine])),
-            "mean_mmd_to_unguided": _mean([c["mmd_to_unguided"] for c in mine]),
-            "gt_spread_in_label_std": (max(gt) - min(gt)) / std,
-            "unet_calls": sum(c["unet_calls_with_pilot"] * c["n"] for c in mine),
-            "unreachable": sum(1 for c in mine if c["auto"] is not None and not c["auto"]["reached"]),
-            "chosen_guidance": [None if c["auto"] is None else c["auto"]["chosen_guidance"] for c in mine],
-        }
-    return out
-
-
-def _mean(values: list[float | None]) -> float | None:
-    """The mean, or None when a value is missing (MMD needs 3 images per combination; --quick samples 1)."""
-    return None if None in values else float(np.mean(values))
-
-
 def _number(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
-
-
-def prompt_colours(sweep: Path) -> dict:
-    """Mean of each colour channel of the unguided images, per prompt: prompts that name colours show them."""
-    from rcgdm.files.png import load_png
-
-    rows = [r for r in _rows(sweep) if r["guidance"] != "auto" and float(r["guidance"]) == 0]
-    out = {}
-    for prompt in dict.fromkeys(r["prompt"] for r in rows):
-        pixels = np.stack([load_png(sweep / r["file"]).permute(1, 2, 0).numpy() for r in rows if r["prompt"] == prompt])
-        out[prompt] = dict(zip(("red", "green", "blue"), pixels.mean((0, 1, 2)).round(3).tolist(), strict=True))
-    return out
-
-
-def _rows(sweep: Path) -> list[dict]:
-    with open(sweep / "results.csv", newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def breakdown_figure(folder: Path, path: Path) -> None:
@@ -172,7 +101,7 @@ def breakdown_figure(folder: Path, path: Path) -> None:
     from rcgdm.files.png import load_png
     from rcgdm.plots import image_grid
 
-    rows = _rows(folder)
+    rows = result_rows(folder)
     levels = sorted({float(r["guidance"]) for r in rows})
     images = sorted({int(r["image"]) for r in rows})[:4]
     cell = {(int(r["image"]), float(r["guidance"])): r for r in rows}
@@ -199,17 +128,22 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, paper_only: bool
 
     figure6 = out / "figure6"
     auto = not (quick or paper_only)  # beyond the paper, and a search: not in smoke runs
-    sweep = ["--prompt", *PROMPTS, "--target", *targets(mean, std), "--guidance", "0", f"{GUIDANCE:g}", *["auto"] * auto]
+    sweep = ["--prompt", *PROMPTS, "--target", *targets(mean, std), "--guidance", "0", f"{GUIDANCE:g}",
+             *["auto", "posterior"] * auto]
     run("inference", inference(out, figure6, sizes, *sweep), seconds)
     report["effect"] = {prompt: effect_numbers(figure6, mean, std, GUIDANCE, prompt) for prompt in PROMPTS}
-    report["auto_vs_fixed"] = {prompt: auto_vs_fixed(figure6, std, GUIDANCE, prompt) for prompt in PROMPTS} if auto else {}
+    report["methods"] = {prompt: methods_compared(figure6, std, GUIDANCE, prompt) for prompt in PROMPTS} if auto else {}
+    report["theory_reward_per_target"] = theory_rewards(out, mean, std, targets(mean, std))
     report["prompt_colours"] = prompt_colours(figure6)
     for prompt, e in report["effect"].items():
         print(f"--> {prompt or '(unconditional)'!s} at guidance {GUIDANCE:g}: ground truth per target "
               f"{', '.join(f'{v:.3f}' for v in e['gt_mean_per_target'])}; Spearman {_number(e['spearman'])}; top - bottom "
               f"{e['top_minus_bottom_in_label_std']:.2f} label std; unguided mean {e['unguided_offset_in_label_std']:+.2f} "
               "label std from the label mean")
-    for prompt, methods in report["auto_vs_fixed"].items():
+    for prompt, methods in report["methods"].items():
+        print(f"--> {prompt or '(unconditional)'!s}, ground truth per target (theory's E[r | y = a] "
+              f"{', '.join(f'{v:.3f}' for v in report['theory_reward_per_target'])}): " + "; ".join(
+                  f"{name} {', '.join(f'{v:.3f}' for v in m['gt_mean_per_target'])}" for name, m in methods.items()))
         print(f"--> {prompt or '(unconditional)'!s}: " + "; ".join(
             f"guidance {name}: |ground truth - target| {m['mean_abs_target_error']:.3f}, MMD^2 to unguided "
             f"{_number(m['mean_mmd_to_unguided'], 3)}, spread across targets {m['gt_spread_in_label_std']:.2f} label std, "
@@ -259,8 +193,14 @@ ASSETS = {
 
 
 def copy_assets(out: Path, assets: Path = ROOT / "asset") -> None:
-    for source, name in ASSETS.items():
-        copy_file(out / source, assets / name)
+    """ASSETS into `assets`, published together (rcgdm/files/run_folder.py): never half of one run's figures."""
+    staging = run_folder.make_staging(assets / ".demo.staging")
+    try:
+        for source, name in ASSETS.items():
+            copy_file(out / source, staging / name)
+        run_folder.publish(staging, assets, "demo", ASSETS.values(), run_folder.earlier_files(assets, "demo", ASSETS.values()))
+    finally:
+        run_folder.remove_staging(staging)
     print(f"figures copied into {assets}")
 
 

@@ -34,13 +34,18 @@ def tiny_model_dir() -> Path:
 
 
 def run_script(script: str, *args: str, capsys=None) -> int:
-    """Run a root script in this process as `python3 script args`; return its exit status. What a script changes
+    """Run a root script in this process as `python3 script args` (or a module, run_script("-m", module, args)); return
+    its exit status. What a script changes
     for its process is put back (argv, the SIGTERM handler, the global RNGs, accelerate's state, modules imported
     from outside the repository and the installed packages), so no test sees another's leftovers."""
     saved = global_state()
     sys.argv = [script, *map(str, args)]
     try:
-        runpy.run_path(str(ROOT / script), run_name="__main__")
+        if script == "-m":  # a module, as `python3 -m module args`
+            sys.argv = sys.argv[1:]
+            runpy.run_module(str(args[0]), run_name="__main__", alter_sys=True)
+        else:
+            runpy.run_path(str(ROOT / script), run_name="__main__")
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else 1
     finally:

@@ -117,7 +117,7 @@ def test_state_dicts_cross_between_the_two_codes(original_files):
         assert torch.equal(back(x), ours(x))
 
 
-def test_a_hostile_pickle_is_refused_and_runs_nothing(tmp_path, original_files):
+def test_a_hostile_pickle_is_refused_and_runs_nothing(tmp_path, original_files, capsys):
     convnet_path, reward_path, _, _ = original_files
     marker = tmp_path / "pwned"
     hostile = tmp_path / "hostile.pth"
@@ -125,9 +125,8 @@ def test_a_hostile_pickle_is_refused_and_runs_nothing(tmp_path, original_files):
     other_class = tmp_path / "other.pth"
     torch.save(nn.Transformer(d_model=8, nhead=2, num_encoder_layers=1, num_decoder_layers=1), other_class)
     for convnet, reward in ((hostile, reward_path), (convnet_path, hostile), (other_class, reward_path)):
-        result = run_cli("-m", "rcgdm.convert_original", convnet, reward, "--out_dir", tmp_path / "out")
-        assert result.returncode == 2
-        line = error_line(result.stderr)
+        assert run_script("-m", "rcgdm.convert_original", convnet, reward, "--out_dir", tmp_path / "out") == 2
+        line = error_line(capsys.readouterr().err)
         assert "was refused" in line and "nothing in it was run" in line
     assert not marker.exists() and not (tmp_path / "out").exists()
 

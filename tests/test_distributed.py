@@ -90,18 +90,9 @@ def assert_same_sweep(one, two) -> None:
     assert (two / "grid.png").is_file() and not list(two.glob("progress*.json"))
 
 
-def test_sweep_matches_one_process(tmp_path, sweep):
-    args, one = sweep
-    result = launch(tmp_path, "inference.py", *args, "--out_dir", tmp_path / "two")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert_same_sweep(one, tmp_path / "two")  # 8 batches, 4 per process
-    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
-    assert summary["processes"] == 2 and [c["n"] for c in summary["combinations"]] == [3, 3, 3, 3]
-    assert result.stdout.count("wrote 12 images") == 1
-
-
 def test_a_sweep_resumes_with_another_number_of_processes(tmp_path, monkeypatch, sweep):
-    """A one-process run interrupted after its first batch is finished by two processes, as if never interrupted."""
+    """A one-process run interrupted after its first batch is finished by two processes, as if never interrupted: the
+    two processes split the batches left and give the one-process images bit for bit."""
     args, one = sweep
     interrupt_at_image(monkeypatch, 5)  # the first of batch 1: batch 0 wrote images 0, 1 of both unguided combinations
     with one_thread():
@@ -113,7 +104,10 @@ def test_a_sweep_resumes_with_another_number_of_processes(tmp_path, monkeypatch,
     result = launch(tmp_path, "inference.py", *args, "--out_dir", tmp_path / "resumed", "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "--resume: 4 images already done" in result.stdout
-    assert_same_sweep(one, tmp_path / "resumed")
+    assert_same_sweep(one, tmp_path / "resumed")  # the 6 batches left, 3 per process
+    summary = json.loads((tmp_path / "resumed" / "summary.json").read_text())
+    assert summary["processes"] == 2 and [c["n"] for c in summary["combinations"]] == [3, 3, 3, 3]
+    assert result.stdout.count("wrote 12 images") == 1  # only the main process writes
 
 
 NET_AND_DATA = """

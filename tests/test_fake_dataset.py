@@ -141,13 +141,13 @@ def test_imagenet_weights_offline_fail_clearly(tmp_path, capsys, monkeypatch):
     assert not any((tmp_path / "out" / f).exists() for f in OUTPUTS)
 
 
-def test_cli_as_a_user_runs_it(tmp_path):
+def test_cli_as_a_user_runs_it(tmp_path, capsys):
     ok = run_cli("fake_dataset.py", "--data", "synthetic", "--num_data", "8", "--weights", "none", "--out_dir", tmp_path)
     assert ok.returncode == 0, ok.stderr
     assert "random" in ok.stdout.lower() and "8 labels" in ok.stdout
-    bad = run_cli("fake_dataset.py", "--noise_std", "-1")
-    assert bad.returncode == 2
-    assert error_line(bad.stderr) == "error: argument --noise_std: '-1' is negative; expected a finite number >= 0 (see --help)"
+    assert run_script("fake_dataset.py", "--noise_std", "-1") == 2
+    expected = "error: argument --noise_std: '-1' is negative; expected a finite number >= 0 (see --help)"
+    assert error_line(capsys.readouterr().err) == expected
 
 
 def test_the_reward_input_is_resized_and_normalised_as_torchvision_does():

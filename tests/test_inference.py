@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import error_line, read_rows, run_cli, run_script
+from conftest import error_line, read_rows, run_script
 from PIL import Image
 
 from rcgdm.files.atomic import save_torch
@@ -147,13 +147,12 @@ def test_bad_input_is_one_line_and_samples_nothing(tmp_path, run, capsys, reward
     assert not list(tmp_path.rglob("*_gt_*.png"))
 
 
-def test_hub_model_offline_is_a_clear_error(tmp_path, reward_model_path, predictor_path):
-    result = run_cli(
+def test_hub_model_offline_is_a_clear_error(tmp_path, reward_model_path, predictor_path, capsys):
+    assert run_script(
         "inference.py", "--model", "stable-diffusion-v1-5/stable-diffusion-v1-5", "--reward_model", reward_model_path,
         "--predictor", predictor_path, "--out_dir", tmp_path / "out", "--seed", "0",
-    )
-    assert result.returncode == 2
-    line = error_line(result.stderr)
+    ) == 2
+    line = error_line(capsys.readouterr().err)
     assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in line and "--model tiny" in line
 
 
