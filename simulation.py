@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from rcgdm.cli import MAX_SEED, UserError, run_main, writable_dir
-from rcgdm.config import describe, parse_overrides
+from rcgdm.config import read
 from rcgdm.files import run_folder
 from rcgdm.files.atomic import remove_leftovers, save_json
 from rcgdm.files.locking import LOCK_FILE, locked
@@ -79,11 +79,7 @@ CHECKS = {
 
 
 def read_config(argv: list[str]) -> dict:
-    defaults = {k: globals()[k] for k in config_keys}
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__ + "\nconfig (defaults):\n" + describe(defaults))
-        sys.exit(0)
-    config = {**defaults, **parse_overrides(defaults, argv)}
+    config = read({k: globals()[k] for k in config_keys}, argv, __doc__)
     for key, (ok, expected) in CHECKS.items():
         if not ok(config):
             raise UserError(f"--{key}={config[key]!r} is out of range; expected {expected}")

@@ -34,7 +34,7 @@ from accelerate import Accelerator, PartialState
 
 from rcgdm import distributed, plots
 from rcgdm.cli import MAX_SEED, UserError, run_main, writable_dir
-from rcgdm.config import describe, parse_overrides
+from rcgdm.config import read
 from rcgdm.data import check_num_data, open_source
 from rcgdm.files import run_folder
 from rcgdm.files.atomic import remove_leftovers, save_json, save_text, save_torch
@@ -104,11 +104,7 @@ PATHS = ("model", "data", "data_root", "labels_path", "out_path", "cache_dir")
 
 
 def read_config(argv: list[str]) -> SimpleNamespace:
-    defaults = {k: globals()[k] for k in config_keys}
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__ + "\nconfig (defaults):\n" + describe(defaults))
-        sys.exit(0)
-    config = {**defaults, **parse_overrides(defaults, argv)}
+    config = read({k: globals()[k] for k in config_keys}, argv, __doc__)
     for key, (ok, expected) in CHECKS.items():
         if not ok(config[key]):
             raise UserError(f"{key}={config[key]!r} is out of range; expected {expected}")

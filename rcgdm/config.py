@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 from rcgdm.cli import UserError
 
@@ -50,3 +51,11 @@ def parse_overrides(defaults: dict[str, object], argv: list[str]) -> dict[str, o
 
 def describe(config: dict[str, object]) -> str:
     return "\n".join(f"  {key} = {value!r}" for key, value in config.items())
+
+
+def read(defaults: dict[str, object], argv: list[str], doc: str) -> dict[str, object]:
+    """A script's constants (`defaults`) with `argv`'s overrides; `--help` prints `doc` and the defaults, and exits."""
+    if argv and argv[0] in ("-h", "--help"):
+        print(doc + "\nconfig (defaults):\n" + describe(defaults))
+        sys.exit(0)
+    return {**defaults, **parse_overrides(defaults, argv)}
