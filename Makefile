@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_out
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo simulation test lint bench clean
 
 install: $(STAMP)
 
@@ -19,6 +19,10 @@ $(STAMP): requirements.txt requirements-dev.txt
 demo: install
 	$(PY) -m rcgdm.demo $(DEMO_DIR)
 
+# The paper's simulation with the answer known (simulation.py): about 40 seconds on 2 CPU cores.
+simulation: install
+	$(PY) simulation.py --out_dir=simulation_out --overwrite=True
+
 test: install
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
@@ -31,4 +35,4 @@ bench: install
 	$(PY) benchmarks/run.py
 
 clean:
-	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache
+	rm -rf $(DEMO_DIR) simulation_out .pytest_cache .ruff_cache

@@ -117,18 +117,21 @@ def test_the_three_scripts_run_on_the_family_and_its_predictor_is_refused_by_ano
                                                                                      other):
     model, predictor_path = MODELS[family], tmp_path / "convnet.pth"
     args = [f"--model={model}", "--data=synthetic", "--num_data=32", "--image_size=64", "--num_epochs=1", "--batch_size=16",
-            f"--labels_path={labels / 'cifar10_outputs_with_noise.npy'}", f"--cache_dir={tmp_path / 'cache'}",
-            f"--out_path={predictor_path}"]
+            "--val_fraction=0.25", f"--labels_path={labels / 'cifar10_outputs_with_noise.npy'}",
+            f"--cache_dir={tmp_path / 'cache'}", f"--out_path={predictor_path}"]
     assert run_script("train.py", *args) == 0
     saved = torch.load(predictor_path, weights_only=True)
     assert (saved["family"], saved["latent_channels"], saved["latent_size"]) == (family, CHANNELS[family], [8, 8])
+    # the error curve is in the family's noise level: error falls as alpha_bar rises (SDXL), rises with sigma (SD3)
+    variances = saved["posterior_variances"]
+    assert variances == (sorted(variances) if family == "sd3" else sorted(variances, reverse=True))
 
     common = ["--predictor", predictor_path, "--reward_model", labels / "reward_model.pth", "--seed", "0"]
-    run = ["--model", model, *common, "--target", "-1", "3", "--guidance", "0", "30", "--num_images", "2",
+    run = ["--model", model, *common, "--target", "-1", "3", "--guidance", "0", "30", "posterior", "--num_images", "2",
            "--num_inference_steps", "4", "--out_dir", tmp_path / "run"]
     assert run_script("inference.py", *run) == 0
     rows = read_rows(tmp_path / "run" / "results.csv")
-    assert len(rows) == 8 and all(float(row["gt"]) == float(row["gt"]) for row in rows)  # finite: NaN is never a result
+    assert len(rows) == 12 and all(float(row["gt"]) == float(row["gt"]) for row in rows)  # finite: NaN is never a result
     settings = json.loads((tmp_path / "run" / "summary.json").read_text())["settings"]
     expected = {"sdxl": ("euler", 5.0), "sd3": ("flow_euler", 7.0)}[family]  # the family's own defaults
     assert (settings["scheduler"], settings["cfg"]) == expected
