@@ -84,3 +84,13 @@ def test_the_strength_interpolates_linearly_and_the_fit_is_monotone():
     assert float(strength(torch.tensor(0.0))) == pytest.approx(2) and float(strength(torch.tensor(0.9))) == pytest.approx(10)
     assert _nondecreasing([1.0, 3.0, 2.0, 4.0], [1, 1, 1, 1]) == [1.0, 2.5, 2.5, 4.0]
     assert _nondecreasing([3.0, 1.0], [1, 3]) == [1.5, 1.5]
+
+
+def test_the_learned_networks_start_from_the_seed_and_leave_the_global_rng_alone():
+    from rcgdm.simulation.learned import mlp
+
+    before = torch.get_rng_state()
+    first, second = (mlp(4, 1, 8, torch.Generator().manual_seed(3)) for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True))
+    assert torch.equal(torch.get_rng_state(), before)
+    assert first[0].weight.dtype == torch.float64

@@ -20,12 +20,17 @@ def draw_figures(summary: dict, folder: Path) -> None:
                               ("off_subspace_vs_target.png", "off_subspace", "||(I - AA^T) x|| / ||x||")):
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.axvspan(summary["labels"]["min"], summary["labels"]["max"], color="0.92", label="labels' range")
+        targets = sorted({r["target"] for r in summary["rows"]})
+        shown = (targets[0] - 1.5, targets[-1] + 1.5)  # rewards far off the targets leave the plot, said in the legend
         for sampler in SAMPLERS:
             rows = [r for r in summary["rows"] if r["sampler"] == sampler]
-            ax.plot([r["target"] for r in rows], [r[key] for r in rows], marker="o", label=LABELS[sampler])
+            values = [r[key] for r in rows]
+            off = key == "reward_mean" and any(not shown[0] <= v <= shown[1] for v in values)
+            label = LABELS[sampler] + (" (partly off the plot)" if off else "")
+            ax.plot([r["target"] for r in rows], values, marker="o", label=label)
         if key == "reward_mean":
-            targets = sorted({r["target"] for r in summary["rows"]})
             ax.plot(targets, targets, color="grey", linestyle=":", label="reward = target")
+            ax.set_ylim(*shown)
         ax.set_xlabel("target a")
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=8)

@@ -20,8 +20,12 @@ from rcgdm.posterior import fit_curve
 from rcgdm.training import noise_level, train_epoch
 
 
-def mlp(inputs: int, outputs: int, width: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(inputs, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, outputs))
+def mlp(inputs: int, outputs: int, width: int, generator: torch.Generator) -> nn.Sequential:
+    """A 2-hidden-layer SiLU network in float64, initialised from `generator` (the global RNG is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+        return nn.Sequential(nn.Linear(inputs, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
+                             nn.Linear(width, outputs)).double()
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,7 @@ def train_predictor(x: torch.Tensor, y: torch.Tensor, scheduler, epochs: int, he
     """mu on labelled points x (N, D), labels y (N,); `held_out` of them measure the curve at every level."""
     count = round(len(x) * (1 - held_out))
     pool = torch.unique(scheduler.timesteps)
-    net = mlp(x.shape[1], 1, width).double()
+    net = mlp(x.shape[1], 1, width, generator)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     for _ in tqdm(range(epochs), desc="predictor", leave=False):
         train_epoch(net, optimizer, scheduler, x[:count], y[:count, None], pool, generator, batch_size=32, progress=False)
@@ -66,9 +70,9 @@ def pseudo_labels(x: torch.Tensor, y: torch.Tensor, unlabelled: torch.Tensor, ge
 class ConditionalEps(nn.Module):
     """eps(x_t, y, level) (N, D): the paper's conditional diffusion model, told the label and sqrt(a), sqrt(1 - a)."""
 
-    def __init__(self, dim: int, width: int = 256):
+    def __init__(self, dim: int, generator: torch.Generator, width: int = 256):
         super().__init__()
-        self.net = mlp(dim + 3, dim, width)
+        self.net = mlp(dim + 3, dim, width, generator)
 
     def forward(self, x_t: torch.Tensor, y: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
         level = level.to(x_t.dtype).reshape(-1, 1).expand(len(x_t), 1)
@@ -79,7 +83,7 @@ class ConditionalEps(nn.Module):
 def train_conditional(x: torch.Tensor, y: torch.Tensor, scheduler, steps: int, generator: torch.Generator,
                       batch_size: int = 256) -> ConditionalEps:
     """Conditional denoising score matching on (x (M, D), y (M,)) at the training schedule's timesteps."""
-    net = ConditionalEps(x.shape[1]).double()
+    net = ConditionalEps(x.shape[1], generator)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     steps_total = scheduler.config.num_train_timesteps
     for _ in tqdm(range(steps), desc="conditional model", leave=False):
