@@ -23,9 +23,11 @@ demo: install
 simulation: install
 	$(PY) simulation.py --out_dir=simulation_out --overwrite=True
 
+# Two test processes (pytest-xdist), one thread each, a test file per process at a time, the longest files first
+# (tests/conftest.py: LONGEST_FIRST; --no-loadscope-reorder keeps that order).
 test: install
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 lint: install
 	$(PY) -m ruff check .

@@ -14,6 +14,7 @@ Levels are the predictor's family's: alpha_bar for diffusion models (more noise:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -86,8 +87,7 @@ class PosteriorStrength:
 
     def variance(self, level: torch.Tensor) -> torch.Tensor:
         dtype = torch.float64 if level.dtype == torch.float64 else torch.float32
-        known = torch.tensor(self.levels, dtype=dtype, device=level.device)
-        values = torch.tensor(self.variances, dtype=dtype, device=level.device)
+        known, values = _on_device(self.levels, self.variances, level.device, dtype)
         x = level.to(dtype).clamp(known[0], known[-1])
         right = torch.searchsorted(known, x.reshape(1)).clamp(1, len(known) - 1)[0]
         left = right - 1
@@ -96,3 +96,10 @@ class PosteriorStrength:
 
     def __call__(self, level: torch.Tensor) -> torch.Tensor:
         return 1 / self.variance(level)
+
+
+@functools.lru_cache(maxsize=8)
+def _on_device(levels: tuple[float, ...], variances: tuple[float, ...], device: torch.device,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The curve as tensors on `device`, copied there once (a copy at every step would wait for the GPU each time)."""
+    return (torch.tensor(levels, dtype=dtype, device=device), torch.tensor(variances, dtype=dtype, device=device))

@@ -14,11 +14,22 @@ import tempfile
 import time
 from pathlib import Path
 
+os.environ["OMP_NUM_THREADS"] = "1"  # one thread per test process and per script it starts (set before torch loads):
+# make test runs two test processes on two cores (pytest-xdist), and CPU kernels round alike in every process
+
 import numpy as np
 import pytest
 import torch
 
+torch.set_num_threads(1)  # in case torch was loaded before this file
 ROOT = Path(__file__).resolve().parents[1]
+LONGEST_FIRST = ("test_effect.py", "test_benchmarks.py", "test_distributed.py", "test_concurrency.py", "test_claims.py")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """The longest test files first, so that the two test processes of make test end together."""
+    order = {name: rank for rank, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: order.get(item.path.name, len(order)))
 os.environ.setdefault("RCGDM_CACHE_DIR", tempfile.mkdtemp(prefix="rcgdm-test-cache-"))  # CI passes one to reuse
 os.environ["HF_HUB_OFFLINE"] = "1"  # whatever the caller set: the tests never reach the network
 for _name in [n for n in os.environ if n in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")

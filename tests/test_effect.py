@@ -48,7 +48,7 @@ def test_the_reward_of_generated_images_follows_the_target(tmp_path, trained):
 
 def test_guidance_auto_reaches_a_target_inside_the_labels_and_reports_one_outside(tmp_path, trained):
     root, mean, std = trained
-    inside, outside = mean + std, mean + 12 * std
+    inside, outside = mean + 0.5 * std, mean + 12 * std
     args = ["--model", "tiny", "--reward_model", root / "reward_model.pth", "--predictor", root / "convnet.pth",
             "--prompt", PROMPTS[0], "--target", f"{inside:.3f}", f"{outside:.3f}", "--guidance", "auto",
             "--num_images", "4", "--bs", "4", "--cfg", f"{CFG:g}", "--num_inference_steps", "20", "--seed", "0",
