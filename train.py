@@ -49,7 +49,6 @@ from rcgdm.training import (
     TrainingData,
     load_labels,
     loss_by_noise_level,
-    mean_squared_error,
     noise_level,
     prepare_data,
     split,
@@ -212,10 +211,10 @@ def run_epochs(config: SimpleNamespace, data: TrainingData, model: tuple, histor
         if not math.isfinite(train_loss):
             kept = f"the last good checkpoint {files['resume']} is kept" if history else "no checkpoint was written"
             raise UserError(f"training loss became {train_loss} in epoch {epoch}; {kept}; try a smaller lr (now {config.lr})")
-        val_loss = mean_squared_error(net, data.val_inputs, data.y_val) if validating else None
+        errors = squared_errors(net, data.val_inputs, data.y_val) if validating else None
+        val_loss = errors.double().mean().item() if validating else None
         by_noise, curve = None, None
-        if validating and config.noise:  # the posterior strength's curve, from the same errors (rcgdm/posterior.py)
-            errors = squared_errors(net, data.val_inputs, data.y_val)
+        if validating and config.noise:  # by noise level, and the posterior strength's curve (rcgdm/posterior.py)
             by_noise = loss_by_noise_level(errors, data.val_timesteps)
             if len(errors) >= 2:
                 curve = fit_curve(noise_level(data.scheduler, data.val_timesteps), errors, is_flow(data.scheduler))

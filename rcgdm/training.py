@@ -161,19 +161,6 @@ def train_epoch(
     return reduce(total, "sum").item() / trained
 
 
-@torch.no_grad()
-def mean_squared_error(net: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> float:
-    """MSE of net(inputs) against labels, in eval mode."""
-    was_training = net.training
-    net.eval()
-    total = sum(
-        F.mse_loss(net(inputs[i : i + batch_size]), labels[i : i + batch_size], reduction="sum").item()
-        for i in range(0, len(inputs), batch_size)
-    )
-    net.train(was_training)
-    return total / len(inputs)
-
-
 NOISE_BUCKETS = ((0, 250), (250, 500), (500, 750), (750, 1000))  # training timesteps; the first is the least noisy
 
 
