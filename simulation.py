@@ -125,6 +125,9 @@ def print_summary(summary: dict, out_dir: Path) -> None:
     print(f"labels span {labels['min']:.2f} to {labels['max']:.2f} (std {labels['std']:.2f})")
     print(f"{'target':>7} {'sampler':>12} {'reward':>8} {'E[r|y=a]':>9} {'off-subsp.':>10} {'W2':>7}")
     for row in summary["rows"]:
+        if row["diverged"]:
+            print(f"{row['target']:7.2f} {row['sampler']:>12} diverged (NaN, inf or too large)")
+            continue
         print(f"{row['target']:7.2f} {row['sampler']:>12} {row['reward_mean']:8.3f} {row['exact_reward']:9.3f} "
               f"{row['off_subspace']:10.4f} {row['w2']:7.3f}")
     angle = summary["conditional_model"]["principal_angle_deg"]

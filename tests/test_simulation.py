@@ -94,3 +94,15 @@ def test_the_learned_networks_start_from_the_seed_and_leave_the_global_rng_alone
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True))
     assert torch.equal(torch.get_rng_state(), before)
     assert first[0].weight.dtype == torch.float64
+
+
+def test_a_diverged_sampler_is_recorded_as_diverged_not_as_numbers(tmp_path, capsys):
+    tiny = ["--dim=16", "--sub_dim=4", "--num_labelled=40", "--num_unlabelled=200", "--num_samples=100",
+            "--predictor_epochs=2", "--conditional_steps=20", "--targets=0,5", "--fixed_guidance=1e8"]
+    assert run_script("simulation.py", *tiny, f"--out_dir={tmp_path / 'sim'}") == 0
+    rows = json.loads((tmp_path / "sim" / "summary.json").read_text())["rows"]  # strict JSON: no NaN in it
+    fixed = [r for r in rows if r["sampler"] == "fixed"]
+    assert len(fixed) == 2 and all(r["diverged"] and r["reward_mean"] is None and r["w2"] is None for r in fixed)
+    assert not any(r["diverged"] for r in rows if r["sampler"] != "fixed")
+    assert capsys.readouterr().out.count("diverged (NaN, inf or too large)") == 2
+    assert (tmp_path / "sim" / "reward_vs_target.png").stat().st_size > 1000

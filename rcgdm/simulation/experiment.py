@@ -92,13 +92,24 @@ def run(settings: Settings) -> dict:
                                   "off_subspace": measures.off_subspace(marginal, world.basis)}}
 
 
+MEASURES = ("reward_mean", "reward_se", "gap_to_target", "exact_reward", "gap_to_exact", "off_subspace", "w2")
+
+
 def measure(world: LinearGaussianWorld, a: float, points: torch.Tensor) -> dict:
+    """The measures of `points` (N, D) at target a; a sampler that diverged (NaN, inf, or values too large for the
+    covariance) is recorded as such, its measures None: NaN is never a result."""
     mean, cov = world.conditional(a)
+    try:
+        if not torch.isfinite(points).all():
+            raise torch.linalg.LinAlgError("not finite")
+        w2 = measures.fitted_w2(points, mean, cov)
+    except torch.linalg.LinAlgError:
+        return {"diverged": True, **dict.fromkeys(MEASURES)}
     reward, error = measures.mean_reward(points, world.theta)
     expected = world.expected_reward(a)
-    return {"reward_mean": reward, "reward_se": error, "gap_to_target": reward - a, "exact_reward": expected,
-            "gap_to_exact": reward - expected, "off_subspace": measures.off_subspace(points, world.basis),
-            "w2": measures.fitted_w2(points, mean, cov) if torch.isfinite(points).all() else float("inf")}
+    return {"diverged": False, "reward_mean": reward, "reward_se": error, "gap_to_target": reward - a,
+            "exact_reward": expected, "gap_to_exact": reward - expected,
+            "off_subspace": measures.off_subspace(points, world.basis), "w2": w2}
 
 
 def world_facts(world: LinearGaussianWorld) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -24,8 +25,8 @@ def draw_figures(summary: dict, folder: Path) -> None:
         shown = (targets[0] - 1.5, targets[-1] + 1.5)  # rewards far off the targets leave the plot, said in the legend
         for sampler in SAMPLERS:
             rows = [r for r in summary["rows"] if r["sampler"] == sampler]
-            values = [r[key] for r in rows]
-            off = key == "reward_mean" and any(not shown[0] <= v <= shown[1] for v in values)
+            values = [math.nan if r[key] is None else r[key] for r in rows]  # a diverged sampler leaves a gap
+            off = key == "reward_mean" and any(not shown[0] <= v <= shown[1] for v in values if not math.isnan(v))
             label = LABELS[sampler] + (" (partly off the plot)" if off else "")
             ax.plot([r["target"] for r in rows], values, marker="o", label=label)
         if key == "reward_mean":
