@@ -19,7 +19,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 demo: install
 	$(PY) -m rcgdm.demo $(DEMO_DIR)
 
-# The paper's simulation with the answer known (simulation.py): about 40 seconds on 2 CPU cores.
+# The paper's simulation with the answer known (simulation.py): under a minute on 2 CPU cores.
 simulation: install
 	$(PY) simulation.py --out_dir=simulation_out --overwrite=True
 

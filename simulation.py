@@ -14,7 +14,7 @@ in closed form (rcgdm/simulation/theory.py). Four samplers at each target a (rcg
 It checks the paper's claims: (i) the conditional model recovers the subspace (principal angle), (ii) the reward
 moves toward the target, (iii) leaving the labels' range costs distance from the subspace.
 
-    python3 simulation.py                       # about a minute on 2 CPU cores
+    python3 simulation.py                       # under a minute on 2 CPU cores
     python3 simulation.py --off_subspace=0.3 --targets=0,2,4,8 --out_dir=sim_off
 
 Writes `out_dir`/summary.json (every measure, per target and sampler), reward_vs_target.png and
