@@ -102,10 +102,15 @@ def add_training_noise(scheduler, x0: torch.Tensor, timestep_pool: torch.Tensor,
     picks = torch.randint(len(timestep_pool), (x0.shape[0],), generator=generator)
     timesteps = timestep_pool[picks]
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    return noised(scheduler, x0, noise, timesteps), noise, timesteps
+
+
+def noised(scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """x0 (B, ...) noised with `noise` at `timesteps` (B,), as the model's sampler sees it (add_training_noise)."""
     if is_flow(scheduler):
         sigma = noise_level(scheduler, timesteps).to(x0.device, x0.dtype).view(-1, *[1] * (x0.dim() - 1))
-        return (1 - sigma) * x0 + sigma * noise, noise, timesteps
-    return scheduler.add_noise(x0, noise, timesteps.to(x0.device)), noise, timesteps
+        return (1 - sigma) * x0 + sigma * noise
+    return scheduler.add_noise(x0, noise, timesteps.to(x0.device))
 
 
 def noise_level(scheduler, timesteps: torch.Tensor) -> torch.Tensor:

@@ -98,13 +98,14 @@ MEASURES = ("reward_mean", "reward_se", "gap_to_target", "exact_reward", "gap_to
 def measure(world: LinearGaussianWorld, a: float, points: torch.Tensor) -> dict:
     """The measures of `points` (N, D) at target a; a sampler that diverged (NaN, inf, or values too large for the
     covariance) is recorded as such, its measures None: NaN is never a result."""
+    diverged = {"diverged": True, **dict.fromkeys(MEASURES)}
+    if not torch.isfinite(points).all():
+        return diverged
     mean, cov = world.conditional(a)
     try:
-        if not torch.isfinite(points).all():
-            raise torch.linalg.LinAlgError("not finite")
         w2 = measures.fitted_w2(points, mean, cov)
     except torch.linalg.LinAlgError:
-        return {"diverged": True, **dict.fromkeys(MEASURES)}
+        return diverged
     reward, error = measures.mean_reward(points, world.theta)
     expected = world.expected_reward(a)
     return {"diverged": False, "reward_mean": reward, "reward_se": error, "gap_to_target": reward - a,

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from rcgdm.posterior import fit_curve
-from rcgdm.training import noise_level, train_epoch
+from rcgdm.training import noise_level, noised, train_epoch
 
 
 def mlp(inputs: int, outputs: int, width: int, generator: torch.Generator) -> nn.Sequential:
@@ -46,16 +46,10 @@ def train_predictor(x: torch.Tensor, y: torch.Tensor, scheduler, epochs: int, he
     net.eval()
     x_val, y_val = x[count:].repeat(len(pool), 1), y[count:].repeat(len(pool))
     timesteps = pool.repeat_interleave(len(x) - count)
-    noisy = noised_at(scheduler, x_val, timesteps, generator)
+    noisy = noised(scheduler, x_val, torch.randn(x_val.shape, generator=generator, dtype=x_val.dtype), timesteps)
     with torch.no_grad():
         errors = (net(noisy).squeeze(1) - y_val) ** 2
     return LearnedPredictor(net, fit_curve(noise_level(scheduler, timesteps), errors, flow=False))
-
-
-def noised_at(scheduler, x0: torch.Tensor, timesteps: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """x0 (N, D) noised at the given timesteps (N,), as in training."""
-    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
-    return scheduler.add_noise(x0, noise, timesteps)
 
 
 def pseudo_labels(x: torch.Tensor, y: torch.Tensor, unlabelled: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -90,7 +84,7 @@ def train_conditional(x: torch.Tensor, y: torch.Tensor, scheduler, steps: int, g
         picks = torch.randint(len(x), (batch_size,), generator=generator)
         timesteps = torch.randint(steps_total, (batch_size,), generator=generator)
         noise = torch.randn(batch_size, x.shape[1], generator=generator, dtype=x.dtype)
-        noisy = scheduler.add_noise(x[picks], noise, timesteps)
+        noisy = noised(scheduler, x[picks], noise, timesteps)
         loss = (net(noisy, y[picks], noise_level(scheduler, timesteps)) - noise).pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
