@@ -36,6 +36,7 @@ from rcgdm import distributed, plots
 from rcgdm.cli import MAX_SEED, UserError, run_main, writable_dir
 from rcgdm.config import read
 from rcgdm.data import check_num_data, open_source
+from rcgdm.families import FAMILIES
 from rcgdm.files import run_folder
 from rcgdm.files.atomic import remove_leftovers, save_json, save_text, save_torch
 from rcgdm.files.locking import refuse_if_locked
@@ -44,7 +45,7 @@ from rcgdm.files.provenance import package_versions
 from rcgdm.models import load_scheduler, model_facts
 from rcgdm.posterior import fit_curve, posterior_fields
 from rcgdm.predictor import ThreeLayerConvNet, predictor_checkpoint
-from rcgdm.schedulers import check_step_count, is_flow
+from rcgdm.schedulers import check_step_count, is_flow, token_count
 from rcgdm.training import (
     TrainingData,
     load_labels,
@@ -141,7 +142,10 @@ def main() -> None:
     labels = load_labels(config.labels_path, config.num_data)
     indices = split(config.num_data, config.val_fraction, config.seed)  # an empty side fails here, before any encoding
     facts = model_facts(config.model)  # configs only: a model that cannot be had fails before anything is created
-    check_step_count(load_scheduler(config.model), config.num_inference_steps)  # a config only: its schedule must exist
+    check_image_size(config.image_size, facts)
+    latent_size = (config.image_size // facts["vae_scale_factor"],) * 2  # a config only: its schedule must exist
+    check_step_count(load_scheduler(config.model), config.num_inference_steps, FAMILIES[facts["family"]],
+                     token_count(latent_size, facts["patch_size"]))
     if config.data != "cifar10":  # cheap to open (cifar10 is downloaded once, later, by the main process first)
         check_num_data(config.num_data, open_source(config.data, config.data_root))
     writable_dir(files.folder, "out_path's folder")
@@ -153,10 +157,19 @@ def main() -> None:
         writes = files.where_to_write(config, state.is_main_process)
         if config.resume:  # checked in full before any encoding
             check_resume_state(writes["resume"], facts["in_channels"], config)
-        train(config, facts["family"], state, dev, labels, indices, writes, start_time)
+        train(config, facts, state, dev, labels, indices, writes, start_time)
         if state.is_main_process:
             files.finish(writes)
     distributed.finish(state)
+
+
+def check_image_size(image_size: int, facts: dict) -> None:
+    """UserError unless images of `image_size` make latents the model's transformer can cut into whole patches (SD3's
+    patch size; FLUX packs 2x2)."""
+    step = facts["vae_scale_factor"] * facts["patch_size"]
+    if image_size % step:
+        raise UserError(f"image_size={image_size} is not a multiple of {step}; expected a multiple of {step} for this "
+                        f"model (latent patches of {facts['patch_size']})")
 
 
 def check_resume_state(path: Path, channels: int, config: SimpleNamespace) -> None:
@@ -168,12 +181,13 @@ def check_resume_state(path: Path, channels: int, config: SimpleNamespace) -> No
                         "expected a larger num_epochs to train further")
 
 
-def train(config: SimpleNamespace, family: str, state: PartialState, dev: torch.device, labels: torch.Tensor,
+def train(config: SimpleNamespace, facts: dict, state: PartialState, dev: torch.device, labels: torch.Tensor,
           indices: tuple, files: dict[str, Path], start_time: float) -> None:
     """Encode (or read) the latents, then train for the remaining epochs and write the outputs. indices: (train,
-    validation) from `split`; `family`: the model's (rcgdm/families.py), recorded in the predictor. With several
-    processes (rcgdm.distributed) the net trains data-parallel and only the main process writes."""
-    data = prepare_data(config, state, dev, labels, indices)
+    validation) from `split`; `facts`: the model's (rcgdm.models.model_facts), whose family's latents the predictor
+    records. With several processes (rcgdm.distributed) the net trains data-parallel and only the main process writes."""
+    data = prepare_data(config, state, dev, labels, indices, facts)
+    family = FAMILIES[facts["family"]].latent_space
     torch.manual_seed(config.seed)  # model init
     net = ThreeLayerConvNet(in_channels=data.channels).to(dev)
     optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)

@@ -5,6 +5,15 @@
   text embedding and size/crop time ids) at every UNet call.
 - SD3 (`StableDiffusion3Pipeline`): flow matching, x_t = (1 - sigma) x0 + sigma eps; the transformer predicts
   the velocity eps - x0 (rcgdm/guidance.py derives the term for it); 16-channel latents, a VAE shift factor.
+  SD3.5 (large, medium) is the same pipeline class: its transformer's qk norm and dual attention layers are
+  the transformer's own business; skip-layer guidance is off, as the stock pipeline's default.
+- FLUX (`FluxPipeline`): SD3's flow matching and latents, with the transformer reading them packed 2x2 into
+  tokens (a fixed rearrangement: the sampler unpacks around it, so predictor and term see (B, 16, h, w));
+  its flow schedule shifts with the image's token count (dynamic shifting). FLUX.1-dev's transformer has a
+  guidance embedding, a conditioning value (distilled guidance, not classifier-free guidance); FLUX.1-schnell's
+  has none and takes fewer steps and a shorter T5 sequence. Both share the latents a predictor is trained on.
+  True classifier-free guidance (cfg > 1, against the empty prompt) is optional, as the stock pipeline's
+  `true_cfg_scale`, and costs a second transformer call per step.
 
 Each family keeps its own pipeline's defaults (classifier-free guidance scale, steps, scheduler) where SD 1.5's
 do not apply. Any other pipeline class is refused by name, with the reason where one is known.
@@ -25,11 +34,23 @@ class Family:
     pipeline: str  # diffusers class name in model_index.json
     denoiser: str  # the component that predicts: "unet" or "transformer"
     flow: bool  # flow matching (sigma schedule, velocity output) rather than an alpha_bar schedule
-    cfg: float  # the pipeline's own default classifier-free guidance scale
+    cfg: float  # the pipeline's own default classifier-free guidance scale (FLUX: true_cfg_scale)
     steps: int  # its default number of denoising steps
     scheduler: str  # its model's scheduler, a short name of rcgdm/schedulers.py
     label: str  # for messages and the README
     float32_vae: bool = False  # its VAE overflows in float16: with force_upcast its pipeline decodes in float32
+    latents_of: str | None = None  # the family whose latents it shares (a predictor trained on either serves both)
+    packed: bool = False  # the transformer reads 2x2 latent patches packed into tokens; its pipeline's other habits too:
+    # sigmas linspace(1, 1/steps, steps) for set_timesteps, classifier-free guidance as two calls, timesteps / 1000
+    distilled_guidance: float | None = None  # the guidance embedding's default value (FLUX.1-dev), or None: it has none
+    text_length: int | None = None  # T5 tokens per prompt, its pipeline's max_sequence_length (FLUX)
+    sample_size: int | None = None  # its pipeline's default latent size; None: the denoiser config's sample_size
+    max_shift: float = 1.16  # dynamic shifting's max_shift where the scheduler config has none, as its pipeline's
+
+    @property
+    def latent_space(self) -> str:
+        """The family a predictor records and is checked against: the latents it reads and how they are noised."""
+        return self.latents_of or self.name
 
     def prediction_type(self, configured: str | None) -> str:
         """What the denoiser predicts: a flow-matching family's velocity, whatever its scheduler config says, else
@@ -40,27 +61,49 @@ class Family:
         """Steps, classifier-free guidance scale and scheduler: the family's own where None."""
         return steps or self.steps, self.cfg if cfg is None else cfg, scheduler or self.scheduler
 
+    def latent_channels(self, in_channels: int) -> int:
+        """The latent channels of a denoiser that takes `in_channels` (four per packed token)."""
+        return in_channels // 4 if self.packed else in_channels
 
+    def patch(self, denoiser_config: dict) -> int:
+        """How many latent pixels a side of one transformer token covers (SD3's patch size, FLUX's packing)."""
+        return 2 if self.packed else denoiser_config.get("patch_size") or 1
+
+
+_FLUX = {"packed": True, "text_length": 512, "sample_size": 128, "max_shift": 1.15}  # FluxPipeline's defaults
 FAMILIES = {
     "sd": Family("sd", "StableDiffusionPipeline", "unet", False, 7.5, 50, "pndm", "SD 1.x/2.x"),
     "sdxl": Family("sdxl", "StableDiffusionXLPipeline", "unet", False, 5.0, 50, "euler", "SDXL", float32_vae=True),
     "sd3": Family("sd3", "StableDiffusion3Pipeline", "transformer", True, 7.0, 28, "flow_euler", "SD3"),
+    "flux": Family("flux", "FluxPipeline", "transformer", True, 1.0, 28, "flow_euler", "FLUX.1-dev",
+                   distilled_guidance=3.5, **_FLUX),
+    # diffusers' FLUX.1-schnell example: 4 steps, no guidance embedding, max_sequence_length 256
+    "flux-schnell": Family("flux-schnell", "FluxPipeline", "transformer", True, 1.0, 4, "flow_euler", "FLUX.1-schnell",
+                           latents_of="flux", **{**_FLUX, "text_length": 256}),
 }
-_BY_PIPELINE = {family.pipeline: family for family in FAMILIES.values()}
+_BY_PIPELINE = {family.pipeline: family for family in FAMILIES.values() if family.latents_of is None}
 REFUSED = {  # known families and why the term is not applied to them
-    "FluxPipeline": "FLUX is guidance-distilled (no classifier-free guidance to combine with) and packs its latents "
-    "2x2 into tokens, which a convolutional latent predictor cannot read",
     "StableDiffusionXLImg2ImgPipeline": "an image-to-image pipeline (SDXL's refiner), not a text-to-image one",
 }
 
 
-def family_of(pipeline_class: str | None) -> Family | None:
-    """The family of a model_index.json `_class_name`, or None."""
-    return _BY_PIPELINE.get(pipeline_class)
+def family_of(pipeline_class: str | None, denoiser_config: dict | None = None) -> Family | None:
+    """The family of a model_index.json `_class_name`, or None; FLUX.1-schnell where a FluxPipeline's denoiser config
+    (when given) shows no guidance embedding."""
+    family = _BY_PIPELINE.get(pipeline_class)
+    if family is not None and family.distilled_guidance is not None and denoiser_config is not None:
+        return family if denoiser_config.get("guidance_embeds") else FAMILIES["flux-schnell"]
+    return family
+
+
+def family_of_pipe(pipe) -> Family:
+    """The family of a loaded diffusers pipeline."""
+    family = family_of(type(pipe).__name__)
+    return family_of(family.pipeline, dict(getattr(pipe, family.denoiser).config))
 
 
 def refusal(pipeline_class: str | None) -> str:
     """One line on why a pipeline class is not supported."""
-    expected = ", ".join(f"a {f.pipeline} ({f.label})" for f in FAMILIES.values())
+    expected = ", ".join(dict.fromkeys(f"a {f.pipeline}" for f in FAMILIES.values()))
     reason = REFUSED.get(pipeline_class)
     return f"is a {pipeline_class!r}" + (f": {reason}" if reason else "") + f"; expected {expected}"

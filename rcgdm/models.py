@@ -1,8 +1,9 @@
 """Where a model comes from: a hub id, a local diffusers folder, `tiny`, or a random-weight build.
 
 `tiny` is the trained tiny model committed under models/tiny-sd (its sha256 manifest is checked on
-every load). `tiny-random` (random weights, for plumbing tests), `tiny-sdxl-random` and `tiny-sd3-random`
-(the same for SDXL and SD3, rcgdm/tiny/family_builds.py) and `sd15-random` (SD v1.5's architecture with random
+every load). `tiny-random` (random weights, for plumbing tests), `tiny-sdxl-random`, `tiny-sd3-random`,
+`tiny-sd35-random`, `tiny-flux-random` and `tiny-flux-schnell-random` (the same for SDXL, SD3, SD3.5, FLUX.1-dev and
+FLUX.1-schnell, rcgdm/tiny/family_builds.py) and `sd15-random` (SD v1.5's architecture with random
 weights, ~4 GB, for benchmarks) are built once (offline, seeded) into the cache folder ``$RCGDM_CACHE_DIR``
 (default ``~/.cache/rcgdm``). All load through the same `from_pretrained` path as the real models; which
 pipeline class loads a model is its family's (rcgdm/families.py).
@@ -26,7 +27,8 @@ SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TINY = "tiny"
 TINY_FOLDER = Path(__file__).resolve().parents[1] / "models" / "tiny-sd"
 _BUILT_FOLDERS = {"tiny-random": "tiny-random-v4", "sd15-random": "sd15-random-v1", "tiny-sdxl-random": "tiny-sdxl-random-v1",
-                  "tiny-sd3-random": "tiny-sd3-random-v1"}
+                  "tiny-sd3-random": "tiny-sd3-random-v1", "tiny-sd35-random": "tiny-sd35-random-v1",
+                  "tiny-flux-random": "tiny-flux-random-v1", "tiny-flux-schnell-random": "tiny-flux-schnell-random-v1"}
 
 
 def cache_root() -> Path:
@@ -36,23 +38,28 @@ def cache_root() -> Path:
     return root
 
 
-def ensure_built(name: str = "tiny-random") -> Path:
-    """The folder of a locally built random-weight model (`tiny-random`, `sd15-random`, `tiny-sdxl-random`,
-    `tiny-sd3-random`), built on first use (atomically, so concurrent builders are safe)."""
+def _builders() -> dict:
     from rcgdm.tiny.build import build_random_sd
-    from rcgdm.tiny.family_builds import build_random_sd3, build_random_sdxl
+    from rcgdm.tiny.family_builds import build_random_flux, build_random_sd3, build_random_sdxl
 
+    return {"tiny-random": lambda out: build_random_sd(out, "tiny-random"),
+            "sd15-random": lambda out: build_random_sd(out, "sd15-random"),
+            "tiny-sdxl-random": build_random_sdxl,
+            "tiny-sd3-random": build_random_sd3,
+            "tiny-sd35-random": lambda out: build_random_sd3(out, sd35=True),
+            "tiny-flux-random": build_random_flux,
+            "tiny-flux-schnell-random": lambda out: build_random_flux(out, schnell=True)}
+
+
+def ensure_built(name: str = "tiny-random") -> Path:
+    """The folder of a locally built random-weight model (one of _BUILT_FOLDERS), built on first use (atomically, so
+    concurrent builders are safe)."""
     target = cache_root() / _BUILT_FOLDERS[name]
     if (target / "model_index.json").is_file():
         return target
     try:
         with atomic_folder(target) as staging:
-            if name == "tiny-sdxl-random":
-                build_random_sdxl(staging)
-            elif name == "tiny-sd3-random":
-                build_random_sd3(staging)
-            else:
-                build_random_sd(staging, name)
+            _builders()[name](staging)
     except OSError:
         if not (target / "model_index.json").is_file():  # not a concurrent builder's win
             raise
@@ -160,6 +167,7 @@ def model_facts(name: str) -> dict:
     family = check_model_index(name)
     denoiser_file = f"{family.denoiser}/config.json"
     denoiser = _config(UNet2DConditionModel, name, denoiser_file)  # any model class: config only
+    family = family_of(family.pipeline, denoiser)  # FLUX.1-dev or -schnell, by the guidance embedding
     if family.name == "sdxl" and denoiser.get("addition_embed_type") != "text_time":
         raise InputError("model", f"{name!r}: model_index.json says {family.pipeline}, but {denoiser_file} has no "
                                   "'text_time' added conditioning; expected an SDXL UNet")
@@ -178,11 +186,16 @@ def model_facts(name: str) -> dict:
     if not family.flow and kind not in DIFFUSION_TYPES:
         raise InputError("model", f"{name!r} predicts {kind!r}; expected one of {', '.join(DIFFUSION_TYPES)} "
                                   "(see README, model families)")
+    in_channels = _field(denoiser, "in_channels", int, name, denoiser_file, "an integer")
+    if family.packed and in_channels % 4:
+        raise InputError("model", f"{name!r}: {denoiser_file} field 'in_channels' holds {in_channels}; expected a multiple "
+                                  "of 4 (2x2 packed latent patches)")
+    _field(denoiser, "patch_size", int, name, denoiser_file, "an integer", 1)
     return {
         "family": family.name,
-        "in_channels": _field(denoiser, "in_channels", int, name, denoiser_file, "an integer"),
-        "sample_size": _field(denoiser, "sample_size", int, name, denoiser_file, "an integer"),
-        "patch_size": _field(denoiser, "patch_size", int, name, denoiser_file, "an integer", 1),
+        "in_channels": family.latent_channels(in_channels),
+        "sample_size": family.sample_size or _field(denoiser, "sample_size", int, name, denoiser_file, "an integer"),
+        "patch_size": family.patch(denoiser),
         "vae_scale_factor": 2 ** (len(blocks) - 1),  # as the pipelines compute it
         "prediction_type": kind,
     }
@@ -205,7 +218,8 @@ def _field(config: dict, key: str, kind: type, name: str, file: str, expected: s
 
 
 def load_pipeline(name: str, dtype: torch.dtype = torch.float32, facts: dict | None = None):
-    """The pipeline of `name`'s family (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline);
+    """The pipeline of `name`'s family (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline,
+    FluxPipeline);
     components the model leaves out (SD's safety checker, SD3's T5) are None; no safety checker (as the paper's code)
     and no watermark (SDXL), so that images are the model's own."""
     import diffusers

@@ -22,7 +22,7 @@ import torch
 from rcgdm.cli import InputError, UserError
 from rcgdm.distributed import batches
 from rcgdm.evaluate import distribution_shift, predicted_reward
-from rcgdm.families import FAMILIES, Family, family_of
+from rcgdm.families import FAMILIES, Family, family_of_pipe
 from rcgdm.guidance import RewardGuidance
 from rcgdm.models import SD15, load_pipeline, model_facts
 from rcgdm.pipeline_checks import (
@@ -37,7 +37,7 @@ from rcgdm.posterior import POSTERIOR, PosteriorStrength
 from rcgdm.predictor import TrainedPredictor, load_predictor
 from rcgdm.rewards import Reward, load_reward
 from rcgdm.sampler import decode, sample_latents
-from rcgdm.schedulers import check_step_count, check_steps, make_scheduler
+from rcgdm.schedulers import check_step_count, check_steps, make_scheduler, token_count
 from rcgdm.seeds import image_generators
 from rcgdm.sweep.rows import guidance_label
 
@@ -93,18 +93,19 @@ class Sampling:
 
 
 class RewardDirectedPipeline:
-    """A diffusers pipeline of a supported family (`sd`: StableDiffusionPipeline, StableDiffusionXLPipeline or
-    StableDiffusion3Pipeline), a trained reward predictor and, optionally, the ground-truth reward its labels came
+    """A diffusers pipeline of a supported family (StableDiffusionPipeline, StableDiffusionXLPipeline,
+    StableDiffusion3Pipeline or FluxPipeline), a trained reward predictor and, optionally, the ground-truth reward its labels came
     from. Calling it samples with the paper's term added at every step and scores the images. Steps and the
     classifier-free guidance scale default to the family's own (rcgdm/families.py)."""
 
     def __init__(self, base, predictor: TrainedPredictor, reward: Reward | None = None, reward_meta: dict | None = None):
         self.base = base  # the diffusers pipeline whose components sample: its unet or transformer, VAE, scheduler
         self.predictor, self.reward, self.reward_meta = predictor, reward, reward_meta or {}
-        self.family: Family = family_of(type(base).__name__)
+        self.family: Family = family_of_pipe(base)
         denoiser = getattr(base, self.family.denoiser).config
-        self.facts = {"family": self.family.name, "in_channels": denoiser.in_channels, "sample_size": denoiser.sample_size,
-                      "patch_size": denoiser.get("patch_size") or 1, "vae_scale_factor": base.vae_scale_factor}
+        self.facts = {"family": self.family.name, "in_channels": self.family.latent_channels(denoiser.in_channels),
+                      "sample_size": self.family.sample_size or denoiser.sample_size,
+                      "patch_size": self.family.patch(denoiser), "vae_scale_factor": base.vae_scale_factor}
 
     @classmethod
     def from_pretrained(
@@ -160,8 +161,10 @@ class RewardDirectedPipeline:
         if not 1 <= num_inference_steps <= train_steps:
             raise InputError("num_inference_steps", f"{num_inference_steps} is outside the model's {train_steps} training "
                                                     f"timesteps; expected 1 to {train_steps}")
-        check_step_count(self.base.scheduler, num_inference_steps)
         check_predictor(self.predictor, self.facts, grad_path, (height, width))
+        latents = latent_size(self.facts["sample_size"], self.facts["vae_scale_factor"], height, width)
+        check_step_count(self.base.scheduler, num_inference_steps, self.family,
+                         token_count(latents, self.facts["patch_size"]))
 
     def strength(self, guidance: float | str) -> float | PosteriorStrength:
         """A guidance value as RewardGuidance takes it: a number, or for "posterior" 1 / sigma_t^2 from the predictor's

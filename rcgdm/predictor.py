@@ -125,7 +125,7 @@ class TrainedPredictor:
         """The net must come from a model of this family: latents of another family's VAE, noised another way, are
         another input (even at the same channel count, as SD and SDXL)."""
         trained = self.meta.get("family", "sd")
-        if trained != family:
+        if trained != FAMILIES[family].latent_space:
             label = FAMILIES[trained].label if trained in FAMILIES else repr(trained)
             raise InputError("predictor", f"{self.path!r} was trained on {label} latents; the model is "
                                           f"{FAMILIES[family].label}; expected one train.py trained on this model")

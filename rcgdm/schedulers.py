@@ -9,9 +9,10 @@ diffusers scheduler place their steps differently:
   t is 0.25 log sigma). Their model input is the latent scaled to the variance-preserving form, so
   x_t = sqrt(a) x0 + sqrt(1 - a) eps with a = 1 / (1 + sigma_i^2), sigma_i = scheduler.sigmas[i] for
   the i-th entry of scheduler.timesteps (Heun repeats timesteps and sigmas alike).
-- "flow" (flow-matching Euler and Heun, for SD3) step on sigmas of x_t = (1 - sigma) x0 + sigma eps, and the
-  level is sigma_i = scheduler.sigmas[i] itself (= timesteps[i] / num_train_timesteps); they step only a
-  velocity-predicting model, and the diffusion samplers only the others.
+- "flow" (flow-matching Euler and Heun, for SD3 and FLUX) step on sigmas of x_t = (1 - sigma) x0 + sigma eps, and
+  the level is sigma_i = scheduler.sigmas[i] itself (= timesteps[i] / num_train_timesteps); they step only a
+  velocity-predicting model, and the diffusion samplers only the others. A schedule with dynamic shifting (FLUX.1-dev's)
+  is shifted by mu, from the image's token count (`set_schedule`); the sigmas it sits at are the shifted ones.
 
 Any other scheduler class (inversion, inpainting-only, consistency samplers, base classes) is refused by
 class, whatever name it was given.
@@ -20,12 +21,14 @@ class, whatever name it was given.
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from rcgdm.cli import InputError
-from rcgdm.families import DIFFUSION_TYPES, FLOW_PREDICTION
+from rcgdm.families import DIFFUSION_TYPES, FLOW_PREDICTION, Family
 
 
 @dataclass(frozen=True)
@@ -79,18 +82,16 @@ def check_steps(name: str, prediction_type: str) -> SchedulerSupport:
 def make_scheduler(name: str, config, prediction_type: str | None = None):
     """The scheduler `name` built from a model's scheduler `config` for a model predicting `prediction_type` (default:
     the config's), refused in one line if it cannot step that type, or if the config leaves the schedules the guidance
-    is exact for: flow-matching sigmas on a diffusion sampler, or resolution-dependent (dynamic) or stochastic flow
-    sigmas."""
+    is exact for: flow-matching sigmas on a diffusion sampler, or stochastic flow sampling."""
     import diffusers
 
     support = check_steps(name, prediction_type or config.get("prediction_type", "epsilon"))
     if support.noise != "flow" and config.get("use_flow_sigmas"):
         raise InputError("scheduler", f"{name!r}: the model's scheduler config uses flow-matching sigmas; expected a "
                         "diffusion (alpha_bar) schedule")
-    for option in ("use_dynamic_shifting", "stochastic_sampling") if support.noise == "flow" else ():
-        if config.get(option):
-            raise InputError("scheduler", f"{name!r}: the model's scheduler config sets {option}; expected a fixed, "
-                            "deterministic flow schedule (shift only)")
+    if support.noise == "flow" and config.get("stochastic_sampling"):
+        raise InputError("scheduler", f"{name!r}: the model's scheduler config sets stochastic_sampling; expected a "
+                        "deterministic flow schedule")
     try:
         return getattr(diffusers, support.class_name).from_config(config)
     except Exception as err:  # a config option this class cannot take, or one needing a package not installed
@@ -98,11 +99,48 @@ def make_scheduler(name: str, config, prediction_type: str | None = None):
         raise InputError("scheduler", f"{name!r} cannot be built from the model's scheduler config ({reason})") from None
 
 
-def check_step_count(scheduler, steps: int) -> None:
-    """InputError unless `scheduler` can make a schedule of `steps` steps (PNDM's Runge-Kutta warm-up, when its config
-    keeps it, needs at least 4). Tried on a copy: the scheduler itself is left as it was."""
+def dynamic_shift(config, tokens: int, family: Family) -> float:
+    """mu of a flow schedule with dynamic shifting for an image of `tokens` transformer tokens: linear from base_shift at
+    base_image_seq_len to max_shift at max_image_seq_len (the config's, else the family pipeline's defaults)."""
+    low, high = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base, top = config.get("base_shift", 0.5), config.get("max_shift", family.max_shift)
+    return base + (top - base) * (tokens - low) / (high - low)
+
+
+def token_count(latent_size: tuple[int, int], patch: int) -> int:
+    """How many transformer tokens latents of `latent_size` (h, w) make, in patches of patch x patch."""
+    return (latent_size[0] // patch) * (latent_size[1] // patch)
+
+
+def schedule_options(scheduler, steps: int, family: Family, tokens: int) -> dict:
+    """What the family's stock pipeline passes to scheduler.set_timesteps for `steps` steps and an image of `tokens`
+    transformer tokens: FLUX's sigmas linspace(1, 1/steps, steps) (unless the config asks for flow sigmas), and mu for a
+    schedule with dynamic shifting (`dynamic_shift`). InputError if the scheduler cannot take them."""
+    options = {}
+    if family.packed and not scheduler.config.get("use_flow_sigmas"):
+        options["sigmas"] = np.linspace(1.0, 1 / steps, steps)
+    if scheduler.config.get("use_dynamic_shifting"):
+        options["mu"] = dynamic_shift(scheduler.config, tokens, family)
+    accepted = inspect.signature(scheduler.set_timesteps).parameters
+    for option in options:
+        if option not in accepted:
+            raise InputError("scheduler", f"{type(scheduler).__name__} takes no {option!r}, which {family.label}'s schedule "
+                                          "needs (dynamic shifting or custom sigmas); expected flow_euler")
+    return options
+
+
+def set_schedule(scheduler, steps: int, family: Family, tokens: int, device: torch.device | None = None) -> None:
+    """scheduler.set_timesteps for `steps` steps as the family's stock pipeline calls it (`schedule_options`)."""
+    scheduler.set_timesteps(steps, device=device, **schedule_options(scheduler, steps, family, tokens))
+
+
+def check_step_count(scheduler, steps: int, family: Family, tokens: int) -> None:
+    """InputError unless `scheduler` can make the family's schedule of `steps` steps for an image of `tokens` tokens
+    (`set_schedule`; PNDM's Runge-Kutta warm-up, when its config keeps it, needs at least 4). Tried on a copy: the
+    scheduler itself is left as it was."""
+    options = schedule_options(scheduler, steps, family, tokens)
     try:
-        copy.deepcopy(scheduler).set_timesteps(steps)
+        copy.deepcopy(scheduler).set_timesteps(steps, **options)
     except Exception as err:  # diffusers' own check, or an arithmetic failure on a schedule too short
         reason = (str(err).splitlines() or [type(err).__name__])[0][:120]
         warm_up = isinstance(scheduler, _class("pndm")) and not scheduler.config.get("skip_prk_steps")

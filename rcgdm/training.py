@@ -18,11 +18,12 @@ from tqdm import tqdm
 
 from rcgdm.cli import InputError, UserError
 from rcgdm.data import check_num_data, open_source
+from rcgdm.families import FAMILIES
 from rcgdm.files.provenance import sha256_file
 from rcgdm.latents import LatentSpec, cached_latents, vae_fingerprint
 from rcgdm.models import load_scheduler, load_vae
 from rcgdm.predictor import reference_sample
-from rcgdm.schedulers import is_flow
+from rcgdm.schedulers import is_flow, set_schedule, token_count
 
 
 def load_labels(path: str | Path, num_data: int) -> torch.Tensor:
@@ -234,8 +235,10 @@ class TrainingData:
 
 
 def prepare_data(config: SimpleNamespace, state: PartialState, dev: torch.device, labels: torch.Tensor,
-                 indices: tuple) -> TrainingData:
-    """Cached VAE latents, the seeded train/validation split, the timestep pool and the fixed validation noise."""
+                 indices: tuple, facts: dict) -> TrainingData:
+    """Cached VAE latents, the seeded train/validation split, the timestep pool (the timesteps of the model's
+    `num_inference_steps` schedule at this resolution, as its sampler visits them) and the fixed validation noise.
+    `facts`: the model's, rcgdm.models.model_facts."""
     latents, images_encoded, encode_seconds, vae_id = encode_dataset(config, state, dev)
     run_config = {**vars(config), "labels_sha256": sha256_file(config.labels_path), "vae_fingerprint": vae_id}
     train_idx, val_idx = indices
@@ -243,7 +246,8 @@ def prepare_data(config: SimpleNamespace, state: PartialState, dev: torch.device
     x_val, y_val = latents[val_idx].to(dev), labels[val_idx].to(dev)
     reference = reference_sample(latents[train_idx], config.seed)
     scheduler = load_scheduler(config.model)
-    scheduler.set_timesteps(config.num_inference_steps)
+    set_schedule(scheduler, config.num_inference_steps, FAMILIES[facts["family"]],
+                 token_count(latents.shape[-2:], facts["patch_size"]))
     timestep_pool = torch.unique(scheduler.timesteps)
     val_generator = torch.Generator().manual_seed(config.seed + 1)
     val_inputs, _, val_timesteps = add_training_noise(scheduler, x_val, timestep_pool, val_generator)

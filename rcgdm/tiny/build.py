@@ -68,12 +68,15 @@ def shape_like_a_trained_vae(vae) -> None:
     latents of roughly unit std after the scaling factor. Left random, the posterior std is ~1 and a
     latent sample is mostly sampling noise, which no reward predictor could learn from."""
     channels = vae.config.latent_channels
+    # the last layer before (mean, log variance) and the first after the latents; FLUX's VAE has no quant convolutions
+    moments = vae.encoder.conv_out if vae.quant_conv is None else vae.quant_conv
+    latent_input = vae.decoder.conv_in if vae.post_quant_conv is None else vae.post_quant_conv
     with torch.no_grad():
-        vae.quant_conv.weight[:channels] *= _LATENT_GAIN
-        vae.quant_conv.bias[:channels] *= _LATENT_GAIN
-        vae.quant_conv.weight[channels:] = 0.0
-        vae.quant_conv.bias[channels:] = -12.0
-        vae.post_quant_conv.weight /= _LATENT_GAIN  # the decoder sees inputs of the scale it was initialised for
+        moments.weight[:channels] *= _LATENT_GAIN
+        moments.bias[:channels] *= _LATENT_GAIN
+        moments.weight[channels:] = 0.0
+        moments.bias[channels:] = -12.0
+        latent_input.weight /= _LATENT_GAIN  # the decoder sees inputs of the scale it was initialised for
 
 
 def _fit_unet(pipe, seed: int) -> None:

@@ -1,4 +1,5 @@
-"""Tiny random-weight SDXL and SD3, offline, for tests of the plumbing (`--model tiny-sdxl-random`, `tiny-sd3-random`).
+"""Tiny random-weight SDXL, SD3, SD3.5 and FLUX, offline, for tests of the plumbing (`--model tiny-sdxl-random`,
+`tiny-sd3-random`, `tiny-sd35-random`, `tiny-flux-random`, `tiny-flux-schnell-random`).
 
 The same diffusers classes as the real models, at toy sizes, loaded through the same `from_pretrained` path:
 
@@ -7,7 +8,13 @@ The same diffusers classes as the real models, at toy sizes, loaded through the 
   embedding, Euler as SDXL ships. 64x64 images, 4x8x8 latents.
 - SD3: `StableDiffusion3Pipeline`: two CLIP text encoders with projections, no T5 (diffusers allows it
   absent), an `SD3Transformer2DModel`, a 16-channel VAE with a `shift_factor`, `FlowMatchEulerDiscreteScheduler`.
-  64x64 images, 16x8x8 latents.
+  64x64 images, 16x8x8 latents. `tiny-sd35-random` is shaped as SD3.5 medium: RMS-norm on queries and keys
+  (`qk_norm`) and a dual-attention first layer.
+- FLUX: `FluxPipeline`: a CLIP text encoder (its pooled embedding), a T5 encoder over a small unigram
+  vocabulary, a `FluxTransformer2DModel` on 2x2-packed tokens (64 channels = 16 latent channels x 4), a
+  16-channel VAE with a shift factor and no quant convolutions, as FLUX's. Dev-shaped (`tiny-flux-random`): a
+  guidance embedding and a dynamically shifted flow schedule. Schnell-shaped (`tiny-flux-schnell-random`): no
+  guidance embedding, shift 1, no dynamic shifting. 64x64 images, 16x8x8 latents (4x4 tokens).
 
 Weights are random (seeded); the VAEs get a trained one's latent statistics (rcgdm/tiny/build.py).
 They show no learned behaviour.
@@ -34,8 +41,8 @@ def _tokenizer_and_text_encoder(projection: bool):
     return tokenizer, (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
-def _vae(latent_channels: int, scaling_factor: float, shift_factor: float | None = None):
-    vae = tiny_vae(_VAE, latent_channels, scaling_factor, shift_factor)
+def _vae(latent_channels: int, scaling_factor: float, shift_factor: float | None = None, **extra):
+    vae = tiny_vae({**_VAE, **extra}, latent_channels, scaling_factor, shift_factor)
     shape_like_a_trained_vae(vae)
     return vae
 
@@ -65,8 +72,9 @@ def build_random_sdxl(out_dir: str | Path, seed: int = 0) -> Path:
     return Path(out_dir)
 
 
-def build_random_sd3(out_dir: str | Path, seed: int = 0) -> Path:
-    """Write a tiny random StableDiffusion3Pipeline folder (no T5) to `out_dir` (which must not exist)."""
+def build_random_sd3(out_dir: str | Path, seed: int = 0, sd35: bool = False) -> Path:
+    """Write a tiny random StableDiffusion3Pipeline folder (no T5) to `out_dir` (which must not exist); with `sd35`,
+    shaped as SD3.5 medium (qk_norm, a dual-attention layer)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     torch.manual_seed(seed)
@@ -77,11 +85,52 @@ def build_random_sd3(out_dir: str | Path, seed: int = 0) -> Path:
         num_attention_heads=4, caption_projection_dim=32, pos_embed_max_size=16,
         joint_attention_dim=2 * _TEXT["hidden_size"],  # both CLIP encoders' hidden states, concatenated (and T5's width)
         pooled_projection_dim=2 * _TEXT["projection_dim"],
+        **({"qk_norm": "rms_norm", "dual_attention_layers": (0,)} if sd35 else {}),
     )
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae(16, 1.5305, 0.0609),
         text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
         text_encoder_3=None, tokenizer_3=None,
     )
+    pipe.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+_T5 = {"d_model": 32, "d_ff": 64, "d_kv": 8, "num_layers": 2, "num_heads": 4, "relative_attention_num_buckets": 8}
+
+
+def _t5_tokenizer_and_encoder():
+    """A T5 tokenizer over a unigram vocabulary of single characters (and word-initial letters), and a T5 encoder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    letters, others = "abcdefghijklmnopqrstuvwxyz", "0123456789 ,.'-"
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -3.0) for c in letters + others] + [("\u2581" + c, -2.5) for c in letters]
+    unigram = Tokenizer(models.Unigram(pieces, unk_id=2))
+    unigram.pre_tokenizer, unigram.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tokenizer = T5TokenizerFast(tokenizer_object=unigram, extra_ids=0, eos_token="</s>", pad_token="<pad>",
+                                unk_token="<unk>")
+    config = T5Config(vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, **_T5)
+    return tokenizer, T5EncoderModel(config)
+
+
+def build_random_flux(out_dir: str | Path, seed: int = 0, schnell: bool = False) -> Path:
+    """Write a tiny random FluxPipeline folder to `out_dir` (which must not exist): dev-shaped, or `schnell`-shaped."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    tokenizer, text_encoder = _tokenizer_and_text_encoder(projection=False)
+    tokenizer_2, text_encoder_2 = _t5_tokenizer_and_encoder()
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=_T5["d_model"], pooled_projection_dim=_TEXT["hidden_size"], guidance_embeds=not schnell,
+        axes_dims_rope=(4, 6, 6),  # text/row/column position channels; they sum to attention_head_dim
+    )
+    shifts = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0 if schnell else 3.0, use_dynamic_shifting=not schnell, **shifts)
+    vae = _vae(16, 0.3611, 0.1159, use_quant_conv=False, use_post_quant_conv=False)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
     pipe.save_pretrained(out_dir)
     return Path(out_dir)
