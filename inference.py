@@ -92,6 +92,9 @@ def parse_args() -> argparse.Namespace:
                    help=f"classifier-free guidance scale (default: the model family's: {family_defaults('cfg')})")
     p.add_argument("--scheduler", default=None, help=f"{', '.join(SCHEDULERS)} or their diffusers class names "
                                                      f"(default: the model family's: {family_defaults('scheduler')})")
+    p.add_argument("--distilled_guidance", type=finite_float, default=None,
+                   help="FLUX.1-dev's guidance embedding, a conditioning value (default: 3.5, its pipeline's); "
+                        "refused on models without one")
     p.add_argument("--height", type=positive_int, default=None, help="image height, a multiple of 8 (default: the model's)")
     p.add_argument("--width", type=positive_int, default=None, help="image width, a multiple of 8 (default: the model's)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: fp16 on CUDA, fp32 on CPU")
@@ -168,8 +171,10 @@ def family_defaults(setting: str) -> str:
 
 
 def fill_family_defaults(args: argparse.Namespace, family: Family) -> None:
-    """Steps, cfg and scheduler left open take the model family's own (rcgdm/families.py)."""
+    """Steps, cfg, scheduler and distilled guidance left open take the model family's own (rcgdm/families.py)."""
     args.num_inference_steps, args.cfg, args.scheduler = family.fill(args.num_inference_steps, args.cfg, args.scheduler)
+    if args.distilled_guidance is None:
+        args.distilled_guidance = family.distilled_guidance
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -184,8 +189,8 @@ def image_settings(args: argparse.Namespace, seed: int, device: torch.device, dt
     """Everything that shapes the images: a resumed run must match it. With --guidance auto that includes the device
     and dtype, which move the pilots' numbers and so the strengths the search would choose."""
     keys = ("prompt", "target", "guidance", "num_images", "bs", "seed", "model", "reward_model", "predictor",
-            "num_inference_steps", "cfg", "scheduler", "height", "width", "dtype", "batch_mean_guidance", "grad_path",
-            "best_of", "auto_tolerance")
+            "num_inference_steps", "cfg", "distilled_guidance", "scheduler", "height", "width", "dtype", "batch_mean_guidance",
+            "grad_path", "best_of", "auto_tolerance")
     contents = {  # what the files hold, not only their paths: a retrained predictor at the same path is another run
         "reward_model_sha256": sha256_file(args.reward_model),
         "predictor_sha256": sha256_file(args.predictor),
@@ -232,7 +237,7 @@ def main() -> None:
                 for path in {folder, *(combo.folder for combo in staged)}:
                     remove_leftovers(path)  # temporary files of a killed run
         settings = SweepSettings(args.num_images, args.bs, args.num_inference_steps, args.cfg, args.height, args.width,
-                                 args.batch_mean_guidance, args.grad_path, tolerance)
+                                 args.batch_mean_guidance, args.grad_path, tolerance, args.distilled_guidance)
         rows, stats = run_sweep(pipe, settings, staged, folder, log, state)
         if state.is_main_process:
             check_images_visible(folder, rows)
@@ -257,7 +262,7 @@ def load(args: argparse.Namespace, facts: dict, state: PartialState, device: tor
             dtype=dtype, ignore_provenance=args.ignore_provenance, grad_path=args.grad_path, height=args.height,
             width=args.width, facts=facts,
         )
-    pipe.check(args.num_inference_steps, args.grad_path, args.height, args.width)
+    pipe.check(args.num_inference_steps, args.grad_path, args.height, args.width, args.distilled_guidance)
     check_memory(args.num_images, args.bs, max(args.best_of), *pipe.image_size(args.height, args.width), device)
     return pipe
 

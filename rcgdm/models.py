@@ -168,6 +168,9 @@ def model_facts(name: str) -> dict:
     denoiser_file = f"{family.denoiser}/config.json"
     denoiser = _config(UNet2DConditionModel, name, denoiser_file)  # any model class: config only
     family = family_of(family.pipeline, denoiser)  # FLUX.1-dev or -schnell, by the guidance embedding
+    if family.packed and denoiser.get("_class_name") != "FluxTransformer2DModel":
+        raise InputError("model", f"{name!r}: model_index.json says {family.pipeline}, but {denoiser_file} is a "
+                                  f"{denoiser.get('_class_name')!r}; expected a FluxTransformer2DModel")
     if family.name == "sdxl" and denoiser.get("addition_embed_type") != "text_time":
         raise InputError("model", f"{name!r}: model_index.json says {family.pipeline}, but {denoiser_file} has no "
                                   "'text_time' added conditioning; expected an SDXL UNet")

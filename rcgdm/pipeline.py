@@ -83,13 +83,14 @@ def best_of_n(candidates: Iterable[Scored], picks: dict) -> dict:
 
 @dataclass(frozen=True)
 class Sampling:
-    """How each image is sampled: denoising steps and classifier-free guidance scale (None: the family's), and the
-    image size (None: the model's)."""
+    """How each image is sampled: denoising steps, classifier-free guidance scale and FLUX.1-dev's distilled guidance
+    (None: the family's), and the image size (None: the model's)."""
 
     num_inference_steps: int | None = None
     cfg: float | None = None
     height: int | None = None
     width: int | None = None
+    distilled_guidance: float | None = None
 
 
 class RewardDirectedPipeline:
@@ -153,8 +154,12 @@ class RewardDirectedPipeline:
         steps, cfg, _ = self.family.fill(num_inference_steps, cfg)
         return steps, cfg
 
-    def check(self, num_inference_steps: int, grad_path: str, height: int | None, width: int | None) -> None:
+    def check(self, num_inference_steps: int, grad_path: str, height: int | None, width: int | None,
+              distilled_guidance: float | None = None) -> None:
         """InputError unless this pipeline can sample with these settings as the predictor was trained for."""
+        if distilled_guidance is not None and self.family.distilled_guidance is None:
+            raise InputError("distilled_guidance", f"{distilled_guidance:g} is given, but {self.family.label}'s "
+                                                   "transformer has no guidance embedding; expected none (FLUX.1-dev only)")
         train_steps = self.base.scheduler.config.num_train_timesteps
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
             raise InputError("num_inference_steps", f"{num_inference_steps!r} is not an integer; expected 1 to {train_steps}")
@@ -184,7 +189,7 @@ class RewardDirectedPipeline:
         generators = image_generators(seed, indices, candidate)
         steps, cfg = self.defaults(sampling.num_inference_steps, sampling.cfg)
         latents = sample_latents(self.base, prompt, generators, reward_guidance, steps, cfg, sampling.height,
-                                 sampling.width, progress_bar)
+                                 sampling.width, progress_bar, sampling.distilled_guidance)
         _check_finite(latents, "the final latents", reward_guidance, cfg)
         images = decode(self.base, latents, generators)
         rewards = None if self.reward is None else self.reward(images)
@@ -210,19 +215,22 @@ class RewardDirectedPipeline:
         batch_mean: bool = False,
         best_of: int = 1,
         batch_size: int = 4,
+        distilled_guidance: float | None = None,
     ) -> Scored:
         """Sample `num_images` images of `prompt` steered toward predicted reward `target` with strength `guidance`
         (0: the plain model; "posterior": 1 / sigma_t^2 at each step, rcgdm/posterior.py), in batches of `batch_size`;
         `cfg` is the classifier-free guidance scale; best_of N keeps, per image, the candidate whose predicted reward is
-        closest to the target. Steps and cfg default to the family's."""
+        closest to the target. Steps and cfg default to the family's; `distilled_guidance` is FLUX.1-dev's guidance
+        embedding (default: its pipeline's 3.5)."""
         num_inference_steps, cfg = self.defaults(num_inference_steps, cfg)
         check_call(prompt=prompt, target=target, guidance=guidance, cfg=cfg, num_images=num_images, seed=seed,
-                    best_of=best_of, batch_size=batch_size, height=height, width=width, batch_mean=batch_mean)
-        self.check(num_inference_steps, grad_path, height, width)
+                    best_of=best_of, batch_size=batch_size, height=height, width=width, batch_mean=batch_mean,
+                    distilled_guidance=distilled_guidance)
+        self.check(num_inference_steps, grad_path, height, width, distilled_guidance)
         size = self.image_size(height, width)
         check_memory(num_images, batch_size, best_of, *size, self.base._execution_device)
         steer = RewardGuidance(self.predictor.net, target, self.strength(guidance), batch_mean, grad_path)
-        sampling = Sampling(num_inference_steps, cfg, height, width)
+        sampling = Sampling(num_inference_steps, cfg, height, width, distilled_guidance)
         kept = []
         for indices in batches(num_images, batch_size):  # the batches inference.py --bs samples
             candidates = (self.sample(prompt, steer, seed, indices, sampling, k) for k in range(best_of))

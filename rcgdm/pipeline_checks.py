@@ -77,16 +77,16 @@ def check_call(**values) -> None:
     if not isinstance(prompt, str) or text_problem(prompt):
         problem = text_problem(prompt) if isinstance(prompt, str) else f"is a {type(prompt).__name__}"
         raise InputError("prompt", f"{ascii(prompt)[:80]} {problem}; expected a text prompt")
-    for name in ("target", "guidance", "cfg"):
+    for name in ("target", "guidance", "cfg", "distilled_guidance"):
         value = values[name]
-        if name == "guidance" and value == POSTERIOR:
+        if (name == "guidance" and value == POSTERIOR) or (name == "distilled_guidance" and value is None):
             continue
         try:
             finite = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(float(value))
         except OverflowError:
             finite = False
         if not finite:
-            expected = f"a finite number or {POSTERIOR!r}" if name == "guidance" else "one"
+            expected = {"guidance": f"a finite number or {POSTERIOR!r}", "distilled_guidance": "one, or None"}.get(name, "one")
             raise InputError(name, f"{_shown(value)} is not a finite number; expected {expected}")
     for name, low, high in (("num_images", 1, MAX_SEED), ("best_of", 1, MAX_SEED), ("batch_size", 1, MAX_SEED),
                             ("seed", 0, MAX_SEED), ("height", 8, MAX_SIZE), ("width", 8, MAX_SIZE)):

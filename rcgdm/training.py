@@ -234,6 +234,14 @@ class TrainingData:
         return self.x_train.shape[1]
 
 
+def noising_schedule(model: str, facts: dict, steps: int, latent_size: tuple[int, int]):
+    """The scheduler training noises with, its timesteps those the model's sampler visits in `steps` steps on latents of
+    `latent_size` (h, w) (a flow schedule with dynamic shifting depends on it). `facts`: rcgdm.models.model_facts."""
+    scheduler = load_scheduler(model)
+    set_schedule(scheduler, steps, FAMILIES[facts["family"]], token_count(latent_size, facts["patch_size"]))
+    return scheduler
+
+
 def prepare_data(config: SimpleNamespace, state: PartialState, dev: torch.device, labels: torch.Tensor,
                  indices: tuple, facts: dict) -> TrainingData:
     """Cached VAE latents, the seeded train/validation split, the timestep pool (the timesteps of the model's
@@ -245,9 +253,7 @@ def prepare_data(config: SimpleNamespace, state: PartialState, dev: torch.device
     x_train, y_train = latents[train_idx].to(dev), labels[train_idx].to(dev)  # GPU-resident on CUDA
     x_val, y_val = latents[val_idx].to(dev), labels[val_idx].to(dev)
     reference = reference_sample(latents[train_idx], config.seed)
-    scheduler = load_scheduler(config.model)
-    set_schedule(scheduler, config.num_inference_steps, FAMILIES[facts["family"]],
-                 token_count(latents.shape[-2:], facts["patch_size"]))
+    scheduler = noising_schedule(config.model, facts, config.num_inference_steps, latents.shape[-2:])
     timestep_pool = torch.unique(scheduler.timesteps)
     val_generator = torch.Generator().manual_seed(config.seed + 1)
     val_inputs, _, val_timesteps = add_training_noise(scheduler, x_val, timestep_pool, val_generator)

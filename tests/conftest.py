@@ -150,18 +150,23 @@ def latent_labels(path, num_data=1024):
     return path
 
 
-def mean_prediction(pipe, predictor, steer, images: int, steps: int, prompt: str, cfg: float = 7.5) -> float:
-    """The predictor's mean over the final latents of images 0..images-1 (seed 0) sampled with `steer` (None: unguided)."""
+def mean_prediction(pipe, predictor, steer, images: int, steps: int, prompt: str, cfg: float = 7.5,
+                    size: int | None = None) -> float:
+    """The predictor's mean over the final latents of images 0..images-1 (seed 0) sampled with `steer` (None: unguided),
+    size x size pixels (None: the model's)."""
     from rcgdm.sampler import sample_latents
     from rcgdm.seeds import image_generators
 
-    latents = sample_latents(pipe, prompt, image_generators(0, range(images)), steer, steps, cfg, progress_bar=False)
+    latents = sample_latents(pipe, prompt, image_generators(0, range(images)), steer, steps, cfg, size, size,
+                             progress_bar=False)
     with torch.no_grad():
         return predictor(latents).mean().item()
 
 
-def levels_used(pipe, steer, monkeypatch, images: int, steps: int, prompt: str, cfg: float = 7.5) -> tuple[list, torch.Tensor]:
-    """Sample with `steer`, recording the noise level the sampler hands the term at every model call -> (levels, latents)."""
+def levels_used(pipe, steer, monkeypatch, images: int, steps: int, prompt: str, cfg: float = 7.5,
+                size: int | None = None) -> tuple[list, torch.Tensor]:
+    """Sample with `steer` (size x size pixels; None: the model's), recording the noise level the sampler hands the term
+    at every model call -> (levels, latents)."""
     from rcgdm.guidance import RewardGuidance
     from rcgdm.sampler import sample_latents
     from rcgdm.seeds import image_generators
@@ -173,7 +178,8 @@ def levels_used(pipe, steer, monkeypatch, images: int, steps: int, prompt: str, 
         return real_apply(self, output, x_t, level, prediction_type)
 
     monkeypatch.setattr(RewardGuidance, "apply", recording)
-    latents = sample_latents(pipe, prompt, image_generators(0, range(images)), steer, steps, cfg, progress_bar=False)
+    latents = sample_latents(pipe, prompt, image_generators(0, range(images)), steer, steps, cfg, size, size,
+                             progress_bar=False)
     return used, latents
 
 

@@ -49,10 +49,11 @@ class SweepSettings:
     batch_mean: bool = False
     grad_path: str = "xt"
     auto_tolerance: float = 0.0  # how close a pilot of --guidance auto must come to the target (rcgdm/sweep/auto.py)
+    distilled_guidance: float | None = None  # FLUX.1-dev's guidance embedding (None: the family's)
 
     @property
     def sampling(self) -> Sampling:
-        return Sampling(self.num_inference_steps, self.cfg, self.height, self.width)
+        return Sampling(self.num_inference_steps, self.cfg, self.height, self.width, self.distilled_guidance)
 
 
 def run_sweep(pipe: RewardDirectedPipeline, settings: SweepSettings, combos: list[Combo], out_dir: Path, log: ResumeLog,
