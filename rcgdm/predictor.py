@@ -126,7 +126,7 @@ class TrainedPredictor:
         another input (even at the same channel count, as SD and SDXL)."""
         trained = self.meta.get("family", "sd")
         if trained != FAMILIES[family].latent_space:
-            label = FAMILIES[trained].label if trained in FAMILIES else repr(trained)
+            label = " or ".join(f.label for f in FAMILIES.values() if f.latent_space == trained) or repr(trained)
             raise InputError("predictor", f"{self.path!r} was trained on {label} latents; the model is "
                                           f"{FAMILIES[family].label}; expected one train.py trained on this model")
 

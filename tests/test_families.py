@@ -215,7 +215,8 @@ def test_the_three_scripts_run_on_the_family_and_its_predictor_is_refused_by_ano
     capsys.readouterr()
     refused = ["--model", MODELS[other], *common, "--ignore_provenance", "--out_dir", tmp_path / "refused"]
     assert run_script("inference.py", *refused) == 2
-    refusal = f"was trained on {FAMILIES[family].label} latents; the model is {FAMILIES[other].label}"
+    labels = {"sdxl": "SDXL", "sd3": "SD3", "flux": "FLUX.1-dev or FLUX.1-schnell"}  # FLUX's two share their latents
+    refusal = f"was trained on {labels[family]} latents; the model is {FAMILIES[other].label}"
     assert refusal in error_line(capsys.readouterr().err)
     assert not (tmp_path / "refused").exists()
 
@@ -271,3 +272,15 @@ def test_flux_in_bfloat16_is_its_stock_pipeline_bit_for_bit():
     assert latents.dtype == torch.bfloat16
     got = decode(pipe, latents, gens)
     assert torch.isfinite(got).all() and torch.equal(got, stock.float())
+
+
+def test_distilled_guidance_is_refused_where_there_is_no_guidance_embedding_or_no_number(pipes):
+    from rcgdm.pipeline import RewardDirectedPipeline
+    from rcgdm.predictor import TrainedPredictor
+
+    trained = TrainedPredictor(predictor("flux"), {"family": "flux", "latent_size": [8, 8]}, None, "convnet.pth")
+    schnell = RewardDirectedPipeline(pipes["flux-schnell"], trained)
+    with pytest.raises(UserError, match=r"5 is given, but FLUX\.1-schnell's transformer has no guidance embedding"):
+        schnell("a dog", 1.0, 10.0, num_inference_steps=2, height=SIZE, width=SIZE, distilled_guidance=5.0)
+    with pytest.raises(UserError, match="distilled_guidance nan is not a finite number; expected one, or None"):
+        RewardDirectedPipeline(pipes["flux"], trained)("a dog", distilled_guidance=float("nan"))
