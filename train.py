@@ -5,8 +5,9 @@ latent_dist sample times the scaling factor; cached in `cache_dir`). Every train
 each latent with `scheduler.add_noise` at a timestep drawn uniformly from the `num_inference_steps`
 schedule, with fresh noise, and a 3-layer residual ConvNet learns to predict the image's reward
 label from the noisy latent (it is not told t). MSE loss, Adam. For SDXL the same, on SDXL's VAE; for
-SD3 the VAE's shift and scaling factors apply and the noise is flow matching's, (1 - sigma) x0 + sigma eps
-at the sigmas of the model's `num_inference_steps` schedule (rcgdm/families.py, rcgdm/training.py).
+SD3 and FLUX the VAE's shift and scaling factors apply and the noise is flow matching's, (1 - sigma) x0 +
+sigma eps at the sigmas of the model's `num_inference_steps` schedule at `image_size` (FLUX.1-dev's shift
+depends on it) (rcgdm/families.py, rcgdm/training.py). FLUX's latents are the unpacked (16, h, w) ones.
 
 Edit the constants below, or override any of them:
 

@@ -1,6 +1,6 @@
 """The VAE's latents as the denoiser sees them: z_model = (z_vae - shift_factor) * scaling_factor.
 
-SD and SDXL VAEs have no shift factor (only scaling); SD3's has one. Encoding for training, scoring a decoded
+SD and SDXL VAEs have no shift factor (only scaling); SD3's and FLUX's have one. Encoding for training, scoring a decoded
 image and decoding a sample all go through these two functions, so every family's latents are those its
 denoiser was trained on.
 """
