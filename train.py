@@ -75,8 +75,10 @@ num_inference_steps = 50  # the timesteps training noise is drawn from
 val_fraction = 0.02  # held-out share for validation; 0 = train on everything, as the original
 seed = 0  # model init, split, noise, latent samples
 device = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
-cache_dir = "./cache"  # latent cache
+cache_dir = "./cache"  # latent cache: a folder of shards per data/VAE/size/seed (rcgdm/latents.py)
 encode_batch_size = 32
+latents_per_shard = 1024  # images per cache shard (rounded up to whole encode batches); a damaged shard is re-encoded alone
+latents_in_memory_gb = 4.0  # training latents up to this size are held in memory (on the device); larger ones stream
 noise = True  # train on noisy latents x_t (the paper); False: clean latents, for inference.py --grad_path x0
 resume = False  # continue from <out_path stem>.resume.pth
 overwrite = False  # replace an earlier run's files at out_path (otherwise refused)
@@ -98,6 +100,8 @@ CHECKS = {
     "val_fraction": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "seed": (lambda v: 0 <= v <= MAX_SEED, f"a seed from 0 to {MAX_SEED}"),
     "encode_batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "latents_per_shard": (lambda v: v >= 1, "an integer >= 1"),
+    "latents_in_memory_gb": (lambda v: v >= 0, "a number >= 0 (0: always read from the shards)"),
 }
 
 

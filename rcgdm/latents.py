@@ -1,11 +1,13 @@
-"""The latent cache: every image is encoded by the SD VAE once; later runs encode zero images.
+"""The latent cache: every image is encoded by the VAE once; later runs encode zero images.
 
-A cache file ``latents-<key>.safetensors`` holds float32 latents (N, C, h, w), already in the
-denoiser's scale (times the VAE's scaling factor, less its shift factor first for SD3). Its key
-hashes everything that changes the latents: the VAE's config and weights, the data source's
-identity, N, the image size and the seed. The metadata
-stores that description and a sha256 of the tensor, checked on every load: a truncated, altered
-or mismatched file is rebuilt, never used.
+The cache of a run is a folder ``latents-<key>/`` of shards, each the float32 latents (rows, C, h, w) of a run of
+consecutive images, already in the denoiser's scale (times the VAE's scaling factor, less its shift factor first for SD3
+and FLUX); rcgdm/latent_shards.py has the format and the reader. Its key hashes everything that changes the latents: the
+VAE's config and weights, the data source's identity, N, the image size and the seed. Shards are checked on every
+load; a missing or damaged shard is encoded again alone. Several processes each encode their own shards.
+
+A single-file cache ``latents-<key>.safetensors`` of an earlier version is read and split into shards (said in one
+line), or, if damaged, dropped and encoded afresh.
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from rcgdm.cli import UserError
 from rcgdm.data import ImageSource, load_batch
-from rcgdm.distributed import batches, main_only_lock, my_share
-from rcgdm.files.atomic import atomic_path
+from rcgdm.distributed import main_only_lock, my_share
 from rcgdm.latent_scaling import for_denoiser
+from rcgdm.latent_shards import ShardedLatents, shard_path, shard_problem, shard_ranges, write_shard
 from rcgdm.seeds import image_generators
 
 CACHE_FORMAT = "rcgdm.latents/1"
@@ -54,21 +56,30 @@ class LatentSpec:
     def describe(self) -> str:
         return json.dumps({"format": CACHE_FORMAT, **asdict(self)}, sort_keys=True)
 
-    def path(self, cache_dir: str | Path) -> Path:
-        return Path(cache_dir) / f"latents-{hashlib.sha256(self.describe().encode()).hexdigest()[:20]}.safetensors"
+    def key(self) -> str:
+        return hashlib.sha256(self.describe().encode()).hexdigest()[:20]
+
+    def folder(self, cache_dir: str | Path) -> Path:
+        """The folder of the cache's shards."""
+        return Path(cache_dir) / f"latents-{self.key()}"
+
+    def single_file(self, cache_dir: str | Path) -> Path:
+        """Where an earlier version kept the same latents in one file."""
+        return Path(cache_dir) / f"latents-{self.key()}.safetensors"
 
 
 @torch.no_grad()
 def encode(
     vae, source: ImageSource, spec: LatentSpec, batch_size: int, device: torch.device, only: list[range] | None = None,
-    progress: bool = True,
+    progress: bool = True, bar: tqdm | None = None,
 ) -> torch.Tensor:
     """Images 0..N-1 (or the batches `only`), resized and scaled to [-1, 1] -> one latent_dist sample
-    each, in the denoiser's scale (rcgdm/latent_scaling.py): float32 (N, C, h, w) on the CPU."""
+    each, in the denoiser's scale (rcgdm/latent_scaling.py): float32 (N, C, h, w) on the CPU. `bar`: a progress bar to
+    advance instead of a new one."""
     dtype = next(vae.parameters()).dtype
-    todo = batches(spec.num_data, batch_size) if only is None else only  # a latent's last bits depend on its batch
+    todo = batch_ranges(range(spec.num_data), batch_size) if only is None else only  # a latent's bits depend on its batch
     chunks = []
-    with tqdm(total=sum(map(len, todo)), desc="encoding latents", unit="img", disable=not progress) as bar:
+    with tqdm(total=sum(map(len, todo)), desc="encoding latents", unit="img", disable=not progress or bar is not None) as own:
         for indices in todo:
             images = load_batch(source, indices, spec.image_size) * 2 - 1
             dist = vae.encode(images.to(device, dtype)).latent_dist
@@ -76,105 +87,104 @@ def encode(
             noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=g) for g in generators])
             sample = dist.mean.float() + dist.std.float() * noise.to(device)
             chunks.append(for_denoiser(vae, sample).cpu().contiguous())  # the VAE may return channels-last
-            bar.update(len(indices))
+            (bar or own).update(len(indices))
     return torch.cat(chunks)
+
+
+def batch_ranges(images: range, batch_size: int) -> list[range]:
+    """`images` in encoding batches of a one-process run over all images (those starting at multiples of batch_size)."""
+    return [range(start, min(start + batch_size, images.stop)) for start in range(images.start, images.stop, batch_size)]
 
 
 def _sha256(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
 
 
-def read_cache(path: Path, description: str, rows: int) -> torch.Tensor | None:
-    """The latents in `path` if the file is intact, holds `rows` latents and was made for `description`;
-    None (with the reason printed) otherwise."""
-    if not path.is_file() or path.is_symlink():  # a regular file of the cache's own, never a link or a device
+def read_single_file(path: Path, description: str, rows: int) -> torch.Tensor | None:
+    """An earlier version's one-file cache at `path` if it is intact, holds `rows` latents and was made for
+    `description`; None otherwise."""
+    if not path.is_file() or path.is_symlink():
         return None
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         latents = load_file(str(path))["latents"]
-        problem = None
-        if meta.get("spec") != description:
-            problem = "it was made for other settings"
-        elif latents.shape[0] != rows or meta.get("sha256") != _sha256(latents):
-            problem = "its content does not match its checksum"
-    except Exception as err:  # truncated or foreign files fail in many ways
-        problem = f"it cannot be read ({type(err).__name__})"
-    if problem:
-        print(f"latent cache {path} is unusable ({problem}): rebuilding it")
+    except Exception:  # truncated or foreign files fail in many ways
         return None
-    return latents
+    intact = meta.get("spec") == description and latents.shape[0] == rows and meta.get("sha256") == _sha256(latents)
+    return latents if intact else None
 
 
-def write_cache(path: Path, description: str, latents: torch.Tensor) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        save_file({"latents": latents.contiguous()}, str(tmp), metadata={"spec": description, "sha256": _sha256(latents)})
+def shard_size(per_shard: int, batch_size: int) -> int:
+    """Images per shard: `per_shard` rounded up to whole encoding batches, so that a shard's latents are those of
+    the one-process run (a latent's last bits depend on its batch)."""
+    return -(-per_shard // batch_size) * batch_size
 
 
 def cached_latents(
     vae, source: ImageSource, spec: LatentSpec, cache_dir: str | Path, batch_size: int, device: torch.device,
-    state: PartialState,
-) -> tuple[torch.Tensor, int]:
-    """(latents (N, C, h, w) float32 on the CPU, in every process; how many images were encoded now: 0 on a cache hit).
+    state: PartialState, per_shard: int = 1024,
+) -> tuple[ShardedLatents, int]:
+    """(the latents of images 0..N-1, read from their shards; how many images were encoded now: 0 on a cache hit).
 
-    With several processes (rcgdm.distributed) each encodes its share of the batches into a part file
-    and the main process assembles the parts, each checked like the cache itself: the cache is the
-    same file whatever the number of processes, since the batches are those of one process."""
-    path = spec.path(cache_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_dir() and not path.is_symlink():  # any other non-file there (a link, a FIFO) is replaced when written
-        raise UserError(f"latent cache {str(path)!r} is a folder; expected the cache's file there (remove the folder)")
-    lock = path.parent / f".{path.name}.lock"
-    with main_only_lock(state, lock, f"the latent cache {path.name}", wait=True):  # one encoder per cache entry
-        latents = read_cache(path, spec.describe(), spec.num_data) if state.is_main_process else None
-        hit = broadcast_object_list([latents is not None])[0]
-        if hit:
-            state.print(f"latent cache hit: {path} ({spec.num_data} images, 0 encoded)")
-        elif state.num_processes == 1:
-            latents = encode(vae, source, spec, batch_size, device)
-            write_cache(path, spec.describe(), latents)
+    Shards of about `per_shard` images that are missing or damaged are encoded, each process its own share of them,
+    each shard in the encoding batches of one process: the cache is the same whatever the number of processes."""
+    folder, ranges = spec.folder(cache_dir), shard_ranges(spec.num_data, shard_size(per_shard, batch_size))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"latent cache {str(folder)!r} is not a folder; expected the cache's folder of shards there "
+                        "(remove it)")
+    lock = folder.parent / f".{folder.name}.lock"
+    with main_only_lock(state, lock, f"the latent cache {folder.name}", wait=True):  # one builder per cache entry
+        todo = _shards_to_encode(spec, cache_dir, ranges) if state.is_main_process else None
+        todo = broadcast_object_list([todo])[0]
+        mine = my_share(todo, state)
+        with tqdm(total=sum(map(len, mine)), desc="encoding latents", unit="img",
+                  disable=not mine or not state.is_main_process) as bar:
+            for rows in mine:
+                latents = encode(vae, source, spec, batch_size, device, batch_ranges(rows, batch_size), bar=bar)
+                write_shard(folder, spec.describe(), rows, latents)
+        state.wait_for_everyone()  # every shard is written
+        if state.is_main_process:
+            _check_written(folder, spec.describe(), todo, state.num_processes)
+            if not todo:
+                state.print(f"latent cache hit: {folder} ({spec.num_data} images in {len(ranges)} shards, 0 encoded)")
+        state.wait_for_everyone()  # and checked, before the main process lets go of its lock
+    with safe_open(str(shard_path(folder, ranges[0])), framework="pt") as f:
+        shape = f.get_slice("latents").get_shape()[1:]
+    return ShardedLatents(folder, ranges, shape), sum(map(len, todo))
+
+
+def _shards_to_encode(spec: LatentSpec, cache_dir: str | Path, ranges: list[range]) -> list[range]:
+    """The shards that are missing or damaged, after an earlier version's one-file cache, if any, is split into
+    shards (or, damaged, dropped); each damaged shard and the old file are named in one line."""
+    folder, description = spec.folder(cache_dir), spec.describe()
+    old = spec.single_file(cache_dir)
+    if old.is_file() and not old.is_symlink():
+        latents = read_single_file(old, description, spec.num_data)
+        if latents is None:
+            print(f"latent cache {old} (one file, from an earlier version) is unusable: encoding shards afresh")
         else:
-            latents = _encode_in_parts(vae, source, spec, path, batch_size, device, state)
-        state.wait_for_everyone()  # the cache is written
-        if not state.is_main_process:
-            latents = read_cache(path, spec.describe(), spec.num_data)
-        state.wait_for_everyone()  # and read by every process, before the main process lets go of its lock
-    if latents is None:
-        raise UserError(f"latent cache {path} could not be read back after it was written; check cache_dir's disk")
-    return latents, 0 if hit else spec.num_data
+            for rows in ranges:
+                if shard_problem(folder, description, rows):
+                    write_shard(folder, description, rows, latents[rows.start : rows.stop])
+            print(f"latent cache {old} (one file, from an earlier version) read: split into {len(ranges)} shards in {folder}")
+        old.unlink()
+    todo = []
+    for rows in ranges:
+        problem = shard_problem(folder, description, rows)
+        if problem and problem != "it is missing":
+            print(f"latent shard {shard_path(folder, rows)} is unusable ({problem}): encoding it again")
+        if problem:
+            todo.append(rows)
+    return todo
 
 
-def _encode_in_parts(vae, source, spec: LatentSpec, path: Path, batch_size: int, device, state: PartialState):
-    """Each process encodes its batches into `<cache>.part<k>of<n>` (an intact part left by a killed
-    build is kept); the main process checks and assembles them into the cache and returns the latents."""
-    every, world = batches(spec.num_data, batch_size), state.num_processes
-
-    def part(rank: int) -> tuple[Path, str, list[range]]:
-        description = f"{spec.describe()} part {rank}/{world}, batches of {batch_size}"
-        return path.with_name(f"{path.stem}.part{rank}of{world}.safetensors"), description, my_share(every, state, rank)
-
-    part_path, description, mine = part(state.process_index)
-    rows = sum(map(len, mine))
-    if mine and read_cache(part_path, description, rows) is None:  # more processes than batches leaves some idle
-        write_cache(part_path, description, encode(vae, source, spec, batch_size, device, mine, state.is_main_process))
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        return None
-    latents = None
-    for rank in range(world):
-        part_path, description, share = part(rank)
-        if not share:
-            continue
-        chunk = read_cache(part_path, description, sum(map(len, share)))
-        if chunk is None:
-            raise UserError(
-                f"process {rank}'s latents {part_path} are missing or unusable; with several machines cache_dir must be on a "
-                "filesystem they share; run again to encode them afresh"
-            )
-        latents = latents if latents is not None else torch.empty((spec.num_data, *chunk.shape[1:]), dtype=chunk.dtype)
-        latents[torch.cat([torch.arange(r.start, r.stop) for r in share])] = chunk
-    write_cache(path, spec.describe(), latents)
-    for stale in path.parent.glob(f"{path.stem}.part*"):
-        stale.unlink(missing_ok=True)
-    return latents
+def _check_written(folder: Path, description: str, written: list[range], processes: int) -> None:
+    """UserError naming the first shard encoded now that cannot be read back."""
+    for rows in written:
+        problem = shard_problem(folder, description, rows)
+        if problem:
+            shared = "; with several machines cache_dir must be on a filesystem they share" if processes > 1 else ""
+            raise UserError(f"latent shard {shard_path(folder, rows)} could not be read back after it was written "
+                            f"({problem}){shared}; check cache_dir's disk and run again")

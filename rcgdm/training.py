@@ -4,6 +4,7 @@ rcgdm/training_state.py)."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from rcgdm.cli import InputError, UserError
 from rcgdm.data import check_num_data, open_source
 from rcgdm.families import FAMILIES
 from rcgdm.files.provenance import sha256_file
+from rcgdm.latent_shards import LatentRows, ShardedLatents
 from rcgdm.latents import LatentSpec, cached_latents, vae_fingerprint
 from rcgdm.models import load_scheduler, load_vae
 from rcgdm.predictor import reference_sample
@@ -136,9 +138,9 @@ def train_epoch(
     shard: tuple[int, int] = (0, 1),
     progress: bool = True,
 ) -> float:
-    """One pass over latents x (N, C, h, w) and labels y (N, 1), both on the training device, in a
-    random order; each step noises its latents afresh (unless noised=False: clean latents, for the
-    x0 gradient path). -> mean training MSE (nan/inf once it diverges).
+    """One pass over latents x (N, C, h, w; a tensor on the training device, or LatentRows read from the shards) and
+    labels y (N, 1) on the training device, in a random order; each step noises its latents afresh (unless
+    noised=False: clean latents, for the x0 gradient path). -> mean training MSE (nan/inf once it diverges).
 
     shard=(k, n), for n data-parallel processes (net wrapped in DDP, same generator state in each):
     every process draws the same batches and noise, and process k learns on samples k, k+n, ... of
@@ -147,12 +149,13 @@ def train_epoch(
     rank, world = shard
     net.train()
     order = torch.randperm(len(x), generator=generator).to(x.device)
-    total = torch.zeros((), device=x.device)  # summed on the device: no host sync per step
+    total = torch.zeros((), device=y.device)  # summed on the device: no host sync per step
     trained = 0
     steps = range(0, len(order), batch_size)
     for number, start in enumerate(tqdm(steps, desc=desc, leave=False, unit="step", disable=rank != 0 or not progress)):
         batch = order[start : start + batch_size]
-        inputs = add_training_noise(scheduler, x[batch], timestep_pool, generator)[0] if noised else x[batch]
+        clean = x[batch].to(y.device)  # a batch read from the shards comes from the CPU
+        inputs = add_training_noise(scheduler, clean, timestep_pool, generator)[0] if noised else clean
         if len(batch) < world:
             continue  # a last batch too small to give every process a sample (only with several processes)
         errors = F.mse_loss(net(inputs[rank::world]), y[batch][rank::world], reduction="sum")
@@ -197,9 +200,9 @@ def loss_by_noise_level(errors: torch.Tensor, timesteps: torch.Tensor) -> dict:
     return out
 
 
-def encode_dataset(config: SimpleNamespace, state: PartialState, dev: torch.device) -> tuple[torch.Tensor, int, float, str]:
-    """(latents (N, C, h, w) float32 on the CPU, images encoded now, seconds from the VAE's load to the latents,
-    the VAE's fingerprint)."""
+def encode_dataset(config: SimpleNamespace, state: PartialState, dev: torch.device) -> tuple[ShardedLatents, int, float, str]:
+    """(the latents of images 0..N-1, read from the cache's shards; images encoded now; seconds from the VAE's load to
+    the latents; the VAE's fingerprint)."""
     with state.main_process_first():  # CIFAR-10 and the VAE are downloaded once
         source = open_source(config.data, config.data_root)
         check_num_data(config.num_data, source)
@@ -207,7 +210,8 @@ def encode_dataset(config: SimpleNamespace, state: PartialState, dev: torch.devi
         vae = load_vae(config.model, torch.float16 if dev.type == "cuda" else torch.float32)
     start = time.perf_counter()
     spec = LatentSpec(vae_fingerprint(vae), source.identity, config.num_data, config.image_size, config.seed)
-    latents, encoded = cached_latents(vae.to(dev), source, spec, config.cache_dir, config.encode_batch_size, dev, state)
+    latents, encoded = cached_latents(vae.to(dev), source, spec, config.cache_dir, config.encode_batch_size, dev, state,
+                                      config.latents_per_shard)
     return latents, encoded, time.perf_counter() - start, spec.vae
 
 
@@ -215,7 +219,7 @@ def encode_dataset(config: SimpleNamespace, state: PartialState, dev: torch.devi
 class TrainingData:
     """The latents and labels of a run, split, on the training device, and what is recorded with them."""
 
-    x_train: torch.Tensor  # (N_train, C, h, w) clean latents
+    x_train: torch.Tensor | LatentRows  # (N_train, C, h, w) clean latents: in memory on the device, or read from shards
     y_train: torch.Tensor  # (N_train, 1) labels
     y_val: torch.Tensor  # (N_val, 1)
     val_inputs: torch.Tensor  # (N_val, C, h, w): noised once, with a fixed seed, so epochs are comparable
@@ -234,6 +238,19 @@ class TrainingData:
         return self.x_train.shape[1]
 
 
+def training_latents(latents: ShardedLatents, rows: torch.Tensor, in_memory_gb: float, dev: torch.device,
+                     state: PartialState) -> torch.Tensor | LatentRows:
+    """The training latents: in memory on the device (GPU-resident on CUDA) if they fit in `in_memory_gb`, else read
+    from the shards batch by batch (memory then holds one batch, whatever the number of images). Both give the same
+    batches, value for value."""
+    size_gb = len(rows) * math.prod(latents.row_shape) * 4 / 2**30
+    if size_gb <= in_memory_gb:
+        return latents[rows].to(dev)
+    state.print(f"training latents: {size_gb:.2f} GB > latents_in_memory_gb={in_memory_gb:g}: read from "
+                f"{len(latents.ranges)} shards batch by batch")
+    return LatentRows(latents, rows)
+
+
 def noising_schedule(model: str, facts: dict, steps: int, latent_size: tuple[int, int]):
     """The scheduler training noises with, its timesteps those the model's sampler visits in `steps` steps on latents of
     `latent_size` (h, w) (a flow schedule with dynamic shifting depends on it). `facts`: rcgdm.models.model_facts."""
@@ -250,9 +267,9 @@ def prepare_data(config: SimpleNamespace, state: PartialState, dev: torch.device
     latents, images_encoded, encode_seconds, vae_id = encode_dataset(config, state, dev)
     run_config = {**vars(config), "labels_sha256": sha256_file(config.labels_path), "vae_fingerprint": vae_id}
     train_idx, val_idx = indices
-    x_train, y_train = latents[train_idx].to(dev), labels[train_idx].to(dev)  # GPU-resident on CUDA
-    x_val, y_val = latents[val_idx].to(dev), labels[val_idx].to(dev)
-    reference = reference_sample(latents[train_idx], config.seed)
+    x_train, y_train = training_latents(latents, train_idx, config.latents_in_memory_gb, dev, state), labels[train_idx].to(dev)
+    x_val, y_val = latents[val_idx].to(dev), labels[val_idx].to(dev)  # the validation slice: in memory, as ever
+    reference = reference_sample(LatentRows(latents, train_idx), config.seed)
     scheduler = noising_schedule(config.model, facts, config.num_inference_steps, latents.shape[-2:])
     timestep_pool = torch.unique(scheduler.timesteps)
     val_generator = torch.Generator().manual_seed(config.seed + 1)

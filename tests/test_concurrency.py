@@ -10,8 +10,13 @@ import sys
 
 import torch
 from conftest import ROOT, error_line, inference_args, latent_labels, popen, run_script, wait_for, weights
+from safetensors.torch import load_file
 
 from rcgdm.cli import UserError
+from rcgdm.data import open_source
+from rcgdm.latent_shards import shard_path, shard_problem, shard_ranges
+from rcgdm.latents import LatentSpec, batch_ranges, encode, vae_fingerprint
+from rcgdm.models import load_vae
 
 # --- concurrent runs ------------------------------------------------------------------------------------------------------------
 
@@ -80,21 +85,29 @@ def test_training_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_training_killed_while_building_the_cache_rebuilds_it(tmp_path):
+def test_training_killed_while_building_the_cache_keeps_its_whole_shards_and_encodes_the_rest(tmp_path):
     labels = latent_labels(tmp_path / "labels.npy", 1024)
     argv = ["train.py", "--model=tiny-random", "--data=synthetic", "--num_data=1024", "--image_size=64", "--num_epochs=1",
             "--val_fraction=0", f"--labels_path={labels}", f"--cache_dir={tmp_path / 'cache'}",
-            f"--out_path={tmp_path / 'out' / 'convnet.pth'}", "--encode_batch_size=8"]
+            f"--out_path={tmp_path / 'out' / 'convnet.pth'}", "--encode_batch_size=8", "--latents_per_shard=64"]
     with open(tmp_path / "log.txt", "w") as log:
         killed = popen(*argv, log=log)
-        # killed once a batch is encoded (the progress bar says so) and the build is under way, not after a fixed time
-        wait_for(lambda: re.search(r"encoding latents:[^\r\n]*\| *[1-9]\d*/1024", (tmp_path / "log.txt").read_text()),
-                 process=killed)
+        # killed once a shard and a batch more are encoded (the progress bar says so), most likely inside a shard
+        wait_for(lambda: re.search(r"encoding latents:[^\r\n]*\| *(7[2-9]|[89]\d|[1-9]\d{2,3})/1024",
+                                   (tmp_path / "log.txt").read_text()), process=killed)
         killed.send_signal(signal.SIGKILL)
         killed.wait()
-    assert not list((tmp_path / "cache").glob("latents-*.safetensors"))  # nothing half-written under a final name
+    vae, source = load_vae("tiny-random"), open_source("synthetic")
+    spec = LatentSpec(vae_fingerprint(vae), source.identity, 1024, 64, 0)
+    (folder,) = (tmp_path / "cache").glob("latents-*")
+    whole = [rows for rows in shard_ranges(1024, 64) if shard_path(folder, rows).exists()]
+    assert whole and all(shard_problem(folder, spec.describe(), rows) is None for rows in whole)  # no half-written shard
     assert run_script(*argv) == 0
-    assert json.loads((tmp_path / "out" / "convnet.train_summary.json").read_text())["images_encoded"] == 1024
+    encoded = json.loads((tmp_path / "out" / "convnet.train_summary.json").read_text())["images_encoded"]
+    assert encoded == 1024 - 64 * len(whole)  # the shards the killed run finished are kept
+    for rows in (range(0, 64), range(960, 1024)):  # one shard kept, one encoded by the second run: the one-go latents
+        expected = encode(vae, source, spec, 8, torch.device("cpu"), batch_ranges(rows, 8), progress=False)
+        assert torch.equal(load_file(folder / f"images-{rows.start:08d}-{rows.stop:08d}.safetensors")["latents"], expected)
 
 
 def test_a_sweep_killed_midway_resumes_to_the_same_results(tmp_path, reward_model_path, predictor_path):

@@ -175,10 +175,11 @@ def test_data_parallel_steps_equal_whole_batch_steps(tmp_path):
 
 
 def test_train_py_in_two_processes_then_resumed_in_one(tmp_path):
-    """Clean latents (noise=False) so a short run learns clearly; the cache is assembled from two parts."""
+    """Clean latents (noise=False) so a short run learns clearly; each process encodes its own shards of the cache."""
     labels = latent_labels(tmp_path / "labels.npy", 512)
     args = ["--model=tiny-random", "--data=synthetic", "--num_data=512", "--image_size=64", "--batch_size=16",
-            "--encode_batch_size=64", "--val_fraction=0.25", "--noise=False", f"--labels_path={labels}"]
+            "--encode_batch_size=64", "--latents_per_shard=64", "--val_fraction=0.25", "--noise=False",
+            f"--labels_path={labels}"]
 
     def outputs(name: str) -> list[str]:
         return [f"--out_path={tmp_path / name / 'convnet.pth'}", f"--cache_dir={tmp_path / name / 'cache'}"]
@@ -188,12 +189,13 @@ def test_train_py_in_two_processes_then_resumed_in_one(tmp_path):
     result = launch(tmp_path, "train.py", *args, "--num_epochs=4", *outputs("two"))
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = tmp_path / "one", tmp_path / "two"
-    (cache_one,), (cache_two,) = (list((d / "cache").glob("latents-*.safetensors")) for d in (one, two))
-    assert cache_one.name == cache_two.name  # (the file's bytes may not match: safetensors orders its metadata at random)
-    with safe_open(cache_one, "pt") as a, safe_open(cache_two, "pt") as b:
-        assert a.metadata() == b.metadata()  # same spec, same sha256 of the latents
-        assert torch.equal(a.get_tensor("latents"), b.get_tensor("latents"))
-    assert not list((two / "cache").glob("*.part*"))
+    (cache_one,), (cache_two,) = (list((d / "cache").glob("latents-*")) for d in (one, two))
+    shards_one, shards_two = (sorted(p.name for p in cache.iterdir()) for cache in (cache_one, cache_two))
+    assert cache_one.name == cache_two.name and shards_one == shards_two and len(shards_one) == 8  # the union: all 8
+    for name in shards_one:  # (a file's bytes may not match: safetensors orders its metadata at random)
+        with safe_open(cache_one / name, "pt") as a, safe_open(cache_two / name, "pt") as b:
+            assert a.metadata() == b.metadata()  # same spec and range, same sha256 of the latents
+            assert torch.equal(a.get_tensor("latents"), b.get_tensor("latents"))
     assert result.stdout.count("wrote ") == 1
 
     histories = [[json.loads(line) for line in (d / "convnet.metrics.jsonl").read_text().splitlines()] for d in (one, two)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -51,24 +52,33 @@ def assert_same_weights(a, b):
         assert torch.equal(wa[key], wb[key]), key
 
 
-def test_cache_encodes_once_and_is_rebuilt_when_corrupt(tmp_path, labels, capsys):
-    code, first = train(tmp_path, labels, "a")
-    assert code == 0 and first["images_encoded"] == 64
-    code, second = train(tmp_path, labels, "b")
+def shards(tmp_path) -> list:
+    (folder,) = (tmp_path / "cache").glob("latents-*")
+    return sorted(folder.glob("images-*.safetensors"))
+
+
+def test_cache_encodes_once_and_a_damaged_shard_is_encoded_again_alone(tmp_path, labels, capsys):
+    code, first = train(tmp_path, labels, "a", latents_per_shard=16, encode_batch_size=16)
+    assert code == 0 and first["images_encoded"] == 64 and len(shards(tmp_path)) == 4
+    code, second = train(tmp_path, labels, "b", latents_per_shard=16, encode_batch_size=16)
     assert code == 0 and second["images_encoded"] == 0
     assert_same_weights(tmp_path / "a/convnet.pth", tmp_path / "b/convnet.pth")
 
-    (cache_file,) = (tmp_path / "cache").glob("latents-*.safetensors")
-    cache_file.write_bytes(cache_file.read_bytes()[:-100])  # truncated
+    damaged, *others = shards(tmp_path)[1:] + shards(tmp_path)[:1]
+    kept = {path: path.stat().st_mtime_ns for path in others}
+    data = bytearray(damaged.read_bytes())
+    data[-5] ^= 1  # one bit of one latent
+    damaged.write_bytes(bytes(data))
     capsys.readouterr()
-    code, third = train(tmp_path, labels, "c")
-    assert code == 0 and third["images_encoded"] == 64
-    assert "unusable" in capsys.readouterr().out
+    code, third = train(tmp_path, labels, "c", latents_per_shard=16, encode_batch_size=16)
+    assert code == 0 and third["images_encoded"] == 16  # that shard alone
+    assert f"latent shard {damaged} is unusable (its content does not match its checksum)" in capsys.readouterr().out
+    assert {path: path.stat().st_mtime_ns for path in others} == kept
     assert_same_weights(tmp_path / "a/convnet.pth", tmp_path / "c/convnet.pth")
 
     code, other = train(tmp_path, labels, "d", image_size=32)  # other settings, other cache entry
     assert code == 0 and other["images_encoded"] == 64
-    assert len(list((tmp_path / "cache").glob("latents-*.safetensors"))) == 2
+    assert len(list((tmp_path / "cache").glob("latents-*"))) == 2
 
 
 def test_a_cache_entry_that_is_not_a_file_is_rebuilt_or_refused_in_one_line(tmp_path, labels, capsys):
@@ -77,23 +87,23 @@ def test_a_cache_entry_that_is_not_a_file_is_rebuilt_or_refused_in_one_line(tmp_
     assert train(tmp_path, labels, "a")[0] == 0
     from safetensors.torch import load_file
 
-    (cache_file,) = (tmp_path / "cache").glob("latents-*.safetensors")
-    good = load_file(cache_file)["latents"]
-    lock = cache_file.parent / f".{cache_file.name}.lock"
-    cache_file.unlink()
-    os.mkfifo(cache_file)  # a FIFO (reading it would hang): rebuilt
+    (shard,) = shards(tmp_path)
+    folder, good = shard.parent, load_file(shard)["latents"]
+    lock = folder.parent / f".{folder.name}.lock"
+    shard.unlink()
+    os.mkfifo(shard)  # a FIFO (reading it would hang): rebuilt
     code, summary = train(tmp_path, labels, "fifo")
-    assert code == 0 and summary["images_encoded"] == 64 and torch.equal(load_file(cache_file)["latents"], good)
-    cache_file.unlink()
-    cache_file.mkdir()  # a folder: refused before any encoding, left alone
-    assert train(tmp_path, labels, "folder")[0] == 2
-    assert f"latent cache {str(cache_file)!r} is a folder" in error_line(capsys.readouterr().err)
-    cache_file.rmdir()
+    assert code == 0 and summary["images_encoded"] == 64 and torch.equal(load_file(shard)["latents"], good)
+    shutil.rmtree(folder)
+    folder.write_text("not a cache")  # a file where the folder of shards goes: refused before any encoding, left alone
+    assert train(tmp_path, labels, "file")[0] == 2
+    assert f"latent cache {str(folder)!r} is not a folder" in error_line(capsys.readouterr().err)
+    folder.unlink()
     lock.unlink()
     lock.mkdir()  # the cache's lock path is a folder
     assert train(tmp_path, labels, "lock")[0] == 2
     assert f"the lock file {str(lock)!r}" in error_line(capsys.readouterr().err)
-    assert {p.name for p in (tmp_path / "folder").iterdir()} <= {".convnet.lock"}  # no output, only the run's lock
+    assert {p.name for p in (tmp_path / "file").iterdir()} <= {".convnet.lock"}  # no output, only the run's lock
 
 
 def test_outputs_and_checkpoint_metadata(tmp_path, labels):

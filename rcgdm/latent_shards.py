@@ -1,0 +1,125 @@
+"""The latent cache on disk: a folder of safetensors shards, each a run of consecutive images, read by rows.
+
+    cache_dir/latents-<key>/images-00000000-00001024.safetensors   images [0, 1024)
+                            images-00001024-00002048.safetensors   ...
+
+Each shard holds one float32 tensor "latents" (rows, C, h, w) and in its metadata the cache's description (the
+key's source, rcgdm/latents.py), its image range and the sha256 of its tensor; a shard that is missing, truncated,
+altered or made for other settings is re-encoded alone, the others are kept. A shard is written whole (temporary file
+and rename), so a run killed while encoding leaves only whole shards behind.
+
+Why safetensors: it is already how models and the cache are stored, it needs no new package, and it reads any slice of
+a file without loading the rest (the file is memory-mapped while it is open). `ShardedLatents` opens a shard only for
+the rows a batch needs and closes it at once, so a process holds one batch of latents, not the cache: an open memory
+map would count every page ever touched in its resident memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from rcgdm.files.atomic import atomic_path
+
+HASH_ROWS = 256  # rows hashed at a time when a shard is checked: its memory stays that of a few batches
+
+
+def shard_ranges(num_data: int, per_shard: int) -> list[range]:
+    """The image ranges of the shards: [0, per_shard), [per_shard, 2 per_shard), ..."""
+    return [range(start, min(start + per_shard, num_data)) for start in range(0, num_data, per_shard)]
+
+
+def shard_path(folder: Path, rows: range) -> Path:
+    return folder / f"images-{rows.start:08d}-{rows.stop:08d}.safetensors"
+
+
+def shard_description(description: str, rows: range) -> str:
+    return f"{description} images {rows.start}-{rows.stop}"
+
+
+def write_shard(folder: Path, description: str, rows: range, latents: torch.Tensor) -> None:
+    """Write the latents (len(rows), C, h, w) of images `rows` as one shard, whole or not at all."""
+    folder.mkdir(parents=True, exist_ok=True)
+    latents = latents.contiguous()
+    metadata = {"spec": shard_description(description, rows), "sha256": hashlib.sha256(latents.numpy().tobytes()).hexdigest()}
+    with atomic_path(shard_path(folder, rows)) as tmp:
+        save_file({"latents": latents}, str(tmp), metadata=metadata)
+
+
+def shard_problem(folder: Path, description: str, rows: range) -> str | None:
+    """Why the shard of images `rows` cannot be used (missing, unreadable, other settings, damaged), or None. Read in
+    slices of HASH_ROWS rows: checking a shard holds a few batches of it, never the whole cache."""
+    path = shard_path(folder, rows)
+    if not path.is_file() or path.is_symlink():  # a regular file of the cache's own, never a link or a device
+        return "it is missing"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("spec") != shard_description(description, rows):
+                return "it was made for other settings"
+            latents = f.get_slice("latents")
+            if latents.get_shape()[0] != len(rows) or latents.get_dtype() != "F32":
+                return "its shape does not match"
+            digest = hashlib.sha256()
+            for start in range(0, len(rows), HASH_ROWS):
+                digest.update(latents[start : start + HASH_ROWS].contiguous().numpy().tobytes())
+    except Exception as err:  # truncated or foreign files fail in many ways
+        return f"it cannot be read ({type(err).__name__})"
+    return None if meta.get("sha256") == digest.hexdigest() else "its content does not match its checksum"
+
+
+class ShardedLatents:
+    """The cached latents of images 0..N-1, read from their shards by rows: store[indices] -> float32 (len, C, h, w) on
+    the CPU, in the order of `indices`. Holds no latents itself (see the module docstring)."""
+
+    def __init__(self, folder: Path, ranges: list[range], shape: tuple[int, ...]):
+        self.folder, self.ranges, self.row_shape = folder, ranges, tuple(shape)
+        self.starts = torch.tensor([r.start for r in ranges])
+        self.device = torch.device("cpu")
+
+    def __len__(self) -> int:
+        return self.ranges[-1].stop if self.ranges else 0
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self.row_shape)
+
+    def __getitem__(self, indices: torch.Tensor) -> torch.Tensor:
+        indices = torch.as_tensor(indices, dtype=torch.long).cpu().flatten()
+        out = torch.empty((len(indices), *self.row_shape), dtype=torch.float32)
+        shards = torch.searchsorted(self.starts, indices, right=True) - 1
+        for shard in shards.unique().tolist():
+            rows = self.ranges[shard]
+            wanted = (shards == shard).nonzero().flatten()
+            with safe_open(str(shard_path(self.folder, rows)), framework="pt") as f:
+                latents = f.get_slice("latents")
+                for k in wanted.tolist():
+                    row = int(indices[k]) - rows.start
+                    out[k] = latents[row : row + 1][0]
+        return out
+
+    def load(self) -> torch.Tensor:
+        """Every latent (N, C, h, w), in memory."""
+        return self[torch.arange(len(self))]
+
+
+class LatentRows:
+    """Rows `rows` of a latent store, indexed from 0 as a tensor would be: view[i] = store[rows[i]]."""
+
+    def __init__(self, store: ShardedLatents, rows: torch.Tensor):
+        self.store, self.rows = store, rows
+        self.device = store.device
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.rows), *self.store.row_shape)
+
+    def __getitem__(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.store[self.rows[torch.as_tensor(indices, dtype=torch.long).cpu()]]
