@@ -8,15 +8,20 @@ key's source, rcgdm/latents.py), its image range and the sha256 of its tensor; a
 altered or made for other settings is re-encoded alone, the others are kept. A shard is written whole (temporary file
 and rename), so a run killed while encoding leaves only whole shards behind.
 
-Why safetensors: it is already how models and the cache are stored, it needs no new package, and it reads any slice of
-a file without loading the rest (the file is memory-mapped while it is open). `ShardedLatents` opens a shard only for
-the rows a batch needs and closes it at once, so a process holds one batch of latents, not the cache: an open memory
-map would count every page ever touched in its resident memory.
+Why safetensors: it is already how models and the cache are stored, it needs no new package, and its layout is plain:
+an 8-byte header length, a JSON header giving each tensor's byte range, then the raw little-endian data. So a row of
+a checked shard is a fixed byte range, and `ShardedLatents` reads exactly the rows a batch needs with pread(2), through
+the operating system's page cache, which keeps shards that fit in memory without counting them against the process.
+A memory map would count every page a process ever touched in its resident memory, and mapping some 30 shards per
+batch cost 8% of the training speed when measured (0.92x of the in-memory speed; pread: 1.01x, benchmarks/results.md).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -26,6 +31,7 @@ from safetensors.torch import save_file
 from rcgdm.files.atomic import atomic_path
 
 HASH_ROWS = 256  # rows hashed at a time when a shard is checked: its memory stays that of a few batches
+WHOLE_SHARD_SHARE = 8  # a read wanting at least 1/8 of a shard's rows reads the shard at once (one shard in memory)
 
 
 def shard_ranges(num_data: int, per_shard: int) -> list[range]:
@@ -74,12 +80,17 @@ def shard_problem(folder: Path, description: str, rows: range) -> str | None:
 
 class ShardedLatents:
     """The cached latents of images 0..N-1, read from their shards by rows: store[indices] -> float32 (len, C, h, w) on
-    the CPU, in the order of `indices`. Holds no latents itself (see the module docstring)."""
+    the CPU, in the order of `indices`. Holds no latents itself (see the module docstring); the shards must have been
+    checked (shard_problem) by whoever made the store."""
 
     def __init__(self, folder: Path, ranges: list[range], shape: tuple[int, ...]):
         self.folder, self.ranges, self.row_shape = folder, ranges, tuple(shape)
         self.starts = torch.tensor([r.start for r in ranges])
+        self.row_bytes = 4 * int(torch.tensor(self.row_shape).prod())
         self.device = torch.device("cpu")
+        if sys.byteorder != "little":  # safetensors stores little-endian; rows are read as raw bytes
+            raise OSError("reading latent shards needs a little-endian machine")
+        self.offsets: dict[int, int] = {}  # shard -> where its latents' bytes begin
 
     def __len__(self) -> int:
         return self.ranges[-1].stop if self.ranges else 0
@@ -88,6 +99,19 @@ class ShardedLatents:
     def shape(self) -> tuple[int, ...]:
         return (len(self), *self.row_shape)
 
+    def _data_offset(self, shard: int, fd: int) -> int:
+        """Where the latents of shard `shard` (open as `fd`) begin, from its safetensors header, checked against the
+        store's row shape."""
+        if shard not in self.offsets:
+            length = int.from_bytes(os.pread(fd, 8, 0), "little")
+            entry = json.loads(os.pread(fd, length, 8))["latents"]
+            expected = [len(self.ranges[shard]), *self.row_shape]
+            if entry["dtype"] != "F32" or entry["shape"] != expected:
+                raise ValueError(f"{shard_path(self.folder, self.ranges[shard])} holds {entry['dtype']} {entry['shape']}, "
+                                 f"expected F32 {expected}")
+            self.offsets[shard] = 8 + length + entry["data_offsets"][0]
+        return self.offsets[shard]
+
     def __getitem__(self, indices: torch.Tensor) -> torch.Tensor:
         indices = torch.as_tensor(indices, dtype=torch.long).cpu().flatten()
         out = torch.empty((len(indices), *self.row_shape), dtype=torch.float32)
@@ -95,12 +119,24 @@ class ShardedLatents:
         for shard in shards.unique().tolist():
             rows = self.ranges[shard]
             wanted = (shards == shard).nonzero().flatten()
-            with safe_open(str(shard_path(self.folder, rows)), framework="pt") as f:
-                latents = f.get_slice("latents")
+            fd = os.open(shard_path(self.folder, rows), os.O_RDONLY)
+            try:
+                start = self._data_offset(shard, fd)
+                if len(wanted) * WHOLE_SHARD_SHARE >= len(rows):  # many of its rows: one read of the shard, then index
+                    data = self._read(fd, start, len(rows)).view(len(rows), *self.row_shape)
+                    out[wanted] = data[indices[wanted] - rows.start]
+                    continue
                 for k in wanted.tolist():
-                    row = int(indices[k]) - rows.start
-                    out[k] = latents[row : row + 1][0]
+                    out[k] = self._read(fd, start + (int(indices[k]) - rows.start) * self.row_bytes, 1).view(self.row_shape)
+            finally:
+                os.close(fd)
         return out
+
+    def _read(self, fd: int, offset: int, rows: int) -> torch.Tensor:
+        data = os.pread(fd, rows * self.row_bytes, offset)
+        if len(data) != rows * self.row_bytes:
+            raise OSError(f"a latent shard in {self.folder} ended early (changed since it was checked?)")
+        return torch.frombuffer(bytearray(data), dtype=torch.float32)
 
     def load(self) -> torch.Tensor:
         """Every latent (N, C, h, w), in memory."""
