@@ -65,22 +65,24 @@ def test_two_trainings_share_one_cache_and_encode_each_image_once(tmp_path):
 
 
 def test_training_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
+    """The uninterrupted run holds its latents in memory; the killed and resumed one streams them from the shards."""
     labels = latent_labels(tmp_path / "labels.npy", 512)
 
     def args(name, *extra):
         return ["train.py", "--model=tiny-random", "--data=synthetic", "--num_data=512", "--image_size=64", "--num_epochs=3",
-                "--batch_size=8", f"--labels_path={labels}", f"--cache_dir={tmp_path / 'cache'}",
+                "--batch_size=8", f"--labels_path={labels}", f"--cache_dir={tmp_path / 'cache'}", "--latents_per_shard=64",
                 f"--out_path={tmp_path / name / 'convnet.pth'}", *extra]
 
     assert run_script(*args("whole")) == 0
     with open(tmp_path / "log.txt", "w") as log:
-        killed = popen(*args("killed"), log=log)
+        killed = popen(*args("killed", "--latents_in_memory_gb=0"), log=log)
         # killed once the second epoch has taken a step (its progress bar says so), not after a fixed time
         wait_for(lambda: re.search(r"epoch 2/3:[^\r\n]*\| *[1-9]\d*/\d+", (tmp_path / "log.txt").read_text()), process=killed)
         killed.send_signal(signal.SIGKILL)
         killed.wait()
     assert not (tmp_path / "killed" / "convnet.pth").exists()
-    assert run_script(*args("killed", "--resume=True")) == 0
+    assert "read from 8 shards batch by batch" in (tmp_path / "log.txt").read_text()
+    assert run_script(*args("killed", "--latents_in_memory_gb=0", "--resume=True")) == 0
     a, b = weights(tmp_path / "whole/convnet.pth"), weights(tmp_path / "killed/convnet.pth")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
