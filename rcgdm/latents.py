@@ -145,8 +145,8 @@ def cached_latents(
                 latents = encode(vae, source, spec, batch_size, device, batch_ranges(rows, batch_size), bar=bar)
                 write_shard(folder, spec.describe(), rows, latents)
         state.wait_for_everyone()  # every shard is written
-        if state.is_main_process:
-            _check_written(folder, spec.describe(), todo, state.num_processes)
+        if state.is_main_process:  # the shards the other processes wrote (its own it has just hashed as it wrote them)
+            _check_written(folder, spec.describe(), [rows for rows in todo if rows not in mine])
             if not todo:
                 state.print(f"latent cache hit: {folder} ({spec.num_data} images in {len(ranges)} shards, 0 encoded)")
         state.wait_for_everyone()  # and checked, before the main process lets go of its lock
@@ -180,11 +180,10 @@ def _shards_to_encode(spec: LatentSpec, cache_dir: str | Path, ranges: list[rang
     return todo
 
 
-def _check_written(folder: Path, description: str, written: list[range], processes: int) -> None:
-    """UserError naming the first shard encoded now that cannot be read back."""
+def _check_written(folder: Path, description: str, written: list[range]) -> None:
+    """UserError naming the first shard another process encoded now that cannot be read back here."""
     for rows in written:
         problem = shard_problem(folder, description, rows)
         if problem:
-            shared = "; with several machines cache_dir must be on a filesystem they share" if processes > 1 else ""
-            raise UserError(f"latent shard {shard_path(folder, rows)} could not be read back after it was written "
-                            f"({problem}){shared}; check cache_dir's disk and run again")
+            raise UserError(f"latent shard {shard_path(folder, rows)} could not be read back after another process wrote it "
+                            f"({problem}); with several machines cache_dir must be on a filesystem they share")
