@@ -10,7 +10,6 @@ should not grow with the cache. The shards sit in the page cache (just written),
 from __future__ import annotations
 
 import multiprocessing
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -43,7 +42,12 @@ def write_cache(folder: Path, images: int, shape: tuple[int, ...], per_shard: in
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """This process's peak resident memory (VmHWM). Not getrusage's ru_maxrss: Linux carries that across fork and exec,
+    so a child started by a large parent would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024  # kB
+    raise OSError("no VmHWM in /proc/self/status: peak memory is measured on Linux only")
 
 
 def _train(mode: str, folder: str, images: int, shape: tuple, per_shard: int, steps: int, batch: int, out) -> None:

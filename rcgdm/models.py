@@ -193,7 +193,7 @@ def model_facts(name: str) -> dict:
     if family.packed and in_channels % 4:
         raise InputError("model", f"{name!r}: {denoiser_file} field 'in_channels' holds {in_channels}; expected a multiple "
                                   "of 4 (2x2 packed latent patches)")
-    _field(denoiser, "patch_size", int, name, denoiser_file, "an integer", 1)
+    _field(denoiser, "patch_size", int, name, denoiser_file, "an integer", 1)  # checked here; family.patch reads it
     return {
         "family": family.name,
         "in_channels": family.latent_channels(in_channels),
