@@ -132,6 +132,14 @@ def test_flux_guides_at_its_dynamically_shifted_sigmas_and_trains_at_them(pipes,
     assert sorted(pool.tolist(), reverse=True) == pytest.approx([1000 * s for s in flux_sigmas(5, size)], rel=1e-6)
 
 
+def test_packing_is_diffusers_own_and_unpacking_its_inverse():
+    from rcgdm.sampler import pack, unpack
+
+    latents = torch.randn(2, 16, 8, 6)
+    assert torch.equal(pack(latents), FluxPipeline._pack_latents(latents, 2, 16, 8, 6))
+    assert torch.equal(unpack(pack(latents), 8, 6), latents)
+
+
 def test_the_flux_term_through_packing_is_the_steps_computed_by_hand():
     """float64, 3 steps, no CFG, distilled guidance 3.5. By hand: the transformer on diffusers' own packing of the
     latents; its velocity unpacked (diffusers' unpacking) and shifted as the eps shift sigma g grad 1/2 (target - mu)^2
