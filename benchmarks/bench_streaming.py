@@ -34,10 +34,11 @@ class TensorRows:
 
 
 def write_cache(folder: Path, images: int, shape: tuple[int, ...], per_shard: int) -> None:
-    from rcgdm.latent_shards import shard_ranges, write_shard
+    from rcgdm.distributed import batches
+    from rcgdm.latent_shards import write_shard
 
     generator = torch.Generator().manual_seed(0)
-    for rows in shard_ranges(images, per_shard):
+    for rows in batches(images, per_shard):
         write_shard(folder, "bench", rows, torch.randn(len(rows), *shape, generator=generator))
 
 
@@ -52,12 +53,13 @@ def peak_rss_bytes() -> int:
 
 def _train(mode: str, folder: str, images: int, shape: tuple, per_shard: int, steps: int, batch: int, out) -> None:
     """In a fresh process: steps/s and peak RSS of train_epoch on `steps` batches from the cache in `folder`."""
-    from rcgdm.latent_shards import LatentRows, ShardedLatents, shard_ranges
+    from rcgdm.distributed import batches
+    from rcgdm.latent_shards import LatentRows, ShardedLatents
     from rcgdm.models import load_scheduler
     from rcgdm.predictor import ThreeLayerConvNet
     from rcgdm.training import train_epoch
 
-    store = ShardedLatents(Path(folder), shard_ranges(images, per_shard), shape)
+    store = ShardedLatents(Path(folder), batches(images, per_shard), shape)
     rows = torch.randperm(images, generator=torch.Generator().manual_seed(1))[: steps * batch]
     scheduler = load_scheduler("tiny-random")
     scheduler.set_timesteps(50)

@@ -83,9 +83,10 @@ def _warn_if_cpu_launch_fell_back() -> None:
         )
 
 
-def batches(total: int, size: int) -> list[range]:
-    """Items 0..total-1 in the batches of a one-process run: [0, size), [size, 2 size), ..."""
-    return [range(start, min(start + size, total)) for start in range(0, total, size)]
+def batches(total: int, size: int, first: int = 0) -> list[range]:
+    """Items first..total-1 in runs of `size`: [first, first + size), [first + size, first + 2 size), ... (with first = 0,
+    the batches of a one-process run)."""
+    return [range(start, min(start + size, total)) for start in range(first, total, size)]
 
 
 def my_share(units: Sequence[T], state: PartialState, process: int | None = None) -> list[T]:

@@ -69,6 +69,12 @@ class Family:
         """How many latent pixels a side of one transformer token covers (SD3's patch size, FLUX's packing)."""
         return 2 if self.packed else denoiser_config.get("patch_size") or 1
 
+    def latent_facts(self, denoiser_config: dict) -> dict:
+        """What the latents are, from the denoiser's config: "in_channels" (latent channels), "sample_size" (the
+        default latent size) and "patch_size" (`patch`)."""
+        return {"in_channels": self.latent_channels(denoiser_config["in_channels"]),
+                "sample_size": self.sample_size or denoiser_config["sample_size"], "patch_size": self.patch(denoiser_config)}
+
 
 _FLUX = {"packed": True, "text_length": 512, "sample_size": 128, "max_shift": 1.15}  # FluxPipeline's defaults
 FAMILIES = {

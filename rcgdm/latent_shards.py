@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -32,11 +33,6 @@ from rcgdm.files.atomic import atomic_path
 
 HASH_ROWS = 256  # rows hashed at a time when a shard is checked: its memory stays that of a few batches
 WHOLE_SHARD_SHARE = 8  # a read wanting at least 1/8 of a shard's rows reads the shard at once (one shard in memory)
-
-
-def shard_ranges(num_data: int, per_shard: int) -> list[range]:
-    """The image ranges of the shards: [0, per_shard), [per_shard, 2 per_shard), ..."""
-    return [range(start, min(start + per_shard, num_data)) for start in range(0, num_data, per_shard)]
 
 
 def shard_path(folder: Path, rows: range) -> Path:
@@ -79,14 +75,15 @@ def shard_problem(folder: Path, description: str, rows: range) -> str | None:
 
 
 class ShardedLatents:
-    """The cached latents of images 0..N-1, read from their shards by rows: store[indices] -> float32 (len, C, h, w) on
+    """The cached latents of images 0..N-1, read from their shards (`ranges`: rcgdm.distributed.batches of the images)
+    by rows: store[indices] -> float32 (len, C, h, w) on
     the CPU, in the order of `indices`. Holds no latents itself (see the module docstring); the shards must have been
     checked (shard_problem) by whoever made the store."""
 
     def __init__(self, folder: Path, ranges: list[range], shape: tuple[int, ...]):
         self.folder, self.ranges, self.row_shape = folder, ranges, tuple(shape)
         self.starts = torch.tensor([r.start for r in ranges])
-        self.row_bytes = 4 * int(torch.tensor(self.row_shape).prod())
+        self.row_bytes = 4 * math.prod(self.row_shape)  # float32
         self.device = torch.device("cpu")
         if sys.byteorder != "little":  # safetensors stores little-endian; rows are read as raw bytes
             raise OSError("reading latent shards needs a little-endian machine")

@@ -26,9 +26,9 @@ from tqdm import tqdm
 
 from rcgdm.cli import UserError
 from rcgdm.data import ImageSource, load_batch
-from rcgdm.distributed import main_only_lock, my_share
+from rcgdm.distributed import batches, main_only_lock, my_share
 from rcgdm.latent_scaling import for_denoiser
-from rcgdm.latent_shards import ShardedLatents, shard_path, shard_problem, shard_ranges, write_shard
+from rcgdm.latent_shards import ShardedLatents, shard_path, shard_problem, write_shard
 from rcgdm.seeds import image_generators
 
 CACHE_FORMAT = "rcgdm.latents/1"
@@ -77,7 +77,7 @@ def encode(
     each, in the denoiser's scale (rcgdm/latent_scaling.py): float32 (N, C, h, w) on the CPU. `bar`: a progress bar to
     advance instead of a new one."""
     dtype = next(vae.parameters()).dtype
-    todo = batch_ranges(range(spec.num_data), batch_size) if only is None else only  # a latent's bits depend on its batch
+    todo = batches(spec.num_data, batch_size) if only is None else only  # a latent's last bits depend on its batch
     chunks = []
     with tqdm(total=sum(map(len, todo)), desc="encoding latents", unit="img", disable=not progress or bar is not None) as own:
         for indices in todo:
@@ -89,11 +89,6 @@ def encode(
             chunks.append(for_denoiser(vae, sample).cpu().contiguous())  # the VAE may return channels-last
             (bar or own).update(len(indices))
     return torch.cat(chunks)
-
-
-def batch_ranges(images: range, batch_size: int) -> list[range]:
-    """`images` in encoding batches of a one-process run over all images (those starting at multiples of batch_size)."""
-    return [range(start, min(start + batch_size, images.stop)) for start in range(images.start, images.stop, batch_size)]
 
 
 def _sha256(tensor: torch.Tensor) -> str:
@@ -129,7 +124,7 @@ def cached_latents(
 
     Shards of about `per_shard` images that are missing or damaged are encoded, each process its own share of them,
     each shard in the encoding batches of one process: the cache is the same whatever the number of processes."""
-    folder, ranges = spec.folder(cache_dir), shard_ranges(spec.num_data, shard_size(per_shard, batch_size))
+    folder, ranges = spec.folder(cache_dir), batches(spec.num_data, shard_size(per_shard, batch_size))
     folder.parent.mkdir(parents=True, exist_ok=True)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"latent cache {str(folder)!r} is not a folder; expected the cache's folder of shards there "
@@ -142,7 +137,7 @@ def cached_latents(
         with tqdm(total=sum(map(len, mine)), desc="encoding latents", unit="img",
                   disable=not mine or not state.is_main_process) as bar:
             for rows in mine:
-                latents = encode(vae, source, spec, batch_size, device, batch_ranges(rows, batch_size), bar=bar)
+                latents = encode(vae, source, spec, batch_size, device, batches(rows.stop, batch_size, rows.start), bar=bar)
                 write_shard(folder, spec.describe(), rows, latents)
         state.wait_for_everyone()  # every shard is written
         if state.is_main_process:  # the shards the other processes wrote (its own it has just hashed as it wrote them)
@@ -159,25 +154,22 @@ def _shards_to_encode(spec: LatentSpec, cache_dir: str | Path, ranges: list[rang
     """The shards that are missing or damaged, after an earlier version's one-file cache, if any, is split into
     shards (or, damaged, dropped); each damaged shard and the old file are named in one line."""
     folder, description = spec.folder(cache_dir), spec.describe()
+    problems = {rows: shard_problem(folder, description, rows) for rows in ranges}
     old = spec.single_file(cache_dir)
     if old.is_file() and not old.is_symlink():
         latents = read_single_file(old, description, spec.num_data)
         if latents is None:
             print(f"latent cache {old} (one file, from an earlier version) is unusable: encoding shards afresh")
         else:
-            for rows in ranges:
-                if shard_problem(folder, description, rows):
-                    write_shard(folder, description, rows, latents[rows.start : rows.stop])
+            for rows in [rows for rows, problem in problems.items() if problem]:
+                write_shard(folder, description, rows, latents[rows.start : rows.stop])
+                problems[rows] = None  # written from the old file's checked latents
             print(f"latent cache {old} (one file, from an earlier version) read: split into {len(ranges)} shards in {folder}")
         old.unlink()
-    todo = []
-    for rows in ranges:
-        problem = shard_problem(folder, description, rows)
+    for rows, problem in problems.items():
         if problem and problem != "it is missing":
             print(f"latent shard {shard_path(folder, rows)} is unusable ({problem}): encoding it again")
-        if problem:
-            todo.append(rows)
-    return todo
+    return [rows for rows, problem in problems.items() if problem]
 
 
 def _check_written(folder: Path, description: str, written: list[range]) -> None:

@@ -194,11 +194,11 @@ def model_facts(name: str) -> dict:
         raise InputError("model", f"{name!r}: {denoiser_file} field 'in_channels' holds {in_channels}; expected a multiple "
                                   "of 4 (2x2 packed latent patches)")
     _field(denoiser, "patch_size", int, name, denoiser_file, "an integer", 1)  # checked here; family.patch reads it
+    if family.sample_size is None:
+        _field(denoiser, "sample_size", int, name, denoiser_file, "an integer")
     return {
         "family": family.name,
-        "in_channels": family.latent_channels(in_channels),
-        "sample_size": family.sample_size or _field(denoiser, "sample_size", int, name, denoiser_file, "an integer"),
-        "patch_size": family.patch(denoiser),
+        **family.latent_facts(denoiser),
         "vae_scale_factor": 2 ** (len(blocks) - 1),  # as the pipelines compute it
         "prediction_type": kind,
     }

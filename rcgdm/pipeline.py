@@ -104,9 +104,8 @@ class RewardDirectedPipeline:
         self.predictor, self.reward, self.reward_meta = predictor, reward, reward_meta or {}
         self.family: Family = family_of_pipe(base)
         denoiser = getattr(base, self.family.denoiser).config
-        self.facts = {"family": self.family.name, "in_channels": self.family.latent_channels(denoiser.in_channels),
-                      "sample_size": self.family.sample_size or denoiser.sample_size,
-                      "patch_size": self.family.patch(denoiser), "vae_scale_factor": base.vae_scale_factor}
+        self.facts = {"family": self.family.name, **self.family.latent_facts(denoiser),
+                      "vae_scale_factor": base.vae_scale_factor}
 
     @classmethod
     def from_pretrained(

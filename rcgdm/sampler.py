@@ -40,16 +40,17 @@ def sample_latents(
     family = family_of_pipe(pipe)
     denoiser = getattr(pipe, family.denoiser)
     device, batch = pipe._execution_device, len(generators)
-    default = (family.sample_size or denoiser.config.sample_size) * pipe.vae_scale_factor
+    latent_facts = family.latent_facts(denoiser.config)
+    default = latent_facts["sample_size"] * pipe.vae_scale_factor
     height, width = height or default, width or default
     use_cfg = cfg > 1
     conditioning = prompt_conditioning(pipe, family, prompt, batch, use_cfg, (height, width), distilled_guidance)
     scheduler = pipe.scheduler
     latent_size = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-    tokens = token_count(latent_size, family.patch(denoiser.config))
+    tokens = token_count(latent_size, latent_facts["patch_size"])
     set_schedule(scheduler, num_inference_steps, family, tokens, device)  # before the latents: they scale by its sigma
     dtype = conditioning[0]["encoder_hidden_states"].dtype
-    latents = initial_latents(pipe, family, batch, height, width, dtype, generators)
+    latents = initial_latents(pipe, family, latent_facts["in_channels"], batch, (height, width), dtype, generators)
     if (family.name == "sdxl" or family.packed) and hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(0)  # as their pipelines: step i sits at the i-th timestep, not one found by value
     step_kwargs = {} if family.flow else pipe.prepare_extra_step_kwargs(generators, 0.0)
@@ -68,10 +69,11 @@ def sample_latents(
     return latents
 
 
-def initial_latents(pipe, family: Family, batch: int, height: int, width: int, dtype: torch.dtype,
+def initial_latents(pipe, family: Family, channels: int, batch: int, size: tuple[int, int], dtype: torch.dtype,
                     generators: list[torch.Generator]) -> torch.Tensor:
-    """The pipeline's own initial noise (B, C, height / s, width / s), unpacked for FLUX."""
-    channels = family.latent_channels(getattr(pipe, family.denoiser).config.in_channels)
+    """The pipeline's own initial noise (B, channels, height / s, width / s) for images of `size` (height, width),
+    unpacked for FLUX."""
+    height, width = size
     latents = pipe.prepare_latents(batch, channels, height, width, dtype, pipe._execution_device, generators)
     if family.packed:  # FluxPipeline returns the packed tokens and their position ids
         scale = pipe.vae_scale_factor

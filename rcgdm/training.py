@@ -4,7 +4,6 @@ rcgdm/training_state.py)."""
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,7 +242,7 @@ def training_latents(latents: ShardedLatents, rows: torch.Tensor, in_memory_gb: 
     """The training latents: in memory on the device (GPU-resident on CUDA) if they fit in `in_memory_gb`, else read
     from the shards batch by batch (memory then holds one batch, whatever the number of images). Both give the same
     batches, value for value."""
-    size_gb = len(rows) * math.prod(latents.row_shape) * 4 / 2**30
+    size_gb = len(rows) * latents.row_bytes / 2**30
     if size_gb <= in_memory_gb:
         return latents[rows].to(dev)
     state.print(f"training latents: {size_gb:.2f} GB > latents_in_memory_gb={in_memory_gb:g}: read from "

@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 
 from rcgdm.cli import UserError
 from rcgdm.data import open_source
-from rcgdm.latent_shards import shard_path, shard_problem, shard_ranges
-from rcgdm.latents import LatentSpec, batch_ranges, encode, vae_fingerprint
+from rcgdm.distributed import batches
+from rcgdm.latent_shards import shard_path, shard_problem
+from rcgdm.latents import LatentSpec, encode, vae_fingerprint
 from rcgdm.models import load_vae
 
 # --- concurrent runs ------------------------------------------------------------------------------------------------------------
@@ -102,13 +103,13 @@ def test_training_killed_while_building_the_cache_keeps_its_whole_shards_and_enc
     vae, source = load_vae("tiny-random"), open_source("synthetic")
     spec = LatentSpec(vae_fingerprint(vae), source.identity, 1024, 64, 0)
     (folder,) = (tmp_path / "cache").glob("latents-*")
-    whole = [rows for rows in shard_ranges(1024, 64) if shard_path(folder, rows).exists()]
+    whole = [rows for rows in batches(1024, 64) if shard_path(folder, rows).exists()]
     assert whole and all(shard_problem(folder, spec.describe(), rows) is None for rows in whole)  # no half-written shard
     assert run_script(*argv) == 0
     encoded = json.loads((tmp_path / "out" / "convnet.train_summary.json").read_text())["images_encoded"]
     assert encoded == 1024 - 64 * len(whole)  # the shards the killed run finished are kept
     for rows in (range(0, 64), range(960, 1024)):  # one shard kept, one encoded by the second run: the one-go latents
-        expected = encode(vae, source, spec, 8, torch.device("cpu"), batch_ranges(rows, 8), progress=False)
+        expected = encode(vae, source, spec, 8, torch.device("cpu"), batches(rows.stop, 8, rows.start), progress=False)
         assert torch.equal(load_file(folder / f"images-{rows.start:08d}-{rows.stop:08d}.safetensors")["latents"], expected)
 
 

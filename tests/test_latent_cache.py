@@ -13,7 +13,8 @@ from conftest import latent_labels, run_script, weights
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from rcgdm.latent_shards import LatentRows, ShardedLatents, shard_ranges, write_shard
+from rcgdm.distributed import batches
+from rcgdm.latent_shards import LatentRows, ShardedLatents, write_shard
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +32,9 @@ def train(tmp_path, labels, name: str, **overrides) -> dict:
 
 def test_rows_are_read_from_their_shards_in_any_order(tmp_path):
     latents = torch.randn(50, 4, 3, 3)
-    for rows in shard_ranges(50, 16):
+    for rows in batches(50, 16):
         write_shard(tmp_path, "spec", rows, latents[rows.start : rows.stop])
-    store = ShardedLatents(tmp_path, shard_ranges(50, 16), (4, 3, 3))
+    store = ShardedLatents(tmp_path, batches(50, 16), (4, 3, 3))
     order = torch.randperm(50, generator=torch.Generator().manual_seed(0))
     assert store.shape == (50, 4, 3, 3) and torch.equal(store[order], latents[order]) and torch.equal(store.load(), latents)
     view = LatentRows(store, order[:20])
@@ -58,7 +59,7 @@ def test_streaming_from_the_shards_trains_the_in_memory_weights_bit_for_bit(tmp_
 def test_an_earlier_single_file_cache_is_read_into_shards_or_encoded_afresh(tmp_path, labels, capsys):
     first = train(tmp_path, labels, "first")
     (folder,) = (tmp_path / "cache").glob("latents-*")
-    store = ShardedLatents(folder, shard_ranges(96, 24), (4, 8, 8))
+    store = ShardedLatents(folder, batches(96, 24), (4, 8, 8))
     latents = store.load()
     with safe_open(str(next(folder.iterdir())), framework="pt") as f:
         description = f.metadata()["spec"].rsplit(" images ", 1)[0]  # the cache's, less the shard's image range
