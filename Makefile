@@ -4,15 +4,27 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_out
 
-.PHONY: install demo simulation test lint bench clean
+LOCK := requirements-lock.txt
 
+.PHONY: install lock demo simulation test lint bench clean
+
+# The ranges of requirements*.txt at the exact versions of the lock: the README's numbers from any fresh clone.
 install: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install -r requirements.txt -r requirements-dev.txt -c $(LOCK)
 	touch $(STAMP)
+
+# Remake the lock: the newest releases within the ranges, resolved in a fresh virtualenv (then rerun make demo and
+# make bench, and commit what changed: the README's numbers come from the lock).
+lock:
+	rm -rf .lock-venv && python3 -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --upgrade pip
+	.lock-venv/bin/python -m pip install -r requirements.txt -r requirements-dev.txt
+	{ sed -n '1,2p' $(LOCK); .lock-venv/bin/python -m pip freeze --exclude-editable; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK) && rm -rf .lock-venv
 
 # The paper's three steps offline on CPU: tiny Stable Diffusion, synthetic images, random-backbone reward
 # (the commands are in rcgdm/demo.py).
@@ -37,4 +49,4 @@ bench: install
 	$(PY) benchmarks/run.py
 
 clean:
-	rm -rf $(DEMO_DIR) simulation_out .pytest_cache .ruff_cache
+	rm -rf $(DEMO_DIR) simulation_out .pytest_cache .ruff_cache .lock-venv
