@@ -49,8 +49,7 @@ REWARD_FILE = "reward_model.pth"
 LABELS_FILE = "cifar10_outputs_with_noise.npy"
 SIDECAR_FILE = "cifar10_outputs_with_noise.json"
 OUTPUTS = (REWARD_FILE, LABELS_FILE, SIDECAR_FILE)
-RUN = "fake_dataset"  # its record in --out_dir: .fake_dataset.files.json (rcgdm/files/run_folder.py)
-STAGING = ".fake_dataset.staging"  # the three files are written here, then published together
+RUN = "fake_dataset"  # its record in --out_dir: .fake_dataset.files.json; its files are staged in .fake_dataset.staging
 
 
 def parse_args() -> argparse.Namespace:
@@ -119,10 +118,10 @@ def write_labels(args: argparse.Namespace, state: PartialState, ground_truth: Re
     noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(args.seed)) * args.noise_std
     labels = (clean + noise).numpy().astype(np.float32)
 
-    staging = run_folder.make_staging(out_dir / STAGING)
+    staging = run_folder.make_staging(out_dir, RUN)
     try:  # the three files replace an earlier run's together, once all are written
         save_outputs(args, ground_truth, labels, source, staging)
-        run_folder.publish(staging, out_dir, RUN, OUTPUTS, run_folder.earlier_files(out_dir, RUN, OUTPUTS))
+        run_folder.publish(out_dir, RUN, OUTPUTS, run_folder.earlier_files(out_dir, RUN, OUTPUTS))
     finally:
         run_folder.remove_staging(staging)
     print(

@@ -58,7 +58,6 @@ overwrite = False
 config_keys = [k for k, v in globals().items() if k.islower() and k[0] != "_" and isinstance(v, (bool, int, float, str))]
 RUN = "simulation"
 OUTPUTS = ("summary.json", *FIGURES)
-STAGING = ".simulation.staging"
 
 CHECKS = {
     "dim": (lambda c: c["dim"] >= 2, "an integer >= 2"),
@@ -110,11 +109,11 @@ def main() -> None:
     with locked(out_dir / LOCK_FILE, what):
         run_folder.check_out_dir(out_dir, RUN, OUTPUTS, what, config["overwrite"], holding_lock=True)
         remove_leftovers(out_dir)
-        staging = run_folder.make_staging(out_dir / STAGING)
+        staging = run_folder.make_staging(out_dir, RUN)
         try:
             save_json(summary, staging / "summary.json")
             draw_figures(summary, staging)
-            run_folder.publish(staging, out_dir, RUN, OUTPUTS, run_folder.earlier_files(out_dir, RUN, OUTPUTS))
+            run_folder.publish(out_dir, RUN, OUTPUTS, run_folder.earlier_files(out_dir, RUN, OUTPUTS))
         finally:
             run_folder.remove_staging(staging)
     print_summary(summary, out_dir)

@@ -194,11 +194,11 @@ ASSETS = {
 
 def copy_assets(out: Path, assets: Path = ROOT / "asset") -> None:
     """ASSETS into `assets`, published together (rcgdm/files/run_folder.py): never half of one run's figures."""
-    staging = run_folder.make_staging(assets / ".demo.staging")
+    staging = run_folder.make_staging(assets, "demo")
     try:
         for source, name in ASSETS.items():
             copy_file(out / source, staging / name)
-        run_folder.publish(staging, assets, "demo", ASSETS.values(), run_folder.earlier_files(assets, "demo", ASSETS.values()))
+        run_folder.publish(assets, "demo", ASSETS.values(), run_folder.earlier_files(assets, "demo", ASSETS.values()))
     finally:
         run_folder.remove_staging(staging)
     print(f"figures copied into {assets}")

@@ -2,7 +2,7 @@
 suffix (convnet.pth -> convnet.best.pth, convnet.resume.pth, convnet.metrics.jsonl, convnet.loss_curve.png,
 convnet.loss_by_noise.png, convnet.train_summary.json). Runs whose out_paths share that name (a.pth, a.pt) would share
 side files: one lock (`.a.lock`) and one record (`.a.train.files.json`) serve them both, so they never run together.
-An overwrite is staged in `.{out_path name}.overwrite/` and published once the run completes (rcgdm/files/run_folder.py).
+An overwrite is staged in `.a.train.staging/` and published once the run completes (rcgdm/files/run_folder.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from types import SimpleNamespace
 from rcgdm.cli import UserError, check_creatable
 from rcgdm.files import run_folder
 from rcgdm.files.output_checks import refuse_inputs_as_outputs, refuse_outputs_inside_inputs
-from rcgdm.files.run_folder import STAGING
 from rcgdm.models import local_model_folder
 
 SIDE_FILES = ("best.pth", "resume.pth", "metrics.jsonl", "loss_curve.png", "loss_by_noise.png", "train_summary.json")
@@ -41,7 +40,7 @@ class PredictorFiles:
 
     @property
     def staged(self) -> dict[str, Path]:
-        return named_files(self.folder / f".{self.out_path.name}{STAGING}" / self.out_path.name)
+        return named_files(run_folder.staging_folder(self.folder, self.run) / self.out_path.name)
 
     @property
     def side_name(self) -> str:
@@ -75,6 +74,7 @@ class PredictorFiles:
         data_folder = config.data if Path(config.data).is_dir() else None
         refuse_outputs_inside_inputs({"out_path": self.out_path, "cache_dir": config.cache_dir},
                                      {"model": local_model_folder(config.model), "data": data_folder})
+        earlier = self.earlier()  # also refuses a name through a link, whatever the flags
         if config.resume:
             if not (final["resume"].is_file() or staged["resume"].is_file()):
                 raise UserError(f"resume=True but {str(final['resume'])!r} does not exist; expected a run to continue")
@@ -85,7 +85,6 @@ class PredictorFiles:
             if unfinished:
                 raise UserError(f"{str(unfinished[0])!r} holds an interrupted run; resume=True to finish it, or "
                                 "overwrite=True to start again")
-            earlier = self.earlier()
             if earlier:
                 raise UserError(f"{str(self.folder / earlier[0])!r} already exists (an earlier run's output); "
                                 "overwrite=True to replace it, or another out_path")
@@ -99,7 +98,7 @@ class PredictorFiles:
             return staged if run_folder.is_staging(staging) and staged["resume"].is_file() else self.final
         replacing = config.overwrite and bool(self.earlier())
         if main and replacing:
-            run_folder.make_staging(staging)
+            run_folder.make_staging(self.folder, self.run)
         elif main:
             run_folder.remove_staging(staging)
         return staged if replacing else self.final
@@ -108,7 +107,7 @@ class PredictorFiles:
         """The run completed: publish its files over the earlier run's (staged), or record them (in place)."""
         written = [path.name for path in writes.values() if path.is_file()]
         if writes["predictor"] != self.out_path:
-            run_folder.publish(writes["predictor"].parent, self.folder, self.run, written, self.earlier())
+            run_folder.publish(self.folder, self.run, written, self.earlier())
         else:
             run_folder.record(self.folder, self.run, written)
         shown = [self.final[k] for k in ("predictor", "metrics", "loss_curve", "loss_by_noise", "train_summary")]

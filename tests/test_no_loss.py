@@ -30,12 +30,12 @@ def test_a_failing_overwrite_sweep_leaves_the_earlier_sweep_as_it_was(tmp_path, 
     # the replacement samples its first combination (images written), then the second turns NaN midway
     assert run_script("inference.py", *base, "--guidance", "0", "1e30", "--seed", "1", "--overwrite") == 2
     assert "became NaN or inf" in error_line(capsys.readouterr().err)
-    assert list((out / ".overwrite").rglob("*_gt_*.png"))  # the failed run did write images, in its staging folder
+    assert list((out / ".sweep.staging").rglob("*_gt_*.png"))  # the failed run did write images, in its staging folder
     assert snapshot(out) == earlier  # and every earlier file is as it was
     assert run_script("inference.py", *base, "--guidance", "0", "5") == 2  # an unfinished overwrite: not silently dropped
     assert "holds an interrupted run" in error_line(capsys.readouterr().err)
     assert run_script("inference.py", *base, "--guidance", "0", "5", "--seed", "1", "--overwrite") == 0
-    assert not (out / ".overwrite").exists()
+    assert not (out / ".sweep.staging").exists()
     rows = read_rows(out / "results.csv")
     assert {r["guidance"] for r in rows} == {"0.0", "5.0"} and {r["seed"] for r in rows} == {"1"}
     images = sorted(p.relative_to(out).as_posix() for p in out.rglob("*_gt_*.png"))
@@ -51,14 +51,14 @@ def test_an_overwrite_sweep_killed_midway_keeps_the_earlier_one_and_resumes(tmp_
     assert run_script(*base, "--seed", "0") == 0
     earlier = snapshot(out)
     killed = popen(*base, "--seed", "1", "--overwrite")
-    progress = out / ".overwrite" / "progress.json"
+    progress = out / ".sweep.staging" / "progress.json"
     wait_for(lambda: progress.exists() and len(json.loads(progress.read_text())["rows"]) >= 2, process=killed)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert snapshot(out) == earlier
     assert run_script(*base, "--seed", "1", "--overwrite", "--resume") == 0
     assert {r["seed"] for r in read_rows(out / "results.csv")} == {"1"}
-    assert len(list(out.glob("*_gt_*.png"))) == 4 and not (out / ".overwrite").exists()
+    assert len(list(out.glob("*_gt_*.png"))) == 4 and not (out / ".sweep.staging").exists()
 
 
 def test_a_failing_overwrite_training_leaves_the_earlier_one_as_it_was(tmp_path):
@@ -71,7 +71,7 @@ def test_a_failing_overwrite_training_leaves_the_earlier_one_as_it_was(tmp_path)
     earlier = snapshot(out.parent)
     assert set(earlier) >= {"convnet.pth", "convnet.best.pth", "convnet.resume.pth", "convnet.metrics.jsonl"}
     killed = popen(*base, "--num_epochs=50", "--seed=1", "--overwrite=True")
-    staged = out.parent / ".convnet.pth.overwrite" / "convnet.resume.pth"
+    staged = out.parent / ".convnet.train.staging" / "convnet.resume.pth"
     wait_for(staged.exists, process=killed)  # an epoch of the replacement is done
     killed.send_signal(signal.SIGKILL)
     killed.wait()
@@ -80,7 +80,7 @@ def test_a_failing_overwrite_training_leaves_the_earlier_one_as_it_was(tmp_path)
     assert run_script(*base, "--num_epochs=2", "--seed=1", "--overwrite=True") == 0
     summary = json.loads(out.with_suffix(".train_summary.json").read_text())
     assert summary["config"]["seed"] == 1 and summary["epochs"] == 2
-    assert not (out.parent / ".convnet.pth.overwrite").exists()
+    assert not (out.parent / ".convnet.train.staging").exists()
 
 
 def test_outputs_inside_an_input_folder_are_refused(tmp_path, capsys, reward_model_path, predictor_path):

@@ -80,7 +80,7 @@ def staged_run(root):
     for name in ("a", "old"):
         (root / name).write_text(f"earlier {name}")
     run_folder.record(root, "r", ["a", "old"])
-    staging = run_folder.make_staging(root / ".stage")
+    staging = run_folder.make_staging(root, "r")
     for name in ("a", "b", "sub/c"):
         (staging / name).parent.mkdir(parents=True, exist_ok=True)
         (staging / name).write_text(f"new {name}")
@@ -103,7 +103,7 @@ def test_a_publish_killed_midway_is_finished_by_the_next_run(tmp_path, monkeypat
 
     monkeypatch.setattr(run_folder, "os", SimpleNamespace(replace=killed_after_one_move))
     with pytest.raises(SystemExit):
-        run_folder.publish(staging, root, "r", ["a", "b", "sub/c"], ["a", "old"])
+        run_folder.publish(root, "r", ["a", "b", "sub/c"], ["a", "old"])
     monkeypatch.undo()
     assert (root / "a").read_text() == "new a" and (root / "old").exists()  # a mix, with its plan beside it
     run_folder.recover(root, "r", root / LOCK_FILE, "the folder")
@@ -112,7 +112,7 @@ def test_a_publish_killed_midway_is_finished_by_the_next_run(tmp_path, monkeypat
 
 def test_ctrl_c_during_a_publish_waits_until_it_is_whole(tmp_path, monkeypatch):
     root = tmp_path / "run"
-    staging = staged_run(root)
+    staged_run(root)
     real_replace = os.replace
 
     def interrupted(src, dst):
@@ -123,7 +123,7 @@ def test_ctrl_c_during_a_publish_waits_until_it_is_whole(tmp_path, monkeypatch):
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as a script has it, whatever pytest inherited
     try:
         with pytest.raises(KeyboardInterrupt):
-            run_folder.publish(staging, root, "r", ["a", "b", "sub/c"], ["a", "old"])
+            run_folder.publish(root, "r", ["a", "b", "sub/c"], ["a", "old"])
     finally:
         signal.signal(signal.SIGINT, previous)
     assert files(root) == NEW
@@ -146,7 +146,7 @@ def test_an_interrupted_sweep_publish_is_finished_before_anything_else(tmp_path,
     assert (out / ".sweep.publish.json").is_file()
     assert sweep("--target", "2", "--guidance", "0", "5", "--num_images", "2") == 2  # the new run is complete there
     assert "finished publishing an interrupted run's files" in capsys.readouterr().out
-    assert not (out / ".sweep.publish.json").exists() and not (out / ".overwrite").exists()
+    assert not (out / ".sweep.publish.json").exists() and not (out / ".sweep.staging").exists()
     rows = read_rows(out / "results.csv")
     assert {r["target"] for r in rows} == {"2.0"}
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*_gt_*.png")) == sorted(r["file"] for r in rows)
@@ -230,9 +230,9 @@ def test_leftovers_of_killed_runs_go_and_a_lock_that_is_a_folder_is_one_line(tmp
     leftover.write_text("half")
     alive = out / f".grid.png.{HOST}-{os.getpid()}.abc123.tmp"  # a live process's: left alone
     alive.write_text("busy")
-    run_folder.make_staging(out / ".overwrite")  # an overwrite killed before it wrote its progress
+    run_folder.make_staging(out, "sweep")  # an overwrite killed before it wrote its progress
     assert sweep("--num_images", "1") == 0
-    assert not leftover.exists() and alive.exists() and not (out / ".overwrite").exists()
+    assert not leftover.exists() and alive.exists() and not (out / ".sweep.staging").exists()
 
     other = tmp_path / "other"
     (other / LOCK_FILE).mkdir(parents=True)
@@ -261,7 +261,7 @@ def test_a_full_disk_while_a_figure_is_saved_is_one_line_and_leaves_no_temporary
     line = error_line(capsys.readouterr().err)
     assert "No space left on device writing" in line and "nothing half-written was kept" in line
     assert not list(out.rglob("*.tmp"))
-    assert {k: v for k, v in files(out).items() if not k.startswith(".overwrite/")} == earlier  # the earlier run, whole
+    assert {k: v for k, v in files(out).items() if not k.startswith(".sweep.staging/")} == earlier  # the earlier run, whole
     labels = tmp_path / "labels.npy"
     np.save(labels, np.zeros((8, 1), np.float32))
     train = ["train.py", "--model=tiny-random", "--data=synthetic", "--num_data=8", "--image_size=64", "--num_epochs=1",
@@ -270,3 +270,106 @@ def test_a_full_disk_while_a_figure_is_saved_is_one_line_and_leaves_no_temporary
     assert run_script(*train) == 2  # its loss curve meets the full disk
     assert "No space left on device writing" in error_line(capsys.readouterr().err)
     assert not list((tmp_path / "trained").rglob("*.tmp")) and not (tmp_path / "trained" / "c.pth").exists()
+
+
+# A results folder handed over by someone else (to --resume, or copied with cp -a, rsync -a, tar) may hold a link
+# `lnk -> ../outside` and a plan or a record naming `lnk/...`: nothing outside the folder may be removed, replaced or
+# moved in, by any of the four scripts' recovery or by --overwrite.
+def script_runs(tmp_path, reward_model_path=None, predictor_path=None) -> dict:
+    """script -> (the run's name in its folder, its argv into tmp_path/out): each completes quickly if let through."""
+    out = tmp_path / "out"
+    sim = ["--dim=16", "--sub_dim=4", "--num_labelled=40", "--num_unlabelled=200", "--num_samples=100",
+           "--predictor_epochs=2", "--conditional_steps=20", "--targets=0,1"]
+    labels = tmp_path / "labels.npy"
+    np.save(labels, np.linspace(0, 1, 16, dtype=np.float32)[:, None])
+    return {
+        "fake_dataset.py": ("fake_dataset", ["fake_dataset.py", "--data", "synthetic", "--num_data", "8", "--weights",
+                                             "none", "--out_dir", out, "--overwrite"]),
+        "simulation.py": ("simulation", ["simulation.py", *sim, f"--out_dir={out}", "--overwrite=True"]),
+        "train.py": ("c.train", ["train.py", "--model=tiny-random", "--data=synthetic", "--num_data=16", "--image_size=64",
+                                 "--num_epochs=1", "--val_fraction=0.25", f"--labels_path={labels}",
+                                 f"--cache_dir={tmp_path / 'cache'}", f"--out_path={out / 'c.pth'}", "--overwrite=True"]),
+        "inference.py": ("sweep", ["inference.py", "--model", "tiny-random", "--reward_model", reward_model_path or "r.pth",
+                                   "--predictor", predictor_path or "p.pth", "--num_inference_steps", "1",
+                                   "--num_images", "1", "--out_dir", out, "--overwrite"]),
+    }
+
+
+def planted(tmp_path):
+    """tmp_path/out holding `lnk -> ../outside`, where the user's files lie -> (out, outside, their bytes)."""
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    outside.mkdir()
+    (outside / ".bashrc").write_text("the user's own")
+    (outside / "secret.txt").write_text("the user's secret")
+    out.mkdir()
+    (out / "lnk").symlink_to("../outside")
+    return out, outside, files(outside)
+
+
+def write_plan(out, run, written, remove, folder=None):
+    from rcgdm.files import confined
+
+    plan = {"folder": folder or confined.identity(out), "written": written, "remove": remove}
+    (out / f".{run}.publish.json").write_text(json.dumps(plan))
+
+
+ROUTES = ["delete", "replace", "move in", "move in through a link inside the staging folder", "a plan from elsewhere"]
+
+
+@pytest.mark.parametrize("script", ["fake_dataset.py", "simulation.py", "train.py", "inference.py"])
+def test_no_route_through_a_link_touches_a_file_outside_the_folder(tmp_path, capsys, script):
+    """Each route of a planted plan, for each script's recovery: one line, and the outside folder as it was."""
+    for k, route in enumerate(ROUTES):
+        root = tmp_path / str(k)
+        root.mkdir()
+        out, outside, before = planted(root)
+        run, argv = script_runs(root)[script]
+        staging = out / f".{run}.staging"
+        if route == "delete":
+            write_plan(out, run, [], ["lnk/.bashrc"])
+        elif route == "replace":
+            run_folder.make_staging(out, run)
+            (staging / "lnk").mkdir()
+            (staging / "lnk" / ".bashrc").write_text("rm -rf ~")
+            write_plan(out, run, ["lnk/.bashrc"], [])
+        elif route == "move in":  # the staging folder itself a link to the user's files
+            (outside / run_folder.MARKER).write_text("")
+            before = files(outside)
+            staging.symlink_to("../outside")
+            write_plan(out, run, ["secret.txt"], [])
+        elif route == "move in through a link inside the staging folder":
+            run_folder.make_staging(out, run)
+            (staging / "lnk").symlink_to("../../outside")
+            write_plan(out, run, ["lnk/secret.txt"], [])
+        else:  # a plan made for another folder, copied here: the files it would move in are staged, all real
+            run_folder.make_staging(out, run)
+            (staging / "mine.txt").write_text("planted")
+            write_plan(out, run, ["mine.txt"], [], folder=[0, 0])
+        capsys.readouterr()
+        assert run_script(*argv) == 2, route
+        line = error_line(capsys.readouterr().err)
+        expected = {"a plan from elsewhere": "written for another folder", "move in": "neither in its staging folder"}
+        assert expected.get(route, "passes through a symbolic link") in line, (route, line)
+        assert files(outside) == before and (out / "lnk").is_symlink(), route
+        assert not (out / "mine.txt").exists() and not (out / "secret.txt").exists(), route
+
+
+@pytest.mark.parametrize("script", ["fake_dataset.py", "simulation.py", "train.py", "inference.py"])
+def test_an_overwrite_never_removes_a_recorded_file_behind_a_link(tmp_path, capsys, script, reward_model_path,
+                                                                   predictor_path):
+    """A record of files naming `lnk/.bashrc`: --overwrite refuses before it writes anything; without the check each
+    run here would complete and remove the user's file."""
+    out, outside, before = planted(tmp_path)
+    run, argv = script_runs(tmp_path, reward_model_path, predictor_path)[script]
+    (out / f".{run}.files.json").write_text(json.dumps(["lnk/.bashrc"]))
+    assert run_script(*argv) == 2
+    assert "passes through a symbolic link (lnk)" in error_line(capsys.readouterr().err)
+    assert files(outside) == before
+
+
+def test_an_image_folder_that_is_a_link_is_refused_before_anything_is_written(tmp_path, capsys, sweep):
+    out, outside, before = planted(tmp_path)
+    (out / "target1.0guidance5.0").symlink_to("../outside")
+    assert sweep("--target", "1", "--guidance", "0", "5", "--num_images", "1") == 2
+    assert "passes through a symbolic link (target1.0guidance5.0)" in error_line(capsys.readouterr().err)
+    assert files(outside) == before and not (out / "results.csv").exists()

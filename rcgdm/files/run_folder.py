@@ -1,15 +1,18 @@
 """A run's files in the folder it writes to: recorded, staged, and published whole.
 
 - **Recorded.** A completed run records the files it wrote, relative to its folder, in `.{run}.files.json` (`run`:
-  the script's name for it: `sweep`, `fake_dataset`, or a predictor's file name). Only recorded files are ever
-  removed: a user's notes in the folder survive every overwrite. A folder from before these records counts the
-  script's declared names as the earlier run's.
-- **Staged.** A run that replaces an earlier one writes into a staging folder (holding MARKER, so that only a
-  folder this project made is ever removed whole) and leaves the earlier files alone until it completes.
+  the script's name for it: `sweep`, `fake_dataset`, `simulation`, or `convnet.train` for a predictor convnet.pth).
+  Only recorded files are ever removed: a user's notes in the folder survive every overwrite. A folder from before
+  these records counts the script's declared names as the earlier run's.
+- **Staged.** A run that replaces an earlier one writes into its staging folder, `.{run}.staging` (holding MARKER, so
+  that only a folder this project made is ever removed whole), and leaves the earlier files alone until it completes.
 - **Published whole.** `publish` first writes its plan (files to move in, the earlier run's files that the new run
   did not write, to remove) to `.{run}.publish.json`, then carries it out with Ctrl-C and SIGTERM held back. A
   publish cut short anyway (SIGKILL, a power cut) is finished by the next run that opens the folder (`recover`),
-  so the folder holds the earlier run or the new one, never a mix.
+  so the folder holds the earlier run or the new one, never a mix. A plan is trusted only in the folder it was
+  written for (its device and inode), and only if every file it moves is staged or already in place.
+- **Confined.** Every name, read from a record or a plan or declared by the script, is used only if it stays inside
+  the folder on disk (no symbolic link on its way: rcgdm/files/confined.py) and names a regular file or nothing.
 """
 
 from __future__ import annotations
@@ -24,12 +27,12 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from rcgdm.cli import UserError
+from rcgdm.files import confined
 from rcgdm.files.atomic import save_json
 from rcgdm.files.locking import LOCK_FILE, locked, refuse_if_locked
 from rcgdm.files.output_checks import refuse_nested_runs
 
 MARKER = ".rcgdm-staging"
-STAGING = ".overwrite"  # an overwriting sweep's files wait here until the run completes; a training's in .NAME.overwrite
 
 
 def records(root: Path, run: str) -> Path:
@@ -40,8 +43,13 @@ def journal(root: Path, run: str) -> Path:
     return root / f".{run}.publish.json"
 
 
+def staging_folder(root: Path, run: str) -> Path:
+    """Where run `run` stages an overwrite: a name of the script's own, never one read from a file."""
+    return root / f".{run}.staging"
+
+
 def _relative_names(value: object) -> list[str]:
-    """ValueError unless `value` is a list of relative paths inside the folder."""
+    """ValueError unless `value` is a list of relative paths (checked on disk by `_inside` where they are used)."""
     if not isinstance(value, list) or not all(isinstance(n, str) and n for n in value):
         raise ValueError("not a list of file names")
     for name in value:
@@ -58,10 +66,31 @@ def _read(path: Path, what: str) -> object:
                         "wrote (remove it if it is not)") from None
 
 
+def _inside(root: Path, name: str, source: str, regular: bool = True) -> Path:
+    """`root / name` if it stays inside `root` on disk and (`regular`) holds a regular file or nothing; else a
+    UserError naming `source`, where the name came from."""
+    try:
+        path = confined.inside(root, name)
+    except confined.Unconfined as err:
+        raise UserError(f"{source} in {str(root)!r}: {err}; files outside a run's folder are never touched, expected "
+                        "real files and folders inside it (remove the link)") from None
+    found = confined.kind(path)
+    if regular and found not in (None, "a regular file"):
+        raise UserError(f"{str(path)!r} ({source}) is {found}, not a regular file; only regular files are replaced or "
+                        "removed, expected it gone (move it away)")
+    return path
+
+
+def refuse_links(root: Path, names: Iterable[str], source: str) -> None:
+    """UserError if one of `names` (files or folders a run writes in `root`) passes through a symbolic link."""
+    for name in names:
+        _inside(root, name, source, regular=False)
+
+
 def recorded_files(root: Path, run: str) -> list[str] | None:
     """The files the last completed run `run` recorded in `root`, or None when it recorded none."""
     path = records(root, run)
-    if not path.is_file():
+    if not confined.is_regular_file(path):
         return None
     try:
         return _relative_names(_read(path, "the record of files"))
@@ -72,11 +101,16 @@ def recorded_files(root: Path, run: str) -> list[str] | None:
 
 def earlier_files(root: Path, run: str, declared: Iterable[str]) -> list[str]:
     """The files an earlier run `run` left in `root` that still exist: its record, or else (a folder from before
-    records) those of the `declared` names that exist."""
+    records) those of the `declared` names that exist. UserError if one of them, or of the `declared` names the new
+    run writes, passes through a symbolic link or is not a regular file."""
+    declared = list(declared)
+    for name in declared:
+        _inside(root, name, "an output of this run")
     names = recorded_files(root, run)
-    if names is None:
-        names = list(declared)
-    return [name for name in dict.fromkeys(names) if (root / name).is_file()]
+    if names is not None:
+        source = f"a name in the record of files {records(root, run).name}"
+        return [name for name in dict.fromkeys(names) if confined.kind(_inside(root, name, source))]
+    return [name for name in dict.fromkeys(declared) if confined.kind(root / name)]
 
 
 def check_out_dir(out_dir: Path, run: str, declared: Iterable[str], what: str, overwrite: bool,
@@ -98,11 +132,12 @@ def record(root: Path, run: str, written: Iterable[str]) -> None:
     save_json(sorted(set(written)), records(root, run))
 
 
-def make_staging(staging: Path) -> Path:
-    """A fresh staging folder at `staging` (an earlier one of this project's is replaced); UserError if something
-    else is there."""
+def make_staging(root: Path, run: str) -> Path:
+    """A fresh staging folder for run `run` in `root` (an earlier one of this project's is replaced); UserError if
+    something else is there."""
+    staging = staging_folder(root, run)
     remove_staging(staging)
-    if staging.exists():
+    if confined.kind(staging) is not None:
         raise UserError(f"{str(staging)!r} exists and is not a staging folder of this project; expected it gone "
                         "(move it away)")
     staging.mkdir(parents=True)
@@ -111,7 +146,8 @@ def make_staging(staging: Path) -> Path:
 
 
 def is_staging(folder: Path) -> bool:
-    return (folder / MARKER).is_file() and not folder.is_symlink()
+    """Whether `folder` is a real folder (not a link) holding MARKER as a regular file: one this project made."""
+    return confined.is_real_folder(folder) and confined.is_regular_file(folder / MARKER)
 
 
 def remove_staging(staging: Path) -> None:
@@ -143,12 +179,12 @@ def signals_held() -> Iterator[None]:
                 os.kill(os.getpid(), received[0])
 
 
-def publish(staging: Path, root: Path, run: str, written: Iterable[str], earlier: Iterable[str]) -> None:
-    """Move the completed run's files (`written`, relative names) from `staging` into `root`, remove the `earlier`
-    run's files that the new one did not write, record `written`, and remove `staging`: as one step (module
-    docstring). Until this is called an overwriting run leaves the earlier files as they were."""
+def publish(root: Path, run: str, written: Iterable[str], earlier: Iterable[str]) -> None:
+    """Move the completed run's files (`written`, relative names) from its staging folder into `root`, remove the
+    `earlier` run's files that the new one did not write, record `written`, and remove the staging folder: as one step
+    (module docstring). Until this is called an overwriting run leaves the earlier files as they were."""
     written = list(dict.fromkeys(written))
-    plan = {"staging": staging.relative_to(root).as_posix(), "written": written,
+    plan = {"folder": confined.identity(root), "written": written,
             "remove": [name for name in dict.fromkeys(earlier) if name not in set(written)]}
     with signals_held():
         save_json(plan, journal(root, run))
@@ -157,40 +193,60 @@ def publish(staging: Path, root: Path, run: str, written: Iterable[str], earlier
 
 def recover(root: Path, run: str, lock_file: Path, what: str) -> None:
     """Finish a publish that was cut short in `root` (its plan is still there), holding the folder's lock."""
-    if not journal(root, run).is_file():
+    if not confined.kind(journal(root, run)):
         return
     with locked(lock_file, what), signals_held():
-        if journal(root, run).is_file():  # not finished by another run meanwhile
+        if confined.kind(journal(root, run)):  # not finished by another run meanwhile
             _carry_out(root, run, _read_plan(root, run))
             print(f"finished publishing an interrupted run's files in {root}")
 
 
 def _read_plan(root: Path, run: str) -> dict:
-    plan = _read(journal(root, run), "the publishing plan")
+    """The plan of a publish cut short in `root`: UserError unless it is one this project wrote for this folder."""
+    path = journal(root, run)
+    if not confined.is_regular_file(path):
+        raise UserError(f"the publishing plan {str(path)!r} is {confined.kind(path)}, not a regular file; expected the "
+                        "file this project wrote (remove it)")
+    plan = _read(path, "the publishing plan")
     try:
-        if not isinstance(plan, dict) or not isinstance(plan.get("staging"), str):
-            raise ValueError("not a plan")
-        _relative_names([plan["staging"]])
+        if not isinstance(plan, dict) or set(plan) != {"folder", "written", "remove"}:
+            raise ValueError("not a plan of this version")
         _relative_names(plan["written"])
         _relative_names(plan["remove"])
-    except (KeyError, ValueError) as err:
-        raise UserError(f"the publishing plan {str(journal(root, run))!r} is damaged ({err}); expected the file this "
-                        "project wrote (remove it if it is not)") from None
+    except ValueError as err:
+        raise UserError(f"the publishing plan {str(path)!r} is damaged ({err}); expected the file this project wrote "
+                        "(remove it if it is not)") from None
+    if plan["folder"] != confined.identity(root):
+        raise UserError(f"the publishing plan {str(path)!r} was written for another folder (this one is a copy, or it "
+                        "was put here); a plan is trusted only where it was written: remove it, and its staging folder "
+                        f"{staging_folder(root, run).name!r}, to keep the folder as it is")
     return plan
 
 
 def _carry_out(root: Path, run: str, plan: dict) -> None:
-    """Carry out a publishing plan; run again after an interruption, it finishes what is left (moved files are
-    no longer in staging, removed ones no longer in root)."""
-    staging = root / plan["staging"]
+    """Carry out a publishing plan, once every name in it is checked: each written file is in the staging folder or
+    already in place, and every name stays inside its folder on disk and names a regular file or nothing. Run again
+    after an interruption, it finishes what is left (moved files are no longer staged, removed ones no longer there)."""
+    staging = staging_folder(root, run)
+    staged = is_staging(staging)
+    source = f"a name in the publishing plan {journal(root, run).name}"
+    moves = []
     for name in plan["written"]:
-        new = staging / name
-        if new.is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(new, root / name)
-    for name in plan["remove"]:
-        (root / name).unlink(missing_ok=True)
-        _remove_empty_parents(root / name, root)
+        final = _inside(root, name, source)
+        new = _inside(staging, name, source) if staged else None
+        if new is not None and confined.is_regular_file(new):
+            moves.append((new, final))
+        elif not confined.is_regular_file(final):
+            raise UserError(f"the publishing plan {str(journal(root, run))!r} names {name!r}, which is neither in its "
+                            f"staging folder {staging.name!r} nor in place; expected the plan this project wrote (remove it "
+                            "if it is not)")
+    removed = [_inside(root, name, source) for name in plan["remove"]]
+    for new, final in moves:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(new, final)
+    for path in removed:
+        path.unlink(missing_ok=True)
+        _remove_empty_parents(path, root)
     record(root, run, plan["written"])
     journal(root, run).unlink()
     remove_staging(staging)

@@ -11,13 +11,10 @@ from pathlib import Path
 from rcgdm.cli import UserError, check_creatable, writable_dir
 from rcgdm.files import run_folder
 from rcgdm.files.output_checks import refuse_inputs_as_outputs, refuse_outputs_inside_inputs
-from rcgdm.files.run_folder import STAGING
 from rcgdm.report import REPORT_FILES
 from rcgdm.sweep.plan import Combo
-from rcgdm.sweep.resume import FILE, ResumeLog, check_start, progress_files
+from rcgdm.sweep.resume import FILE, RUN, ResumeLog, check_start, progress_files
 from rcgdm.sweep.rows import IMAGE_GLOB, is_image_name
-
-RUN = "sweep"  # its record in --out_dir: .sweep.files.json
 
 
 def check_outputs(out_dir: Path, combos: list[Combo], inputs: dict[str, str], model_folder: Path | None, resume: bool,
@@ -33,11 +30,19 @@ def check_outputs(out_dir: Path, combos: list[Combo], inputs: dict[str, str], mo
             raise UserError(f"{flag} {path!r} is named like this run's images, in its folder; inputs are never outputs, "
                             "expected another path")
     refuse_outputs_inside_inputs({"--out_dir": out_dir}, {"--model": model_folder})
+    refuse_linked_folders(out_dir, combos)
     check_start(out_dir, resume, overwrite)
     earlier = sorted(earlier_files(out_dir, combos), key=lambda name: name != "results.csv")  # named first, if there
     if earlier and not (overwrite or resume):
         raise UserError(f"{str(out_dir / earlier[0])!r} already exists (an earlier run's output); use --overwrite to "
                         "replace it, or another --out_dir")
+
+
+def refuse_linked_folders(folder: Path, combos: list[Combo]) -> None:
+    """UserError if a combination's image folder in `folder` (out_dir or its staging folder) is a symbolic link: its
+    images would be written, or a resumed run's unfinished ones removed, outside the run's folder."""
+    names = [combo.folder.relative_to(folder).as_posix() for combo in combos if combo.folder != folder]
+    run_folder.refuse_links(folder, names, "an image folder of this run")
 
 
 def earlier_files(out_dir: Path, combos: list[Combo]) -> list[str]:
@@ -55,11 +60,11 @@ def run_dir(out_dir: Path, combos: list[Combo], resume: bool, overwrite: bool) -
     whose files replace the earlier ones only once the run completes, so a run that fails leaves them as they were;
     resume continues in the staging folder of an interrupted overwrite. A fresh start removes an unfinished one.
     Called by the main process, under the run's lock."""
-    staging = out_dir / STAGING
+    staging = run_folder.staging_folder(out_dir, RUN)
     if resume:
         return staging if run_folder.is_staging(staging) and progress_files(staging) else out_dir
     if overwrite and earlier_files(out_dir, combos):
-        return run_folder.make_staging(staging)
+        return run_folder.make_staging(out_dir, RUN)
     run_folder.remove_staging(staging)
     return out_dir
 
@@ -68,6 +73,7 @@ def prepare_folders(folder: Path, combos: list[Combo], log: ResumeLog) -> None:
     """Create every combination's folder in `folder` (out_dir, or its staging folder). When resuming, the images of
     batches that did not finish are removed (they are redone); a fresh start removes an interrupted run's progress
     files."""
+    refuse_linked_folders(folder, combos)
     if not log.rows:
         log.remove_files()
     kept = {folder / r["file"] for r in log.rows}
@@ -81,6 +87,6 @@ def prepare_folders(folder: Path, combos: list[Combo], log: ResumeLog) -> None:
 def finish(out_dir: Path, folder: Path, combos: list[Combo], written: list[str]) -> None:
     """The run completed in `folder`: publish its files over the earlier run's (staged), or record them (in place)."""
     if folder != out_dir:
-        run_folder.publish(folder, out_dir, RUN, written, earlier_files(out_dir, combos))
+        run_folder.publish(out_dir, RUN, written, earlier_files(out_dir, combos))
     else:
         run_folder.record(out_dir, RUN, written)

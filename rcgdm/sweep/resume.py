@@ -15,9 +15,10 @@ from pathlib import Path
 
 from rcgdm.cli import UserError
 from rcgdm.files.atomic import save_json
-from rcgdm.files.run_folder import STAGING, is_staging
+from rcgdm.files.run_folder import is_staging, staging_folder
 from rcgdm.sweep.rows import image_key, is_valid, unique_rows
 
+RUN = "sweep"  # its record in --out_dir: .sweep.files.json; an overwrite is staged in .sweep.staging
 FILE = "progress.json"
 _PROGRESS = re.compile(r"progress(\.\d+)?\.json")  # progress.json, or process k's progress.k.json
 
@@ -82,7 +83,7 @@ class ResumeLog:
 def check_start(out_dir: Path, resume: bool, overwrite: bool) -> None:
     """UserError unless a run may start in `out_dir`: --resume needs an interrupted run there, and a fresh
     start over one needs --overwrite. Reads only; checked before anything is created and again under the lock."""
-    staging = out_dir / STAGING
+    staging = staging_folder(out_dir, RUN)
     interrupted = bool(progress_files(out_dir) or (is_staging(staging) and progress_files(staging)))
     if resume and not interrupted:
         raise UserError(f"--resume: {str(out_dir)!r} holds no interrupted run ({FILE} is missing)")
