@@ -26,6 +26,11 @@ class InputError(UserError):
         self.name, self.detail = name, detail
 
 
+class StoppedWhenComplete(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM that arrived while a run published its files: the run completed, then stopped (exit 0, so
+    that a scheduler does not requeue it and --resume does not look for an interrupted run)."""
+
+
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a write the disk (or a quota, or a size limit) refused
 
 
@@ -46,6 +51,10 @@ def run_main(main: Callable[[], None]) -> None:
         message = f"--{err.name} {err.detail}" if isinstance(err, InputError) else str(err)
         sys.stderr.write(f"{prefix}error: {message}\n")  # one write: processes sharing stderr can't split the line
         sys.exit(2)
+    except StoppedWhenComplete:
+        sys.stderr.write(f"{prefix}stopped after the run completed (the signal came while its files were published): "
+                         "every file is in place\n")
+        sys.exit(0)
     except KeyboardInterrupt:
         sys.stderr.write(f"{prefix}interrupted: finished files are intact, nothing half-written was kept\n")
         sys.exit(130)

@@ -373,3 +373,23 @@ def test_an_image_folder_that_is_a_link_is_refused_before_anything_is_written(tm
     assert sweep("--target", "1", "--guidance", "0", "5", "--num_images", "1") == 2
     assert "passes through a symbolic link (target1.0guidance5.0)" in error_line(capsys.readouterr().err)
     assert files(outside) == before and not (out / "results.csv").exists()
+
+
+def test_a_stop_that_arrives_while_a_run_publishes_ends_it_as_complete(tmp_path, capsys, monkeypatch):
+    """SIGTERM during the publish of an overwrite: the run's files are all in place, and it exits 0 (not 130, which a
+    scheduler would requeue and which would send --resume looking for an interrupted run)."""
+    out = tmp_path / "out"
+    base = ["fake_dataset.py", "--data", "synthetic", "--num_data", "8", "--weights", "none", "--out_dir", out]
+    assert run_script(*base) == 0
+    real_replace = os.replace
+
+    def stopped(src, dst):
+        os.kill(os.getpid(), signal.SIGTERM)  # held back until the publish ends
+        real_replace(src, dst)
+
+    monkeypatch.setattr(run_folder, "os", SimpleNamespace(replace=stopped, kill=os.kill, getpid=os.getpid))
+    capsys.readouterr()
+    assert run_script(*base, "--seed", "1", "--overwrite") == 0
+    assert "stopped after the run completed" in capsys.readouterr().err
+    assert json.loads((out / "cifar10_outputs_with_noise.json").read_text())["seed"] == 1
+    assert not (out / ".fake_dataset.publish.json").exists() and not (out / ".fake_dataset.staging").exists()

@@ -26,7 +26,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from rcgdm.cli import UserError
+from rcgdm.cli import StoppedWhenComplete, UserError
 from rcgdm.files import confined
 from rcgdm.files.atomic import save_json
 from rcgdm.files.locking import LOCK_FILE, locked, refuse_if_locked
@@ -157,22 +157,25 @@ def remove_staging(staging: Path) -> None:
 
 
 @contextlib.contextmanager
-def signals_held() -> Iterator[None]:
+def signals_held(completes_run: bool = False) -> Iterator[None]:
     """Ctrl-C and SIGTERM wait until the block ends, then act as they would have (from the main thread, where Python
     runs signal handlers: a handler is swapped, since blocking the signal in one thread of a threaded process does not
-    stop another thread from taking it)."""
+    stop another thread from taking it). A block that `completes_run` ends it as what happened: StoppedWhenComplete."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    received = []
+    received, completed = [], False
     previous = {number: signal.signal(number, lambda n, _: received.append(n)) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
+        completed = True
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
         if received:
             handler = previous[received[0]]
+            if completes_run and completed and handler != signal.SIG_IGN:
+                raise StoppedWhenComplete
             if callable(handler):
                 handler(received[0], None)
             elif handler == signal.SIG_DFL:
@@ -186,7 +189,7 @@ def publish(root: Path, run: str, written: Iterable[str], earlier: Iterable[str]
     written = list(dict.fromkeys(written))
     plan = {"folder": confined.identity(root), "written": written,
             "remove": [name for name in dict.fromkeys(earlier) if name not in set(written)]}
-    with signals_held():
+    with signals_held(completes_run=True):
         save_json(plan, journal(root, run))
         _carry_out(root, run, plan)
 
