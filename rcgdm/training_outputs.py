@@ -63,6 +63,11 @@ class PredictorFiles:
         holds one, and no earlier run's files are replaced unless resume=True (an interrupted run, staged for an
         interrupted overwrite) or overwrite=True."""
         final, staged = self.final, self.staged
+        side = next((side for side in SIDE_FILES if self.out_path.name.endswith(f".{side}")), None)
+        if side is not None:  # a.best.pth: run a.pth writes it too, under another lock
+            raise UserError(f"out_path {str(self.out_path)!r} is named like a side file of another run's predictor "
+                            f"(the .{side} of {self.out_path.name.removesuffix('.' + side)}.pth); expected a name that "
+                            f"does not end in .{side}")
         if self.out_path.is_dir():
             raise UserError(f"out_path {str(self.out_path)!r} is a directory; expected a file path like convnet.pth")
         check_creatable(self.folder, "out_path's folder")
