@@ -52,9 +52,10 @@ def write_shard(folder: Path, description: str, rows: range, latents: torch.Tens
         save_file({"latents": latents}, str(tmp), metadata=metadata)
 
 
-def shard_problem(folder: Path, description: str, rows: range) -> str | None:
-    """Why the shard of images `rows` cannot be used (missing, unreadable, other settings, damaged), or None. Read in
-    slices of HASH_ROWS rows: checking a shard holds a few batches of it, never the whole cache."""
+def shard_problem(folder: Path, description: str, rows: range, row_shape: tuple[int, ...]) -> str | None:
+    """Why the shard of images `rows` cannot be used (missing, unreadable, other settings, damaged, or rows of
+    another shape than `row_shape`, (C, h, w)), or None. Read in slices of HASH_ROWS rows: checking a shard holds a
+    few batches of it, never the whole cache."""
     path = shard_path(folder, rows)
     if not path.is_file() or path.is_symlink():  # a regular file of the cache's own, never a link or a device
         return "it is missing"
@@ -64,7 +65,7 @@ def shard_problem(folder: Path, description: str, rows: range) -> str | None:
             if meta.get("spec") != shard_description(description, rows):
                 return "it was made for other settings"
             latents = f.get_slice("latents")
-            if latents.get_shape()[0] != len(rows) or latents.get_dtype() != "F32":
+            if latents.get_shape() != [len(rows), *row_shape] or latents.get_dtype() != "F32" or set(f.keys()) != {"latents"}:
                 return "its shape does not match"
             digest = hashlib.sha256()
             for start in range(0, len(rows), HASH_ROWS):

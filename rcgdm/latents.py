@@ -95,9 +95,9 @@ def _sha256(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
 
 
-def read_single_file(path: Path, description: str, rows: int) -> torch.Tensor | None:
-    """An earlier version's one-file cache at `path` if it is intact, holds `rows` latents and was made for
-    `description`; None otherwise."""
+def read_single_file(path: Path, description: str, rows: int, row_shape: tuple[int, ...]) -> torch.Tensor | None:
+    """An earlier version's one-file cache at `path` if it is intact, holds `rows` latents of `row_shape` and was made
+    for `description`; None otherwise."""
     if not path.is_file() or path.is_symlink():
         return None
     try:
@@ -106,7 +106,7 @@ def read_single_file(path: Path, description: str, rows: int) -> torch.Tensor | 
         latents = load_file(str(path))["latents"]
     except Exception:  # truncated or foreign files fail in many ways
         return None
-    intact = meta.get("spec") == description and latents.shape[0] == rows and meta.get("sha256") == _sha256(latents)
+    intact = meta.get("spec") == description and latents.shape == (rows, *row_shape) and meta.get("sha256") == _sha256(latents)
     return latents if intact else None
 
 
@@ -131,7 +131,8 @@ def cached_latents(
                         "(remove it)")
     lock = folder.parent / f".{folder.name}.lock"
     with main_only_lock(state, lock, f"the latent cache {folder.name}", wait=True):  # one builder per cache entry
-        todo = _shards_to_encode(spec, cache_dir, ranges) if state.is_main_process else None
+        row_shape = latent_row_shape(vae, spec.image_size)
+        todo = _shards_to_encode(spec, cache_dir, ranges, row_shape) if state.is_main_process else None
         todo = broadcast_object_list([todo])[0]
         mine = my_share(todo, state)
         with tqdm(total=sum(map(len, mine)), desc="encoding latents", unit="img",
@@ -141,23 +142,27 @@ def cached_latents(
                 write_shard(folder, spec.describe(), rows, latents)
         state.wait_for_everyone()  # every shard is written
         if state.is_main_process:  # the shards the other processes wrote (its own it has just hashed as it wrote them)
-            _check_written(folder, spec.describe(), [rows for rows in todo if rows not in mine])
+            _check_written(folder, spec.describe(), [rows for rows in todo if rows not in mine], row_shape)
             if not todo:
                 state.print(f"latent cache hit: {folder} ({spec.num_data} images in {len(ranges)} shards, 0 encoded)")
         state.wait_for_everyone()  # and checked, before the main process lets go of its lock
-    with safe_open(str(shard_path(folder, ranges[0])), framework="pt") as f:
-        shape = f.get_slice("latents").get_shape()[1:]
-    return ShardedLatents(folder, ranges, shape), sum(map(len, todo))
+    return ShardedLatents(folder, ranges, row_shape), sum(map(len, todo))
 
 
-def _shards_to_encode(spec: LatentSpec, cache_dir: str | Path, ranges: list[range]) -> list[range]:
+def latent_row_shape(vae, image_size: int) -> tuple[int, int, int]:
+    """(C, h, w): the latent of one image_size x image_size image, from the VAE's config."""
+    side = image_size // 2 ** (len(vae.config.block_out_channels) - 1)
+    return (vae.config.latent_channels, side, side)
+
+
+def _shards_to_encode(spec: LatentSpec, cache_dir: str | Path, ranges: list[range], row_shape: tuple[int, ...]) -> list[range]:
     """The shards that are missing or damaged, after an earlier version's one-file cache, if any, is split into
     shards (or, damaged, dropped); each damaged shard and the old file are named in one line."""
     folder, description = spec.folder(cache_dir), spec.describe()
-    problems = {rows: shard_problem(folder, description, rows) for rows in ranges}
+    problems = {rows: shard_problem(folder, description, rows, row_shape) for rows in ranges}
     old = spec.single_file(cache_dir)
     if old.is_file() and not old.is_symlink():
-        latents = read_single_file(old, description, spec.num_data)
+        latents = read_single_file(old, description, spec.num_data, row_shape)
         if latents is None:
             print(f"latent cache {old} (one file, from an earlier version) is unusable: encoding shards afresh")
         else:
@@ -172,10 +177,10 @@ def _shards_to_encode(spec: LatentSpec, cache_dir: str | Path, ranges: list[rang
     return [rows for rows, problem in problems.items() if problem]
 
 
-def _check_written(folder: Path, description: str, written: list[range]) -> None:
+def _check_written(folder: Path, description: str, written: list[range], row_shape: tuple[int, ...]) -> None:
     """UserError naming the first shard another process encoded now that cannot be read back here."""
     for rows in written:
-        problem = shard_problem(folder, description, rows)
+        problem = shard_problem(folder, description, rows, row_shape)
         if problem:
             raise UserError(f"latent shard {shard_path(folder, rows)} could not be read back after another process wrote it "
                             f"({problem}); with several machines cache_dir must be on a filesystem they share")

@@ -16,7 +16,7 @@ from rcgdm.cli import UserError
 from rcgdm.data import open_source
 from rcgdm.distributed import batches
 from rcgdm.latent_shards import shard_path, shard_problem
-from rcgdm.latents import LatentSpec, encode, vae_fingerprint
+from rcgdm.latents import LatentSpec, encode, latent_row_shape, vae_fingerprint
 from rcgdm.models import load_vae
 
 # --- concurrent runs ------------------------------------------------------------------------------------------------------------
@@ -104,7 +104,8 @@ def test_training_killed_while_building_the_cache_keeps_its_whole_shards_and_enc
     spec = LatentSpec(vae_fingerprint(vae), source.identity, 1024, 64, 0)
     (folder,) = (tmp_path / "cache").glob("latents-*")
     whole = [rows for rows in batches(1024, 64) if shard_path(folder, rows).exists()]
-    assert whole and all(shard_problem(folder, spec.describe(), rows) is None for rows in whole)  # no half-written shard
+    row_shape = latent_row_shape(vae, 64)
+    assert whole and all(shard_problem(folder, spec.describe(), rows, row_shape) is None for rows in whole)  # none half-written
     assert run_script(*argv) == 0
     encoded = json.loads((tmp_path / "out" / "convnet.train_summary.json").read_text())["images_encoded"]
     assert encoded == 1024 - 64 * len(whole)  # the shards the killed run finished are kept

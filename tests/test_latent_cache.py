@@ -80,3 +80,19 @@ def test_an_earlier_single_file_cache_is_read_into_shards_or_encoded_afresh(tmp_
         assert f"latent cache {old} (one file, from an earlier version) {said}" in capsys.readouterr().out
         assert torch.equal(store.load(), latents)  # the shards hold the one-go latents either way
     assert first["images_encoded"] == 96
+
+
+def test_a_shard_whose_rows_have_another_shape_is_encoded_again(tmp_path, labels, capsys):
+    """A shard whose header claims the cache's settings and a matching checksum, but rows of another shape (another
+    image size's, say): encoded again, never a cache hit that fails later in training."""
+    train(tmp_path, labels, "first")
+    (folder,) = (tmp_path / "cache").glob("latents-*")
+    shard = sorted(folder.iterdir())[0]
+    with safe_open(str(shard), framework="pt") as f:
+        spec, latents = f.metadata()["spec"], f.get_tensor("latents")
+    other = latents.reshape(len(latents), 4, 4, 16).contiguous()  # the same numbers, rows of another shape
+    checksum = hashlib.sha256(other.numpy().tobytes()).hexdigest()
+    save_file({"latents": other}, str(shard), metadata={"spec": spec, "sha256": checksum})
+    capsys.readouterr()
+    assert train(tmp_path, labels, "second")["images_encoded"] == len(latents)
+    assert f"latent shard {shard} is unusable (its shape does not match): encoding it again" in capsys.readouterr().out
