@@ -92,6 +92,8 @@ def make_scheduler(name: str, config, prediction_type: str | None = None):
     if support.noise == "flow" and config.get("stochastic_sampling"):
         raise InputError("scheduler", f"{name!r}: the model's scheduler config sets stochastic_sampling; expected a "
                         "deterministic flow schedule")
+    if support.class_name == "PNDMScheduler" and "skip_prk_steps" not in config:
+        config = {**config, "skip_prk_steps": True}  # what every stock SD config sets: no Runge-Kutta warm-up
     try:
         return getattr(diffusers, support.class_name).from_config(config)
     except Exception as err:  # a config option this class cannot take, or one needing a package not installed

@@ -162,3 +162,15 @@ def test_guided_euler_sampling_equals_the_steps_computed_by_hand(pipe, predictor
     unguided = sample_latents(pipe, "a nice photo", image_generators(0, range(2)), None, steps, cfg=1.0, progress_bar=False)
     with torch.no_grad():  # and the term pulls the predicted reward toward the target (above it here)
         assert predictor(unguided).mean() < predictor(ours).mean() < target
+
+
+def test_pndm_from_another_schedulers_config_skips_the_runge_kutta_warm_up():
+    """Built from a config made for Euler (as SDXL's), PNDM steps as the stock SD configs set it: 5 UNet calls for 4 steps
+    (PLMS's first step takes two), not 13 (its Runge-Kutta warm-up); a PNDM config that keeps the warm-up keeps it."""
+    euler = diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear").config
+    pndm = make_scheduler("pndm", euler)
+    pndm.set_timesteps(4)
+    assert pndm.config.skip_prk_steps and len(pndm.timesteps) == 5
+    kept = make_scheduler("pndm", diffusers.PNDMScheduler(skip_prk_steps=False).config)
+    kept.set_timesteps(4)
+    assert len(kept.timesteps) == 13
