@@ -95,8 +95,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--distilled_guidance", type=finite_float, default=None,
                    help="FLUX.1-dev's guidance embedding, a conditioning value (default: 3.5, its pipeline's); "
                         "refused on models without one")
-    p.add_argument("--height", type=positive_int, default=None, help="image height, a multiple of 8 (default: the model's)")
-    p.add_argument("--width", type=positive_int, default=None, help="image width, a multiple of 8 (default: the model's)")
+    p.add_argument("--height", type=positive_int, default=None,
+                   help="image height, a multiple of 8; of 16 for SD3 and FLUX (default: the model's)")
+    p.add_argument("--width", type=positive_int, default=None,
+                   help="image width, a multiple of 8; of 16 for SD3 and FLUX (default: the model's)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--batch_mean_guidance", action="store_true", help="divide the term by the batch size, as the original code")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run's images and files in --out_dir")

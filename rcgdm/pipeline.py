@@ -30,6 +30,7 @@ from rcgdm.pipeline_checks import (
     check_load,
     check_memory,
     check_predictor,
+    check_sampling_inputs,
     checked_device,
     latent_size,
 )
@@ -156,9 +157,8 @@ class RewardDirectedPipeline:
     def check(self, num_inference_steps: int, grad_path: str, height: int | None, width: int | None,
               distilled_guidance: float | None = None) -> None:
         """InputError unless this pipeline can sample with these settings as the predictor was trained for."""
-        if distilled_guidance is not None and self.family.distilled_guidance is None:
-            raise InputError("distilled_guidance", f"{distilled_guidance:g} is given, but {self.family.label}'s "
-                                                   "transformer has no guidance embedding; expected none (FLUX.1-dev only)")
+        check_sampling_inputs(self.family, self.facts["vae_scale_factor"], self.facts["patch_size"], height, width,
+                              distilled_guidance)
         train_steps = self.base.scheduler.config.num_train_timesteps
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
             raise InputError("num_inference_steps", f"{num_inference_steps!r} is not an integer; expected 1 to {train_steps}")

@@ -11,6 +11,7 @@ import torch
 
 from rcgdm.cli import MAX_SEED, InputError, text_problem
 from rcgdm.distributed import resolve_device
+from rcgdm.families import Family
 from rcgdm.guidance import GRAD_PATHS
 from rcgdm.posterior import POSTERIOR
 from rcgdm.predictor import TrainedPredictor
@@ -20,6 +21,22 @@ def latent_size(sample_size: int, vae_scale_factor: int, height: int | None, wid
     """The (h, w) of the latents sampled for images of height x width (default: the model's, sample_size latents)."""
     default = sample_size * vae_scale_factor
     return (height or default) // vae_scale_factor, (width or default) // vae_scale_factor
+
+
+def check_sampling_inputs(family: Family, scale: int, patch: int, height: int | None, width: int | None,
+                          distilled_guidance: float | None) -> None:
+    """InputError unless images of height x width (None: the model's) make whole latent tokens, a multiple of the
+    VAE's `scale` times the denoiser's `patch` (8 for SD and SDXL, 16 for SD3 and FLUX), and distilled guidance is
+    given only to a transformer with a guidance embedding (FLUX.1-dev). The API's, inference.py's and
+    sample_latents' one check of these."""
+    if distilled_guidance is not None and family.distilled_guidance is None:
+        raise InputError("distilled_guidance", f"{distilled_guidance:g} is given, but {family.label}'s denoiser has no "
+                                               "guidance embedding; expected none (FLUX.1-dev only)")
+    multiple = scale * patch
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and value % multiple:
+            raise InputError(name, f"{value} is not a multiple of {multiple} ({family.label}: the VAE's {scale}x times "
+                                   f"{patch}x{patch} latent tokens); expected e.g. {value - value % multiple or multiple}")
 
 
 def check_predictor(predictor: TrainedPredictor, facts: dict, grad_path: str | None = None,

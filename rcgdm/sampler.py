@@ -18,6 +18,7 @@ from tqdm import tqdm
 from rcgdm.families import Family, family_of_pipe
 from rcgdm.guidance import RewardGuidance
 from rcgdm.latent_scaling import for_decoder
+from rcgdm.pipeline_checks import check_sampling_inputs
 from rcgdm.schedulers import noise_levels, set_schedule, token_count
 
 
@@ -41,6 +42,7 @@ def sample_latents(
     denoiser = getattr(pipe, family.denoiser)
     device, batch = pipe._execution_device, len(generators)
     latent_facts = family.latent_facts(denoiser.config)
+    check_sampling_inputs(family, pipe.vae_scale_factor, latent_facts["patch_size"], height, width, distilled_guidance)
     default = latent_facts["sample_size"] * pipe.vae_scale_factor
     height, width = height or default, width or default
     use_cfg = cfg > 1

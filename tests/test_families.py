@@ -288,7 +288,28 @@ def test_distilled_guidance_is_refused_where_there_is_no_guidance_embedding_or_n
 
     trained = TrainedPredictor(predictor("flux"), {"family": "flux", "latent_size": [8, 8]}, None, "convnet.pth")
     schnell = RewardDirectedPipeline(pipes["flux-schnell"], trained)
-    with pytest.raises(UserError, match=r"5 is given, but FLUX\.1-schnell's transformer has no guidance embedding"):
+    with pytest.raises(UserError, match=r"5 is given, but FLUX\.1-schnell's denoiser has no guidance embedding"):
         schnell("a dog", 1.0, 10.0, num_inference_steps=2, height=SIZE, width=SIZE, distilled_guidance=5.0)
+    generators = [torch.Generator().manual_seed(0)]
+    with pytest.raises(UserError, match=r"5 is given, but FLUX\.1-schnell's denoiser"):  # the sampler itself, too
+        sample_latents(pipes["flux-schnell"], "a dog", generators, None, 2, 1.0, SIZE, SIZE, False, distilled_guidance=5.0)
+    with pytest.raises(UserError, match=r"5 is given, but SDXL's denoiser"):
+        sample_latents(pipes["sdxl"], "a dog", generators, None, 2, 1.0, SIZE, SIZE, False, distilled_guidance=5.0)
+
+
+@pytest.mark.parametrize(("family", "multiple"), [("flux", 16), ("sdxl", 8)])
+def test_an_image_size_that_makes_no_whole_latent_tokens_is_one_line(pipes, family, multiple):
+    """FLUX takes multiples of 16 (the VAE's 8x times 2x2 tokens; SD3 too, with its patch size 2), SDXL of 8: a size
+    between is refused by the sampler and by the API, never a reshape error midway."""
+    from rcgdm.pipeline import RewardDirectedPipeline
+    from rcgdm.predictor import TrainedPredictor
+
+    height = SIZE + multiple // 2 if multiple == 16 else SIZE + 4
+    generators = [torch.Generator().manual_seed(0)]
+    with pytest.raises(UserError, match=f"height {height} is not a multiple of {multiple}"):
+        sample_latents(pipes[family], "a dog", generators, None, 1, 1.0, height, SIZE, False)
+    trained = TrainedPredictor(predictor(family), {"family": FAMILY[family], "latent_size": [8, 8]}, None, "convnet.pth")
+    with pytest.raises(UserError, match=f"height {height} is not a multiple of {multiple}"):
+        RewardDirectedPipeline(pipes[family], trained)("a dog", num_inference_steps=1, height=height, width=SIZE)
     with pytest.raises(UserError, match="distilled_guidance nan is not a finite number; expected one, or None"):
         RewardDirectedPipeline(pipes["flux"], trained)("a dog", distilled_guidance=float("nan"))

@@ -14,7 +14,8 @@ The same diffusers classes as the real models, at toy sizes, loaded through the 
   vocabulary, a `FluxTransformer2DModel` on 2x2-packed tokens (64 channels = 16 latent channels x 4), a
   16-channel VAE with a shift factor and no quant convolutions, as FLUX's. Dev-shaped (`tiny-flux-random`): a
   guidance embedding and a dynamically shifted flow schedule. Schnell-shaped (`tiny-flux-schnell-random`): no
-  guidance embedding, shift 1, no dynamic shifting. 64x64 images, 16x8x8 latents (4x4 tokens).
+  guidance embedding, shift 1, no dynamic shifting. Sampled at 64x64 (`--height 64 --width 64`): 16x8x8 latents, 4x4
+  tokens; left unset, the size is FluxPipeline's default, 1024 px (128x128 latents), as for the real models.
 
 Weights are random (seeded); the VAEs get a trained one's latent statistics (rcgdm/tiny/build.py).
 They show no learned behaviour.
