@@ -193,6 +193,13 @@ def model_facts(name: str) -> dict:
     if family.packed and in_channels % 4:
         raise InputError("model", f"{name!r}: {denoiser_file} field 'in_channels' holds {in_channels}; expected a multiple "
                                   "of 4 (2x2 packed latent patches)")
+    latent_channels = family.latent_channels(in_channels)
+    vae_channels = _field(vae, "latent_channels", int, name, "vae/config.json", "an integer", 4)
+    out_channels = denoiser.get("out_channels") or in_channels  # SD3's and FLUX's transformers may leave it to in_channels
+    if vae_channels != latent_channels or out_channels != in_channels:
+        raise InputError("model", f"{name!r}: vae/config.json makes {vae_channels}-channel latents, and {denoiser_file} "
+                                  f"takes {in_channels} and returns {out_channels} channels; expected the denoiser to take "
+                                  f"and return the VAE's latents ({vae_channels * (4 if family.packed else 1)} channels)")
     _field(denoiser, "patch_size", int, name, denoiser_file, "an integer", 1)  # checked here; family.patch reads it
     if family.sample_size is None:
         _field(denoiser, "sample_size", int, name, denoiser_file, "an integer")

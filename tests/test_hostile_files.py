@@ -139,6 +139,24 @@ def test_an_sd_label_on_an_sdxl_unet_is_refused_from_the_configs(tmp_path, monke
         load_pipeline(str(folder))
 
 
+@pytest.mark.parametrize(("component", "field", "value"), [("vae", "latent_channels", 8), ("transformer", "in_channels", 16),
+                                                       ("transformer", "out_channels", 32)])
+def test_a_vae_and_denoiser_that_disagree_on_the_latents_are_refused_from_the_configs(tmp_path, monkeypatch, component,
+                                                                                      field, value):
+    """A FLUX folder whose VAE makes other latents than its transformer takes (4 x 16 packed channels) or returns: one
+    line, before any weights load, never a traceback at decode."""
+    from rcgdm.models import ensure_built, load_pipeline
+
+    folder = tmp_path / "model"
+    shutil.copytree(ensure_built("tiny-flux-random"), folder)
+    config = folder / component / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), field: value}))
+    monkeypatch.setattr("diffusers.FluxPipeline.from_pretrained", None)  # refused before any weights load
+    with pytest.raises(UserError, match=r"vae/config\.json makes \d+-channel latents, and transformer/config\.json takes "
+                                        r"\d+ and returns \d+ channels; expected the denoiser to take and return"):
+        load_pipeline(str(folder))
+
+
 @pytest.mark.parametrize("steps", [1, 3])
 def test_pndm_with_its_warm_up_on_too_few_steps_is_one_line(tmp_path, capsys, tiny_model_dir, predictor_path,
                                                             reward_model_path, steps):
