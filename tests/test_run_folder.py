@@ -220,19 +220,22 @@ def test_outputs_never_go_into_a_model_folder_before_it_is_built_or_a_cached_sna
 
 
 def test_leftovers_of_killed_runs_go_and_a_lock_that_is_a_folder_is_one_line(tmp_path, capsys, sweep):
-    from rcgdm.files.atomic import HOST
+    import fcntl
 
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
     out = tmp_path / "out"
     out.mkdir()
-    leftover = out / f".results.csv.{HOST}-{dead.pid}.abc123.tmp"
+    leftover = out / ".results.csv.abc123.tmp"  # a killed writer's: nobody holds its lock
     leftover.write_text("half")
-    alive = out / f".grid.png.{HOST}-{os.getpid()}.abc123.tmp"  # a live process's: left alone
+    alive = out / ".grid.png.abc123.tmp"  # a live writer's (this process holds its lock): left alone
     alive.write_text("busy")
+    held = os.open(alive, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    for path in (leftover, alive):
+        os.utime(path, (1e9, 1e9))  # both old: age alone decides nothing
     run_folder.make_staging(out, "sweep")  # an overwrite killed before it wrote its progress
     assert sweep("--num_images", "1") == 0
     assert not leftover.exists() and alive.exists() and not (out / ".sweep.staging").exists()
+    os.close(held)
 
     other = tmp_path / "other"
     (other / LOCK_FILE).mkdir(parents=True)
@@ -393,3 +396,30 @@ def test_a_stop_that_arrives_while_a_run_publishes_ends_it_as_complete(tmp_path,
     assert "stopped after the run completed" in capsys.readouterr().err
     assert json.loads((out / "cifar10_outputs_with_noise.json").read_text())["seed"] == 1
     assert not (out / ".fake_dataset.publish.json").exists() and not (out / ".fake_dataset.staging").exists()
+
+
+def test_a_leftover_is_judged_by_its_lock_never_by_a_process_id(tmp_path):
+    """Another container, with the same host name and its own process ids, writes into a shared folder: its live
+    temporary file (named, as before, with a host and a pid that is dead here) is left alone while its writer holds it,
+    and removed once the writer is gone."""
+    import socket
+
+    from rcgdm.files.atomic import remove_leftovers
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path = tmp_path / f".results.csv.{socket.gethostname()}-{dead.pid}.abc123.tmp"
+    path.write_text("being written")
+    os.utime(path, (1e9, 1e9))
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)", str(path)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        remove_leftovers(tmp_path)
+        assert path.read_text() == "being written"
+    finally:
+        holder.kill()
+        holder.wait()
+    remove_leftovers(tmp_path)
+    assert not path.exists()

@@ -6,12 +6,14 @@ A reader (or a crash) never sees a half-written file under its final name.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
 import os
 import shutil
-import socket
+import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,35 +34,48 @@ _MODE = 0o666 & ~_UMASK  # what open() would give a new file
 _DIR_MODE = 0o777 & ~_UMASK  # what mkdir would give a new folder
 
 
-HOST = socket.gethostname().replace(".", "_")
+LEFTOVER_AGE = 5.0  # seconds: a temporary entry younger than this is never judged a leftover (its owner may be
+# between creating it and locking it)
 
 
 def _prefix(path: Path) -> str:
-    """Every temporary name says whose it is (machine and process), so that a dead process's can go."""
-    return f".{path.name}.{HOST}-{os.getpid()}."
+    return f".{path.name}."
 
 
 def remove_leftovers(folder: str | Path) -> None:
-    """Remove the temporary files and folders that killed processes of this machine left in `folder` (their owner's
-    process id is gone); a live process's, and another machine's, are left alone."""
+    """Remove the temporary files and folders that killed processes left in `folder`. Each writer holds a lock on its
+    temporary entry while it lives (`_held`): an entry whose lock can be taken has no living owner, on this machine or
+    any other sharing the folder, whatever its process ids; a live writer's is left alone."""
     for entry in Path(folder).glob(".*.tmp") if Path(folder).is_dir() else []:
-        owner = entry.name.removesuffix(".tmp").split(".")[-2]
-        machine, _, pid = owner.rpartition("-")
-        if machine == HOST and pid.isdigit() and not _alive(int(pid)):
-            if entry.is_dir() and not entry.is_symlink():
+        try:
+            info = os.lstat(entry)
+            if stat.S_ISLNK(info.st_mode) or time.time() - info.st_mtime < LEFTOVER_AGE:
+                continue
+            fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # held: its writer lives
+        else:
+            if stat.S_ISDIR(info.st_mode):
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 entry.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
 
 
-def _alive(pid: int) -> bool:
+@contextlib.contextmanager
+def _held(path: str | Path) -> Iterator[None]:
+    """Hold a lock on the temporary file or folder `path` for as long as the block runs: the proof that it is alive."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -70,9 +85,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_prefix(path), suffix=".tmp")
     os.close(fd)
     try:
-        yield Path(tmp)
-        os.chmod(tmp, _MODE)
-        os.replace(tmp, path)
+        with _held(tmp):
+            yield Path(tmp)
+            os.chmod(tmp, _MODE)
+            os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -113,9 +129,10 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
     remove_leftovers(path.parent)  # an earlier build killed midway
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_prefix(path), suffix=".tmp"))
     try:
-        yield tmp
-        os.chmod(tmp, _DIR_MODE)
-        os.rename(tmp, path)
+        with _held(tmp):
+            yield tmp
+            os.chmod(tmp, _DIR_MODE)
+            os.rename(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
