@@ -23,7 +23,6 @@ off_subspace_vs_target.png. A run never replaces another run's files: `--overwri
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from rcgdm.config import read
 from rcgdm.files import run_folder
 from rcgdm.files.atomic import remove_leftovers, save_json
 from rcgdm.files.locking import LOCK_FILE, locked
-from rcgdm.simulation.experiment import Settings, run
+from rcgdm.simulation.experiment import Settings, memory_needed, run
 from rcgdm.simulation.figures import FIGURES, draw_figures
 
 # ----------------------------------------------------------------------------- config
@@ -59,20 +58,26 @@ config_keys = [k for k, v in globals().items() if k.islower() and k[0] != "_" an
 RUN = "simulation"
 OUTPUTS = ("summary.json", *FIGURES)
 
+MAX_DIM = 4096  # the W2 measure takes a D x D matrix square root per target and sampler
+MAX_POINTS = 10**7
+MAX_NOISE_STD = 100.0
+MAX_TARGET = 1000.0  # the labels' std is about 1
 CHECKS = {
-    "dim": (lambda c: c["dim"] >= 2, "an integer >= 2"),
+    "dim": (lambda c: 2 <= c["dim"] <= MAX_DIM, f"an integer from 2 to {MAX_DIM}"),
     "sub_dim": (lambda c: 1 <= c["sub_dim"] < c["dim"], "an integer from 1 to dim - 1"),
-    "noise_std": (lambda c: c["noise_std"] > 0, "a number > 0"),
+    "noise_std": (lambda c: 0 < c["noise_std"] <= MAX_NOISE_STD, f"a number > 0 and at most {MAX_NOISE_STD:g} (the labels' "
+                  "std is about 1)"),
     "off_subspace": (lambda c: 0 <= c["off_subspace"] < 1, "a share in [0, 1)"),
-    "num_labelled": (lambda c: c["num_labelled"] >= 8, "an integer >= 8"),
-    "num_unlabelled": (lambda c: c["num_unlabelled"] >= 1, "an integer >= 1"),
+    "num_labelled": (lambda c: 8 <= c["num_labelled"] <= MAX_POINTS, f"an integer from 8 to {MAX_POINTS}"),
+    "num_unlabelled": (lambda c: 1 <= c["num_unlabelled"] <= MAX_POINTS, f"an integer from 1 to {MAX_POINTS}"),
     "held_out": (lambda c: 0 < c["held_out"] < 1 and 2 <= round(c["num_labelled"] * c["held_out"]) < c["num_labelled"],
                  "a share in (0, 1) that holds out 2 or more labelled points and keeps one"),
-    "num_samples": (lambda c: c["num_samples"] > c["dim"], "an integer > dim (a covariance is fitted to the samples)"),
+    "num_samples": (lambda c: c["dim"] < c["num_samples"] <= MAX_POINTS,
+                    f"an integer > dim (a covariance is fitted to the samples) and at most {MAX_POINTS}"),
     "num_inference_steps": (lambda c: 1 <= c["num_inference_steps"] <= 1000, "an integer from 1 to 1000"),
-    "fixed_guidance": (lambda c: c["fixed_guidance"] >= 0, "a number >= 0"),
-    "predictor_epochs": (lambda c: c["predictor_epochs"] >= 1, "an integer >= 1"),
-    "conditional_steps": (lambda c: c["conditional_steps"] >= 1, "an integer >= 1"),
+    "fixed_guidance": (lambda c: 0 <= c["fixed_guidance"] <= 1e30, "a number from 0 to 1e30"),
+    "predictor_epochs": (lambda c: 1 <= c["predictor_epochs"] <= MAX_POINTS, f"an integer from 1 to {MAX_POINTS}"),
+    "conditional_steps": (lambda c: 1 <= c["conditional_steps"] <= MAX_POINTS, f"an integer from 1 to {MAX_POINTS}"),
     "seed": (lambda c: 0 <= c["seed"] <= MAX_SEED, f"a seed from 0 to {MAX_SEED}"),
 }
 
@@ -83,9 +88,22 @@ def read_config(argv: list[str]) -> dict:
         if not ok(config):
             raise UserError(f"--{key}={config[key]!r} is out of range; expected {expected}")
     config["targets"] = parse_targets(config["targets"])
+    check_memory(config)
     if not config["out_dir"].strip():
         raise UserError("--out_dir='' is empty; expected a folder")
     return config
+
+
+def check_memory(config: dict) -> None:
+    """UserError before anything is allocated when the run's arrays (a lower bound) exceed this machine's memory."""
+    import psutil
+
+    needed, parts = memory_needed(Settings(**{k: config[k] for k in Settings.__dataclass_fields__}))
+    total = psutil.virtual_memory().total
+    if needed > total:
+        raise UserError(f"--dim={config['dim']} with --num_unlabelled={config['num_unlabelled']} and --num_samples="
+                        f"{config['num_samples']} needs at least {needed / 1e9:.3g} GB ({parts}), more than the "
+                        f"{total / 1e9:.3g} GB of this machine; expected a smaller dim or fewer points")
 
 
 def parse_targets(text: str) -> tuple[float, ...]:
@@ -93,8 +111,9 @@ def parse_targets(text: str) -> tuple[float, ...]:
         values = tuple(float(part) for part in text.split(","))
     except ValueError:
         values = ()
-    if not values or not all(map(math.isfinite, values)) or len(set(values)) != len(values):
-        raise UserError(f"--targets={text!r} is not a list of distinct finite numbers; expected e.g. --targets=0,1,2")
+    if not values or not all(abs(v) <= MAX_TARGET for v in values) or len(set(values)) != len(values):
+        raise UserError(f"--targets={text!r} is not a list of distinct numbers from {-MAX_TARGET:g} to {MAX_TARGET:g}; "
+                        "expected e.g. --targets=0,1,2")
     return values
 
 

@@ -8,7 +8,7 @@ import json
 import diffusers
 import pytest
 import torch
-from conftest import run_script
+from conftest import error_line, run_script
 
 from rcgdm.posterior import PosteriorStrength, _nondecreasing, fit_curve
 from rcgdm.simulation.theory import make_world
@@ -45,11 +45,25 @@ def test_the_simulation_measures_the_three_claims(tmp_path, capsys):
 
 @pytest.mark.parametrize(("flag", "message"), [("--targets=1,x", "--targets='1,x' is not a list"),
                                                ("--sub_dim=64", "--sub_dim=64 is out of range"),
-                                               ("--num_samples=8", "--num_samples=8 is out of range")])
+                                               ("--num_samples=8", "--num_samples=8 is out of range"),
+                                               ("--dim=300000", "--dim=300000 is out of range; expected an integer "
+                                                                "from 2 to 4096"),
+                                               ("--noise_std=1e300", "--noise_std=1e+300 is out of range"),
+                                               ("--targets=0,1e300", "--targets='0,1e300' is not a list"),
+                                               ("--targets=0,nan", "--targets='0,nan' is not a list"),
+                                               ])
 def test_bad_settings_are_one_line(tmp_path, capsys, flag, message):
     assert run_script("simulation.py", flag, f"--out_dir={tmp_path / 'sim'}") == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {message}") and err.count("\n") == 1 and not (tmp_path / "sim").exists()
+
+
+def test_a_run_larger_than_the_machines_memory_is_one_line_before_anything_is_allocated(tmp_path, capsys):
+    flags = ["--dim=4096", "--num_unlabelled=10000000", "--num_samples=5000", f"--out_dir={tmp_path / 'sim'}"]
+    assert run_script("simulation.py", *flags) == 2
+    line = error_line(capsys.readouterr().err)
+    assert line.startswith("error: --dim=4096 with --num_unlabelled=10000000 and --num_samples=5000 needs at least 985 GB "
+                           "(984 GB of points, 1.07 GB of covariances), more than the") and not (tmp_path / "sim").exists()
 
 
 def test_the_curve_of_exact_errors_is_the_exact_label_variance():

@@ -45,6 +45,15 @@ class Settings:
     seed: int
 
 
+def memory_needed(s: Settings) -> tuple[int, str]:
+    """A lower bound on the bytes a run holds at once (float64): the unlabelled points (with the pseudo-labelling's
+    copies), one sampler's points (with its step's intermediates) and the D x D covariances of the W2 measure ->
+    (bytes, how they add up)."""
+    points = 8 * s.dim * (3 * s.num_unlabelled + 4 * s.num_samples)
+    covariances = 8 * 8 * s.dim**2
+    return points + covariances, f"{points / 1e9:.3g} GB of points, {covariances / 1e9:.3g} GB of covariances"
+
+
 def scheduler(steps: int):
     """DDIM on SD's noise schedule, without the clipping of x0 that DDIM's defaults apply (fit for images in [-1, 1])."""
     made = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
