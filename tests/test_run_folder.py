@@ -423,3 +423,34 @@ def test_a_leftover_is_judged_by_its_lock_never_by_a_process_id(tmp_path):
         holder.wait()
     remove_leftovers(tmp_path)
     assert not path.exists()
+
+
+def test_a_running_run_is_found_however_deep_and_whoever_owns_its_lock(tmp_path, monkeypatch):
+    """The nested-run check looks at every folder below (here past 20,000 entries, where it used to stop), and a lock
+    this user cannot open for writing (another user's run, the lock read-only to others) still counts as held."""
+    from rcgdm.cli import UserError
+    from rcgdm.files.locking import refuse_if_locked
+    from rcgdm.files.output_checks import refuse_nested_runs
+
+    out = tmp_path / "out"
+    (out / "zz" / "run").mkdir(parents=True)
+    for k in range(20_001):
+        (out / f"f{k}").touch()
+    with locked(out / "zz" / "run" / LOCK_FILE, "a run"), pytest.raises(UserError, match="lies inside or around"):
+        refuse_nested_runs(out, "--out_dir")
+
+    lock = tmp_path / "other" / LOCK_FILE
+    lock.parent.mkdir()
+    real_open = os.open
+
+    def as_another_user(path, flags, *args, **kwargs):  # the lock is read-only to this user: no write access
+        if str(path) == str(lock) and flags & (os.O_WRONLY | os.O_RDWR):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    with locked(lock, "a run"):
+        monkeypatch.setattr(os, "open", as_another_user)
+        with pytest.raises(UserError, match="the folder is in use by another run"):
+            refuse_if_locked(lock, "the folder")
+        monkeypatch.undo()
+    refuse_if_locked(lock, "the folder")  # free once the run ends

@@ -41,14 +41,20 @@ def open_lock(lock_file: str | Path, what: str) -> int:
 
 
 def refuse_if_locked(lock_file: str | Path, what: str, message: str | None = None) -> None:
-    """UserError (`message`, or one naming `what`) if another process holds `lock_file` now; creates nothing (a
-    missing file is free)."""
+    """UserError (`message`, or one naming `what`) if another process holds `lock_file` now, whoever owns the file;
+    creates nothing (a missing file is free). Probed with a shared lock on a read-only descriptor: a run's exclusive
+    lock blocks it, and it needs no write permission, so another user's running run is found too."""
     try:
-        fd = os.open(lock_file, os.O_RDWR)
-    except OSError:
+        fd = os.open(lock_file, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
         return
+    except OSError as err:
+        if os.path.islink(lock_file) or os.path.isdir(lock_file):
+            return  # not a lock this project made (it never follows a link to one, or locks a folder)
+        raise UserError(f"the lock file {str(lock_file)!r} cannot be read ({err.strerror}), so whether a run holds it "
+                        "cannot be told; expected a readable lock (or a folder apart from it)") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         raise UserError(message or f"{what} is in use by another run; wait for it to finish, or use another one") from None
     finally:

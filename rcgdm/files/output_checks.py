@@ -52,12 +52,9 @@ def refuse_outputs_inside_inputs(outputs: dict[str, str | Path], inputs: dict[st
                                 "input, expected a path outside it")
 
 
-MAX_WALK = 20_000  # entries looked at for running runs below an out_dir
-
-
 def refuse_nested_runs(out_dir: Path, what: str, below: bool = True) -> None:
     """UserError if a running run (one holding an out_dir's LOCK_FILE) writes into a folder that holds `out_dir`, or
-    (`below`) into one inside it: the runs' files would mix. Its own lock does not count."""
+    (`below`) into one inside it, however deep: the runs' files would mix. Its own lock does not count."""
     out_dir = Path(out_dir).resolve()
     ancestors = [folder / LOCK_FILE for folder in out_dir.parents]
     for lock in ancestors + (_locks_below(out_dir) if below else []):
@@ -66,11 +63,5 @@ def refuse_nested_runs(out_dir: Path, what: str, below: bool = True) -> None:
 
 
 def _locks_below(folder: Path) -> list[Path]:
-    locks, seen = [], 0
-    for root, dirs, files in os.walk(folder):
-        seen += len(dirs) + len(files)
-        if Path(root) != folder and LOCK_FILE in files:
-            locks.append(Path(root) / LOCK_FILE)
-        if seen > MAX_WALK:
-            break
-    return locks
+    """Every LOCK_FILE in the folders below `folder` (links to folders are not followed)."""
+    return [Path(root) / LOCK_FILE for root, _, files in os.walk(folder) if Path(root) != folder and LOCK_FILE in files]
