@@ -106,14 +106,31 @@ def non_empty(text: str) -> str:
     return text
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
+
+
+def finite32(value: object) -> bool:
+    """Whether `value` is a number (not a bool) that float32, the dtype the numbers here are used in, holds as a finite
+    one; an int too large for any float is not (never an OverflowError)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return abs(float(value)) <= FLOAT32_MAX
+    except OverflowError:
+        return False
+
+
 def finite_float(text: str) -> float:
-    """argparse type: a finite float."""
+    """argparse type: a float that float32 holds as a finite number."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number; expected a finite number") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not finite; expected a finite number")
+    if not finite32(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is beyond float32's range; expected a number of magnitude at most "
+                                         f"{FLOAT32_MAX:.3g}")
     return value
 
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import math
 import sys
 
-from rcgdm.cli import UserError
+from rcgdm.cli import UserError, finite32
 
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
@@ -21,11 +20,11 @@ def _typed(key: str, text: str, default: object) -> object:
             return int(text)
         if isinstance(default, float):
             value = float(text)
-            if not math.isfinite(value):
+            if not finite32(value):  # inf, nan, or beyond float32, the dtype it is used in
                 raise ValueError
             return value
     except ValueError:
-        expected = {bool: "True or False", int: "an integer", float: "a finite number"}[type(default)]
+        expected = {bool: "True or False", int: "an integer", float: "a finite float32 number"}[type(default)]
         raise UserError(f"--{key}={text!r} is not {expected}; expected {expected} like the default {default!r}") from None
     return text
 

@@ -4,12 +4,11 @@ InputError naming the argument."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 
-from rcgdm.cli import MAX_SEED, InputError, text_problem
+from rcgdm.cli import MAX_SEED, InputError, finite32, text_problem
 from rcgdm.distributed import resolve_device
 from rcgdm.families import Family
 from rcgdm.guidance import GRAD_PATHS
@@ -98,13 +97,9 @@ def check_call(**values) -> None:
         value = values[name]
         if (name == "guidance" and value == POSTERIOR) or (name == "distilled_guidance" and value is None):
             continue
-        try:
-            finite = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(float(value))
-        except OverflowError:
-            finite = False
-        if not finite:
+        if not finite32(value):  # each is used in float32
             expected = {"guidance": f"a finite number or {POSTERIOR!r}", "distilled_guidance": "one, or None"}.get(name, "one")
-            raise InputError(name, f"{_shown(value)} is not a finite number; expected {expected}")
+            raise InputError(name, f"{_shown(value)} is not a finite float32 number; expected {expected}")
     for name, low, high in (("num_images", 1, MAX_SEED), ("best_of", 1, MAX_SEED), ("batch_size", 1, MAX_SEED),
                             ("seed", 0, MAX_SEED), ("height", 8, MAX_SIZE), ("width", 8, MAX_SIZE)):
         value = values[name]

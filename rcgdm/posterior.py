@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 from dataclasses import dataclass
 
 import torch
+
+from rcgdm.cli import FLOAT32_MAX, finite32
 
 POSTERIOR = "posterior"
 MAX_BINS = 24
@@ -68,8 +69,8 @@ def curve_problem(levels: object, variances: object) -> str | None:
         return f"lists of 2 to {MAX_BINS} numbers, as many levels as variances"
     if not all(0 <= a <= b <= 1 for a, b in itertools.pairwise(levels)):
         return "ascending levels in [0, 1]"
-    if not all(math.isfinite(v) and v > 0 for v in variances):
-        return "finite variances > 0"
+    if not all(finite32(v) and v >= 1 / FLOAT32_MAX for v in variances):  # 1 / v, the strength, is float32 too
+        return f"variances from {1 / FLOAT32_MAX:.3g} to {FLOAT32_MAX:.3g} (float32, as is their inverse)"
     return None
 
 

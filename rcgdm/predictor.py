@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rcgdm.cli import InputError
+from rcgdm.cli import InputError, finite32
 from rcgdm.families import FAMILIES
 from rcgdm.files.checkpoint import check_finite_state, load_checkpoint, plain_metadata
 from rcgdm.files.provenance import sha256_file
@@ -185,7 +185,7 @@ def _integer(low: int, high: int):
 
 
 def _number(low: float = -math.inf):
-    return lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= low
+    return lambda v: finite32(v) and v >= low
 
 
 FIELDS = {  # what each metadata field must hold when present (older checkpoints lack some): (check, expected)

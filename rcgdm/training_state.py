@@ -3,12 +3,11 @@ history), saved after every epoch and checked in full before a resumed run does 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 
-from rcgdm.cli import UserError
+from rcgdm.cli import UserError, finite32
 from rcgdm.files.atomic import save_torch
 from rcgdm.files.checkpoint import check_finite_state, load_checkpoint
 
@@ -78,8 +77,5 @@ def read_state(path: Path, net, optimizer, generator: torch.Generator) -> dict:
 
 
 def _history_entry(entry, epoch: int) -> bool:
-    def finite(value) -> bool:
-        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-    return (isinstance(entry, dict) and entry.get("epoch") == epoch and finite(entry.get("train_loss"))
-            and (entry.get("val_loss") is None or finite(entry["val_loss"])))
+    return (isinstance(entry, dict) and entry.get("epoch") == epoch and finite32(entry.get("train_loss"))
+            and (entry.get("val_loss") is None or finite32(entry["val_loss"])))

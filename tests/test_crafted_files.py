@@ -44,6 +44,11 @@ CRAFTED_PREDICTORS = [
     ({"reference_latents": torch.zeros(0, 4, 8, 8)}, "1 <= K <= 512"),
     ({"reference_latents": torch.zeros(2, 3, 8, 8)}, "field 'reference_latents'"),
     ({"reference_latents": torch.full((2, 4, 8, 8), float("inf"))}, "field 'reference_latents'"),
+    ({"label_mean": 10**400}, "field 'label_mean' holds a int; expected a finite number"),  # beyond any float
+    ({"val_loss": 1e39}, "field 'val_loss' is 1e\\+39; expected a finite number"),  # beyond float32, the dtype it is used in
+    ({"posterior_levels": [0.0, 1.0], "posterior_variances": [1e39, 1.0]}, "expected variances from 2.94e-39 to 3.4e\\+38"),
+    ({"posterior_levels": [0.0, 1.0], "posterior_variances": [10**400, 1.0]}, "expected variances from"),
+    ({"posterior_levels": [0.0, 1.0], "posterior_variances": [1e-40, 1.0]}, "expected variances from"),  # 1 / v overflows
 ]
 
 
@@ -86,7 +91,8 @@ def other_shapes() -> dict:
 CRAFTED_STATES = [("epoch", "3"), ("epoch", 0), ("history", {}), ("generator", [1]), ("config", 7), ("model", "other shapes"),
                   ("optimizer", "other shapes"), ("generator", torch.zeros(3, dtype=torch.uint8)), ("epoch", 2),
                   ("history", [{"epoch": 1, "train_loss": float("inf")}]), ("history", [{"epoch": 1, "train_loss": "0.5"}]),
-                  ("model", "nan")]
+                  ("model", "nan"), ("history", [{"epoch": 1, "train_loss": 10**400}]),
+                  ("history", [{"epoch": 1, "train_loss": 0.5, "val_loss": 1e39}])]  # beyond any float, beyond float32
 
 
 @pytest.mark.parametrize(("field", "value"), CRAFTED_STATES)

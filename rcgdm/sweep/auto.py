@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from rcgdm.cli import finite32
 from rcgdm.distributed import batches
 from rcgdm.guidance import RewardGuidance
 from rcgdm.pipeline import NonFiniteError
@@ -63,9 +64,9 @@ class AutoChoice:
             pilot = tuple((float(g), None if p is None else float(p)) for g, p in summary["pilot"])
             choice = cls(float(summary["chosen_guidance"]), summary["reached"], float(summary["pilot_predicted"]),
                          float(summary["tolerance"]), pilot, int(summary["pilot_unet_calls"]))
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, OverflowError) as err:
             raise ValueError(f"not a recorded choice ({type(err).__name__})") from None
-        if not isinstance(choice.reached, bool) or not all(map(math.isfinite, (choice.guidance, choice.predicted))):
+        if not isinstance(choice.reached, bool) or not all(map(finite32, (choice.guidance, choice.predicted))):
             raise ValueError("not a recorded choice")
         return choice
 
