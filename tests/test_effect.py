@@ -42,7 +42,7 @@ def followed(tmp_path_factory, trained):
     args = ["--model", "tiny", "--reward_model", root / "reward_model.pth", "--predictor", root / "convnet.pth",
             "--prompt", PROMPTS[0], "--target", *targets, "--guidance", f"{GUIDANCE:g}", "--num_images", "6", "--bs", "6",
             "--cfg", f"{CFG:g}",
-            "--num_inference_steps", "20", "--seed", "0", "--out_dir", out, "--overwrite"]
+            "--num_inference_steps", "20", "--seed", "0", "--out_dir", out]
     assert run_script("inference.py", *args) == 0
     combos = sorted(json.loads((out / "summary.json").read_text())["combinations"], key=lambda c: c["target"])
     return combos, read_rows(out / "results.csv")
