@@ -24,7 +24,7 @@ def _typed(key: str, text: str, default: object) -> object:
                 raise ValueError
             return value
     except ValueError:
-        expected = {bool: "True or False", int: "an integer", float: "a finite float32 number"}[type(default)]
+        expected = {bool: "True or False", int: "an integer", float: "a finite number in float32's range"}[type(default)]
         raise UserError(f"--{key}={text!r} is not {expected}; expected {expected} like the default {default!r}") from None
     return text
 

@@ -99,7 +99,7 @@ def check_call(**values) -> None:
             continue
         if not finite32(value):  # each is used in float32
             expected = {"guidance": f"a finite number or {POSTERIOR!r}", "distilled_guidance": "one, or None"}.get(name, "one")
-            raise InputError(name, f"{_shown(value)} is not a finite float32 number; expected {expected}")
+            raise InputError(name, f"{_shown(value)} is not a finite number in float32's range; expected {expected}")
     for name, low, high in (("num_images", 1, MAX_SEED), ("best_of", 1, MAX_SEED), ("batch_size", 1, MAX_SEED),
                             ("seed", 0, MAX_SEED), ("height", 8, MAX_SIZE), ("width", 8, MAX_SIZE)):
         value = values[name]

@@ -34,10 +34,10 @@ def test_two_trainings_in_one_folder_keep_their_own_files(tmp_path, capsys, smal
     assert seeds == [0, 1]
     # another run's side file as out_path, or the same out_path again: refused, files intact
     curve = (tmp_path / "out" / "one.loss_curve.png").read_bytes()
-    for out_path in (tmp_path / "out" / "one.loss_curve.png", tmp_path / "out" / "one.pth"):
+    for out_path, expected in ((tmp_path / "out" / "one.loss_curve.png", "named like a side file of another run's"),
+                               (tmp_path / "out" / "one.pth", "already exists")):
         assert run_script(*small_train_args(tmp_path, small_labels, out_path)) == 2
-        line = error_line(capsys.readouterr().err)
-        assert "already exists" in line and "overwrite=True" in line
+        assert expected in error_line(capsys.readouterr().err)
     assert (tmp_path / "out" / "one.loss_curve.png").read_bytes() == curve
     again = small_train_args(tmp_path, small_labels, tmp_path / "out" / "one.pth", "--overwrite=True", "--seed=2")
     assert run_script(*again) == 0

@@ -295,6 +295,8 @@ def test_distilled_guidance_is_refused_where_there_is_no_guidance_embedding_or_n
         sample_latents(pipes["flux-schnell"], "a dog", generators, None, 2, 1.0, SIZE, SIZE, False, distilled_guidance=5.0)
     with pytest.raises(UserError, match=r"5 is given, but SDXL's denoiser"):
         sample_latents(pipes["sdxl"], "a dog", generators, None, 2, 1.0, SIZE, SIZE, False, distilled_guidance=5.0)
+    with pytest.raises(UserError, match="distilled_guidance nan is not a finite number in float32's range; expected one"):
+        RewardDirectedPipeline(pipes["flux"], trained)("a dog", distilled_guidance=float("nan"))
 
 
 @pytest.mark.parametrize(("family", "multiple"), [("flux", 16), ("sdxl", 8)])
@@ -311,5 +313,3 @@ def test_an_image_size_that_makes_no_whole_latent_tokens_is_one_line(pipes, fami
     trained = TrainedPredictor(predictor(family), {"family": FAMILY[family], "latent_size": [8, 8]}, None, "convnet.pth")
     with pytest.raises(UserError, match=f"height {height} is not a multiple of {multiple}"):
         RewardDirectedPipeline(pipes[family], trained)("a dog", num_inference_steps=1, height=height, width=SIZE)
-    with pytest.raises(UserError, match="distilled_guidance nan is not a finite number; expected one, or None"):
-        RewardDirectedPipeline(pipes["flux"], trained)("a dog", distilled_guidance=float("nan"))

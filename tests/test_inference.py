@@ -187,7 +187,9 @@ def test_distribution_shift_is_the_rms_distance_to_the_nearest_training_latents(
     ({"unet": {"sample_size": 16}}, [], "was trained on 8x8 latents (64x64 images); this run samples 16x16"),
     ({"vae": {"block_out_channels": 7}}, [], "vae/config.json field 'block_out_channels' holds 7; expected a list"),
     ({"scheduler": {"prediction_type": "flow"}}, [], "predicts 'flow'; expected one of epsilon, v_prediction, sample"),
-    ({"unet": {"in_channels": 16}}, [], "trained on 4-channel latents; the model's VAE makes 16"),
+    ({"unet": {"in_channels": 16, "out_channels": 16}, "vae": {"latent_channels": 16}}, [],
+     "trained on 4-channel latents; the model's VAE makes 16"),
+    ({"unet": {"in_channels": 16}}, [], "unet/config.json takes 16 and returns 4 channels"),
 ])
 def test_a_model_the_term_cannot_guide_is_refused_before_it_loads(tmp_path, capsys, tiny_model_dir, reward_model_path,
                                                                     predictor_path, edit, extra, expected):

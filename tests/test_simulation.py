@@ -48,7 +48,7 @@ def test_the_simulation_measures_the_three_claims(tmp_path, capsys):
                                                ("--num_samples=8", "--num_samples=8 is out of range"),
                                                ("--dim=300000", "--dim=300000 is out of range; expected an integer "
                                                                 "from 2 to 4096"),
-                                               ("--noise_std=1e300", "--noise_std=1e+300 is out of range"),
+                                               ("--noise_std=1e300", "--noise_std='1e300' is not a finite number"),
                                                ("--targets=0,1e300", "--targets='0,1e300' is not a list"),
                                                ("--targets=0,nan", "--targets='0,nan' is not a list"),
                                                ])

@@ -46,8 +46,8 @@ def refuse_if_locked(lock_file: str | Path, what: str, message: str | None = Non
     lock blocks it, and it needs no write permission, so another user's running run is found too."""
     try:
         fd = os.open(lock_file, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return
+    except (FileNotFoundError, NotADirectoryError):
+        return  # no lock can be there
     except OSError as err:
         if os.path.islink(lock_file) or os.path.isdir(lock_file):
             return  # not a lock this project made (it never follows a link to one, or locks a folder)
