@@ -94,7 +94,7 @@ def test_the_numbers_are_those_recorded_under_the_lock(trained, followed):
     measured = {"labels": [mean, std], "val_loss": [summary["final_val_loss"], summary["baseline_val_loss"]],
                 "gt_per_target": [c["gt_mean"] for c in followed[0]]}
     recorded = json.loads(RECORDED.read_text())
-    tolerance = {"labels": 1e-5, "val_loss": 1e-4, "gt_per_target": 2e-3}
+    tolerance = {"labels": 1e-5, "val_loss": 3e-4, "gt_per_target": 3e-3}
     assert set(recorded) == set(tolerance)
     for key, values in recorded.items():
         assert measured[key] == pytest.approx(values, abs=tolerance[key]), (
