@@ -35,14 +35,6 @@ def inside(root: Path, name: str) -> Path:
     return Path(root, *parts)
 
 
-def is_regular_file(path: Path) -> bool:
-    """Whether `path` is a regular file itself (a link to one is not)."""
-    try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-
-
 def kind(path: Path) -> str | None:
     """None if nothing is at `path` (a link is not followed), "a regular file", or what else is there."""
     try:
@@ -55,12 +47,14 @@ def kind(path: Path) -> str | None:
     return "a special file"
 
 
+def is_regular_file(path: Path) -> bool:
+    """Whether `path` is a regular file itself (a link to one is not)."""
+    return kind(path) == "a regular file"
+
+
 def is_real_folder(path: Path) -> bool:
     """Whether `path` is a folder itself (a link to one is not)."""
-    try:
-        return stat.S_ISDIR(os.lstat(path).st_mode)
-    except (FileNotFoundError, NotADirectoryError):
-        return False
+    return kind(path) == "a folder"
 
 
 def identity(folder: Path) -> list[int]:
