@@ -2,12 +2,14 @@
 
 x = A z with z ~ N(0, I_d) and A (D x d) orthonormal; r(x) = theta^T x; y = r(x) + N(0, noise_std^2) on
 `num_labelled` points, and `num_unlabelled` points without labels. Everything is Gaussian, so p(x | y = a) is known
-in closed form (rcgdm/simulation/theory.py). Four samplers at each target a (rcgdm/simulation/experiment.py):
+in closed form (rcgdm/simulation/theory.py). Five samplers at each target a (rcgdm/simulation/experiment.py):
 
 - exact: draws from p(x | y = a);
 - fixed: the repository's method (RewardGuidance with a predictor learned on noised labelled points, added to the
   exact unconditional score, stepped by diffusers' DDIM) at strength `fixed_guidance`, the paper's 100;
 - posterior: the same at the posterior strength 1 / sigma_t^2, read off the predictor's validation errors;
+- posterior_calibrated: a calibrated predictor (told the noise level, predicting Var(y | x_t) beside the mean) guiding
+  by its own Gaussian likelihood;
 - conditional: the paper's meta-algorithm, a reward model fitted on the labelled points pseudo-labels the
   unlabelled ones and a conditional diffusion model is trained on them, sampled at y = a.
 
@@ -49,6 +51,7 @@ num_samples = 2000  # per target and sampler
 num_inference_steps = 50
 fixed_guidance = 100.0
 predictor_epochs = 150
+calibrated_epochs = 60  # passes over the pseudo-labelled unlabelled points, in batches of 500
 conditional_steps = 3000
 seed = 0
 out_dir = "simulation_out"
@@ -77,6 +80,7 @@ CHECKS = {
     "num_inference_steps": (lambda c: 1 <= c["num_inference_steps"] <= 1000, "an integer from 1 to 1000"),
     "fixed_guidance": (lambda c: 0 <= c["fixed_guidance"] <= 1e30, "a number from 0 to 1e30"),
     "predictor_epochs": (lambda c: 1 <= c["predictor_epochs"] <= MAX_POINTS, f"an integer from 1 to {MAX_POINTS}"),
+    "calibrated_epochs": (lambda c: 1 <= c["calibrated_epochs"] <= MAX_POINTS, f"an integer from 1 to {MAX_POINTS}"),
     "conditional_steps": (lambda c: 1 <= c["conditional_steps"] <= MAX_POINTS, f"an integer from 1 to {MAX_POINTS}"),
     "seed": (lambda c: 0 <= c["seed"] <= MAX_SEED, f"a seed from 0 to {MAX_SEED}"),
 }
@@ -141,15 +145,16 @@ def main() -> None:
 def print_summary(summary: dict, out_dir: Path) -> None:
     labels = summary["labels"]
     print(f"labels span {labels['min']:.2f} to {labels['max']:.2f} (std {labels['std']:.2f})")
-    print(f"{'target':>7} {'sampler':>12} {'reward':>8} {'E[r|y=a]':>9} {'off-subsp.':>10} {'W2':>7}")
+    print(f"{'target':>7} {'sampler':>20} {'reward':>8} {'E[r|y=a]':>9} {'std':>6} {'exact':>6} {'off-subsp.':>10} {'W2':>7}")
     for row in summary["rows"]:
         if row["diverged"]:
-            print(f"{row['target']:7.2f} {row['sampler']:>12} diverged (NaN, inf or too large)")
+            print(f"{row['target']:7.2f} {row['sampler']:>20} diverged (NaN, inf or too large)")
             continue
-        print(f"{row['target']:7.2f} {row['sampler']:>12} {row['reward_mean']:8.3f} {row['exact_reward']:9.3f} "
-              f"{row['off_subspace']:10.4f} {row['w2']:7.3f}")
-    angle = summary["conditional_model"]["principal_angle_deg"]
-    print(f"conditional model: largest principal angle to the data's subspace {angle:.2f} degrees")
+        print(f"{row['target']:7.2f} {row['sampler']:>20} {row['reward_mean']:8.3f} {row['exact_reward']:9.3f} "
+              f"{row['reward_std']:6.3f} {row['exact_reward_std']:6.3f} {row['off_subspace']:10.4f} {row['w2']:7.3f}")
+    model = summary["conditional_model"]
+    print(f"conditional model: largest principal angle to the data's subspace {model['principal_angle_deg']:.2f} degrees, "
+          f"{model['off_subspace']:.2%} of its samples' norm off the subspace")
     print(f"wrote {out_dir / 'summary.json'} and the figures {', '.join(FIGURES)}")
 
 

@@ -68,9 +68,13 @@ from rcgdm.families import PREDICTION_TYPES
 
 
 def reward_gradient(predictor: nn.Module, x_t: torch.Tensor, target: float, batch_mean: bool = False,
-                    level: torch.Tensor | None = None) -> torch.Tensor:
+                    level: torch.Tensor | None = None, likelihood: bool = False) -> torch.Tensor:
     """grad_x 1/2 ||target - mu(x)||^2 for each image of x_t (B, C, h, w), in float32 (float64 stays float64).
-    A predictor that takes the level (`takes_level`) is called as predictor(x, level).
+    A predictor that takes the level (`takes_level`) is called as predictor(x, level); its first output column is mu.
+
+    likelihood=True, for a predictor that also predicts log Var(y | x_t) (`predicts_variance`, its second column v):
+    grad_x -log N(target; mu(x), v(x)) = grad_x [ (target - mu)^2 / (2 v) + 1/2 log v ], the Gaussian likelihood's own
+    gradient (with v's gradient, which the paper's term lacks).
 
     Each image's term is its own (a sum over the batch). batch_mean=True divides by B, as the original
     code's `0.5 * MSELoss()(mu, target)` did: guidance g with batch_mean at batch size B == g / B without.
@@ -78,8 +82,9 @@ def reward_gradient(predictor: nn.Module, x_t: torch.Tensor, target: float, batc
     dtype = torch.float64 if x_t.dtype == torch.float64 else torch.float32
     with torch.enable_grad():
         x = x_t.detach().to(dtype).requires_grad_(True)
-        mu = predictor(x, level) if takes_level(predictor) else predictor(x)  # (B, 1)
-        loss = 0.5 * (target - mu).pow(2).sum()
+        out = predictor(x, level) if takes_level(predictor) else predictor(x)  # (B, 1), or (B, 2): mu, log v
+        squared = (target - out[:, :1]).pow(2)
+        loss = 0.5 * (squared * torch.exp(-out[:, 1:2]) + out[:, 1:2]).sum() if likelihood else 0.5 * squared.sum()
         if batch_mean:
             loss = loss / x.shape[0]
         (grad,) = torch.autograd.grad(loss, x)
@@ -93,6 +98,11 @@ LIMIT_SIGNAL = 1e-6  # s at which a level-aware predictor's term stands for its 
 def takes_level(predictor: nn.Module) -> bool:
     """Whether `predictor` is called with the noise level as well (predictor(x, level))."""
     return getattr(predictor, "takes_level", False) is True
+
+
+def predicts_variance(predictor: nn.Module) -> bool:
+    """Whether `predictor` outputs log Var(y | x_t) beside the mean ((B, 2): mu, log v)."""
+    return getattr(predictor, "predicts_variance", False) is True
 
 
 def signal_and_noise(level: torch.Tensor, prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,6 +141,7 @@ def eps_shift(
     batch_mean: bool = False,
     grad_path: str = "xt",
     level: torch.Tensor | None = None,
+    likelihood: bool = False,
 ) -> torch.Tensor:
     """n * guidance * grad_{x_t} 1/2 ||target - mu(.)||^2 at x_t = s x0 + n eps (s, n: tensors of x_t's float dtype).
 
@@ -140,9 +151,9 @@ def eps_shift(
     """
     if grad_path == "x0":
         x0_hat = (x_t.to(s.dtype) - n * eps.detach().to(s.dtype)) / s
-        grad = reward_gradient(predictor, x0_hat, target, batch_mean, level) / s
+        grad = reward_gradient(predictor, x0_hat, target, batch_mean, level, likelihood) / s
     else:
-        grad = reward_gradient(predictor, x_t, target, batch_mean, level)
+        grad = reward_gradient(predictor, x_t, target, batch_mean, level, likelihood)
     return n * guidance * grad
 
 
@@ -164,13 +175,20 @@ class RewardGuidance:
     function of the noise level (a level tensor -> a strength tensor), such as the posterior strength.
 
     batch_mean=True divides each image's term by the batch size, as the original code's mean loss did;
-    grad_path "x0" lets the predictor see the denoised estimate instead of x_t (see the module docstring)."""
+    grad_path "x0" lets the predictor see the denoised estimate instead of x_t (see the module docstring).
+    likelihood=True (a predictor that `predicts_variance`): the term is `guidance` times the gradient of
+    log N(target; mu, v) itself, so guidance 1 is the posterior with the predictor's own variance."""
 
     predictor: nn.Module
     target: float
     guidance: float | Callable[[torch.Tensor], torch.Tensor]
     batch_mean: bool = False
     grad_path: str = "xt"
+    likelihood: bool = False
+
+    def __post_init__(self) -> None:
+        if self.likelihood and not predicts_variance(self.predictor):
+            raise ValueError("likelihood=True needs a predictor that predicts its variance (predicts_variance)")
 
     def apply(self, output: torch.Tensor, x_t: torch.Tensor, level: torch.Tensor | float,
               prediction_type: str) -> torch.Tensor:
@@ -185,6 +203,7 @@ class RewardGuidance:
         s, n = torch.where(noisy, s, torch.ones_like(s)), torch.where(noisy, n, torch.zeros_like(n))  # finite; dropped below
         eps = as_eps(output.to(s.dtype), x_t.to(s.dtype), s, n, prediction_type)
         strength = self.guidance(level) if callable(self.guidance) else self.guidance
-        shift = eps_shift(eps, x_t, s, n, self.predictor, self.target, strength, self.batch_mean, self.grad_path, level)
+        shift = eps_shift(eps, x_t, s, n, self.predictor, self.target, strength, self.batch_mean, self.grad_path, level,
+                          self.likelihood)
         shift = shift * output_per_eps(s, n, prediction_type)
         return output + torch.where(noisy, shift, torch.zeros_like(shift)).to(output.dtype)

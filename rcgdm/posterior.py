@@ -44,6 +44,22 @@ def fit_curve(levels: torch.Tensor, squared_errors: torch.Tensor, flow: bool) ->
     return {"levels": [lv for lv, _, _ in chunks], "variances": smoothed}
 
 
+def calibration_by_level(levels: torch.Tensor, errors: torch.Tensor, variances: torch.Tensor | None,
+                         bins: int = 5) -> dict:
+    """Held-out squared errors (N,) and the variances a calibrated predictor predicted for them (N,) or None, at
+    `levels` (N,), averaged in `bins` equal-count bins of level (ascending) -> {"levels", "squared_errors",
+    "predicted_variances", "ratio" (predicted / measured; these two None without variances)}."""
+    chunks = [chunk for chunk in torch.argsort(levels.double()).chunk(bins) if len(chunk)]
+
+    def by_bin(values: torch.Tensor) -> list[float]:
+        return [float(values[chunk].double().mean()) for chunk in chunks]
+
+    measured = by_bin(errors)
+    predicted = None if variances is None else by_bin(variances)
+    ratio = None if predicted is None else [p / max(e, 1e-30) for p, e in zip(predicted, measured, strict=True)]
+    return {"levels": by_bin(levels), "squared_errors": measured, "predicted_variances": predicted, "ratio": ratio}
+
+
 def _nondecreasing(values: list[float], weights: list[int]) -> list[float]:
     """The weighted least-squares non-decreasing fit to `values` (pool adjacent violators)."""
     blocks: list[list[float]] = []  # [mean, weight, count]

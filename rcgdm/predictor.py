@@ -8,6 +8,10 @@ Checkpoint format (``convnet.pth``), loadable with ``torch.load(weights_only=Tru
      "epochs": int, "val_loss": float | None, "reference_latents": float16 (K, C, h, w),
      "state_dict": {...}}
 
+`arch` is the paper's ThreeLayerConvNet (mu(x_t), level-blind; `posterior_levels` and `posterior_variances` record
+its errors by level, rcgdm/posterior.py) or CalibratedConvNet (told the level, and predicting log Var(y | x_t) beside
+mu: `--guidance posterior` then follows its own Gaussian likelihood; train.py predictor="calibrated").
+
 Inference relies on `family` (sd, sdxl, sd3: rcgdm/families.py; absent in older checkpoints, which are all sd),
 `latent_channels` and `latent_size` (the latents it guides must match), `noised`
 (True: trained on noisy latents, for grad_path xt; False: clean ones, for x0), and `model` and
@@ -74,6 +78,44 @@ class ThreeLayerConvNet(nn.Module):
         out = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(self.avgpool(out).flatten(1))
 
+    @property
+    def latent_channels(self) -> int:
+        return self.layer1.conv1.in_channels
+
+
+class CalibratedConvNet(ThreeLayerConvNet):
+    """The paper's ConvNet told the noise level and predicting its own uncertainty: latents (B, C, H, W) at a level
+    (alpha_bar, or sigma for a flow family: a number, a 0-dim tensor or (B,)) -> (B, 2), mu(x_t, t) and
+    log Var(y | x_t). The level enters as one more input channel holding its value; without one (scoring finished
+    images) the inputs are clean, `clean_level` (1 for alpha_bar, 0 for sigma)."""
+
+    takes_level = True
+    predicts_variance = True
+
+    def __init__(self, in_channels: int = 4, clean_level: float = 1.0) -> None:
+        super().__init__(in_channels + 1)
+        self.fc = nn.Linear(256, 2)
+        self.clean_level = clean_level
+
+    def forward(self, x: torch.Tensor, level: torch.Tensor | float | None = None) -> torch.Tensor:
+        level = torch.as_tensor(self.clean_level if level is None else level, dtype=x.dtype, device=x.device)
+        plane = level.reshape(-1, 1, 1, 1).expand(len(x), 1, *x.shape[2:])
+        return super().forward(torch.cat([x, plane], 1))
+
+    @property
+    def latent_channels(self) -> int:
+        return self.layer1.conv1.in_channels - 1
+
+
+ARCHES = {ARCH: ThreeLayerConvNet, "CalibratedConvNet": CalibratedConvNet}
+
+
+def make_predictor(arch: str, latent_channels: int, family: str) -> ThreeLayerConvNet:
+    """A fresh net of `arch` for latents of `latent_channels` channels of a `family` (rcgdm/families.py)."""
+    if arch == ARCH:
+        return ThreeLayerConvNet(latent_channels)
+    return CalibratedConvNet(latent_channels, clean_level=0.0 if FAMILIES[family].flow else 1.0)
+
 
 _OLD_NAMES = {"blocks.0.": "layer1.", "blocks.1.": "layer2.", "blocks.2.": "layer3.", "head.": "fc."}
 
@@ -98,7 +140,7 @@ def reference_sample(latents: torch.Tensor, seed: int) -> torch.Tensor:
 
 def predictor_checkpoint(model: ThreeLayerConvNet, meta: dict, reference: torch.Tensor | None = None) -> dict:
     extra = {} if reference is None else {"reference_latents": reference}
-    return {"format": FORMAT, "arch": ARCH, **meta, **extra, "state_dict": model.state_dict()}
+    return {"format": FORMAT, "arch": type(model).__name__, **meta, **extra, "state_dict": model.state_dict()}
 
 
 def load_predictor_state(model: ThreeLayerConvNet, state_dict: dict, path: str | Path) -> ThreeLayerConvNet:
@@ -106,7 +148,8 @@ def load_predictor_state(model: ThreeLayerConvNet, state_dict: dict, path: str |
     try:
         model.load_state_dict(current_names(state_dict))
     except (RuntimeError, KeyError, TypeError, AttributeError, ValueError) as err:
-        raise InputError("predictor", f"{str(path)!r} does not match a {ARCH} ({str(err).splitlines()[0]})") from None
+        reason = str(err).splitlines()[0]
+        raise InputError("predictor", f"{str(path)!r} does not match a {type(model).__name__} ({reason})") from None
     check_finite_state(model.state_dict(), path, "predictor")
     return model.eval()
 
@@ -132,7 +175,7 @@ class TrainedPredictor:
 
     def check_latent_channels(self, latent_channels: int) -> None:
         """The net must take the latents of the model's VAE (`latent_channels` channels)."""
-        channels = self.net.layer1.conv1.in_channels
+        channels = self.net.latent_channels
         if channels != latent_channels:
             raise InputError("predictor", f"{self.path!r} was trained on {channels}-channel latents; the model's VAE makes "
                                           f"{latent_channels}")
@@ -189,7 +232,7 @@ def _number(low: float = -math.inf):
 
 
 FIELDS = {  # what each metadata field must hold when present (older checkpoints lack some): (check, expected)
-    "arch": (lambda v: v == ARCH, repr(ARCH)),
+    "arch": (lambda v: isinstance(v, str) and v in ARCHES, " or ".join(map(repr, ARCHES))),
     "family": (lambda v: isinstance(v, str) and v in FAMILIES, f"one of {', '.join(FAMILIES)}"),
     "latent_channels": (_integer(1, MAX_CHANNELS), f"an integer from 1 to {MAX_CHANNELS}"),
     "latent_size": (lambda v: isinstance(v, list) and len(v) == 2 and all(map(_integer(1, MAX_LATENT), v)),
@@ -234,8 +277,8 @@ def load_predictor(path: str | Path, family: str | None = None, latent_channels:
     with it; checks the family and latent channels if given."""
     checkpoint = load_checkpoint(path, FORMAT)
     check_fields(checkpoint, path)
-    channels = checkpoint["latent_channels"]
-    net = load_predictor_state(ThreeLayerConvNet(in_channels=channels), checkpoint["state_dict"], path)
+    arch, trained = checkpoint.get("arch", ARCH), checkpoint.get("family", "sd")
+    net = load_predictor_state(make_predictor(arch, checkpoint["latent_channels"], trained), checkpoint["state_dict"], path)
     meta = plain_metadata(checkpoint, path, skip=("state_dict", "reference_latents"))
     predictor = TrainedPredictor(net, meta, _reference_latents(checkpoint, path), str(path))
     if family is not None:

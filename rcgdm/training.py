@@ -20,6 +20,7 @@ from rcgdm.cli import InputError, UserError
 from rcgdm.data import check_num_data, open_source
 from rcgdm.families import FAMILIES
 from rcgdm.files.provenance import sha256_file
+from rcgdm.guidance import predicts_variance, takes_level
 from rcgdm.latent_shards import LatentRows, ShardedLatents
 from rcgdm.latents import LatentSpec, cached_latents, vae_fingerprint
 from rcgdm.models import load_scheduler, load_vae
@@ -154,11 +155,15 @@ def train_epoch(
     for number, start in enumerate(tqdm(steps, desc=desc, leave=False, unit="step", disable=rank != 0 or not progress)):
         batch = order[start : start + batch_size]
         clean = x[batch].to(y.device)  # a batch read from the shards comes from the CPU
-        inputs = add_training_noise(scheduler, clean, timestep_pool, generator)[0] if noised else clean
+        inputs, levels = clean, None
+        if noised:
+            inputs, _, timesteps = add_training_noise(scheduler, clean, timestep_pool, generator)
+            levels = noise_level(scheduler, timesteps).to(inputs.device, inputs.dtype)
         if len(batch) < world:
             continue  # a last batch too small to give every process a sample (only with several processes)
-        errors = F.mse_loss(net(inputs[rank::world]), y[batch][rank::world], reduction="sum")
-        loss = errors * (world / len(batch))
+        mine = slice(rank, None, world)
+        summed, errors = predictor_loss(predict(net, inputs[mine], None if levels is None else levels[mine]), y[batch][mine])
+        loss = summed * (world / len(batch))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -169,6 +174,27 @@ def train_epoch(
     return reduce(total, "sum").item() / trained
 
 
+def predict(net: torch.nn.Module, inputs: torch.Tensor, levels: torch.Tensor | None) -> torch.Tensor:
+    """net's output (B, 1), or (B, 2) for a net that predicts its variance, on inputs (B, ...) at their noise levels
+    (B,): told them only if it takes the level (None: clean inputs, the net's own clean level)."""
+    return net(inputs, levels) if takes_level(getattr(net, "module", net)) else net(inputs)  # .module: under DDP
+
+
+def predictor_loss(output: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the loss to minimise, the summed squared error of the mean) for outputs (B, 1) or (B, 2) and labels (B, 1).
+
+    A second output column, log v, is trained by the Gaussian likelihood of the labels with the mean detached:
+    1/2 [(y - mu)^2 / v + log v]. The mean's gradient is then exactly the MSE's (it fits as the paper's predictor does,
+    where a joint likelihood would down-weight the hard, noisy inputs), and v's minimiser at each input is the
+    expected squared error of that mean there: Var(y | x_t) plus the predictor's own error, calibrated."""
+    squared = (output[:, :1] - labels).pow(2)
+    errors = squared.sum()
+    if output.shape[1] == 1:
+        return errors, errors
+    log_v = output[:, 1:2]
+    return errors + 0.5 * (squared.detach() * torch.exp(-log_v) + log_v).sum(), errors
+
+
 NOISE_BUCKETS = ((0, 250), (250, 500), (500, 750), (750, 1000))  # training timesteps; the first is the least noisy
 
 
@@ -177,14 +203,17 @@ def bucket_name(low: int, high: int) -> str:
 
 
 @torch.no_grad()
-def squared_errors(net: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """(net(inputs) - labels)^2 per input (N,), in eval mode."""
+def validation_outputs(net: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, levels: torch.Tensor | None,
+                       batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(mu(inputs) - labels)^2 per input (N,) and, for a net that predicts its variance, the variance it predicts
+    (N,), else None; in eval mode. `levels` (N,): each input's noise level (None: clean inputs)."""
     was_training = net.training
     net.eval()
-    errors = torch.cat([(net(inputs[i : i + batch_size]) - labels[i : i + batch_size]).pow(2).flatten()
-                        for i in range(0, len(inputs), batch_size)])
+    outputs = torch.cat([predict(net, inputs[i : i + batch_size], None if levels is None else levels[i : i + batch_size])
+                         for i in range(0, len(inputs), batch_size)])
     net.train(was_training)
-    return errors
+    errors = (outputs[:, 0] - labels.reshape(-1)).pow(2)
+    return errors, outputs[:, 1].exp() if predicts_variance(net) else None
 
 
 def loss_by_noise_level(errors: torch.Tensor, timesteps: torch.Tensor) -> dict:

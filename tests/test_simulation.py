@@ -23,7 +23,7 @@ def test_the_simulation_measures_the_three_claims(tmp_path, capsys):
     assert run_script("simulation.py", *SMALL, f"--out_dir={out}") == 0
     summary = json.loads((out / "summary.json").read_text())
     rows = {(r["target"], r["sampler"]): r for r in summary["rows"]}
-    assert len(rows) == 12 and all(isinstance(v, float) for r in rows.values() for v in (r["reward_mean"], r["w2"]))
+    assert len(rows) == 15 and all(isinstance(r[k], float) for r in rows.values() for k in ("reward_mean", "reward_std", "w2"))
     for a in (0.0, 1.0, 3.0):
         exact = rows[a, "exact"]  # the answer's own draws: the theory's mean reward, within sampling error
         assert abs(exact["reward_mean"] - exact["exact_reward"]) < 4 * exact["reward_se"]
@@ -33,7 +33,14 @@ def test_the_simulation_measures_the_three_claims(tmp_path, capsys):
         rewards = [rows[a, sampler]["reward_mean"] for a in (0.0, 1.0, 3.0)]
         assert rewards[0] < rewards[1] < rewards[2], (sampler, rewards)
         assert abs(rows[1.0, sampler]["gap_to_exact"]) < 0.25
+    for a in (0.0, 1.0):  # the calibrated predictor's likelihood samples the law, where the level-blind one is 4x too wide
+        calibrated, posterior = rows[a, "posterior_calibrated"], rows[a, "posterior"]
+        assert abs(calibrated["reward_std"] / calibrated["exact_reward_std"] - 1) < 0.25
+        assert posterior["reward_std"] > 2 * posterior["exact_reward_std"]
+        assert calibrated["w2"] < 0.5 * posterior["w2"] and abs(calibrated["gap_to_exact"]) < 0.05
+    assert summary["calibration"]["ratio"] is not None and all(0.7 < r < 1.4 for r in summary["calibration"]["ratio"])
     assert summary["conditional_model"]["principal_angle_deg"] < 15  # (i) the subspace is recovered
+    assert summary["conditional_model"]["off_subspace"] < 0.03  # and the samples lie on it
     assert rows[3.0, "posterior"]["w2"] > rows[1.0, "posterior"]["w2"]  # (iii) leaving the labels' range costs fidelity
     assert all((out / name).stat().st_size > 1000 for name in ("reward_vs_target.png", "off_subspace_vs_target.png"))
     assert "largest principal angle" in capsys.readouterr().out

@@ -10,7 +10,7 @@ import torch
 
 from rcgdm.guidance import RewardGuidance
 from rcgdm.simulation.measures import fitted_w2, gaussian_w2, mean_reward
-from rcgdm.simulation.oracle import ExactLabelMean, ExactPosteriorStrength, exact_output
+from rcgdm.simulation.oracle import ExactLabelLaw, ExactLabelMean, ExactPosteriorStrength, exact_output
 from rcgdm.simulation.sampling import sample_points
 from rcgdm.simulation.theory import make_world
 
@@ -108,3 +108,37 @@ def test_the_posterior_strength_samples_the_conditional_and_a_fixed_one_does_not
     reward, error = mean_reward(fixed, world.theta)
     assert reward - expected > 10 * error and abs(reward - a) < abs(expected - a)
     assert (fixed @ world.theta).std() < 0.5 * (draws @ world.theta).std()
+
+
+# Second-order solvers, so that 300 steps leave a discretization error near 1e-3 in W2 (DDIM's first order leaves 7e-3
+# at 1000 steps). The diffusion schedules stop at alpha_bar = 0.9991, not 1, which alone costs about 2e-3.
+EXACT_LAW_SCHEDULERS = {
+    "epsilon": lambda: diffusers.UniPCMultistepScheduler(solver_order=3),
+    "v_prediction": lambda: diffusers.UniPCMultistepScheduler(solver_order=3, prediction_type="v_prediction",
+                                                              rescale_betas_zero_snr=True, timestep_spacing="trailing"),
+    "flow_prediction": lambda: diffusers.FlowMatchHeunDiscreteScheduler(shift=3.0),
+}
+
+
+def sampled_law(world, prediction_type: str, a: float, guidance: float, steps: int = 300):
+    """The law of the deterministic guided sampler, exactly: with the exact (affine) models it is an affine map
+    x = c + M z of its starting noise z ~ N(0, I), so running it from 0 and e_1 ... e_D gives c and M, and the law is
+    N(c, M M^T). The predictor is the exact E[y | x_t] with its exact variance, guided by its likelihood."""
+    dim = world.dim
+    steer = RewardGuidance(ExactLabelLaw(world, prediction_type), a, guidance, likelihood=True)
+    start = torch.cat([torch.zeros(1, dim, dtype=F64), torch.eye(dim, dtype=F64)])
+    points = sample_points(lambda x, t, level: exact_output(world, x, level, prediction_type),
+                           EXACT_LAW_SCHEDULERS[prediction_type](), prediction_type, dim + 1, dim, steps, None, steer, start)
+    shift = (points[1:] - points[0]).T
+    return points[0], shift @ shift.T
+
+
+@pytest.mark.parametrize("prediction_type", list(EXACT_LAW_SCHEDULERS))
+@pytest.mark.parametrize("a", [1.0, 4.0])
+def test_the_likelihood_samples_the_conditional_law_exactly_and_a_wrong_strength_does_not(world, prediction_type, a):
+    mean, cov = world.conditional(a)
+    law = sampled_law(world, prediction_type, a, 1.0)
+    assert gaussian_w2(*law, mean, cov) < 4e-3
+    assert float(world.theta @ law[1] @ world.theta) ** 0.5 == pytest.approx(world.reward_std_given(), rel=0.03)
+    for wrong in (2.0, 0.5):  # the strength twice and half the posterior's: over 12x the tolerance
+        assert gaussian_w2(*sampled_law(world, prediction_type, a, wrong), mean, cov) > 0.05, wrong

@@ -5,6 +5,8 @@ Samplers (each draws `num_samples` points at target a):
 - "fixed": the repository's method, the exact unconditional eps plus RewardGuidance's term with the learned
   level-blind predictor at a fixed strength, stepped by a diffusers DDIM scheduler;
 - "posterior": the same at the posterior strength 1 / sigma_t^2 read off the predictor's validation errors;
+- "posterior_calibrated": the calibrated predictor (told the level, predicting its own variance) guiding by its own
+  Gaussian likelihood, grad log N(a; mu(x_t, t), v(x_t, t));
 - "conditional": the paper's meta-algorithm, the conditional model trained on pseudo-labels, sampled at y = a.
 """
 
@@ -24,7 +26,8 @@ from rcgdm.simulation.oracle import exact_output
 from rcgdm.simulation.sampling import sample_points
 from rcgdm.simulation.theory import LinearGaussianWorld, make_world
 
-SAMPLERS = ("exact", "fixed", "posterior", "conditional")
+CALIBRATION_POINTS = 1000  # fresh labelled points that measure the calibrated predictor at every level
+SAMPLERS = ("exact", "fixed", "posterior", "posterior_calibrated", "conditional")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class Settings:
     num_inference_steps: int
     fixed_guidance: float
     predictor_epochs: int
+    calibrated_epochs: int
     conditional_steps: int
     seed: int
 
@@ -67,12 +71,17 @@ def run(settings: Settings) -> dict:
     s = settings
     generator = torch.Generator().manual_seed(s.seed)
     world = make_world(s.dim, s.sub_dim, s.noise_std, s.off_subspace, generator)
-    x = world.sample_data(s.num_labelled, generator)
-    y = x @ world.theta + s.noise_std * torch.randn(s.num_labelled, generator=generator, dtype=torch.float64)
+    x, y = world.sample_labelled(s.num_labelled, generator)
     unlabelled = world.sample_data(s.num_unlabelled, generator)
-    predictor = train_predictor(x, y, scheduler(s.num_inference_steps), s.predictor_epochs, s.held_out, generator)
-    conditional = train_conditional(unlabelled, pseudo_labels(x, y, unlabelled, generator), scheduler(1000),
-                                    s.conditional_steps, generator)
+    count = round(s.num_labelled * (1 - s.held_out))
+    sampler_schedule = scheduler(s.num_inference_steps)
+    predictor = train_predictor((x[:count], y[:count]), (x[count:], y[count:]), sampler_schedule, s.predictor_epochs,
+                                generator)
+    labels = pseudo_labels(x, y, unlabelled, generator)
+    fresh = world.sample_labelled(CALIBRATION_POINTS, generator)  # the pseudo-labeller saw every labelled point
+    calibrated = train_predictor((unlabelled, labels), fresh, sampler_schedule, s.calibrated_epochs, generator,
+                                 calibrated=True)
+    conditional = train_conditional(unlabelled, labels, scheduler(1000), s.conditional_steps, generator)
 
     def unconditional(points, t, level):
         return exact_output(world, points, level, "epsilon")
@@ -83,8 +92,11 @@ def run(settings: Settings) -> dict:
         if name == "conditional":
             return sample_points(lambda p, t, level: conditional(p, a, level), scheduler(s.num_inference_steps),
                                  "epsilon", s.num_samples, s.dim, s.num_inference_steps, generator)
-        strength = s.fixed_guidance if name == "fixed" else PosteriorStrength.from_curve(predictor.curve)
-        steer = RewardGuidance(predictor.net, a, strength)
+        if name == "posterior_calibrated":
+            steer = RewardGuidance(calibrated.net, a, 1.0, likelihood=True)
+        else:
+            strength = s.fixed_guidance if name == "fixed" else PosteriorStrength.from_curve(predictor.curve)
+            steer = RewardGuidance(predictor.net, a, strength)
         return sample_points(unconditional, scheduler(s.num_inference_steps), "epsilon", s.num_samples, s.dim,
                              s.num_inference_steps, generator, steer)
 
@@ -96,12 +108,13 @@ def run(settings: Settings) -> dict:
     marginal = sample_points(lambda p, t, level: conditional(p, marginal_y, level), scheduler(s.num_inference_steps),
                              "epsilon", s.num_samples, s.dim, s.num_inference_steps, generator)
     return {"world": world_facts(world), "labels": {"min": y.min().item(), "max": y.max().item(), "std": y.std().item()},
-            "posterior_curve": predictor.curve, "rows": rows,
+            "posterior_curve": predictor.curve, "calibration": calibrated.calibration, "rows": rows,
             "conditional_model": {"principal_angle_deg": measures.principal_angle(marginal, world.basis),
                                   "off_subspace": measures.off_subspace(marginal, world.basis)}}
 
 
-MEASURES = ("reward_mean", "reward_se", "gap_to_target", "exact_reward", "gap_to_exact", "off_subspace", "w2")
+MEASURES = ("reward_mean", "reward_se", "reward_std", "gap_to_target", "exact_reward", "exact_reward_std", "gap_to_exact",
+            "off_subspace", "w2")
 
 
 def measure(world: LinearGaussianWorld, a: float, points: torch.Tensor) -> dict:
@@ -117,9 +130,9 @@ def measure(world: LinearGaussianWorld, a: float, points: torch.Tensor) -> dict:
         return diverged
     reward, error = measures.mean_reward(points, world.theta)
     expected = world.expected_reward(a)
-    return {"diverged": False, "reward_mean": reward, "reward_se": error, "gap_to_target": reward - a,
-            "exact_reward": expected, "gap_to_exact": reward - expected,
-            "off_subspace": measures.off_subspace(points, world.basis), "w2": w2}
+    return {"diverged": False, "reward_mean": reward, "reward_se": error, "reward_std": float((points @ world.theta).std()),
+            "gap_to_target": reward - a, "exact_reward": expected, "exact_reward_std": world.reward_std_given(),
+            "gap_to_exact": reward - expected, "off_subspace": measures.off_subspace(points, world.basis), "w2": w2}
 
 
 def world_facts(world: LinearGaussianWorld) -> dict:

@@ -12,6 +12,7 @@ from rcgdm.simulation.experiment import SAMPLERS
 
 FIGURES = ("reward_vs_target.png", "off_subspace_vs_target.png")
 LABELS = {"exact": "exact p(x | y = a)", "fixed": "guidance, fixed strength", "posterior": "guidance, posterior strength",
+          "posterior_calibrated": "guidance, calibrated predictor's likelihood",
           "conditional": "conditional model (pseudo-labels)"}
 
 

@@ -1,10 +1,13 @@
-"""The simulation's exact models: the unconditional model output, E[y | x_t] as a predictor, and 1 / Var(y | x_t).
+"""The simulation's exact models: the unconditional model output, E[y | x_t] as a predictor (alone, or with
+log Var(y | x_t) as its second output), and 1 / Var(y | x_t).
 
 Each is the closed form of rcgdm/simulation/theory.py at the noise level a scheduler sits at (alpha_bar, or sigma for
 flow_prediction), so a sampler built from them differs from p(x0 | y = a) only by its discretization.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -45,6 +48,18 @@ class ExactLabelMean(nn.Module):
     def forward(self, x_t: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
         weights = self.world.label_weights(*_signal_noise(level, self.prediction_type))
         return (x_t.to(torch.float64) @ weights).unsqueeze(1)
+
+
+class ExactLabelLaw(ExactLabelMean):
+    """(E[y | x_t], log Var(y | x_t)) (N, 2): the level-aware predictor with its own variance, exactly (guided with
+    RewardGuidance's likelihood=True, its term is the exact conditional score)."""
+
+    predicts_variance = True
+
+    def forward(self, x_t: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        mean = super().forward(x_t, level)
+        variance = self.world.label_var_given(*_signal_noise(level, self.prediction_type))
+        return torch.cat([mean, torch.full_like(mean, math.log(variance))], 1)
 
 
 class ExactPosteriorStrength:

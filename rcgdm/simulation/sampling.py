@@ -18,12 +18,16 @@ Model = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x
 
 @torch.no_grad()
 def sample_points(model: Model, scheduler, prediction_type: str, count: int, dim: int, steps: int,
-                  generator: torch.Generator, steer: RewardGuidance | None = None) -> torch.Tensor:
-    """`count` points (count, D) in float64, denoised from N(0, I) over `steps` steps of `scheduler`."""
+                  generator: torch.Generator, steer: RewardGuidance | None = None,
+                  start: torch.Tensor | None = None) -> torch.Tensor:
+    """`count` points (count, D) in float64, denoised from N(0, I) over `steps` steps of `scheduler`; from `start`
+    (count, D) in place of the N(0, I) draws when given (a deterministic sampler is then a function of it)."""
     scheduler.set_timesteps(steps)
     levels = noise_levels(scheduler)
     start_std = float(getattr(scheduler, "init_noise_sigma", 1.0))  # flow schedulers start from N(0, I)
-    x = torch.randn(count, dim, generator=generator, dtype=torch.float64) * start_std
+    if start is None:
+        start = torch.randn(count, dim, generator=generator, dtype=torch.float64)
+    x = start.to(torch.float64) * start_std
     flow = is_flow(scheduler)
     for i, t in enumerate(scheduler.timesteps):
         x_t = x if flow else scheduler.scale_model_input(x, t)

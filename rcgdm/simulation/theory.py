@@ -97,6 +97,10 @@ class LinearGaussianWorld:
         """E[r(x0) | y = a] = theta^T S theta a / Var y."""
         return self.reward_var * a / self.label_var
 
+    def reward_std_given(self) -> float:
+        """The std of r(x0) given y = a (the same for every a): sqrt(Var r - (Var r)^2 / Var y)."""
+        return (self.reward_var - self.reward_var**2 / self.label_var) ** 0.5
+
     def limit_output_shift(self, a: float, prediction_type: str) -> torch.Tensor:
         """How conditioning on y = a moves a v or flow model's exact output at s = 0 (D,): -S theta a / Var y."""
         if prediction_type not in ("v_prediction", "flow_prediction"):
@@ -106,6 +110,11 @@ class LinearGaussianWorld:
     def sample_data(self, count: int, generator: torch.Generator) -> torch.Tensor:
         """x0 = A z (count, D)."""
         return torch.randn(count, self.basis.shape[1], generator=generator, dtype=F64) @ self.basis.T
+
+    def sample_labelled(self, count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Points (count, D) and their noisy labels y = theta^T x0 + N(0, sigma^2) (count,)."""
+        x = self.sample_data(count, generator)
+        return x, x @ self.theta + self.noise_std * torch.randn(count, generator=generator, dtype=F64)
 
     def sample_conditional(self, a: float, count: int, generator: torch.Generator) -> torch.Tensor:
         """Exact draws from p(x0 | y = a) (count, D), drawn in the subspace's coordinates (its covariance lies there)."""
