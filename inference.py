@@ -223,7 +223,7 @@ def main() -> None:
     fill_family_defaults(args, FAMILIES[facts["family"]])
     pipe = load(args, facts, state, device, dtype)  # every input is checked before any output folder exists
     if POSTERIOR in args.guidance:
-        pipe.predictor.posterior_strength()  # the predictor must have recorded its error curve
+        pipe.predictor.posterior_strength()  # the paper's predictor must have recorded its error curve
     tolerance = auto_tolerance(args, pipe.predictor.meta)
     writable_dir(out_dir)
     with distributed.main_only_lock(state, lock, what):

@@ -9,6 +9,13 @@ SD3 and FLUX the VAE's shift and scaling factors apply and the noise is flow mat
 sigma eps at the sigmas of the model's `num_inference_steps` schedule at `image_size` (FLUX.1-dev's shift
 depends on it) (rcgdm/families.py, rcgdm/training.py). FLUX's latents are the unpacked (16, h, w) ones.
 
+predictor="calibrated" trains, in place of the paper's net, the same ConvNet told the noise level (alpha_bar, or
+sigma for SD3 and FLUX) with a second output, log Var(y | x_t), learned by the Gaussian likelihood of the labels with
+the mean held fixed (rcgdm.training.predictor_loss: the mean fits exactly as the paper's does). `inference.py
+--guidance posterior` then follows its likelihood, grad log N(target; mu(x_t, t), v(x_t, t)), at every step, the
+first of a schedule with no signal (zero terminal SNR, FLUX.1-schnell's sigma = 1) included. Validation reports the
+variance it predicts beside the squared error it makes, by noise level (its calibration).
+
 Edit the constants below, or override any of them:
 
     python3 train.py --num_epochs=5 --lr=3e-4
@@ -45,7 +52,7 @@ from rcgdm.files.output_checks import refuse_nested_runs
 from rcgdm.files.provenance import package_versions
 from rcgdm.models import load_scheduler, model_facts
 from rcgdm.posterior import fit_curve, posterior_fields
-from rcgdm.predictor import ThreeLayerConvNet, predictor_checkpoint
+from rcgdm.predictor import ThreeLayerConvNet, make_predictor, predictor_checkpoint
 from rcgdm.schedulers import check_step_count, is_flow, token_count
 from rcgdm.training import (
     TrainingData,
@@ -54,8 +61,8 @@ from rcgdm.training import (
     noise_level,
     prepare_data,
     split,
-    squared_errors,
     train_epoch,
+    validation_outputs,
 )
 from rcgdm.training_outputs import PredictorFiles
 from rcgdm.training_state import load_state, read_state, save_state
@@ -80,6 +87,7 @@ encode_batch_size = 32
 latents_per_shard = 1024  # images per cache shard (rounded up to whole encode batches); a damaged shard is re-encoded alone
 latents_in_memory_gb = 4.0  # training latents up to this size are held in memory (on the device); larger ones stream
 noise = True  # train on noisy latents x_t (the paper); False: clean latents, for inference.py --grad_path x0
+predictor = "paper"  # paper: the level-blind ConvNet; calibrated: told the noise level, predicting Var(y | x_t) too
 resume = False  # continue from <out_path stem>.resume.pth
 overwrite = False  # replace an earlier run's files at out_path (otherwise refused)
 check_provenance = True  # refuse labels whose sidecar (.json beside them) names other data than `data`
@@ -90,6 +98,7 @@ config_keys = [k for k, v in globals().items() if k.islower() and k[0] != "_" an
 RESUME_MUST_MATCH = ("lr", "num_data", "batch_size", "model", "data", "image_size", "num_inference_steps", "val_fraction", "seed",
                      "noise", "labels_sha256", "vae_fingerprint")  # the last two: what the files hold
 
+PREDICTORS = {"paper": "ThreeLayerConvNet", "calibrated": "CalibratedConvNet"}  # train.py's names -> the checkpoint's arch
 CHECKS = {
     "lr": (lambda v: v > 0, "a number > 0"),
     "num_data": (lambda v: v >= 1, "an integer >= 1"),
@@ -102,6 +111,7 @@ CHECKS = {
     "encode_batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "latents_per_shard": (lambda v: v >= 1, "an integer >= 1"),
     "latents_in_memory_gb": (lambda v: v >= 0, "a number >= 0 (0: always read from the shards)"),
+    "predictor": (lambda v: v in PREDICTORS, f"one of {', '.join(PREDICTORS)}"),
 }
 
 
@@ -116,6 +126,9 @@ def read_config(argv: list[str]) -> SimpleNamespace:
     for key in PATHS:  # an empty path would silently mean the working folder
         if not config[key].strip():
             raise UserError(f"{key}={config[key]!r} is empty; expected a path or name")
+    if config["predictor"] == "calibrated" and not config["noise"]:
+        raise UserError("predictor='calibrated' with noise=False: a calibrated predictor learns each noise level's "
+                        "uncertainty; expected noise=True, or predictor='paper' for clean latents")
     return SimpleNamespace(**config)
 
 
@@ -161,7 +174,7 @@ def main() -> None:
             remove_leftovers(files.folder)  # temporary files of killed runs
         writes = files.where_to_write(config, state.is_main_process)
         if config.resume:  # checked in full before any encoding
-            check_resume_state(writes["resume"], facts["in_channels"], config)
+            check_resume_state(writes["resume"], facts, config)
         train(config, facts, state, dev, labels, indices, writes, start_time)
         if state.is_main_process:
             files.finish(writes)
@@ -177,9 +190,9 @@ def check_image_size(image_size: int, facts: dict) -> None:
                         f"model (latent patches of {facts['patch_size']})")
 
 
-def check_resume_state(path: Path, channels: int, config: SimpleNamespace) -> None:
+def check_resume_state(path: Path, facts: dict, config: SimpleNamespace) -> None:
     """UserError unless the saved state at `path` is whole and has epochs left to train."""
-    net = ThreeLayerConvNet(in_channels=channels)
+    net = make_predictor(PREDICTORS[config.predictor], facts["in_channels"], facts["family"])
     epoch = len(read_state(path, net, torch.optim.Adam(net.parameters(), lr=config.lr), torch.Generator())["history"])
     if epoch >= config.num_epochs:
         raise UserError(f"resume=True: {str(path)!r} already finished epoch {epoch} of num_epochs={config.num_epochs}; "
@@ -194,7 +207,7 @@ def train(config: SimpleNamespace, facts: dict, state: PartialState, dev: torch.
     data = prepare_data(config, state, dev, labels, indices, facts)
     family = FAMILIES[facts["family"]].latent_space
     torch.manual_seed(config.seed)  # model init
-    net = ThreeLayerConvNet(in_channels=data.channels).to(dev)
+    net = make_predictor(PREDICTORS[config.predictor], data.channels, facts["family"]).to(dev)
     optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)  # the training noise and timesteps
     history: list[dict] = []
@@ -230,15 +243,19 @@ def run_epochs(config: SimpleNamespace, data: TrainingData, model: tuple, histor
         if not math.isfinite(train_loss):
             kept = f"the last good checkpoint {files['resume']} is kept" if history else "no checkpoint was written"
             raise UserError(f"training loss became {train_loss} in epoch {epoch}; {kept}; try a smaller lr (now {config.lr})")
-        errors = squared_errors(net, data.val_inputs, data.y_val) if validating else None
+        levels = noise_level(data.scheduler, data.val_timesteps) if config.noise else None
+        errors, variances = validation_outputs(net, data.val_inputs, data.y_val, levels) if validating else (None, None)
         val_loss = errors.double().mean().item() if validating else None
-        by_noise, curve = None, None
+        by_noise, variance_by_noise, curve = None, None, None
         if validating and config.noise:  # by noise level, and the posterior strength's curve (rcgdm/posterior.py)
             by_noise = loss_by_noise_level(errors, data.val_timesteps)
-            if len(errors) >= 2:
-                curve = fit_curve(noise_level(data.scheduler, data.val_timesteps), errors, is_flow(data.scheduler))
+            if variances is not None:  # the calibrated predictor's own variance: its posterior needs no curve
+                variance_by_noise = loss_by_noise_level(variances, data.val_timesteps)
+            elif len(errors) >= 2:
+                curve = fit_curve(levels, errors, is_flow(data.scheduler))
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "baseline_val_loss": data.baseline_val,
-                        "val_loss_by_noise": by_noise, "seconds": time.perf_counter() - epoch_start})
+                        "val_loss_by_noise": by_noise, "val_variance_by_noise": variance_by_noise,
+                        "seconds": time.perf_counter() - epoch_start})
         val_text = f", val {val_loss:.4f} (baseline {data.baseline_val:.4f})" if val_loss is not None else ""
         state.print(f"epoch {epoch}: train {train_loss:.4f}{val_text}")
         if run is not None:
@@ -267,6 +284,7 @@ def write_outputs(config: SimpleNamespace, data: TrainingData, net: ThreeLayerCo
     summary = {"images_encoded": data.images_encoded, "encode_seconds": data.encode_seconds,
                "final_train_loss": last["train_loss"], "final_val_loss": last["val_loss"],
                "baseline_val_loss": data.baseline_val, "final_val_loss_by_noise": last["val_loss_by_noise"],
+               "final_val_variance_by_noise": last.get("val_variance_by_noise"), "calibration_by_noise": calibration(last),
                "epochs": last["epoch"], "seconds": seconds, "config": vars(config), "versions": package_versions()}
     save_json(summary, files["train_summary"])
     save_torch(predictor_checkpoint(net, meta, data.reference), files["predictor"])
@@ -276,6 +294,18 @@ def write_outputs(config: SimpleNamespace, data: TrainingData, net: ThreeLayerCo
     if last["val_loss_by_noise"] is not None:
         buckets = ", ".join(f"{name} {loss:.4f}" for name, loss in last["val_loss_by_noise"].items() if loss is not None)
         print(f"validation by noise level: {buckets}")
+    if summary["calibration_by_noise"] is not None:
+        ratios = ", ".join(f"{name} {ratio:.2f}" for name, ratio in summary["calibration_by_noise"].items() if ratio is not None)
+        print(f"predicted variance / squared error by noise level (1 is calibrated): {ratios}")
+
+
+def calibration(epoch: dict) -> dict | None:
+    """{bucket: the variance the calibrated predictor predicted / the squared error it made, on validation} (None
+    where a bucket is empty), or None for a predictor without variance."""
+    variances, errors = epoch.get("val_variance_by_noise"), epoch["val_loss_by_noise"]
+    if variances is None or errors is None:
+        return None
+    return {name: None if variances[name] is None or not errors[name] else variances[name] / errors[name] for name in errors}
 
 
 if __name__ == "__main__":

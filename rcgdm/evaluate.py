@@ -12,13 +12,14 @@ from rcgdm.latent_scaling import for_denoiser
 
 @torch.no_grad()
 def predicted_reward(predictor: nn.Module, vae, images: torch.Tensor) -> torch.Tensor:
-    """Float images (B, 3, H, W) in [0, 1] -> mu(VAE latent) as float32 (B, 1) on the CPU.
+    """Float images (B, 3, H, W) in [0, 1] -> mu(VAE latent) as float32 (B, 1) on the CPU (a net told the noise level
+    is told the clean one).
 
     The latent is the posterior mean (SD's posterior is narrow, so a sample differs negligibly)."""
     param = next(vae.parameters())
     latents = for_denoiser(vae, vae.encode((images * 2 - 1).to(param.device, param.dtype)).latent_dist.mode())
     device = next(predictor.parameters()).device
-    return predictor(latents.to(device, torch.float32)).float().cpu()
+    return predictor(latents.to(device, torch.float32))[:, :1].float().cpu()  # a calibrated net's variance dropped
 
 
 NEAREST = 5

@@ -34,7 +34,7 @@ from rcgdm.pipeline_checks import (
     checked_device,
     latent_size,
 )
-from rcgdm.posterior import POSTERIOR, PosteriorStrength
+from rcgdm.posterior import POSTERIOR
 from rcgdm.predictor import TrainedPredictor, load_predictor
 from rcgdm.rewards import Reward, load_reward
 from rcgdm.sampler import decode, sample_latents
@@ -170,11 +170,6 @@ class RewardDirectedPipeline:
         check_step_count(self.base.scheduler, num_inference_steps, self.family,
                          token_count(latents, self.facts["patch_size"]))
 
-    def strength(self, guidance: float | str) -> float | PosteriorStrength:
-        """A guidance value as RewardGuidance takes it: a number, or for "posterior" 1 / sigma_t^2 from the predictor's
-        recorded error curve (rcgdm/posterior.py; InputError when it has none)."""
-        return self.predictor.posterior_strength() if guidance == POSTERIOR else guidance
-
     def image_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """(height, width) of the images sampled: as asked, else the model's default."""
         scale = self.facts["vae_scale_factor"]
@@ -228,7 +223,7 @@ class RewardDirectedPipeline:
         self.check(num_inference_steps, grad_path, height, width, distilled_guidance)
         size = self.image_size(height, width)
         check_memory(num_images, batch_size, best_of, *size, self.base._execution_device)
-        steer = RewardGuidance(self.predictor.net, target, self.strength(guidance), batch_mean, grad_path)
+        steer = self.predictor.steer(target, guidance, batch_mean, grad_path)
         sampling = Sampling(num_inference_steps, cfg, height, width, distilled_guidance)
         kept = []
         for indices in batches(num_images, batch_size):  # the batches inference.py --bs samples
@@ -244,7 +239,8 @@ class NonFiniteError(UserError):
 def _check_finite(values: torch.Tensor, what: str, steer: RewardGuidance | None, cfg: float) -> None:
     """NaN or inf is never a result: stop with the likely cause."""
     if not torch.isfinite(values).all():
-        strength = POSTERIOR if callable(getattr(steer, "guidance", None)) else getattr(steer, "guidance", 0)
+        posterior = callable(getattr(steer, "guidance", None)) or getattr(steer, "likelihood", False)
+        strength = POSTERIOR if posterior else getattr(steer, "guidance", 0)
         where = "" if steer is None else f"target {steer.target:g}, guidance {guidance_label(strength)}, "
         raise NonFiniteError(f"{what} became NaN or inf at {where}--cfg {cfg:g}; likely cause: a guidance or cfg too large "
                         "for this model, or a damaged model; expected smaller values")

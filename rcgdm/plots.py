@@ -38,10 +38,19 @@ def loss_curve(history: list[dict], path: str | Path) -> None:
 
 
 def loss_by_noise(epoch: dict, path: str | Path) -> None:
-    """Validation MSE per timestep bucket of one epoch (metrics.jsonl's val_loss_by_noise), with the baseline."""
+    """Validation MSE per timestep bucket of one epoch (metrics.jsonl's val_loss_by_noise), with the baseline; for a
+    calibrated predictor, the variance it predicted beside each bar (val_variance_by_noise)."""
     buckets = {name: loss for name, loss in epoch["val_loss_by_noise"].items() if loss is not None}
+    variances = epoch.get("val_variance_by_noise")
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.bar(list(buckets), list(buckets.values()), color="C1", label="validation (fixed noise)")
+    places = range(len(buckets))
+    width = 0.4 if variances else 0.8
+    ax.bar([p - width / 2 * bool(variances) for p in places], list(buckets.values()), width, color="C1",
+           label="validation squared error (fixed noise)")
+    if variances:
+        ax.bar([p + width / 2 for p in places], [variances[name] for name in buckets], width, color="C0",
+               label="variance the predictor predicted")
+    ax.set_xticks(list(places), list(buckets))
     ax.axhline(epoch["baseline_val_loss"], color="grey", linestyle="--", label="predict-the-mean baseline")
     ax.set_xlabel("timestep bucket (higher t = noisier latent)")
     ax.set_ylabel("MSE")

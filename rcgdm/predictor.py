@@ -35,7 +35,8 @@ from rcgdm.cli import InputError, finite32
 from rcgdm.families import FAMILIES
 from rcgdm.files.checkpoint import check_finite_state, load_checkpoint, plain_metadata
 from rcgdm.files.provenance import sha256_file
-from rcgdm.posterior import PosteriorStrength, curve_problem
+from rcgdm.guidance import RewardGuidance, predicts_variance
+from rcgdm.posterior import POSTERIOR, PosteriorStrength, curve_problem
 
 FORMAT = "rcgdm.predictor/1"
 ARCH = "ThreeLayerConvNet"
@@ -198,14 +199,27 @@ class TrainedPredictor:
                                           f"this run samples {sampled[0]}x{sampled[1]}; expected --height {h} --width {w}, or "
                                           "a predictor trained at that size (train.py image_size)")
 
-    def posterior_strength(self) -> PosteriorStrength:
-        """The strength 1 / sigma_t^2 from the curve train.py recorded (rcgdm/posterior.py); InputError without one."""
+    def posterior_strength(self) -> PosteriorStrength | None:
+        """How guidance "posterior" steers: None for a calibrated net (its own Gaussian likelihood, strength 1), else
+        the strength 1 / sigma_t^2 from the curve train.py recorded (rcgdm/posterior.py); InputError without one."""
+        if predicts_variance(self.net):
+            return None
         levels, variances = self.meta.get("posterior_levels"), self.meta.get("posterior_variances")
         if levels is None or variances is None:
             raise InputError("guidance", f"posterior needs the error curve that train.py records; {self.path!r} has none; "
                                          "expected a predictor trained by this version with val_fraction > 0 and noise=True "
                                          "(train it again), or a number or auto")
         return PosteriorStrength(tuple(levels), tuple(variances))
+
+    def steer(self, target: float, guidance: float | str, batch_mean: bool = False, grad_path: str = "xt") -> RewardGuidance:
+        """The guidance term toward `target`: at a number's strength (on the mean alone), or for "posterior" at
+        `posterior_strength`, a calibrated net by its likelihood."""
+        if guidance != POSTERIOR:
+            return RewardGuidance(self.net, target, guidance, batch_mean, grad_path)
+        strength = self.posterior_strength()
+        if strength is None:
+            return RewardGuidance(self.net, target, 1.0, batch_mean, grad_path, likelihood=True)
+        return RewardGuidance(self.net, target, strength, batch_mean, grad_path)
 
     def check_trained_for(self, model: str, reward_model: str | Path | None = None) -> None:
         """The net must come from this model's VAE latents and, if given, labels of this reward model (its file)."""

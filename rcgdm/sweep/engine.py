@@ -15,7 +15,6 @@ from tqdm import tqdm
 from rcgdm import distributed
 from rcgdm.cli import UserError
 from rcgdm.files.png import save_png
-from rcgdm.guidance import RewardGuidance
 from rcgdm.memory import PeakMemory
 from rcgdm.pipeline import RewardDirectedPipeline, Sampling, Scored, best_of_n
 from rcgdm.sweep.auto import AUTO, AutoChoice, choose_guidance
@@ -110,7 +109,7 @@ def sample_draw(pipe: RewardDirectedPipeline, settings: SweepSettings, draw: Dra
     candidates 0 .. N-1 sampled once, and per combination (best of N, target T) the candidate of its first N whose
     predicted reward is closest to T (candidate 0: the plain image)."""
     s = settings
-    steer = RewardGuidance(pipe.predictor.net, draw.target, pipe.strength(strength), s.batch_mean, s.grad_path)
+    steer = pipe.predictor.steer(draw.target, strength, s.batch_mean, s.grad_path)
     candidates = (pipe.sample(draw.prompt, steer, seed, indices, s.sampling, k) for k in range(draw.candidates))
     return best_of_n(candidates, {combo: (combo.target, combo.best_of) for combo in draw.combos})
 
