@@ -26,6 +26,7 @@ import numpy as np
 
 from rcgdm.demo_numbers import (
     LABELS,
+    calibrated_numbers,
     effect_numbers,
     methods_compared,
     prompt_colours,
@@ -70,15 +71,19 @@ def fake_dataset(folder: Path, reward: str, sizes: Sizes) -> list[str]:
             "--reward", reward, "--out_dir", str(folder), "--overwrite"]
 
 
-def train(folder: Path, cache: Path, sizes: Sizes) -> list[str]:
+PREDICTORS = {"paper": "convnet.pth", "calibrated": "convnet_calibrated.pth"}  # train.py's predictor -> its file
+
+
+def train(folder: Path, cache: Path, sizes: Sizes, predictor: str = "paper") -> list[str]:
     return ["train.py", "--model=tiny", "--data=synthetic", f"--num_data={sizes.num_data}", "--image_size=32",
             f"--num_epochs={sizes.epochs}", "--batch_size=32", "--val_fraction=0.25", f"--labels_path={folder / LABELS}",
-            f"--out_path={folder / 'convnet.pth'}", f"--cache_dir={cache}", "--overwrite=True"]
+            f"--out_path={folder / PREDICTORS[predictor]}", f"--cache_dir={cache}", "--overwrite=True",
+            f"--predictor={predictor}"]
 
 
-def inference(folder: Path, out_dir: Path, sizes: Sizes, *sweep: str) -> list[str]:
+def inference(folder: Path, out_dir: Path, sizes: Sizes, *sweep: str, predictor: str = "paper") -> list[str]:
     return ["inference.py", "--model", "tiny", "--reward_model", str(folder / "reward_model.pth"),
-            "--predictor", str(folder / "convnet.pth"), *sweep, "--bs", "8", "--seed", "0", "--cfg", f"{CFG:g}",
+            "--predictor", str(folder / PREDICTORS[predictor]), *sweep, "--bs", "8", "--seed", "0", "--cfg", f"{CFG:g}",
             "--num_images", str(sizes.images), "--num_inference_steps", str(sizes.steps), "--overwrite",
             "--out_dir", str(out_dir)]
 
@@ -149,6 +154,8 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, paper_only: bool
             f"{_number(m['mean_mmd_to_unguided'], 3)}, spread across targets {m['gt_spread_in_label_std']:.2f} label std, "
             f"{m['unet_calls']:.0f} UNet calls" + (f" ({m['unreachable']} targets unreachable)" if m["unreachable"] else "")
             for name, m in methods.items()))
+    if auto:
+        run_calibrated(out, sizes, seconds, report)
     if not paper_only:
         top = targets(mean, std)[-1]
         levels = [f"{g:g}" for g in BREAKDOWN_GUIDANCE]
@@ -159,6 +166,22 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, paper_only: bool
     report["seconds"] = seconds
     save_json(report, out / "demo_report.json")
     return seconds
+
+
+def run_calibrated(out: Path, sizes: Sizes, seconds: dict, report: dict) -> None:
+    """The calibrated predictor (train.py predictor="calibrated") on the same labels, and its posterior on the prompt ""
+    at the same targets, beside the unguided images."""
+    mean, std = report["labels"]["mean"], report["labels"]["std"]
+    run("train: calibrated", train(out, out / "cache", sizes, "calibrated"), seconds)
+    sweep = ["--prompt", PROMPTS[0], "--target", *targets(mean, std), "--guidance", "0", "posterior"]
+    run("inference: calibrated", inference(out, out / "calibrated", sizes, *sweep, predictor="calibrated"), seconds)
+    numbers = report["calibrated"] = calibrated_numbers(out / "calibrated", std,
+                                                        out / "convnet_calibrated.train_summary.json")
+    ratios = ", ".join(f"{k} {v:.2f}" for k, v in numbers["calibration_by_noise"].items() if v is not None)
+    print(f"--> calibrated posterior, (unconditional): ground truth per target "
+          f"{', '.join(f'{v:.3f}' for v in numbers['gt_mean_per_target'])} (predicted "
+          f"{', '.join(f'{v:.3f}' for v in numbers['predicted_mean_per_target'])}); spread across targets "
+          f"{numbers['gt_spread_in_label_std']:.2f} label std; predicted variance / squared error by noise level {ratios}")
 
 
 def run_compressibility(out: Path, sizes: Sizes, seconds: dict, report: dict) -> None:

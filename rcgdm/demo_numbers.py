@@ -12,9 +12,9 @@ import numpy as np
 LABELS = "cifar10_outputs_with_noise.npy"
 
 
-def training_numbers(folder: Path) -> dict:
+def training_numbers(folder: Path, stem: str = "convnet") -> dict:
     """Validation loss over all timesteps and on the least noisy bucket, as fractions of predict-the-mean."""
-    summary = json.loads((folder / "convnet.train_summary.json").read_text())
+    summary = json.loads((folder / f"{stem}.train_summary.json").read_text())
     baseline = summary["baseline_val_loss"]
     lowest = next(iter(summary["final_val_loss_by_noise"].values()))
     return {"val_vs_baseline": summary["final_val_loss"] / baseline,
@@ -71,6 +71,21 @@ def methods_compared(sweep: Path, std: float, guidance: float, prompt: str) -> d
             "chosen_guidance": [None if c["auto"] is None else c["auto"]["chosen_guidance"] for c in mine],
         }
     return out
+
+
+def calibrated_numbers(sweep: Path, std: float, training: Path) -> dict:
+    """The calibrated predictor's `--guidance posterior` on the prompt "" (`methods_compared`'s numbers, with the predicted
+    reward per target beside the ground truth), and its calibration by noise level: the variance it predicted over
+    the squared error it made, on validation (`training`: its train_summary.json)."""
+    combos = [c for c in json.loads((sweep / "summary.json").read_text())["combinations"] if c["guidance"] == "posterior"]
+    mine = sorted(combos, key=lambda c: c["target"])
+    gt = [c["gt_mean"] for c in mine]
+    return {"gt_mean_per_target": gt, "predicted_mean_per_target": [c["pred_mean"] for c in mine],
+            "mean_abs_target_error": float(np.mean([c["abs_target_error"] for c in mine])),
+            "mean_mmd_to_unguided": _mean([c["mmd_to_unguided"] for c in mine]),
+            "gt_spread_in_label_std": (max(gt) - min(gt)) / std,
+            "unet_calls": sum(c["unet_calls_with_pilot"] * c["n"] for c in mine),
+            "calibration_by_noise": json.loads(training.read_text())["calibration_by_noise"]}
 
 
 def theory_rewards(folder: Path, mean: float, std: float, targets: list[str]) -> list[float]:
