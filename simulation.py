@@ -19,8 +19,15 @@ moves toward the target, (iii) leaving the labels' range costs distance from the
     python3 simulation.py                       # under a minute on 2 CPU cores
     python3 simulation.py --off_subspace=0.3 --targets=0,2,4,8 --out_dir=sim_off
 
-Writes `out_dir`/summary.json (every measure, per target and sampler), reward_vs_target.png and
-off_subspace_vs_target.png. A run never replaces another run's files: `--overwrite=True` says it may.
+Writes `out_dir`/summary.json (every measure, per target and sampler), reward_vs_target.png,
+off_subspace_vs_target.png and w2_vs_target.png. A run never replaces another run's files: `--overwrite=True` says it
+may.
+
+    python3 simulation.py --bound=True --out_dir=bound_out   # the paper's bound (rcgdm/simulation/bound.py): minutes
+
+sweeps the labelled points over 50 to 3200 and theta's share off the subspace over 0, 0.1 and 0.3 (`bound_seeds`
+worlds each), and writes bound.json and bound.png: the conditional model's and the calibrated posterior's reward
+shortfall, W2 and off-subspace fraction, with error bars, and the slope of the shortfall against n.
 """
 
 from __future__ import annotations
@@ -35,8 +42,9 @@ from rcgdm.config import read
 from rcgdm.files import run_folder
 from rcgdm.files.atomic import remove_leftovers, save_json
 from rcgdm.files.locking import LOCK_FILE, locked
+from rcgdm.simulation.bound import MEASURES, run_bound
 from rcgdm.simulation.experiment import Settings, memory_needed, run
-from rcgdm.simulation.figures import FIGURES, draw_figures
+from rcgdm.simulation.figures import BOUND_FIGURE, FIGURES, draw_bound, draw_figures
 
 # ----------------------------------------------------------------------------- config
 dim = 64  # D, the ambient dimension
@@ -56,10 +64,13 @@ conditional_steps = 3000
 seed = 0
 out_dir = "simulation_out"
 overwrite = False
+bound = False  # the paper's bound instead: labelled points 50 to 3200, theta's share off the subspace 0, 0.1, 0.3
+bound_seeds = 3  # worlds per point of the bound (its error bars)
+bound_target = 1.0
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if k.islower() and k[0] != "_" and isinstance(v, (bool, int, float, str))]
-RUN = "simulation"
-OUTPUTS = ("summary.json", *FIGURES)
+RUN, BOUND_RUN = "simulation", "simulation-bound"
+OUTPUTS, BOUND_OUTPUTS = ("summary.json", *FIGURES), ("bound.json", BOUND_FIGURE)
 
 MAX_DIM = 4096  # the W2 measure takes a D x D matrix square root per target and sampler
 MAX_POINTS = 10**7
@@ -83,6 +94,9 @@ CHECKS = {
     "calibrated_epochs": (lambda c: 1 <= c["calibrated_epochs"] <= MAX_POINTS, f"an integer from 1 to {MAX_POINTS}"),
     "conditional_steps": (lambda c: 1 <= c["conditional_steps"] <= MAX_POINTS, f"an integer from 1 to {MAX_POINTS}"),
     "seed": (lambda c: 0 <= c["seed"] <= MAX_SEED, f"a seed from 0 to {MAX_SEED}"),
+    "bound_seeds": (lambda c: 1 <= c["bound_seeds"] <= 100 and c["seed"] + c["bound_seeds"] <= MAX_SEED + 1,
+                    "an integer from 1 to 100 (seed + bound_seeds - 1 a seed)"),
+    "bound_target": (lambda c: abs(c["bound_target"]) <= MAX_TARGET, f"a number from {-MAX_TARGET:g} to {MAX_TARGET:g}"),
 }
 
 
@@ -123,23 +137,31 @@ def parse_targets(text: str) -> tuple[float, ...]:
 
 def main() -> None:
     config = read_config(sys.argv[1:])
+    run_name, outputs = (BOUND_RUN, BOUND_OUTPUTS) if config["bound"] else (RUN, OUTPUTS)
     out_dir, what = Path(config["out_dir"]), f"--out_dir {config['out_dir']!r}"
-    run_folder.check_out_dir(out_dir, RUN, OUTPUTS, what, config["overwrite"])
+    run_folder.check_out_dir(out_dir, run_name, outputs, what, config["overwrite"])
     writable_dir(out_dir)
     torch.set_num_threads(min(torch.get_num_threads(), 4))  # small matrices: more threads only wait on each other
     settings = Settings(**{k: config[k] for k in Settings.__dataclass_fields__})
-    summary = {"config": config, **run(settings)}
+    if config["bound"]:
+        result = {"config": config, **run_bound(settings, config["bound_seeds"], config["bound_target"])}
+        write = {"bound.json": lambda staging: save_json(result, staging / "bound.json"),
+                 BOUND_FIGURE: lambda staging: draw_bound(result, staging)}
+    else:
+        result = {"config": config, **run(settings)}
+        write = {"summary.json": lambda staging: save_json(result, staging / "summary.json"),
+                 "figures": lambda staging: draw_figures(result, staging)}
     with locked(out_dir / LOCK_FILE, what):
-        run_folder.check_out_dir(out_dir, RUN, OUTPUTS, what, config["overwrite"], holding_lock=True)
+        run_folder.check_out_dir(out_dir, run_name, outputs, what, config["overwrite"], holding_lock=True)
         remove_leftovers(out_dir)
-        staging = run_folder.make_staging(out_dir, RUN)
+        staging = run_folder.make_staging(out_dir, run_name)
         try:
-            save_json(summary, staging / "summary.json")
-            draw_figures(summary, staging)
-            run_folder.publish(out_dir, RUN, OUTPUTS, run_folder.earlier_files(out_dir, RUN, OUTPUTS))
+            for writer in write.values():
+                writer(staging)
+            run_folder.publish(out_dir, run_name, outputs, run_folder.earlier_files(out_dir, run_name, outputs))
         finally:
             run_folder.remove_staging(staging)
-    print_summary(summary, out_dir)
+    (print_bound if config["bound"] else print_summary)(result, out_dir)
 
 
 def print_summary(summary: dict, out_dir: Path) -> None:
@@ -156,6 +178,18 @@ def print_summary(summary: dict, out_dir: Path) -> None:
     print(f"conditional model: largest principal angle to the data's subspace {model['principal_angle_deg']:.2f} degrees, "
           f"{model['off_subspace']:.2%} of its samples' norm off the subspace")
     print(f"wrote {out_dir / 'summary.json'} and the figures {', '.join(FIGURES)}")
+
+
+def print_bound(bound: dict, out_dir: Path) -> None:
+    print(f"at target {bound['target']:g}, over {bound['seeds']} worlds each (mean ± standard error):")
+    print(f"{'share off':>9} {'n':>5} {'sampler':>20} {'|shortfall|':>17} {'W2':>15} {'off-subspace':>17}")
+    for r in bound["table"]:
+        cells = [f"{r[k]:.4f} ± {r[k + '_se'] or 0:.4f}" if r[k] is not None else "diverged" for k in MEASURES]
+        print(f"{r['off_subspace_share']:9g} {r['num_labelled']:5d} {r['sampler']:>20} {cells[0]:>17} {cells[1]:>15} "
+              f"{cells[2]:>17}")
+    print("slope of log |shortfall| against log n: " + ", ".join(
+        f"{name} {'n/a' if v is None else f'{v:.2f}'}" for name, v in bound["slopes"].items()))
+    print(f"wrote {out_dir / 'bound.json'} and {out_dir / BOUND_FIGURE}")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,11 @@ does not vanish with s, so it has no limit there. Hence:
 
 The strength `guidance` is a number, or a function of the noise level (the posterior strength 1 / Var(y | x_t),
 rcgdm/posterior.py).
+
+A predictor that also predicts its variance (rcgdm/predictor.py's CalibratedConvNet: (mu, log v) per image) can be
+guided by its Gaussian likelihood itself (`likelihood=True`): the term is guidance * grad_x -log N(target; mu, v),
+in place of guidance * grad_x 1/2 (target - mu)^2, so that guidance 1 is the posterior with the predictor's own
+variance, the variance's gradient included.
 """
 
 from __future__ import annotations

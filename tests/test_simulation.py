@@ -11,6 +11,7 @@ import torch
 from conftest import error_line, run_script
 
 from rcgdm.posterior import PosteriorStrength, _nondecreasing, fit_curve
+from rcgdm.simulation.figures import FIGURES
 from rcgdm.simulation.theory import make_world
 from rcgdm.training import noise_level
 
@@ -42,7 +43,7 @@ def test_the_simulation_measures_the_three_claims(tmp_path, capsys):
     assert summary["conditional_model"]["principal_angle_deg"] < 15  # (i) the subspace is recovered
     assert summary["conditional_model"]["off_subspace"] < 0.03  # and the samples lie on it
     assert rows[3.0, "posterior"]["w2"] > rows[1.0, "posterior"]["w2"]  # (iii) leaving the labels' range costs fidelity
-    assert all((out / name).stat().st_size > 1000 for name in ("reward_vs_target.png", "off_subspace_vs_target.png"))
+    assert all((out / name).stat().st_size > 1000 for name in FIGURES)
     assert "largest principal angle" in capsys.readouterr().out
 
     before = (out / "summary.json").read_bytes()
@@ -127,3 +128,28 @@ def test_a_diverged_sampler_is_recorded_as_diverged_not_as_numbers(tmp_path, cap
     assert not any(r["diverged"] for r in rows if r["sampler"] != "fixed")
     assert capsys.readouterr().out.count("diverged (NaN, inf or too large)") == 2
     assert (tmp_path / "sim" / "reward_vs_target.png").stat().st_size > 1000
+
+
+def test_the_bound_summarizes_worlds_and_fits_the_rate_it_was_given(tmp_path):
+    """Shortfalls made to fall as 2 n^-1/2 (times 1.1 and 0.9 in two worlds) give slope -1/2, their mean and standard
+    error; the figure is drawn from them."""
+    from rcgdm.simulation.bound import LABELLED, SAMPLERS, SHARES, slopes, summarize
+    from rcgdm.simulation.figures import BOUND_FIGURE, draw_bound
+
+    rows = [{"off_subspace_share": share, "num_labelled": n, "seed": k, "sampler": name,
+             "shortfall": -2 * n**-0.5 * (1.1 if k else 0.9), "w2": 0.2 + k * 0.01, "off_subspace": 0.01}
+            for share in SHARES for n in LABELLED for k in (0, 1) for name in SAMPLERS]
+    table = summarize(rows)
+    entry = next(r for r in table if (r["num_labelled"], r["sampler"], r["off_subspace_share"]) == (200, "conditional", 0.1))
+    assert entry["shortfall"] == pytest.approx(2 / 200**0.5) and entry["shortfall_se"] == pytest.approx(0.1 * 2 / 200**0.5)
+    assert entry["w2"] == pytest.approx(0.205) and entry["w2_se"] == pytest.approx(0.005)
+    fitted = slopes(table)
+    assert len(fitted) == len(SHARES) * len(SAMPLERS) and all(v == pytest.approx(-0.5) for v in fitted.values())
+    draw_bound({"table": table}, tmp_path)
+    assert (tmp_path / BOUND_FIGURE).stat().st_size > 1000
+
+
+def test_bad_bound_settings_are_one_line(tmp_path, capsys):
+    assert run_script("simulation.py", "--bound=True", "--bound_seeds=0", f"--out_dir={tmp_path / 'b'}") == 2
+    assert error_line(capsys.readouterr().err).startswith("error: --bound_seeds=0 is out of range")
+    assert not (tmp_path / "b").exists()

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from rcgdm.guidance import RewardGuidance
 from rcgdm.posterior import PosteriorStrength
 from rcgdm.simulation import measures
-from rcgdm.simulation.learned import pseudo_labels, train_conditional, train_predictor
+from rcgdm.simulation.learned import ConditionalEps, LearnedPredictor, pseudo_labels, train_conditional, train_predictor
 from rcgdm.simulation.oracle import exact_output
 from rcgdm.simulation.sampling import sample_points
 from rcgdm.simulation.theory import LinearGaussianWorld, make_world
@@ -65,45 +65,71 @@ def scheduler(steps: int):
     return made
 
 
-def run(settings: Settings) -> dict:
-    """Everything the summary holds: the world's facts, the learned models' facts and, per target and sampler, the
-    measures (rcgdm/simulation/measures.py)."""
-    s = settings
-    generator = torch.Generator().manual_seed(s.seed)
+@dataclass(frozen=True)
+class Learned:
+    """A world, its labelled points and the models learned from them (`learn`)."""
+
+    world: LinearGaussianWorld
+    x: torch.Tensor  # (N, D) labelled points
+    y: torch.Tensor  # (N,) their labels
+    predictor: LearnedPredictor | None  # the paper's level-blind predictor, on the labelled points
+    calibrated: LearnedPredictor | None  # the calibrated one, on the pseudo-labelled points
+    conditional: ConditionalEps | None  # the paper's conditional model, on the pseudo-labelled points
+
+
+def learn(s: Settings, generator: torch.Generator, samplers: tuple[str, ...] = SAMPLERS) -> Learned:
+    """The world of `s` and what each of `samplers` needs learned (the others' models are not trained: None)."""
     world = make_world(s.dim, s.sub_dim, s.noise_std, s.off_subspace, generator)
     x, y = world.sample_labelled(s.num_labelled, generator)
     unlabelled = world.sample_data(s.num_unlabelled, generator)
     count = round(s.num_labelled * (1 - s.held_out))
     sampler_schedule = scheduler(s.num_inference_steps)
-    predictor = train_predictor((x[:count], y[:count]), (x[count:], y[count:]), sampler_schedule, s.predictor_epochs,
-                                generator)
+    predictor = None
+    if {"fixed", "posterior"} & set(samplers):
+        predictor = train_predictor((x[:count], y[:count]), (x[count:], y[count:]), sampler_schedule, s.predictor_epochs,
+                                    generator)
     labels = pseudo_labels(x, y, unlabelled, generator)
-    fresh = world.sample_labelled(CALIBRATION_POINTS, generator)  # the pseudo-labeller saw every labelled point
-    calibrated = train_predictor((unlabelled, labels), fresh, sampler_schedule, s.calibrated_epochs, generator,
-                                 calibrated=True)
-    conditional = train_conditional(unlabelled, labels, scheduler(1000), s.conditional_steps, generator)
+    calibrated = None
+    if "posterior_calibrated" in samplers:
+        fresh = world.sample_labelled(CALIBRATION_POINTS, generator)  # the pseudo-labeller saw every labelled point
+        calibrated = train_predictor((unlabelled, labels), fresh, sampler_schedule, s.calibrated_epochs, generator,
+                                     calibrated=True)
+    conditional = None
+    if "conditional" in samplers:
+        conditional = train_conditional(unlabelled, labels, scheduler(1000), s.conditional_steps, generator)
+    return Learned(world, x, y, predictor, calibrated, conditional)
 
-    def unconditional(points, t, level):
-        return exact_output(world, points, level, "epsilon")
 
-    def draw(name: str, a: float) -> torch.Tensor:
-        if name == "exact":
-            return world.sample_conditional(a, s.num_samples, generator)
-        if name == "conditional":
-            return sample_points(lambda p, t, level: conditional(p, a, level), scheduler(s.num_inference_steps),
-                                 "epsilon", s.num_samples, s.dim, s.num_inference_steps, generator)
-        if name == "posterior_calibrated":
-            steer = RewardGuidance(calibrated.net, a, 1.0, likelihood=True)
-        else:
-            strength = s.fixed_guidance if name == "fixed" else PosteriorStrength.from_curve(predictor.curve)
-            steer = RewardGuidance(predictor.net, a, strength)
-        return sample_points(unconditional, scheduler(s.num_inference_steps), "epsilon", s.num_samples, s.dim,
-                             s.num_inference_steps, generator, steer)
+def draw(learned: Learned, s: Settings, name: str, a: float, generator: torch.Generator) -> torch.Tensor:
+    """`s.num_samples` points (N, D) of sampler `name` at target a."""
+    world = learned.world
+    if name == "exact":
+        return world.sample_conditional(a, s.num_samples, generator)
+    if name == "conditional":
+        return sample_points(lambda p, t, level: learned.conditional(p, a, level), scheduler(s.num_inference_steps),
+                             "epsilon", s.num_samples, s.dim, s.num_inference_steps, generator)
+    if name == "posterior_calibrated":
+        steer = RewardGuidance(learned.calibrated.net, a, 1.0, likelihood=True)
+    else:
+        strength = s.fixed_guidance if name == "fixed" else PosteriorStrength.from_curve(learned.predictor.curve)
+        steer = RewardGuidance(learned.predictor.net, a, strength)
+    return sample_points(lambda points, t, level: exact_output(world, points, level, "epsilon"),
+                         scheduler(s.num_inference_steps), "epsilon", s.num_samples, s.dim, s.num_inference_steps,
+                         generator, steer)
 
+
+def run(settings: Settings) -> dict:
+    """Everything the summary holds: the world's facts, the learned models' facts and, per target and sampler, the
+    measures (rcgdm/simulation/measures.py)."""
+    s = settings
+    generator = torch.Generator().manual_seed(s.seed)
+    learned = learn(s, generator)
+    world, x, y, predictor, calibrated, conditional = (learned.world, learned.x, learned.y, learned.predictor,
+                                                       learned.calibrated, learned.conditional)
     rows = []
     for a in tqdm(s.targets, desc="targets"):
         for name in SAMPLERS:
-            rows.append({"target": a, "sampler": name, **measure(world, a, draw(name, a))})
+            rows.append({"target": a, "sampler": name, **measure(world, a, draw(learned, s, name, a, generator))})
     marginal_y = pseudo_labels(x, y, world.sample_data(s.num_samples, generator), generator)
     marginal = sample_points(lambda p, t, level: conditional(p, marginal_y, level), scheduler(s.num_inference_steps),
                              "epsilon", s.num_samples, s.dim, s.num_inference_steps, generator)

@@ -1,4 +1,4 @@
-"""The simulation's two figures: mean reward against target, and off-subspace deviation against target, per sampler."""
+"""The simulation's figures, per sampler against the target: mean reward, off-subspace deviation, and W2 to the answer."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt
 from rcgdm.plots import save_figure
 from rcgdm.simulation.experiment import SAMPLERS
 
-FIGURES = ("reward_vs_target.png", "off_subspace_vs_target.png")
+FIGURES = ("reward_vs_target.png", "off_subspace_vs_target.png", "w2_vs_target.png")
 LABELS = {"exact": "exact p(x | y = a)", "fixed": "guidance, fixed strength", "posterior": "guidance, posterior strength",
           "posterior_calibrated": "guidance, calibrated predictor's likelihood",
           "conditional": "conditional model (pseudo-labels)"}
@@ -19,7 +19,8 @@ LABELS = {"exact": "exact p(x | y = a)", "fixed": "guidance, fixed strength", "p
 def draw_figures(summary: dict, folder: Path) -> None:
     """FIGURES into `folder` from a summary's rows; the labels' range shaded."""
     for name, key, ylabel in (("reward_vs_target.png", "reward_mean", "mean true reward r(x)"),
-                              ("off_subspace_vs_target.png", "off_subspace", "||(I - AA^T) x|| / ||x||")):
+                              ("off_subspace_vs_target.png", "off_subspace", "||(I - AA^T) x|| / ||x||"),
+                              ("w2_vs_target.png", "w2", "W2 to p(x | y = a) (exact draws: the floor)")):
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.axvspan(summary["labels"]["min"], summary["labels"]["max"], color="0.92", label="labels' range")
         targets = sorted({r["target"] for r in summary["rows"]})
@@ -33,7 +34,35 @@ def draw_figures(summary: dict, folder: Path) -> None:
         if key == "reward_mean":
             ax.plot(targets, targets, color="grey", linestyle=":", label="reward = target")
             ax.set_ylim(*shown)
+        if key == "w2":
+            ax.set_yscale("log")
         ax.set_xlabel("target a")
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=8)
         save_figure(fig, folder / name)
+
+
+BOUND_FIGURE = "bound.png"
+
+
+def draw_bound(bound: dict, folder: Path) -> None:
+    """BOUND_FIGURE: |shortfall|, W2 and off-subspace fraction against labelled points (log-log), per sampler and share
+    of theta off the subspace, with standard errors over the worlds."""
+    from rcgdm.simulation.bound import MEASURES, SAMPLERS, SHARES
+
+    titles = {"shortfall": "|E[r | y = a] - mean reward|", "w2": "W2 to p(x | y = a)", "off_subspace": "off-subspace fraction"}
+    fig, axes = plt.subplots(1, len(MEASURES), figsize=(5 * len(MEASURES), 4))
+    for ax, key in zip(axes, MEASURES, strict=True):
+        for colour, name in enumerate(SAMPLERS):
+            for style, share in zip(("-", "--", ":"), SHARES, strict=True):
+                rows = [r for r in bound["table"] if (r["sampler"], r["off_subspace_share"]) == (name, share)]
+                values = [math.nan if r[key] is None else r[key] for r in rows]
+                errors = [0 if r[f"{key}_se"] is None else r[f"{key}_se"] for r in rows]
+                ax.errorbar([r["num_labelled"] for r in rows], values, yerr=errors, color=f"C{colour + 3}", linestyle=style,
+                            marker="o", markersize=3, label=f"{LABELS[name]}, share off {share:g}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("labelled points n")
+        ax.set_title(titles[key], fontsize=10)
+    axes[0].legend(fontsize=6)
+    save_figure(fig, folder / BOUND_FIGURE)
