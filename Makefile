@@ -49,4 +49,4 @@ bench: install
 	$(PY) benchmarks/run.py
 
 clean:
-	rm -rf $(DEMO_DIR) simulation_out .pytest_cache .ruff_cache .lock-venv
+	rm -rf $(DEMO_DIR) simulation_out bound_out .pytest_cache .ruff_cache .lock-venv
