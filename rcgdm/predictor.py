@@ -35,7 +35,7 @@ from rcgdm.cli import InputError, finite32
 from rcgdm.families import FAMILIES
 from rcgdm.files.checkpoint import check_finite_state, load_checkpoint, plain_metadata
 from rcgdm.files.provenance import sha256_file
-from rcgdm.guidance import RewardGuidance, predicts_variance
+from rcgdm.guidance import RewardGuidance, predicts_variance, signal_and_noise
 from rcgdm.posterior import POSTERIOR, PosteriorStrength, curve_problem
 
 FORMAT = "rcgdm.predictor/1"
@@ -85,23 +85,32 @@ class ThreeLayerConvNet(nn.Module):
 
 
 class CalibratedConvNet(ThreeLayerConvNet):
-    """The paper's ConvNet told the noise level and predicting its own uncertainty: latents (B, C, H, W) at a level
-    (alpha_bar, or sigma for a flow family: a number, a 0-dim tensor or (B,)) -> (B, 2), mu(x_t, t) and
-    log Var(y | x_t). The level enters as one more input channel holding its value; without one (scoring finished
-    images) the inputs are clean, `clean_level` (1 for alpha_bar, 0 for sigma)."""
+    """The paper's ConvNet told the noise level and predicting its own uncertainty: latents x_t (B, C, H, W) at a
+    level (alpha_bar, or sigma for a flow family: a number, a 0-dim tensor or (B,)) -> (B, 2), mu(x_t, t) and
+    log Var(y | x_t).
+
+    It reads s x_t, the latent times its signal share s (sqrt(alpha_bar), or 1 - sigma), and the level as one more
+    input channel. As s -> 0, x_t carries nothing about y, and the net's gradient in x_t vanishes like s, as the
+    exact E[y | x_t]'s does: the guidance term's limit at no signal (rcgdm/guidance.py) is then finite, where a
+    gradient that stayed would be divided by s. Without a level (scoring finished images) the inputs are clean."""
 
     takes_level = True
     predicts_variance = True
 
-    def __init__(self, in_channels: int = 4, clean_level: float = 1.0) -> None:
+    def __init__(self, in_channels: int = 4, flow: bool = False) -> None:
         super().__init__(in_channels + 1)
         self.fc = nn.Linear(256, 2)
-        self.clean_level = clean_level
+        self.flow = flow
+
+    @property
+    def clean_level(self) -> float:
+        return 0.0 if self.flow else 1.0
 
     def forward(self, x: torch.Tensor, level: torch.Tensor | float | None = None) -> torch.Tensor:
         level = torch.as_tensor(self.clean_level if level is None else level, dtype=x.dtype, device=x.device)
-        plane = level.reshape(-1, 1, 1, 1).expand(len(x), 1, *x.shape[2:])
-        return super().forward(torch.cat([x, plane], 1))
+        level = level.reshape(-1, 1, 1, 1)
+        signal = signal_and_noise(level, "flow_prediction" if self.flow else "epsilon")[0]
+        return super().forward(torch.cat([signal * x, level.expand(len(x), 1, *x.shape[2:])], 1))
 
     @property
     def latent_channels(self) -> int:
@@ -115,7 +124,7 @@ def make_predictor(arch: str, latent_channels: int, family: str) -> ThreeLayerCo
     """A fresh net of `arch` for latents of `latent_channels` channels of a `family` (rcgdm/families.py)."""
     if arch == ARCH:
         return ThreeLayerConvNet(latent_channels)
-    return CalibratedConvNet(latent_channels, clean_level=0.0 if FAMILIES[family].flow else 1.0)
+    return CalibratedConvNet(latent_channels, flow=FAMILIES[family].flow)
 
 
 _OLD_NAMES = {"blocks.0.": "layer1.", "blocks.1.": "layer2.", "blocks.2.": "layer3.", "head.": "fc."}

@@ -17,7 +17,7 @@ from rcgdm.cli import UserError
 from rcgdm.families import FAMILIES
 from rcgdm.guidance import RewardGuidance
 from rcgdm.models import load_pipeline, model_facts
-from rcgdm.predictor import ThreeLayerConvNet
+from rcgdm.predictor import ThreeLayerConvNet, load_predictor
 from rcgdm.sampler import decode, sample_latents
 from rcgdm.schedulers import make_scheduler
 from rcgdm.seeds import image_generators
@@ -313,3 +313,31 @@ def test_an_image_size_that_makes_no_whole_latent_tokens_is_one_line(pipes, fami
     trained = TrainedPredictor(predictor(family), {"family": FAMILY[family], "latent_size": [8, 8]}, None, "convnet.pth")
     with pytest.raises(UserError, match=f"height {height} is not a multiple of {multiple}"):
         RewardDirectedPipeline(pipes[family], trained)("a dog", num_inference_steps=1, height=height, width=SIZE)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_a_calibrated_predictor_trains_on_the_family_and_guides_its_first_step_too(tmp_path, monkeypatch, labels, family):
+    """train.py predictor="calibrated" records the family (a flow family's clean level is sigma = 0); --guidance posterior
+    follows its likelihood; on FLUX.1-schnell (its latents) the first step, sigma = 1, is guided too."""
+    path = tmp_path / "calibrated.pth"
+    args = [f"--model={MODELS[family]}", "--data=synthetic", "--num_data=32", "--image_size=64", "--num_epochs=1",
+            "--batch_size=16", "--val_fraction=0.25", f"--labels_path={labels / 'cifar10_outputs_with_noise.npy'}",
+            f"--cache_dir={tmp_path / 'cache'}", f"--out_path={path}", "--predictor=calibrated"]
+    assert run_script("train.py", *args) == 0
+    predictor = load_predictor(path)
+    assert (predictor.meta["arch"], predictor.meta["family"]) == ("CalibratedConvNet", family)
+    assert predictor.net.clean_level == (0.0 if FAMILIES[family].flow else 1.0)
+    sampled = "flux-schnell" if family == "flux" else family
+    pipe = load_pipeline(MODELS[sampled])
+    pipe.set_progress_bar_config(disable=True)
+    steer = predictor.steer(3.0, "posterior")
+    used, guided = levels_used(pipe, steer, monkeypatch, 2, 4, PROMPT, FAMILIES[sampled].cfg, SIZE)
+    monkeypatch.undo()
+    unguided = sample_latents(pipe, PROMPT, image_generators(0, range(2)), None, 4, FAMILIES[sampled].cfg, SIZE, SIZE,
+                              progress_bar=False)
+    assert torch.isfinite(guided).all() and (guided - unguided).abs().max() > 1e-4
+    if family == "flux":
+        assert used[0] == 1.0  # schnell starts at sigma = 1, where the paper's level-blind net gets no term
+        output = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+        x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+        assert (steer.apply(output, x, 1.0, "flow_prediction") - output).abs().max() > 0
