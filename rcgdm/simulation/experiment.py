@@ -1,4 +1,4 @@
-"""The paper's simulation, run: one world, the learned models, four samplers per target, and their measures.
+"""The paper's simulation, run: one world, the learned models, five samplers per target, and their measures.
 
 Samplers (each draws `num_samples` points at target a):
 - "exact": draws from p(x0 | y = a), the answer;
