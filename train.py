@@ -65,7 +65,7 @@ from rcgdm.training import (
     validation_outputs,
 )
 from rcgdm.training_outputs import PredictorFiles
-from rcgdm.training_state import load_state, read_state, save_state
+from rcgdm.training_state import check_same_predictor, load_state, read_state, save_state
 
 # ----------------------------------------------------------------------------- config
 lr = 0.001
@@ -191,7 +191,8 @@ def check_image_size(image_size: int, facts: dict) -> None:
 
 
 def check_resume_state(path: Path, facts: dict, config: SimpleNamespace) -> None:
-    """UserError unless the saved state at `path` is whole and has epochs left to train."""
+    """UserError unless the saved state at `path` is whole, trains this kind of net and has epochs left to train."""
+    check_same_predictor(path, config.predictor)
     net = make_predictor(PREDICTORS[config.predictor], facts["in_channels"], facts["family"])
     epoch = len(read_state(path, net, torch.optim.Adam(net.parameters(), lr=config.lr), torch.Generator())["history"])
     if epoch >= config.num_epochs:

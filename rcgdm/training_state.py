@@ -42,6 +42,16 @@ def load_state(path: Path, config: dict, must_match: tuple[str, ...], net, optim
     return state["history"]
 
 
+def check_same_predictor(path: Path, predictor: str) -> None:
+    """UserError unless the state at `path` trains the same kind of net (train.py's `predictor`; a state written before
+    there was a choice trains the paper's), said before its weights are fitted into another net."""
+    config = load_checkpoint(path, STATE_FORMAT).get("config")
+    trained = config.get("predictor", "paper") if isinstance(config, dict) else predictor  # damaged: read_state says so
+    if trained != predictor:
+        raise UserError(f"resume=True: {str(path)!r} was trained with predictor={trained!r}, not {predictor!r}; use the "
+                        "same settings or resume=False")
+
+
 def read_state(path: Path, net, optimizer, generator: torch.Generator) -> dict:
     """A saved training state, every field checked (types, the net's and optimizer's shapes, finite values, the RNG
     state, one history entry per epoch) and loaded into `net`, `optimizer` and `generator`."""

@@ -156,6 +156,8 @@ def test_resume_refuses_other_settings(tmp_path, labels, capsys):
     assert train(tmp_path, labels, num_epochs=1)[0] == 0
     code, _ = train(tmp_path, labels, num_epochs=2, resume=True, lr=0.01)
     assert code == 2 and "lr=0.001, not 0.01" in error_line(capsys.readouterr().err)
+    code, _ = train(tmp_path, labels, num_epochs=2, resume=True, predictor="calibrated")  # another net: said as such
+    assert code == 2 and "predictor='paper', not 'calibrated'" in error_line(capsys.readouterr().err)
 
 
 def test_noising_matches_the_scheduler(tiny_model_dir):
