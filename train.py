@@ -78,7 +78,8 @@ data_root = "./data"
 labels_path = "cifar10_outputs_with_noise.npy"
 out_path = "convnet.pth"
 image_size = 512
-num_inference_steps = 50  # the timesteps training noise is drawn from
+num_inference_steps = 0  # training noise is drawn at the timesteps of this many sampling steps; 0: the family's own
+# (SD and SDXL 50, SD3 and FLUX.1-dev 28, FLUX.1-schnell 4: the levels its sampler visits by default)
 val_fraction = 0.02  # held-out share for validation; 0 = train on everything, as the original
 seed = 0  # model init, split, noise, latent samples
 device = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
@@ -105,7 +106,7 @@ CHECKS = {
     "num_epochs": (lambda v: v >= 1, "an integer >= 1"),
     "batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "image_size": (lambda v: v >= 8 and v % 8 == 0, "a multiple of 8, >= 8"),
-    "num_inference_steps": (lambda v: 1 <= v <= 1000, "an integer from 1 to 1000"),
+    "num_inference_steps": (lambda v: 0 <= v <= 1000, "an integer from 1 to 1000, or 0 for the model family's own"),
     "val_fraction": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "seed": (lambda v: 0 <= v <= MAX_SEED, f"a seed from 0 to {MAX_SEED}"),
     "encode_batch_size": (lambda v: v >= 1, "an integer >= 1"),
@@ -160,6 +161,7 @@ def main() -> None:
     labels = load_labels(config.labels_path, config.num_data)
     indices = split(config.num_data, config.val_fraction, config.seed)  # an empty side fails here, before any encoding
     facts = model_facts(config.model)  # configs only: a model that cannot be had fails before anything is created
+    config.num_inference_steps = config.num_inference_steps or FAMILIES[facts["family"]].steps  # recorded as resolved
     check_image_size(config.image_size, facts)
     latent_size = (config.image_size // facts["vae_scale_factor"],) * 2  # a config only: its schedule must exist
     check_step_count(load_scheduler(config.model), config.num_inference_steps, FAMILIES[facts["family"]],

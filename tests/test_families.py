@@ -206,6 +206,8 @@ def test_the_three_scripts_run_on_the_family_and_its_predictor_is_refused_by_ano
     assert run_script("train.py", *args) == 0
     saved = torch.load(predictor_path, weights_only=True)
     assert (saved["family"], saved["latent_channels"], saved["latent_size"]) == (family, CHANNELS[family], [8, 8])
+    summary = json.loads(predictor_path.with_suffix(".train_summary.json").read_text())
+    assert summary["config"]["num_inference_steps"] == FAMILIES[family].steps  # noised at the family's own levels
     # the error curve is in the family's noise level: error falls as alpha_bar rises (SDXL), rises with sigma (flow)
     variances = saved["posterior_variances"]
     assert variances == (sorted(variances) if FAMILIES[family].flow else sorted(variances, reverse=True))
@@ -317,17 +319,19 @@ def test_an_image_size_that_makes_no_whole_latent_tokens_is_one_line(pipes, fami
 
 @pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
 def test_a_calibrated_predictor_trains_on_the_family_and_guides_its_first_step_too(tmp_path, monkeypatch, labels, family):
-    """train.py predictor="calibrated" records the family (a flow family's clean level is sigma = 0); --guidance posterior
-    follows its likelihood; on FLUX.1-schnell (its latents) the first step, sigma = 1, is guided too."""
-    path = tmp_path / "calibrated.pth"
-    args = [f"--model={MODELS[family]}", "--data=synthetic", "--num_data=32", "--image_size=64", "--num_epochs=1",
+    """train.py predictor="calibrated" records the family (a flow family's clean level is sigma = 0) and noises at the
+    model's own default levels; --guidance posterior follows its likelihood; on FLUX.1-schnell the first step, sigma = 1,
+    is guided too."""
+    path, sampled = tmp_path / "calibrated.pth", "flux-schnell" if family == "flux" else family
+    args = [f"--model={MODELS[sampled]}", "--data=synthetic", "--num_data=32", "--image_size=64", "--num_epochs=1",
             "--batch_size=16", "--val_fraction=0.25", f"--labels_path={labels / 'cifar10_outputs_with_noise.npy'}",
             f"--cache_dir={tmp_path / 'cache'}", f"--out_path={path}", "--predictor=calibrated"]
     assert run_script("train.py", *args) == 0
     predictor = load_predictor(path)
     assert (predictor.meta["arch"], predictor.meta["family"]) == ("CalibratedConvNet", family)
     assert predictor.net.clean_level == (0.0 if FAMILIES[family].flow else 1.0)
-    sampled = "flux-schnell" if family == "flux" else family
+    summary = json.loads(path.with_suffix(".train_summary.json").read_text())
+    assert summary["config"]["num_inference_steps"] == FAMILIES[sampled].steps  # schnell's 4 levels, which it samples at
     pipe = load_pipeline(MODELS[sampled])
     pipe.set_progress_bar_config(disable=True)
     steer = predictor.steer(3.0, "posterior")
