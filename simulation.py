@@ -145,19 +145,16 @@ def main() -> None:
     settings = Settings(**{k: config[k] for k in Settings.__dataclass_fields__})
     if config["bound"]:
         result = {"config": config, **run_bound(settings, config["bound_seeds"], config["bound_target"])}
-        write = {"bound.json": lambda staging: save_json(result, staging / "bound.json"),
-                 BOUND_FIGURE: lambda staging: draw_bound(result, staging)}
     else:
         result = {"config": config, **run(settings)}
-        write = {"summary.json": lambda staging: save_json(result, staging / "summary.json"),
-                 "figures": lambda staging: draw_figures(result, staging)}
+    numbers, draw = ("bound.json", draw_bound) if config["bound"] else ("summary.json", draw_figures)
     with locked(out_dir / LOCK_FILE, what):
         run_folder.check_out_dir(out_dir, run_name, outputs, what, config["overwrite"], holding_lock=True)
         remove_leftovers(out_dir)
         staging = run_folder.make_staging(out_dir, run_name)
         try:
-            for writer in write.values():
-                writer(staging)
+            save_json(result, staging / numbers)
+            draw(result, staging)
             run_folder.publish(out_dir, run_name, outputs, run_folder.earlier_files(out_dir, run_name, outputs))
         finally:
             run_folder.remove_staging(staging)

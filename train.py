@@ -65,7 +65,7 @@ from rcgdm.training import (
     validation_outputs,
 )
 from rcgdm.training_outputs import PredictorFiles
-from rcgdm.training_state import check_same_predictor, load_state, read_state, save_state
+from rcgdm.training_state import load_state, read_state, save_state
 
 # ----------------------------------------------------------------------------- config
 lr = 0.001
@@ -194,9 +194,9 @@ def check_image_size(image_size: int, facts: dict) -> None:
 
 def check_resume_state(path: Path, facts: dict, config: SimpleNamespace) -> None:
     """UserError unless the saved state at `path` is whole, trains this kind of net and has epochs left to train."""
-    check_same_predictor(path, config.predictor)
     net = make_predictor(PREDICTORS[config.predictor], facts["in_channels"], facts["family"])
-    epoch = len(read_state(path, net, torch.optim.Adam(net.parameters(), lr=config.lr), torch.Generator())["history"])
+    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
+    epoch = len(read_state(path, net, optimizer, torch.Generator(), config.predictor)["history"])
     if epoch >= config.num_epochs:
         raise UserError(f"resume=True: {str(path)!r} already finished epoch {epoch} of num_epochs={config.num_epochs}; "
                         "expected a larger num_epochs to train further")

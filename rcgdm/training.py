@@ -147,6 +147,7 @@ def train_epoch(
     each batch. Its summed error is scaled by n / batch length, so DDP's mean over processes is the
     whole batch's mean gradient (BatchNorm statistics stay per process, as usual in DDP)."""
     rank, world = shard
+    wants_level = noised and takes_level(getattr(net, "module", net))  # .module: under DDP
     net.train()
     order = torch.randperm(len(x), generator=generator).to(x.device)
     total = torch.zeros((), device=y.device)  # summed on the device: no host sync per step
@@ -158,7 +159,8 @@ def train_epoch(
         inputs, levels = clean, None
         if noised:
             inputs, _, timesteps = add_training_noise(scheduler, clean, timestep_pool, generator)
-            levels = noise_level(scheduler, timesteps).to(inputs.device, inputs.dtype)
+            if wants_level:  # a level-blind net needs none: no copy to the device per step
+                levels = noise_level(scheduler, timesteps).to(inputs.device, inputs.dtype)
         if len(batch) < world:
             continue  # a last batch too small to give every process a sample (only with several processes)
         mine = slice(rank, None, world)

@@ -32,7 +32,7 @@ def save_state(path: Path, config: dict, epoch: int, net, optimizer, generator: 
 def load_state(path: Path, config: dict, must_match: tuple[str, ...], net, optimizer, generator: torch.Generator) -> list:
     """Restore `net`, `optimizer` and `generator` from a saved training state (checked in full: `read_state`) whose
     config agrees with `config` on `must_match` -> the history of its epochs."""
-    state = read_state(path, net, optimizer, generator)
+    state = read_state(path, net, optimizer, generator, config.get("predictor", "paper"))
     for key in must_match:
         if state["config"].get(key) != config[key]:
             raise UserError(
@@ -42,19 +42,10 @@ def load_state(path: Path, config: dict, must_match: tuple[str, ...], net, optim
     return state["history"]
 
 
-def check_same_predictor(path: Path, predictor: str) -> None:
-    """UserError unless the state at `path` trains the same kind of net (train.py's `predictor`; a state written before
-    there was a choice trains the paper's), said before its weights are fitted into another net."""
-    config = load_checkpoint(path, STATE_FORMAT).get("config")
-    trained = config.get("predictor", "paper") if isinstance(config, dict) else predictor  # damaged: read_state says so
-    if trained != predictor:
-        raise UserError(f"resume=True: {str(path)!r} was trained with predictor={trained!r}, not {predictor!r}; use the "
-                        "same settings or resume=False")
-
-
-def read_state(path: Path, net, optimizer, generator: torch.Generator) -> dict:
-    """A saved training state, every field checked (types, the net's and optimizer's shapes, finite values, the RNG
-    state, one history entry per epoch) and loaded into `net`, `optimizer` and `generator`."""
+def read_state(path: Path, net, optimizer, generator: torch.Generator, predictor: str = "paper") -> dict:
+    """A saved training state, every field checked (types, the kind of net, the net's and optimizer's shapes, finite
+    values, the RNG state, one history entry per epoch) and loaded into `net`, `optimizer` and `generator`. `predictor`:
+    the kind of net train.py trains (its `predictor`; a state written before there was a choice trained the paper's)."""
     state = load_checkpoint(path, STATE_FORMAT)
 
     def bad(field: str, detail: str) -> UserError:
@@ -65,6 +56,10 @@ def read_state(path: Path, net, optimizer, generator: torch.Generator) -> dict:
     for field, kind in expected.items():
         if not isinstance(state.get(field), kind) or (field == "epoch" and state[field] < 1):
             raise bad(field, f"is not a {kind.__name__}")
+    trained = state["config"].get("predictor", "paper")
+    if trained != predictor:  # said as such, before its weights are fitted into another net
+        raise UserError(f"resume=True: {str(path)!r} was trained with predictor={trained!r}, not {predictor!r}; use the "
+                        "same settings or resume=False")
     for field, target in (("model", net), ("optimizer", optimizer)):
         try:
             target.load_state_dict(state[field])

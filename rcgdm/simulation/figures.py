@@ -8,6 +8,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 from rcgdm.plots import save_figure
+from rcgdm.simulation.bound import MEASURES, SHARES
+from rcgdm.simulation.bound import SAMPLERS as BOUND_SAMPLERS
 from rcgdm.simulation.experiment import SAMPLERS
 
 FIGURES = ("reward_vs_target.png", "off_subspace_vs_target.png", "w2_vs_target.png")
@@ -48,12 +50,10 @@ BOUND_FIGURE = "bound.png"
 def draw_bound(bound: dict, folder: Path) -> None:
     """BOUND_FIGURE: |shortfall|, W2 and off-subspace fraction against labelled points (log-log), per sampler and share
     of theta off the subspace, with standard errors over the worlds."""
-    from rcgdm.simulation.bound import MEASURES, SAMPLERS, SHARES
-
     titles = {"shortfall": "|E[r | y = a] - mean reward|", "w2": "W2 to p(x | y = a)", "off_subspace": "off-subspace fraction"}
     fig, axes = plt.subplots(1, len(MEASURES), figsize=(5 * len(MEASURES), 4))
     for ax, key in zip(axes, MEASURES, strict=True):
-        for colour, name in enumerate(SAMPLERS):
+        for colour, name in enumerate(BOUND_SAMPLERS):
             for style, share in zip(("-", "--", ":"), SHARES, strict=True):
                 rows = [r for r in bound["table"] if (r["sampler"], r["off_subspace_share"]) == (name, share)]
                 values = [math.nan if r[key] is None else r[key] for r in rows]
