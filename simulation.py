@@ -61,6 +61,9 @@ fixed_guidance = 100.0
 predictor_epochs = 150
 calibrated_epochs = 60  # passes over the pseudo-labelled unlabelled points, in batches of 500
 conditional_steps = 3000
+particles = "1,4,16,64"  # K of the rows smc_K (rcgdm/particles.py); "" for none
+particle_targets = "-2,0,1,2"  # inside the labels' range; each also a target (its exact draws are the floor)
+particle_steps = 100  # DDPM steps for the particles (its ancestral step needs more than DDIM's 50)
 seed = 0
 out_dir = "simulation_out"
 overwrite = False
@@ -76,6 +79,7 @@ MAX_DIM = 4096  # the W2 measure takes a D x D matrix square root per target and
 MAX_POINTS = 10**7
 MAX_NOISE_STD = 100.0
 MAX_TARGET = 1000.0  # the labels' std is about 1
+MAX_PARTICLES = 4096
 CHECKS = {
     "dim": (lambda c: 2 <= c["dim"] <= MAX_DIM, f"an integer from 2 to {MAX_DIM}"),
     "sub_dim": (lambda c: 1 <= c["sub_dim"] < c["dim"], "an integer from 1 to dim - 1"),
@@ -93,6 +97,7 @@ CHECKS = {
     "predictor_epochs": (lambda c: 1 <= c["predictor_epochs"] <= MAX_POINTS, f"an integer from 1 to {MAX_POINTS}"),
     "calibrated_epochs": (lambda c: 1 <= c["calibrated_epochs"] <= MAX_POINTS, f"an integer from 1 to {MAX_POINTS}"),
     "conditional_steps": (lambda c: 1 <= c["conditional_steps"] <= MAX_POINTS, f"an integer from 1 to {MAX_POINTS}"),
+    "particle_steps": (lambda c: 1 <= c["particle_steps"] <= 1000, "an integer from 1 to 1000"),
     "seed": (lambda c: 0 <= c["seed"] <= MAX_SEED, f"a seed from 0 to {MAX_SEED}"),
     "bound_seeds": (lambda c: 1 <= c["bound_seeds"] <= 100 and c["seed"] + c["bound_seeds"] <= MAX_SEED + 1,
                     "an integer from 1 to 100 (seed + bound_seeds - 1 a seed)"),
@@ -105,7 +110,12 @@ def read_config(argv: list[str]) -> dict:
     for key, (ok, expected) in CHECKS.items():
         if not ok(config):
             raise UserError(f"--{key}={config[key]!r} is out of range; expected {expected}")
-    config["targets"] = parse_targets(config["targets"])
+    config["targets"] = parse_targets(config["targets"], "targets")
+    config["particle_targets"] = parse_targets(config["particle_targets"], "particle_targets")
+    config["particles"] = parse_particles(config["particles"])
+    if not set(config["particle_targets"]) <= set(config["targets"]):
+        raise UserError(f"--particle_targets={','.join(f'{t:g}' for t in config['particle_targets'])} are not all among "
+                        f"--targets; expected some of {','.join(f'{t:g}' for t in config['targets'])}")
     check_memory(config)
     if not config["out_dir"].strip():
         raise UserError("--out_dir='' is empty; expected a folder")
@@ -124,14 +134,24 @@ def check_memory(config: dict) -> None:
                         f"{total / 1e9:.3g} GB of this machine; expected a smaller dim or fewer points")
 
 
-def parse_targets(text: str) -> tuple[float, ...]:
+def parse_targets(text: str, key: str) -> tuple[float, ...]:
     try:
         values = tuple(float(part) for part in text.split(","))
     except ValueError:
         values = ()
     if not values or not all(abs(v) <= MAX_TARGET for v in values) or len(set(values)) != len(values):
-        raise UserError(f"--targets={text!r} is not a list of distinct numbers from {-MAX_TARGET:g} to {MAX_TARGET:g}; "
-                        "expected e.g. --targets=0,1,2")
+        raise UserError(f"--{key}={text!r} is not a list of distinct numbers from {-MAX_TARGET:g} to {MAX_TARGET:g}; "
+                        f"expected e.g. --{key}=0,1,2")
+    return values
+
+
+def parse_particles(text: str) -> tuple[int, ...]:
+    """--particles: distinct counts from 1 to MAX_PARTICLES, or "" for none."""
+    parts = [part.strip() for part in text.split(",")] if text.strip() else []
+    values = tuple(int(part) for part in parts if part.isdigit())
+    if len(values) != len(parts) or len(set(values)) != len(values) or not all(1 <= v <= MAX_PARTICLES for v in values):
+        raise UserError(f"--particles={text!r} is not a list of distinct counts from 1 to {MAX_PARTICLES}; expected e.g. "
+                        "--particles=4,16 or '' for none")
     return values
 
 

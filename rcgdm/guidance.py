@@ -72,28 +72,38 @@ from torch import nn
 from rcgdm.families import PREDICTION_TYPES
 
 
-def reward_gradient(predictor: nn.Module, x_t: torch.Tensor, target: float, batch_mean: bool = False,
-                    level: torch.Tensor | None = None, likelihood: bool = False) -> torch.Tensor:
-    """grad_x 1/2 ||target - mu(x)||^2 for each image of x_t (B, C, h, w), in float32 (float64 stays float64).
-    A predictor that takes the level (`takes_level`) is called as predictor(x, level); its first output column is mu.
+def reward_loss(predictor: nn.Module, x: torch.Tensor, target: float, level: torch.Tensor | None = None,
+                likelihood: bool = False) -> torch.Tensor:
+    """Each image's loss (B,) at x (B, C, h, w): 1/2 (target - mu(x))^2, or with likelihood=True (a predictor that also
+    predicts log Var(y | x_t), `predicts_variance`, its second output column v) -log N(target; mu(x), v(x)) up to its
+    constant, (target - mu)^2 / (2 v) + 1/2 log v. A predictor that takes the level (`takes_level`) is called as
+    predictor(x, level); its first output column is mu."""
+    out = predictor(x, level) if takes_level(predictor) else predictor(x)  # (B, 1), or (B, 2): mu, log v
+    squared = (target - out[:, 0]).pow(2)
+    return 0.5 * (squared * torch.exp(-out[:, 1]) + out[:, 1]) if likelihood else 0.5 * squared
 
-    likelihood=True, for a predictor that also predicts log Var(y | x_t) (`predicts_variance`, its second column v):
-    grad_x -log N(target; mu(x), v(x)) = grad_x [ (target - mu)^2 / (2 v) + 1/2 log v ], the Gaussian likelihood's own
-    gradient (with v's gradient, which the paper's term lacks).
 
-    Each image's term is its own (a sum over the batch). batch_mean=True divides by B, as the original
+def loss_and_gradient(predictor: nn.Module, x_t: torch.Tensor, target: float, batch_mean: bool = False,
+                      level: torch.Tensor | None = None, likelihood: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`reward_loss` per image (B,), its gradient w.r.t. x_t (B, C, h, w)), in float32 (float64 stays float64).
+
+    Each image's term is its own (a sum over the batch). batch_mean=True divides the gradient by B, as the original
     code's `0.5 * MSELoss()(mu, target)` did: guidance g with batch_mean at batch size B == g / B without.
     """
     dtype = torch.float64 if x_t.dtype == torch.float64 else torch.float32
     with torch.enable_grad():
         x = x_t.detach().to(dtype).requires_grad_(True)
-        out = predictor(x, level) if takes_level(predictor) else predictor(x)  # (B, 1), or (B, 2): mu, log v
-        squared = (target - out[:, :1]).pow(2)
-        loss = 0.5 * (squared * torch.exp(-out[:, 1:2]) + out[:, 1:2]).sum() if likelihood else 0.5 * squared.sum()
-        if batch_mean:
-            loss = loss / x.shape[0]
-        (grad,) = torch.autograd.grad(loss, x)
-    return grad
+        loss = reward_loss(predictor, x, target, level, likelihood)
+        (grad,) = torch.autograd.grad(loss.sum() / (x.shape[0] if batch_mean else 1), x)
+    return loss.detach(), grad
+
+
+def reward_gradient(predictor: nn.Module, x_t: torch.Tensor, target: float, batch_mean: bool = False,
+                    level: torch.Tensor | None = None, likelihood: bool = False) -> torch.Tensor:
+    """grad_x `reward_loss` for each image of x_t (B, C, h, w): grad_x 1/2 ||target - mu(x)||^2, or with likelihood=True
+    grad_x -log N(target; mu(x), v(x)), the Gaussian likelihood's own gradient (with v's, which the paper's term lacks).
+    See `loss_and_gradient`."""
+    return loss_and_gradient(predictor, x_t, target, batch_mean, level, likelihood)[1]
 
 
 GRAD_PATHS = ("xt", "x0")
@@ -130,6 +140,19 @@ def as_eps(output: torch.Tensor, x_t: torch.Tensor, s: torch.Tensor, n: torch.Te
     raise ValueError(f"prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
 
 
+def as_x0(output: torch.Tensor, x_t: torch.Tensor, s: torch.Tensor, n: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """The x0 estimate of a model output of `prediction_type` at x_t = s x0 + n eps (an epsilon output needs s > 0)."""
+    if prediction_type == "epsilon":
+        return (x_t - n * output) / s
+    if prediction_type == "v_prediction":
+        return s * x_t - n * output
+    if prediction_type == "sample":
+        return output
+    if prediction_type == "flow_prediction":
+        return x_t - n * output
+    raise ValueError(f"prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+
+
 def output_per_eps(s: torch.Tensor, n: torch.Tensor, prediction_type: str) -> torch.Tensor:
     """d output / d eps at fixed x_t: how an eps shift shows in the model's own output."""
     return {"epsilon": torch.ones_like(s), "v_prediction": 1 / s, "sample": -n / s, "flow_prediction": 1 / s}[prediction_type]
@@ -147,8 +170,9 @@ def eps_shift(
     grad_path: str = "xt",
     level: torch.Tensor | None = None,
     likelihood: bool = False,
-) -> torch.Tensor:
-    """n * guidance * grad_{x_t} 1/2 ||target - mu(.)||^2 at x_t = s x0 + n eps (s, n: tensors of x_t's float dtype).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n * guidance * grad_{x_t} 1/2 ||target - mu(.)||^2 at x_t = s x0 + n eps (s, n: tensors of x_t's float dtype),
+    each image's loss (B,) where mu looked).
 
     grad_path "xt" (the paper): mu sees the noisy latent x_t. "x0": mu sees the denoised estimate
     x0_hat = (x_t - n eps) / s with eps held fixed (the UNet is still not differentiated), so the gradient
@@ -156,10 +180,11 @@ def eps_shift(
     """
     if grad_path == "x0":
         x0_hat = (x_t.to(s.dtype) - n * eps.detach().to(s.dtype)) / s
-        grad = reward_gradient(predictor, x0_hat, target, batch_mean, level, likelihood) / s
+        loss, grad = loss_and_gradient(predictor, x0_hat, target, batch_mean, level, likelihood)
+        grad = grad / s
     else:
-        grad = reward_gradient(predictor, x_t, target, batch_mean, level, likelihood)
-    return n * guidance * grad
+        loss, grad = loss_and_gradient(predictor, x_t, target, batch_mean, level, likelihood)
+    return n * guidance * grad, loss
 
 
 def _level(level: torch.Tensor | float, x_t: torch.Tensor) -> torch.Tensor:
@@ -200,6 +225,13 @@ class RewardGuidance:
         """A model output (B, C, h, w) of `prediction_type` at x_t, shifted as the paper's eps would be, in the output's
         dtype. `level` is alpha_bar_t, or sigma_t for flow_prediction. No signal left (alpha_bar_t = 0, sigma_t = 1)
         leaves the output as it is, unless the predictor takes the level (see the module docstring)."""
+        return self.guided(output, x_t, level, prediction_type)[0]
+
+    def guided(self, output: torch.Tensor, x_t: torch.Tensor, level: torch.Tensor | float,
+               prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`apply`'s shifted output, each image's energy (B,): the strength times `reward_loss` where mu looked, whose
+        gradient the shift follows; 0 where the output is left as it is). exp(-energy) is the likelihood of y = target
+        that the term steers by (rcgdm/particles.py weighs particles with it)."""
         level = _level(level, x_t)
         if takes_level(self.predictor):
             level = off_zero_signal(level, prediction_type)
@@ -207,8 +239,21 @@ class RewardGuidance:
         noisy = s > 0  # a tensor test, not a Python one: reading a value on the GPU would wait for it at every step
         s, n = torch.where(noisy, s, torch.ones_like(s)), torch.where(noisy, n, torch.zeros_like(n))  # finite; dropped below
         eps = as_eps(output.to(s.dtype), x_t.to(s.dtype), s, n, prediction_type)
-        strength = self.guidance(level) if callable(self.guidance) else self.guidance
-        shift = eps_shift(eps, x_t, s, n, self.predictor, self.target, strength, self.batch_mean, self.grad_path, level,
-                          self.likelihood)
+        strength = self.strength(level)
+        shift, loss = eps_shift(eps, x_t, s, n, self.predictor, self.target, strength, self.batch_mean, self.grad_path,
+                                level, self.likelihood)
         shift = shift * output_per_eps(s, n, prediction_type)
-        return output + torch.where(noisy, shift, torch.zeros_like(shift)).to(output.dtype)
+        energy = torch.where(noisy, strength * loss, torch.zeros_like(loss))
+        return output + torch.where(noisy, shift, torch.zeros_like(shift)).to(output.dtype), energy
+
+    def strength(self, level: torch.Tensor) -> torch.Tensor | float:
+        """The strength at a noise `level` (a tensor)."""
+        return self.guidance(level) if callable(self.guidance) else self.guidance
+
+    def energy(self, x: torch.Tensor, level: float) -> torch.Tensor:
+        """Each image's energy (B,) at x (B, C, h, w) at a noise `level` with signal (a clean level, say), where the
+        predictor sees x itself: the strength times `reward_loss`."""
+        level = _level(level, x)
+        with torch.no_grad():
+            loss = reward_loss(self.predictor, x.to(level.dtype), self.target, level, self.likelihood)
+        return self.strength(level) * loss

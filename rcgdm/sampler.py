@@ -12,14 +12,42 @@ scheduler's elementwise step see the ordinary latent image, and the steps equal 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from tqdm import tqdm
 
 from rcgdm.families import Family, family_of_pipe
 from rcgdm.guidance import RewardGuidance
 from rcgdm.latent_scaling import for_decoder
+from rcgdm.particles import Draws, Trace, sample_particles
 from rcgdm.pipeline_checks import check_sampling_inputs
-from rcgdm.schedulers import noise_levels, set_schedule, token_count
+from rcgdm.schedulers import next_levels, noise_levels, set_schedule, token_count
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What a batch's denoising needs, as the family's stock pipeline prepares it (`setup`)."""
+
+    family: Family
+    size: tuple[int, int]  # (height, width) of the images
+    channels: int  # of the latents
+    levels: torch.Tensor  # (steps,) the noise level at each step, float64 on the CPU (rcgdm/schedulers.py)
+    prediction_type: str
+
+
+def setup(pipe, steps: int, height: int | None, width: int | None, distilled_guidance: float | None) -> Setup:
+    """Check the inputs and set the scheduler's schedule for `steps` steps (`sample_latents` documents the arguments)."""
+    family = family_of_pipe(pipe)
+    latent_facts = family.latent_facts(getattr(pipe, family.denoiser).config)
+    check_sampling_inputs(family, pipe.vae_scale_factor, latent_facts["patch_size"], height, width, distilled_guidance)
+    default = latent_facts["sample_size"] * pipe.vae_scale_factor
+    height, width = height or default, width or default
+    scheduler = pipe.scheduler
+    tokens = token_count((height // pipe.vae_scale_factor, width // pipe.vae_scale_factor), latent_facts["patch_size"])
+    set_schedule(scheduler, steps, family, tokens, pipe._execution_device)  # before the latents: they scale by its sigma
+    return Setup(family, (height, width), latent_facts["in_channels"], noise_levels(scheduler),
+                 family.prediction_type(scheduler.config.get("prediction_type")))
 
 
 @torch.no_grad()
@@ -38,37 +66,69 @@ def sample_latents(
     """Denoise one batch (one image per generator; `cfg` is the classifier-free guidance scale, FLUX's true_cfg_scale;
     `distilled_guidance` FLUX.1-dev's guidance embedding, default its pipeline's) -> final latents
     (B, C, height / s, width / s), s = pipe.vae_scale_factor (8 for SD, 4 for the tiny model)."""
-    family = family_of_pipe(pipe)
-    denoiser = getattr(pipe, family.denoiser)
-    device, batch = pipe._execution_device, len(generators)
-    latent_facts = family.latent_facts(denoiser.config)
-    check_sampling_inputs(family, pipe.vae_scale_factor, latent_facts["patch_size"], height, width, distilled_guidance)
-    default = latent_facts["sample_size"] * pipe.vae_scale_factor
-    height, width = height or default, width or default
-    use_cfg = cfg > 1
-    conditioning = prompt_conditioning(pipe, family, prompt, batch, use_cfg, (height, width), distilled_guidance)
-    scheduler = pipe.scheduler
-    latent_size = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-    tokens = token_count(latent_size, latent_facts["patch_size"])
-    set_schedule(scheduler, num_inference_steps, family, tokens, device)  # before the latents: they scale by its sigma
-    dtype = conditioning[0]["encoder_hidden_states"].dtype
-    latents = initial_latents(pipe, family, latent_facts["in_channels"], batch, (height, width), dtype, generators)
+    run = setup(pipe, num_inference_steps, height, width, distilled_guidance)
+    family, scheduler, batch = run.family, pipe.scheduler, len(generators)
+    conditioning = prompt_conditioning(pipe, family, prompt, batch, cfg > 1, run.size, distilled_guidance)
+    latents = initial_latents(pipe, family, run.channels, batch, run.size, conditioning[0]["encoder_hidden_states"].dtype,
+                              generators)
     if (family.name == "sdxl" or family.packed) and hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(0)  # as their pipelines: step i sits at the i-th timestep, not one found by value
     step_kwargs = {} if family.flow else pipe.prepare_extra_step_kwargs(generators, 0.0)
     scale_input = (lambda x, t: x) if family.flow else scheduler.scale_model_input  # flow samplers take x_t as it is
-    # moved to the device once: a step's value is then indexed there, with no per-step copy that would wait for the GPU
-    levels = noise_levels(scheduler).to(device, torch.float64 if latents.dtype == torch.float64 else torch.float32)
-    prediction_type = family.prediction_type(scheduler.config.get("prediction_type"))
     guided = reward_guidance is not None and reward_guidance.guidance != 0
+    # moved to the device once: a step's value is then indexed there, with no per-step copy that would wait for the GPU
+    levels = run.levels.to(latents.device, torch.float64 if latents.dtype == torch.float64 else torch.float32)
 
     for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoising", leave=False, disable=not progress_bar)):
         model_output = guided_by_cfg(pipe, family, latents, t, conditioning, cfg, scale_input)
         if guided:  # the paper's term; x_t is the model input (the variance-preserving latent, for any diffusion scheduler)
             x_t = scale_input(latents, t)
-            model_output = reward_guidance.apply(model_output, x_t, levels[i], prediction_type)
+            model_output = reward_guidance.apply(model_output, x_t, levels[i], run.prediction_type)
         latents = scheduler.step(model_output, t, latents, **step_kwargs, return_dict=False)[0]
     return latents
+
+
+@torch.no_grad()
+def sample_particle_latents(
+    pipe,
+    prompt: str,
+    generators: list[torch.Generator],
+    reward_guidance: RewardGuidance,
+    particles: int,
+    chunk: int,
+    num_inference_steps: int = 50,
+    cfg: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+    progress_bar: bool = True,
+    distilled_guidance: float | None = None,
+) -> tuple[torch.Tensor, Trace]:
+    """`sample_latents` with `particles` K per image (rcgdm/particles.py), denoised `chunk` at a time -> (final latents
+    (B, C, h, w), the particles' Trace). The scheduler (ddpm, euler_a or flow_euler: rcgdm.schedulers.PARTICLE_SCHEDULERS)
+    gives the timesteps and levels; the particles are held as x_t = s x0 + n eps and stepped ancestrally. Each image's
+    particles start from its generator's draws (K of them: the first is the image's own start without particles)."""
+    run = setup(pipe, num_inference_steps, height, width, distilled_guidance)
+    family, scheduler, device, scale = run.family, pipe.scheduler, pipe._execution_device, pipe.vae_scale_factor
+    conditioning = {}  # per chunk size, the prompt's conditioning for that many particles
+
+    def conditioning_for(rows: int) -> list[dict]:
+        if rows not in conditioning:
+            conditioning[rows] = prompt_conditioning(pipe, family, prompt, rows, cfg > 1, run.size, distilled_guidance)
+        return conditioning[rows]
+
+    dtype = conditioning_for(min(chunk, particles * len(generators)))[0]["encoder_hidden_states"].dtype
+    draws = Draws(generators, len(generators), device, dtype)
+    start = draws.normal((particles, run.channels, run.size[0] // scale, run.size[1] // scale))
+    levels, next_level = (v.to(device, torch.float64 if dtype == torch.float64 else torch.float32)
+                          for v in (run.levels, next_levels(scheduler)))
+    with tqdm(total=len(levels), desc="denoising particles", leave=False, disable=not progress_bar) as bar:
+        def denoise(x: torch.Tensor, i: int) -> torch.Tensor:  # x_t is the model input: no scheduler scaling
+            bar.update()
+            t = scheduler.timesteps[i]
+            return torch.cat([guided_by_cfg(pipe, family, piece, t, conditioning_for(len(piece)), cfg, lambda x, _: x)
+                              for piece in x.split(chunk)])
+
+        return sample_particles(denoise, levels, next_level, run.prediction_type, reward_guidance, start, draws)
 
 
 def initial_latents(pipe, family: Family, channels: int, batch: int, size: tuple[int, int], dtype: torch.dtype,

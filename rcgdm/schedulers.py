@@ -54,6 +54,9 @@ SCHEDULERS = {
     "flow_heun": SchedulerSupport("FlowMatchHeunDiscreteScheduler", "flow", (FLOW_PREDICTION,)),
 }
 _BY_CLASS = {s.class_name: s for s in SCHEDULERS.values()}
+# Particles step ancestrally (rcgdm/particles.py): diffusers' two stochastic samplers, whose step is that ancestral
+# step, and for flow models flow_euler's schedule
+PARTICLE_SCHEDULERS = ("ddpm", "euler_a", "flow_euler")
 EXPECTED = f"one of {', '.join(SCHEDULERS)} (or their class names)"
 
 
@@ -77,6 +80,13 @@ def check_steps(name: str, prediction_type: str) -> SchedulerSupport:
         raise InputError("scheduler", f"{name!r} ({support.class_name}) cannot step a model that predicts {prediction_type!r}; "
                         f"expected one of {expected}")
     return support
+
+
+def check_particle_scheduler(name: str) -> None:
+    """InputError unless scheduler `name` can step particles (PARTICLE_SCHEDULERS)."""
+    if scheduler_support(name).class_name not in {SCHEDULERS[k].class_name for k in PARTICLE_SCHEDULERS}:
+        raise InputError("scheduler", f"{name!r} steps deterministically, and particles need a stochastic step; expected "
+                                      "ddpm or euler_a (diffusion models), or flow_euler (flow models, stepped ancestrally)")
 
 
 def make_scheduler(name: str, config, prediction_type: str | None = None):
@@ -168,6 +178,14 @@ def noise_levels(scheduler) -> torch.Tensor:
         sigma = scheduler.sigmas[:steps].detach().cpu().double()
         return 1 / (1 + sigma**2)  # sigma = inf (zero terminal SNR) gives 0
     return scheduler.alphas_cumprod.detach().cpu().double()[scheduler.timesteps.detach().cpu().long()]
+
+
+def next_levels(scheduler) -> torch.Tensor:
+    """The noise level each step of `scheduler` lands at: the next entry's, and the clean data's after the last
+    (alpha_bar 1, or sigma 0 for a flow sampler); float64 (steps,) on the CPU. As DDPM's and Euler ancestral's own
+    steps land (`noise_levels`' docstring: schedules without repeated timesteps)."""
+    clean = torch.tensor([0.0 if is_flow(scheduler) else 1.0], dtype=torch.float64)
+    return torch.cat([noise_levels(scheduler)[1:], clean])
 
 
 def is_flow(scheduler) -> bool:

@@ -8,6 +8,15 @@ Samplers (each draws `num_samples` points at target a):
 - "posterior_calibrated": the calibrated predictor (told the level, predicting its own variance) guiding by its own
   Gaussian likelihood, grad log N(a; mu(x_t, t), v(x_t, t));
 - "conditional": the paper's meta-algorithm, the conditional model trained on pseudo-labels, sampled at y = a.
+
+Particles (rcgdm/particles.py), at `particle_targets` only (K particles cost K times a sampler's work), stepped by
+DDPM's ancestral step over `particle_steps` steps: its own discretisation must be small, and the ancestral step's is
+larger than DDIM's at the same count (with the exact model and likelihood, 50 steps leave W2 1.4x the exact draws' and
+100 steps 1.1-1.2x):
+- "smc_K": K particles per point, the paper's level-blind predictor at its posterior strength as the proposal and the
+  twist, the exact p(y = a | x0) as the final weight: exact as K grows, however poor the proposal;
+- "smc_calibrated_16": 16 particles, the calibrated predictor's likelihood as the proposal, the twist and, at its clean
+  level, the final weight: learned end to end.
 """
 
 from __future__ import annotations
@@ -19,7 +28,9 @@ import torch
 from tqdm import tqdm
 
 from rcgdm.guidance import RewardGuidance
+from rcgdm.particles import Draws, Trace, sample_particles
 from rcgdm.posterior import PosteriorStrength
+from rcgdm.schedulers import next_levels, noise_levels
 from rcgdm.simulation import measures
 from rcgdm.simulation.learned import ConditionalEps, LearnedPredictor, pseudo_labels, train_conditional, train_predictor
 from rcgdm.simulation.oracle import exact_output
@@ -28,6 +39,7 @@ from rcgdm.simulation.theory import LinearGaussianWorld, make_world
 
 CALIBRATION_POINTS = 1000  # fresh labelled points that measure the calibrated predictor at every level
 SAMPLERS = ("exact", "fixed", "posterior", "posterior_calibrated", "conditional")
+CALIBRATED_PARTICLES = 16  # the particles of the row smc_calibrated_16
 
 
 @dataclass(frozen=True)
@@ -47,20 +59,24 @@ class Settings:
     calibrated_epochs: int
     conditional_steps: int
     seed: int
+    particles: tuple[int, ...] = ()  # K of the rows smc_K
+    particle_targets: tuple[float, ...] = ()
+    particle_steps: int = 100
 
 
 def memory_needed(s: Settings) -> tuple[int, str]:
     """A lower bound on the bytes a run holds at once (float64): the unlabelled points (with the pseudo-labelling's
     copies), one sampler's points (with its step's intermediates) and the D x D covariances of the W2 measure ->
     (bytes, how they add up)."""
-    points = 8 * s.dim * (3 * s.num_unlabelled + 4 * s.num_samples)
+    points = 8 * s.dim * (3 * s.num_unlabelled + 4 * s.num_samples * max((*s.particles, CALIBRATED_PARTICLES)))
     covariances = 8 * 8 * s.dim**2
     return points + covariances, f"{points / 1e9:.3g} GB of points, {covariances / 1e9:.3g} GB of covariances"
 
 
-def scheduler(steps: int):
-    """DDIM on SD's noise schedule, without the clipping of x0 that DDIM's defaults apply (fit for images in [-1, 1])."""
-    made = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
+def scheduler(steps: int, kind: str = "DDIMScheduler"):
+    """DDIM (or another diffusers scheduler `kind`) on SD's noise schedule, without the clipping of x0 that their
+    defaults apply (fit for images in [-1, 1])."""
+    made = getattr(diffusers, kind)(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
     made.set_timesteps(steps)
     return made
 
@@ -118,6 +134,35 @@ def draw(learned: Learned, s: Settings, name: str, a: float, generator: torch.Ge
                          generator, steer)
 
 
+def draw_particles(learned: Learned, s: Settings, a: float, k: int, generator: torch.Generator,
+                   calibrated: bool = False) -> tuple[torch.Tensor, Trace]:
+    """`s.num_samples` points (N, D) of the row smc_K at target a (calibrated: smc_calibrated_K), and the particles'
+    Trace: K particles per point from the exact unconditional eps, DDPM's ancestral step (module docstring)."""
+    world, schedule = learned.world, scheduler(s.particle_steps, "DDPMScheduler")
+    levels, after = noise_levels(schedule), next_levels(schedule)
+    if calibrated:
+        steer, final = RewardGuidance(learned.calibrated.net, a, 1.0, likelihood=True), None
+    else:
+        strength = PosteriorStrength.from_curve(learned.predictor.curve)
+        steer, final = RewardGuidance(learned.predictor.net, a, strength), lambda x0: world.label_log_likelihood(x0, a)
+    start = torch.randn(s.num_samples, k, s.dim, generator=generator, dtype=torch.float64)
+    return sample_particles(lambda points, i: exact_output(world, points, levels[i], "epsilon"), levels, after, "epsilon",
+                            steer, start, Draws(generator, s.num_samples, torch.device("cpu"), torch.float64), final)
+
+
+def particle_rows(learned: Learned, s: Settings, generator: torch.Generator) -> list[dict]:
+    """The rows smc_K (K in s.particles) and smc_calibrated_16 at each of s.particle_targets, with the share of
+    effective particles left after the final weight."""
+    rows = []
+    for a in tqdm(s.particle_targets, desc="particles"):
+        kinds = [(f"smc_{k}", k, False) for k in s.particles]
+        for name, k, calibrated in [*kinds, (f"smc_calibrated_{CALIBRATED_PARTICLES}", CALIBRATED_PARTICLES, True)]:
+            points, trace = draw_particles(learned, s, a, k, generator, calibrated)
+            rows.append({"target": a, "sampler": name, "particles": k, "final_ess": trace.ess[-1],
+                         **measure(learned.world, a, points)})
+    return rows
+
+
 def run(settings: Settings) -> dict:
     """Everything the summary holds: the world's facts, the learned models' facts and, per target and sampler, the
     measures (rcgdm/simulation/measures.py)."""
@@ -130,6 +175,7 @@ def run(settings: Settings) -> dict:
     for a in tqdm(s.targets, desc="targets"):
         for name in SAMPLERS:
             rows.append({"target": a, "sampler": name, **measure(world, a, draw(learned, s, name, a, generator))})
+    rows += particle_rows(learned, s, generator)
     marginal_y = pseudo_labels(x, y, world.sample_data(s.num_samples, generator), generator)
     marginal = sample_points(lambda p, t, level: conditional(p, marginal_y, level), scheduler(s.num_inference_steps),
                              "epsilon", s.num_samples, s.dim, s.num_inference_steps, generator)

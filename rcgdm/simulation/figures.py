@@ -12,7 +12,7 @@ from rcgdm.simulation.bound import MEASURES, SHARES
 from rcgdm.simulation.bound import SAMPLERS as BOUND_SAMPLERS
 from rcgdm.simulation.experiment import SAMPLERS
 
-FIGURES = ("reward_vs_target.png", "off_subspace_vs_target.png", "w2_vs_target.png")
+FIGURES = ("reward_vs_target.png", "off_subspace_vs_target.png", "w2_vs_target.png", "particles.png")
 LABELS = {"exact": "exact p(x | y = a)", "fixed": "guidance, fixed strength", "posterior": "guidance, posterior strength",
           "posterior_calibrated": "guidance, calibrated predictor's likelihood",
           "conditional": "conditional model (pseudo-labels)"}
@@ -42,6 +42,32 @@ def draw_figures(summary: dict, folder: Path) -> None:
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=8)
         save_figure(fig, folder / name)
+    draw_particles(summary, folder / "particles.png")
+
+
+def draw_particles(summary: dict, path: Path) -> None:
+    """W2 to p(x | y = a) as a multiple of the exact draws', and the reward std, against the particles per point K, per
+    particle target: the rows smc_K (the level-blind proposal, the exact final weight), and smc_calibrated_16 as a cross."""
+    fig, (w2_ax, std_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    smc = [r for r in summary["rows"] if r["sampler"].startswith("smc_")]
+    floor = {r["target"]: r["w2"] for r in summary["rows"] if r["sampler"] == "exact"}
+    for colour, a in enumerate(dict.fromkeys(r["target"] for r in smc)):
+        for calibrated, style in ((False, "o-"), (True, "x")):
+            rows = [r for r in smc if r["target"] == a and r["sampler"].startswith("smc_calibrated") == calibrated]
+            label = f"a = {a:g}" + (", calibrated" if calibrated else "")
+            for ax, values in ((w2_ax, [math.nan if r["w2"] is None else r["w2"] / floor[a] for r in rows]),
+                               (std_ax, [math.nan if r["w2"] is None else r["reward_std"] for r in rows])):
+                ax.plot([r["particles"] for r in rows], values, style, color=f"C{colour}", label=label)
+    w2_ax.axhline(1, color="grey", linestyle=":", label="exact draws")
+    exact_std = next((r["exact_reward_std"] for r in summary["rows"] if r["sampler"] == "exact"), None)
+    if exact_std is not None:
+        std_ax.axhline(exact_std, color="grey", linestyle=":", label="exact")
+    for ax, ylabel in ((w2_ax, "W2 to p(x | y = a) / exact draws' W2"), (std_ax, "reward std")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("particles per sample K")
+        ax.set_ylabel(ylabel)
+    w2_ax.legend(fontsize=7)
+    save_figure(fig, path)
 
 
 BOUND_FIGURE = "bound.png"

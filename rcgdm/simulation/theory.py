@@ -30,6 +30,7 @@ All in float64.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +97,10 @@ class LinearGaussianWorld:
     def expected_reward(self, a: float) -> float:
         """E[r(x0) | y = a] = theta^T S theta a / Var y."""
         return self.reward_var * a / self.label_var
+
+    def label_log_likelihood(self, x0: torch.Tensor, a: float) -> torch.Tensor:
+        """log p(y = a | x0) = log N(a; theta^T x0, sigma^2) for points x0 (N, D) -> (N,)."""
+        return -0.5 * ((a - x0 @ self.theta) / self.noise_std) ** 2 - math.log(self.noise_std * math.sqrt(2 * math.pi))
 
     def reward_std_given(self) -> float:
         """The std of r(x0) given y = a (the same for every a): sqrt(Var r - (Var r)^2 / Var y)."""
