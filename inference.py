@@ -51,11 +51,12 @@ from rcgdm.files.output_checks import refuse_nested_runs
 from rcgdm.files.provenance import package_versions, sha256_file
 from rcgdm.guidance import GRAD_PATHS
 from rcgdm.models import SD15, local_model_folder, model_facts, model_fingerprint
+from rcgdm.particles import MAX_PARTICLES
 from rcgdm.pipeline import RewardDirectedPipeline
 from rcgdm.pipeline_checks import check_memory
 from rcgdm.posterior import POSTERIOR
 from rcgdm.report import write_report
-from rcgdm.schedulers import SCHEDULERS, scheduler_support
+from rcgdm.schedulers import SCHEDULERS, check_particle_scheduler, scheduler_support
 from rcgdm.sweep.auto import AUTO
 from rcgdm.sweep.engine import SweepSettings, check_images_visible, run_sweep, unguided_first_images
 from rcgdm.sweep.outputs import RUN, check_outputs, finish, prepare_folders, run_dir
@@ -109,6 +110,9 @@ def parse_args() -> argparse.Namespace:
                    help="xt: the predictor on the noisy latent (the paper); x0: on the denoised estimate (default: xt)")
     p.add_argument("--best_of", type=positive_int, nargs="+", default=[1],
                    help="N candidates per image, keep the one whose predicted reward is closest to the target (default: 1)")
+    p.add_argument("--particles", type=positive_int, default=1,
+                   help="K particles per guided image (twisted SMC: rcgdm/particles.py), needs --scheduler ddpm or euler_a "
+                        "(flow models: flow_euler), denoised --bs at a time (default: 1, none)")
     return p.parse_args()
 
 
@@ -138,6 +142,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.num_inference_steps is not None and args.num_inference_steps > MAX_STEPS:
         raise UserError(f"--num_inference_steps {args.num_inference_steps} is more than the {MAX_STEPS} training timesteps; "
                         f"expected 1 to {MAX_STEPS}")
+    check_particles(args)
     if args.auto_tolerance is not None and args.auto_tolerance <= 0:
         raise UserError(f"--auto_tolerance {args.auto_tolerance:g} is not positive; expected a number > 0")
     for flag, normalise in (("prompt", lambda p: " ".join(p.split())), ("target", float), ("guidance", str), ("best_of", int)):
@@ -145,6 +150,19 @@ def check_args(args: argparse.Namespace) -> None:
         repeated = next((v for k, v in enumerate(values) if v in values[:k]), None)
         if repeated is not None:
             raise UserError(f"--{flag} has {repeated!r} twice; expected distinct values (a sweep samples each once)")
+
+
+def check_particles(args: argparse.Namespace) -> None:
+    """--particles: at most MAX_PARTICLES, and not with what it cannot combine with (the scheduler is checked once the
+    model's family has filled it)."""
+    if args.particles > MAX_PARTICLES:
+        raise UserError(f"--particles {args.particles} is more than {MAX_PARTICLES}; expected 1 to {MAX_PARTICLES}")
+    if args.particles > 1 and AUTO in args.guidance:
+        raise UserError("--particles with --guidance auto: auto's pilots search a strength for the plain sampler; expected "
+                        "a number or posterior")
+    if args.particles > 1 and args.batch_mean_guidance:
+        raise UserError("--particles with --batch_mean_guidance: the original code's batch-mean strength depends on the "
+                        "batch, and particles change it; expected one of the two")
 
 
 AUTO_TOLERANCE_STDS = 0.1  # --guidance auto's default tolerance, in label std (the predictor records it)
@@ -192,7 +210,7 @@ def image_settings(args: argparse.Namespace, seed: int, device: torch.device, dt
     and dtype, which move the pilots' numbers and so the strengths the search would choose."""
     keys = ("prompt", "target", "guidance", "num_images", "bs", "seed", "model", "reward_model", "predictor",
             "num_inference_steps", "cfg", "distilled_guidance", "scheduler", "height", "width", "dtype", "batch_mean_guidance",
-            "grad_path", "best_of", "auto_tolerance")
+            "grad_path", "best_of", "auto_tolerance", "particles")
     contents = {  # what the files hold, not only their paths: a retrained predictor at the same path is another run
         "reward_model_sha256": sha256_file(args.reward_model),
         "predictor_sha256": sha256_file(args.predictor),
@@ -221,6 +239,8 @@ def main() -> None:
     with state.main_process_first():  # hub downloads happen once
         facts = model_facts(args.model)  # configs only; the family fills the settings left open
     fill_family_defaults(args, FAMILIES[facts["family"]])
+    if args.particles > 1 and any(g != 0 for g in args.guidance):
+        check_particle_scheduler(args.scheduler)  # the family's default, if none was asked for
     pipe = load(args, facts, state, device, dtype)  # every input is checked before any output folder exists
     if POSTERIOR in args.guidance:
         pipe.predictor.posterior_strength()  # the paper's predictor must have recorded its error curve
@@ -239,7 +259,7 @@ def main() -> None:
                 for path in {folder, *(combo.folder for combo in staged)}:
                     remove_leftovers(path)  # temporary files of a killed run
         settings = SweepSettings(args.num_images, args.bs, args.num_inference_steps, args.cfg, args.height, args.width,
-                                 args.batch_mean_guidance, args.grad_path, tolerance, args.distilled_guidance)
+                                 args.batch_mean_guidance, args.grad_path, tolerance, args.distilled_guidance, args.particles)
         rows, stats = run_sweep(pipe, settings, staged, folder, log, state)
         if state.is_main_process:
             check_images_visible(folder, rows)
@@ -264,8 +284,9 @@ def load(args: argparse.Namespace, facts: dict, state: PartialState, device: tor
             dtype=dtype, ignore_provenance=args.ignore_provenance, grad_path=args.grad_path, height=args.height,
             width=args.width, facts=facts,
         )
-    pipe.check(args.num_inference_steps, args.grad_path, args.height, args.width, args.distilled_guidance)
-    check_memory(args.num_images, args.bs, max(args.best_of), *pipe.image_size(args.height, args.width), device)
+    particles = args.particles if any(g != 0 for g in args.guidance) else 1
+    pipe.check(args.num_inference_steps, args.grad_path, args.height, args.width, args.distilled_guidance, particles)
+    check_memory(args.num_images, args.bs, max(args.best_of), *pipe.image_size(args.height, args.width), device, particles)
     return pipe
 
 

@@ -42,6 +42,7 @@ from rcgdm.config import read
 from rcgdm.files import run_folder
 from rcgdm.files.atomic import remove_leftovers, save_json
 from rcgdm.files.locking import LOCK_FILE, locked
+from rcgdm.particles import MAX_PARTICLES
 from rcgdm.simulation.bound import MEASURES, run_bound
 from rcgdm.simulation.experiment import Settings, memory_needed, run
 from rcgdm.simulation.figures import BOUND_FIGURE, FIGURES, draw_bound, draw_figures
@@ -79,7 +80,6 @@ MAX_DIM = 4096  # the W2 measure takes a D x D matrix square root per target and
 MAX_POINTS = 10**7
 MAX_NOISE_STD = 100.0
 MAX_TARGET = 1000.0  # the labels' std is about 1
-MAX_PARTICLES = 4096
 CHECKS = {
     "dim": (lambda c: 2 <= c["dim"] <= MAX_DIM, f"an integer from 2 to {MAX_DIM}"),
     "sub_dim": (lambda c: 1 <= c["sub_dim"] < c["dim"], "an integer from 1 to dim - 1"),

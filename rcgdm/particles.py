@@ -41,18 +41,19 @@ import torch
 
 from rcgdm.guidance import RewardGuidance, as_eps, as_x0, signal_and_noise
 
+MAX_PARTICLES = 4096  # per image: a bound on a count typed by hand
 ESS_THRESHOLD = 0.5  # resample an image's particles when their effective sample size falls below this share of K
 Denoise = Callable[[torch.Tensor, int], torch.Tensor]  # (particles (N, ...), step index) -> the unguided model output
 
 
 @dataclass(frozen=True)
 class Trace:
-    """What the particles did, per step and after the final weight (steps + 1 entries), averaged over the images: the
-    effective sample size before resampling, as a share of K, and the share of images whose particles were resampled."""
+    """What each image's particles did, per step and after the final weight: the effective sample size before
+    resampling as a share of K (B, steps + 1), and whether they were resampled (B, steps + 1; always after the last)."""
 
     particles: int
-    ess: list[float]
-    resampled: list[float]
+    ess: torch.Tensor
+    resampled: torch.Tensor
 
 
 class Draws:
@@ -123,9 +124,8 @@ def sample_particles(denoise: Denoise, levels: torch.Tensor, next_levels: torch.
         log_w = log_w - energy if energy_before is None else log_w + energy_before - energy
         weights = torch.softmax(log_w, 1)
         size = effective_size(weights) / k
-        ess.append(float(size.mean()))
         again = size < ess_threshold
-        resampled.append(float(again.double().mean()))
+        ess.append(size), resampled.append(again)
         picked = torch.where(again[:, None], systematic(weights, draws.uniform()),
                              torch.arange(k, device=x.device).expand(batch, k))
         x, output, shifted, energy = (v.view(batch, k, *v.shape[1:])[rows, picked].flatten(0, 1)
@@ -145,10 +145,9 @@ def sample_particles(denoise: Denoise, levels: torch.Tensor, next_levels: torch.
     log_l = -steer.energy(x, next_levels[-1]) if final is None else final(x)
     log_w = log_w + energy_before + log_l.double().view(batch, k)
     weights = torch.softmax(log_w, 1)
-    ess.append(float((effective_size(weights) / k).mean()))
-    resampled.append(1.0)
+    ess.append(effective_size(weights) / k), resampled.append(torch.ones_like(again))
     pick = torch.searchsorted(weights.cumsum(1).contiguous(), draws.uniform()[:, None]).clamp(max=k - 1)
     samples = x.view(batch, k, *x.shape[1:])[rows, pick][:, 0]
     broken = ~torch.isfinite(log_w).all(1)
     samples[broken] = float("nan")
-    return samples, Trace(k, ess, resampled)
+    return samples, Trace(k, torch.stack(ess, 1).float().cpu(), torch.stack(resampled, 1).cpu())

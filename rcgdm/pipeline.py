@@ -37,8 +37,8 @@ from rcgdm.pipeline_checks import (
 from rcgdm.posterior import POSTERIOR
 from rcgdm.predictor import TrainedPredictor, load_predictor
 from rcgdm.rewards import Reward, load_reward
-from rcgdm.sampler import decode, sample_latents
-from rcgdm.schedulers import check_step_count, check_steps, make_scheduler, token_count
+from rcgdm.sampler import decode, sample_latents, sample_particle_latents
+from rcgdm.schedulers import check_particle_scheduler, check_step_count, check_steps, make_scheduler, token_count
 from rcgdm.seeds import image_generators
 from rcgdm.sweep.rows import guidance_label
 
@@ -51,6 +51,7 @@ class Scored:
     predicted_rewards: torch.Tensor  # (B,) the predictor on the VAE re-encoding of each image
     rewards: torch.Tensor | None  # (B,) the ground-truth reward; None without a reward model
     shift: torch.Tensor | None  # (B,) distance of the final latents to the predictor's training latents, or None
+    ess: torch.Tensor | None = None  # (B, steps + 1) with particles: each step's effective share of them (Trace.ess)
 
     def closer_to(self, target: float, other: Scored) -> Scored:
         """Per image, this batch's image or `other`'s, whichever predicted reward is closer to `target` (ties: other's)."""
@@ -85,13 +86,20 @@ def best_of_n(candidates: Iterable[Scored], picks: dict) -> dict:
 @dataclass(frozen=True)
 class Sampling:
     """How each image is sampled: denoising steps, classifier-free guidance scale and FLUX.1-dev's distilled guidance
-    (None: the family's), and the image size (None: the model's)."""
+    (None: the family's), the image size (None: the model's), and the particles per guided image (rcgdm/particles.py),
+    denoised `particle_batch` at a time."""
 
     num_inference_steps: int | None = None
     cfg: float | None = None
     height: int | None = None
     width: int | None = None
     distilled_guidance: float | None = None
+    particles: int = 1
+    particle_batch: int = 4
+
+    def with_particles(self, guidance: float | str) -> bool:
+        """Whether an image at strength `guidance` is sampled with particles (unguided images never are)."""
+        return self.particles > 1 and guidance != 0
 
 
 class RewardDirectedPipeline:
@@ -155,8 +163,11 @@ class RewardDirectedPipeline:
         return steps, cfg
 
     def check(self, num_inference_steps: int, grad_path: str, height: int | None, width: int | None,
-              distilled_guidance: float | None = None) -> None:
-        """InputError unless this pipeline can sample with these settings as the predictor was trained for."""
+              distilled_guidance: float | None = None, particles: int = 1) -> None:
+        """InputError unless this pipeline can sample with these settings as the predictor was trained for (and with
+        particles, its scheduler steps them)."""
+        if particles > 1:
+            check_particle_scheduler(type(self.base.scheduler).__name__)
         check_sampling_inputs(self.family, self.facts["vae_scale_factor"], self.facts["patch_size"], height, width,
                               distilled_guidance)
         train_steps = self.base.scheduler.config.num_train_timesteps
@@ -182,8 +193,15 @@ class RewardDirectedPipeline:
         Image i starts from the seed (seed, i, candidate), so it is the same whatever batch it is sampled in."""
         generators = image_generators(seed, indices, candidate)
         steps, cfg = self.defaults(sampling.num_inference_steps, sampling.cfg)
-        latents = sample_latents(self.base, prompt, generators, reward_guidance, steps, cfg, sampling.height,
-                                 sampling.width, progress_bar, sampling.distilled_guidance)
+        ess = None
+        if reward_guidance is not None and sampling.with_particles(reward_guidance.guidance):
+            latents, trace = sample_particle_latents(self.base, prompt, generators, reward_guidance, sampling.particles,
+                                                     sampling.particle_batch, steps, cfg, sampling.height, sampling.width,
+                                                     progress_bar, sampling.distilled_guidance)
+            ess = trace.ess
+        else:
+            latents = sample_latents(self.base, prompt, generators, reward_guidance, steps, cfg, sampling.height,
+                                     sampling.width, progress_bar, sampling.distilled_guidance)
         _check_finite(latents, "the final latents", reward_guidance, cfg)
         images = decode(self.base, latents, generators)
         rewards = None if self.reward is None else self.reward(images)
@@ -191,7 +209,7 @@ class RewardDirectedPipeline:
         if rewards is not None:
             _check_finite(rewards, "the ground-truth rewards", reward_guidance, cfg)
         _check_finite(predicted, "the predicted rewards", reward_guidance, cfg)
-        return Scored(images, predicted, rewards, distribution_shift(latents, self.predictor.reference))
+        return Scored(images, predicted, rewards, distribution_shift(latents, self.predictor.reference), ess)
 
     def __call__(
         self,
@@ -210,21 +228,26 @@ class RewardDirectedPipeline:
         best_of: int = 1,
         batch_size: int = 4,
         distilled_guidance: float | None = None,
+        particles: int = 1,
     ) -> Scored:
         """Sample `num_images` images of `prompt` steered toward predicted reward `target` with strength `guidance`
         (0: the plain model; "posterior": 1 / sigma_t^2 at each step, rcgdm/posterior.py), in batches of `batch_size`;
         `cfg` is the classifier-free guidance scale; best_of N keeps, per image, the candidate whose predicted reward is
         closest to the target. Steps and cfg default to the family's; `distilled_guidance` is FLUX.1-dev's guidance
-        embedding (default: its pipeline's 3.5)."""
+        embedding (default: its pipeline's 3.5). particles=K > 1 samples each guided image from K particles
+        (rcgdm/particles.py: twisted SMC, the term its proposal, exp(-guidance * loss) its weight), denoised
+        `batch_size` at a time, with a scheduler that steps them (ddpm, euler_a or flow_euler); the result's `ess` holds
+        their effective share per step."""
         num_inference_steps, cfg = self.defaults(num_inference_steps, cfg)
         check_call(prompt=prompt, target=target, guidance=guidance, cfg=cfg, num_images=num_images, seed=seed,
                     best_of=best_of, batch_size=batch_size, height=height, width=width, batch_mean=batch_mean,
-                    distilled_guidance=distilled_guidance)
-        self.check(num_inference_steps, grad_path, height, width, distilled_guidance)
+                    distilled_guidance=distilled_guidance, particles=particles)
+        sampling = Sampling(num_inference_steps, cfg, height, width, distilled_guidance, particles, batch_size)
+        self.check(num_inference_steps, grad_path, height, width, distilled_guidance,
+                   particles if sampling.with_particles(guidance) else 1)
         size = self.image_size(height, width)
-        check_memory(num_images, batch_size, best_of, *size, self.base._execution_device)
+        check_memory(num_images, batch_size, best_of, *size, self.base._execution_device, particles)
         steer = self.predictor.steer(target, guidance, batch_mean, grad_path)
-        sampling = Sampling(num_inference_steps, cfg, height, width, distilled_guidance)
         kept = []
         for indices in batches(num_images, batch_size):  # the batches inference.py --bs samples
             candidates = (self.sample(prompt, steer, seed, indices, sampling, k) for k in range(best_of))

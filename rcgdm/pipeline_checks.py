@@ -12,6 +12,7 @@ from rcgdm.cli import MAX_SEED, InputError, finite32, text_problem
 from rcgdm.distributed import resolve_device
 from rcgdm.families import Family
 from rcgdm.guidance import GRAD_PATHS
+from rcgdm.particles import MAX_PARTICLES
 from rcgdm.posterior import POSTERIOR
 from rcgdm.predictor import TrainedPredictor
 
@@ -101,6 +102,7 @@ def check_call(**values) -> None:
             expected = {"guidance": f"a finite number or {POSTERIOR!r}", "distilled_guidance": "one, or None"}.get(name, "one")
             raise InputError(name, f"{_shown(value)} is not a finite number in float32's range; expected {expected}")
     for name, low, high in (("num_images", 1, MAX_SEED), ("best_of", 1, MAX_SEED), ("batch_size", 1, MAX_SEED),
+                            ("particles", 1, MAX_PARTICLES),
                             ("seed", 0, MAX_SEED), ("height", 8, MAX_SIZE), ("width", 8, MAX_SIZE)):
         value = values[name]
         if value is None and name in ("height", "width"):
@@ -111,6 +113,9 @@ def check_call(**values) -> None:
             raise InputError(name, f"{value} is not a multiple of 8; expected e.g. {value - value % 8 or 8}")
     if not isinstance(values["batch_mean"], bool):
         raise InputError("batch_mean", f"{_shown(values['batch_mean'])} is not True or False; expected a bool")
+    if values["particles"] > 1 and values["batch_mean"]:
+        raise InputError("batch_mean", "True with particles: the original code's batch-mean strength depends on the batch, "
+                                       "and particles change it; expected batch_mean=False")
 
 
 def _shown(value) -> str:
@@ -118,20 +123,28 @@ def _shown(value) -> str:
     return text if len(text) <= 40 else f"a {type(value).__name__} of {len(text)} characters"
 
 
-def memory_needed(num_images: int, batch_size: int, best_of: int, height: int, width: int) -> tuple[int, str]:
+PARTICLE_COPIES = 8  # what particles hold per particle at a step: x_t, two outputs, two step means, the noise, spares
+
+
+def memory_needed(num_images: int, batch_size: int, best_of: int, height: int, width: int,
+                  particles: int = 1) -> tuple[int, str]:
     """A lower bound on the bytes a call (or one sweep combination, whose images the report holds) needs: its images
-    (float32, 3 x height x width each), and one batch's decoding at full resolution (with a second batch kept for
-    best-of-N) -> (bytes, how they add up)."""
+    (float32, 3 x height x width each), one batch's decoding at full resolution (with a second batch kept for
+    best-of-N) and, with K > 1 `particles`, a batch's K particles (float32 latents of 4 channels at 1/8 the size, the
+    fewest of any family, PARTICLE_COPIES each) -> (bytes, how they add up)."""
     image = 3 * height * width * 4
     batch = min(batch_size, num_images)
     held = num_images * image
     decoding = batch * (VAE_FULL_RES_CHANNELS * height * width * 4 * 3 + image * (2 if best_of > 1 else 1))
-    return held + decoding, f"{held / 1e9:.3g} GB of images held, {decoding / 1e9:.3g} GB to decode a batch"
+    particle_bytes = 0 if particles == 1 else batch * particles * PARTICLE_COPIES * 4 * (height // 8) * (width // 8) * 4
+    return held + decoding + particle_bytes, (f"{held / 1e9:.3g} GB of images held, {decoding / 1e9:.3g} GB to decode a batch"
+                                              + (f", {particle_bytes / 1e9:.3g} GB of particles" if particle_bytes else ""))
 
 
-def check_memory(num_images: int, batch_size: int, best_of: int, height: int, width: int, device: torch.device) -> None:
+def check_memory(num_images: int, batch_size: int, best_of: int, height: int, width: int, device: torch.device,
+                 particles: int = 1) -> None:
     """InputError before anything is allocated when `memory_needed` exceeds the device's memory."""
-    needed, parts = memory_needed(num_images, batch_size, best_of, height, width)
+    needed, parts = memory_needed(num_images, batch_size, best_of, height, width, particles)
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
     else:

@@ -147,6 +147,24 @@ def reward_vs_compute(combos: list[dict], path: str | Path) -> dict[str, list[tu
     return drawn
 
 
+def ess_per_step(combos: list[dict], path: str | Path) -> bool:
+    """With particles (rcgdm/particles.py): their effective share before each step's resampling and after the final
+    weight, averaged over a combination's images, one line per combination. -> whether there was anything to draw."""
+    known = [c for c in combos if c.get("ess_per_step") is not None]
+    if not known:
+        return False
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for k, c in enumerate(known):
+        label = f"target {c['target']:g}, guidance {guidance_label(c['guidance'])}, K = {c['particles']}"
+        ax.plot(range(len(c["ess_per_step"])), c["ess_per_step"], marker=".", color=f"C{k % 10}", label=label)
+    ax.set_xlabel("step (the last point: after the final weight)")
+    ax.set_ylabel("effective particles / K")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
+    return True
+
+
 def reward_vs_distance(combos: list[dict], path: str | Path) -> bool:
     """Mean ground truth against MMD^2 to the unguided images of the same prompt (± its standard error), one point per
     combination, one colour per guidance, each labelled with its target; one panel per prompt: what the guidance bought

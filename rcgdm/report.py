@@ -25,8 +25,9 @@ from rcgdm.sweep.engine import SweepStats
 from rcgdm.sweep.plan import Combo
 from rcgdm.sweep.rows import COLUMNS, combo_key, guidance_label
 
+# every file the report may write (a figure with nothing to draw is not)
 REPORT_FILES = ("results.csv", "summary.json", "reward_vs_target.png", "shift_vs_target.png", "reward_vs_compute.png",
-                "reward_vs_distance.png", "grid.png")  # every file the report may write (a figure with nothing to draw is not)
+                "reward_vs_distance.png", "ess_per_step.png", "grid.png")
 
 
 def write_report(out_dir: Path, combos: list[Combo], rows: list[dict], stats: SweepStats, record: dict,
@@ -51,13 +52,14 @@ def write_report(out_dir: Path, combos: list[Combo], rows: list[dict], stats: Sw
     plots.shift_vs_target(summary, out("shift_vs_target.png"))
     plots.reward_vs_compute(summary, out("reward_vs_compute.png"))
     plots.reward_vs_distance(summary, out("reward_vs_distance.png"))
+    plots.ess_per_step(summary, out("ess_per_step.png"))
     write_grid(out_dir, combos, rows, unguided, out("grid.png"))
     save_json({"settings": record["settings"], "combinations": summary, **{k: v for k, v in record.items() if k != "settings"}},
               out("summary.json"))
     for c in summary:
         print(
             f"target {c['target']:g}, guidance {guidance_label(c['guidance'])}" + _auto(c["auto"])
-            + (f", best of {c['best_of']}" if c["best_of"] > 1 else "") + f", {c['prompt']!r}: "
+            + (f", best of {c['best_of']}" if c["best_of"] > 1 else "") + _particles(c) + f", {c['prompt']!r}: "
             f"ground truth {c['gt_mean']:.4f} ± {c['gt_std']:.4f}, predicted {c['pred_mean']:.4f} ± {c['pred_std']:.4f}; "
             f"target error {c['target_error']:+.4f}, predictor gap {c['predictor_gap']:+.4f}" + _versus_unguided(c)
         )
@@ -71,6 +73,13 @@ def _auto(choice: dict | None) -> str:
         return f" (chose {choice['chosen_guidance']:g}; pilot {choice['pilot_unet_calls']} UNet calls)"
     return (f" (UNREACHABLE up to guidance {MAX_GUIDANCE:g}: closest pilot prediction {choice['pilot_predicted']:.4f} at "
             f"{choice['chosen_guidance']:g}, used)")
+
+
+def _particles(c: dict) -> str:
+    if c["ess_per_step"] is None:
+        return ""
+    return (f", {c['particles']} particles ({c['unet_calls']:g} UNet calls per image; effective share lowest "
+            f"{min(c['ess_per_step'][:-1]):.2f} over the steps, {c['final_ess']:.2f} after the final weight)")
 
 
 def _versus_unguided(c: dict) -> str:
@@ -113,6 +122,7 @@ def summarise(combos: list[Combo], rows: list[dict], stats: SweepStats) -> list[
                 "sampling_seconds": combo_seconds,
                 "seconds_per_image": combo_seconds / len(mine),
                 "peak_memory_bytes": peak,
+                **particle_summary(mine),
             }
         )
     for c in out:  # shift relative to the unguided images of the same prompt, when the run has them
@@ -120,6 +130,16 @@ def summarise(combos: list[Combo], rows: list[dict], stats: SweepStats) -> list[
         known = c["shift_mean"] is not None and unguided and None not in unguided
         c["shift_vs_unguided"] = c["shift_mean"] / (sum(unguided) / len(unguided)) if known else None
     return out
+
+
+def particle_summary(rows: list[dict]) -> dict:
+    """A combination's particles (rcgdm/particles.py) from its rows: K (1 without), and their effective share at each
+    step and after the final weight, averaged over the images (None without particles)."""
+    traces = [row.get("ess") for row in rows]
+    if None in traces or not traces:
+        return {"particles": 1, "ess_per_step": None, "final_ess": None}
+    mean = torch.tensor(traces, dtype=torch.float64).mean(0).tolist()
+    return {"particles": rows[0]["particles"], "ess_per_step": mean, "final_ess": mean[-1]}
 
 
 def add_image_measures(out_dir: Path, rows: list[dict], summary: list[dict]) -> None:
@@ -144,7 +164,8 @@ def add_image_measures(out_dir: Path, rows: list[dict], summary: list[dict]) -> 
 
 def write_csv(rows: list[dict], path: Path) -> None:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)  # rows read back from progress.json have their keys sorted
+    # rows read back from progress.json have their keys sorted; the per-step "ess" lists are summary.json's
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     save_text(buffer.getvalue(), path)

@@ -158,7 +158,7 @@ def particle_rows(learned: Learned, s: Settings, generator: torch.Generator) -> 
         kinds = [(f"smc_{k}", k, False) for k in s.particles]
         for name, k, calibrated in [*kinds, (f"smc_calibrated_{CALIBRATED_PARTICLES}", CALIBRATED_PARTICLES, True)]:
             points, trace = draw_particles(learned, s, a, k, generator, calibrated)
-            rows.append({"target": a, "sampler": name, "particles": k, "final_ess": trace.ess[-1],
+            rows.append({"target": a, "sampler": name, "particles": k, "final_ess": float(trace.ess[:, -1].mean()),
                          **measure(learned.world, a, points)})
     return rows
 

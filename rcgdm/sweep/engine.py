@@ -49,10 +49,12 @@ class SweepSettings:
     grad_path: str = "xt"
     auto_tolerance: float = 0.0  # how close a pilot of --guidance auto must come to the target (rcgdm/sweep/auto.py)
     distilled_guidance: float | None = None  # FLUX.1-dev's guidance embedding (None: the family's)
+    particles: int = 1  # per guided image (rcgdm/particles.py), denoised batch_size at a time
 
     @property
     def sampling(self) -> Sampling:
-        return Sampling(self.num_inference_steps, self.cfg, self.height, self.width, self.distilled_guidance)
+        return Sampling(self.num_inference_steps, self.cfg, self.height, self.width, self.distilled_guidance,
+                        self.particles, self.batch_size)
 
 
 def run_sweep(pipe: RewardDirectedPipeline, settings: SweepSettings, combos: list[Combo], out_dir: Path, log: ResumeLog,
@@ -87,7 +89,8 @@ def run_sweep(pipe: RewardDirectedPipeline, settings: SweepSettings, combos: lis
             with PeakMemory(device, interval=0.01) as memory:
                 best = sample_draw(pipe, settings, draw, strength, log.seed, indices)
             steps = len(pipe.base.scheduler.timesteps)  # one batched UNet call per step covers both CFG branches
-            cost = Cost(steps, 0 if choice is None else choice.unet_calls / settings.num_images)
+            particles = settings.particles if settings.sampling.with_particles(strength) else 1
+            cost = Cost(steps, 0 if choice is None else choice.unet_calls / settings.num_images, particles)
             rows = [row for combo in draw.combos
                     for row in save_images(combo, indices, log.seed, out_dir, best[combo], strength, cost)]
             log.add([row for row in rows if not log.finished(combo_key(row), row["image"])])
@@ -116,10 +119,12 @@ def sample_draw(pipe: RewardDirectedPipeline, settings: SweepSettings, draw: Dra
 
 @dataclass(frozen=True)
 class Cost:
-    """UNet calls per image: of one sample (steps), and an auto combination's share of its pilot."""
+    """UNet calls per image: of one sample (steps, for each of its particles), and an auto combination's share of its
+    pilot."""
 
     steps: int
     pilot_per_image: float
+    particles: int = 1
 
 
 def save_images(combo: Combo, indices: range, seed: int, out_dir: Path, scored: Scored, strength: float,
@@ -132,8 +137,10 @@ def save_images(combo: Combo, indices: range, seed: int, out_dir: Path, scored: 
         save_png(scored.images[j], path)
         shift = None if scored.shift is None else scored.shift[j].item()
         file = path.relative_to(out_dir).as_posix()
-        rows.append(image_row(combo.key(), i, seed, gt, pred, shift, combo.best_of * cost.steps, file, strength,
-                              cost.pilot_per_image))
+        ess = None if scored.ess is None else [round(v, 4) for v in scored.ess[j].tolist()]
+        calls = combo.best_of * cost.steps * cost.particles
+        rows.append(image_row(combo.key(), i, seed, gt, pred, shift, calls, file, strength, cost.pilot_per_image,
+                              cost.particles, ess))
     return rows
 
 

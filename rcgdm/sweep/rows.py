@@ -8,7 +8,7 @@ from pathlib import Path
 from rcgdm.seeds import image_seed
 
 COLUMNS = ("prompt", "target", "guidance", "best_of", "image", "seed", "image_seed", "gt", "pred", "shift", "unet_calls", "file",
-           "guidance_used", "pilot_unet_calls")
+           "guidance_used", "pilot_unet_calls", "particles", "final_ess")  # a row's "ess" (per step) is summary.json's
 KEY = ("prompt", "target", "guidance", "best_of")  # a combination of the sweep; with "image", one image of the run
 TYPES = {"prompt": str, "target": (int, float), "guidance": (int, float, str), "best_of": int, "image": int, "file": str}
 IMAGE_GLOB = "*_gt_*_pred_*.png"
@@ -26,13 +26,16 @@ def image_name(index: int, gt: float, pred: float) -> str:
 
 
 def image_row(combo_key: tuple, image: int, seed: int, gt: float, pred: float, shift: float | None, unet_calls: int,
-              file: str, guidance_used: float, pilot_unet_calls: float = 0.0) -> dict:
-    """The results row of image `image` of the combination `combo_key` (the fields of COLUMNS, in order).
+              file: str, guidance_used: float, pilot_unet_calls: float = 0.0, particles: int = 1,
+              ess: list[float] | None = None) -> dict:
+    """The results row of image `image` of the combination `combo_key` (the fields of COLUMNS, in order, then "ess").
     guidance_used: the strength applied ("auto" chose it; "posterior" varies by step); pilot_unet_calls: the image's
-    share of the auto pilot."""
+    share of the auto pilot; particles: per image (1: none); ess: with particles, their effective share at each step
+    and after the final weight (final_ess: the last), else None."""
     return {**dict(zip(KEY, combo_key, strict=True)), "image": image, "seed": seed, "image_seed": image_seed(seed, image),
             "gt": gt, "pred": pred, "shift": shift, "unet_calls": unet_calls, "file": file, "guidance_used": guidance_used,
-            "pilot_unet_calls": pilot_unet_calls}
+            "pilot_unet_calls": pilot_unet_calls, "particles": particles, "final_ess": None if ess is None else ess[-1],
+            "ess": ess}
 
 
 def guidance_label(guidance: float | str) -> str:
