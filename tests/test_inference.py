@@ -37,7 +37,7 @@ def test_a_sweep_writes_rows_folders_and_figures(tmp_path, run):
     rows = read_rows(out / "results.csv")
     assert len(rows) == 2 * 2 * 2 * 3
     columns = ["prompt", "target", "guidance", "best_of", "image", "seed", "image_seed", "gt", "pred", "shift", "unet_calls",
-               "file", "guidance_used", "pilot_unet_calls"]
+               "file", "guidance_used", "pilot_unet_calls", "particles", "final_ess"]
     assert list(rows[0]) == columns
     assert all(float(r["shift"]) > 0 for r in rows)  # the predictor carries its training latents
     folders = sorted(p.name for p in out.iterdir() if p.is_dir())
@@ -135,6 +135,9 @@ def test_existing_images_are_not_overwritten_silently(tmp_path, run, capsys):
         (["--prompt", "a\x07photo"], "holds control characters"),
         (["--num_images", "1000000000"], "--num_images 1000000000 images of 64x64 in batches of 4 need at least"),
         (["--num_images", "2", "--bs", "2", "--height", "4096", "--width", "4096"], "trained on 8x8 latents"),
+        (["--guidance", "10", "--particles", "2"], "--scheduler 'pndm' steps deterministically, and particles need"),
+        (["--guidance", "auto", "--particles", "2"], "--particles with --guidance auto"),
+        (["--particles", "5000"], "--particles 5000 is more than 4096"),
     ],
 )
 def test_bad_input_is_one_line_and_samples_nothing(tmp_path, run, capsys, reward_model_path, args, expected):
