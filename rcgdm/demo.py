@@ -44,6 +44,7 @@ BREAKDOWN_GUIDANCE = (0.0, 150.0, 600.0, 2400.0)  # at the top target: where ima
 CFG = 3.0  # classifier-free guidance: the tiny model's samples are clean at 2-4 and oversaturated at SD's 7.5
 COMPRESSIBILITY_GUIDANCE = 40.0  # its labels span ~4x the ResNet's: the same pull needs less strength
 TARGET_STDS = (-2, -1, 0, 1, 2)
+PARTICLES = 8  # per guided image in the particle step: 8x the UNet calls of one sample
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,7 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, paper_only: bool
             for name, m in methods.items()))
     if auto:
         run_calibrated(out, sizes, seconds, report)
+        run_particles(out, sizes, seconds, report)
     if not paper_only:
         top = targets(mean, std)[-1]
         levels = [f"{g:g}" for g in BREAKDOWN_GUIDANCE]
@@ -182,6 +184,21 @@ def run_calibrated(out: Path, sizes: Sizes, seconds: dict, report: dict) -> None
           f"{', '.join(f'{v:.3f}' for v in numbers['gt_mean_per_target'])} (predicted "
           f"{', '.join(f'{v:.3f}' for v in numbers['predicted_mean_per_target'])}); spread across targets "
           f"{numbers['gt_spread_in_label_std']:.2f} label std; predicted variance / squared error by noise level {ratios}")
+
+
+def run_particles(out: Path, sizes: Sizes, seconds: dict, report: dict) -> None:
+    """The paper's predictor at the demo's strength with PARTICLES particles per image (rcgdm/particles.py: DDPM steps)
+    on the prompt "" at the same targets, beside unguided DDPM images."""
+    mean, std = report["labels"]["mean"], report["labels"]["std"]
+    sweep = ["--prompt", PROMPTS[0], "--target", *targets(mean, std), "--guidance", "0", f"{GUIDANCE:g}", "--scheduler",
+             "ddpm", "--particles", str(PARTICLES)]
+    run("inference: particles", inference(out, out / "particles", sizes, *sweep), seconds)
+    strength = f"{GUIDANCE:g}"
+    numbers = report["particles"] = methods_compared(out / "particles", std, GUIDANCE, PROMPTS[0], (strength,))[strength]
+    print(f"--> {PARTICLES} particles at guidance {strength}, (unconditional): ground truth per target "
+          f"{', '.join(f'{v:.3f}' for v in numbers['gt_mean_per_target'])}; |ground truth - target| "
+          f"{numbers['mean_abs_target_error']:.3f}, MMD^2 to unguided {_number(numbers['mean_mmd_to_unguided'], 3)}, "
+          f"{numbers['unet_calls']:.0f} UNet calls")
 
 
 def run_compressibility(out: Path, sizes: Sizes, seconds: dict, report: dict) -> None:

@@ -50,14 +50,15 @@ def effect_numbers(sweep: Path, mean: float, std: float, guidance: float, prompt
     }
 
 
-def methods_compared(sweep: Path, std: float, guidance: float, prompt: str) -> dict:
-    """For one prompt, the fixed `guidance` beside `--guidance auto` and `posterior`, over the sweep's targets: the
+def methods_compared(sweep: Path, std: float, guidance: float, prompt: str, names: tuple[str, ...] | None = None) -> dict:
+    """For one prompt, the fixed `guidance` beside `--guidance auto` and `posterior` (or the strengths `names`), over the
+    sweep's targets: the
     ground truth per target, mean |ground truth - target|, mean MMD^2 to the unguided images, the ground truth's spread
     across targets (max - min, in label std), total UNet calls of the images (and of auto's pilots), and how many
     targets auto reported unreachable."""
     combos = [c for c in json.loads((sweep / "summary.json").read_text())["combinations"] if c["prompt"] == prompt]
     out = {}
-    for name in (f"{guidance:g}", "auto", "posterior"):
+    for name in names or (f"{guidance:g}", "auto", "posterior"):
         mine = sorted((c for c in combos if c["guidance"] == (guidance if name[0].isdigit() else name)),
                       key=lambda c: c["target"])
         gt = [c["gt_mean"] for c in mine]
