@@ -13,6 +13,10 @@ in closed form (rcgdm/simulation/theory.py). Five samplers at each target a (rcg
 - conditional: the paper's meta-algorithm, a reward model fitted on the labelled points pseudo-labels the
   unlabelled ones and a conditional diffusion model is trained on them, sampled at y = a.
 
+and, at the targets inside the labels' range, particles (rcgdm/particles.py) over `particle_steps` DDPM steps:
+smc_K for K in `particles` (the level-blind predictor at its posterior strength as the proposal, the exact
+p(y = a | x0) as the final weight) and smc_calibrated_16 (the calibrated predictor's likelihood throughout).
+
 It checks the paper's claims: (i) the conditional model recovers the subspace (principal angle), (ii) the reward
 moves toward the target, (iii) leaving the labels' range costs distance from the subspace.
 
@@ -20,8 +24,8 @@ moves toward the target, (iii) leaving the labels' range costs distance from the
     python3 simulation.py --off_subspace=0.3 --targets=0,2,4,8 --out_dir=sim_off
 
 Writes `out_dir`/summary.json (every measure, per target and sampler), reward_vs_target.png,
-off_subspace_vs_target.png and w2_vs_target.png. A run never replaces another run's files: `--overwrite=True` says it
-may.
+off_subspace_vs_target.png, w2_vs_target.png and particles.png. A run never replaces another run's files:
+`--overwrite=True` says it may.
 
     python3 simulation.py --bound=True --out_dir=bound_out   # the paper's bound (rcgdm/simulation/bound.py): minutes
 
@@ -63,7 +67,7 @@ predictor_epochs = 150
 calibrated_epochs = 60  # passes over the pseudo-labelled unlabelled points, in batches of 500
 conditional_steps = 3000
 particles = "1,4,16,64"  # K of the rows smc_K (rcgdm/particles.py); "" for none
-particle_targets = "-2,0,1,2"  # inside the labels' range; each also a target (its exact draws are the floor)
+particle_targets = "range"  # range: the targets inside the labels' range; else some of the targets (exact draws: the floor)
 particle_steps = 100  # DDPM steps for the particles (its ancestral step needs more than DDIM's 50)
 seed = 0
 out_dir = "simulation_out"
@@ -111,9 +115,10 @@ def read_config(argv: list[str]) -> dict:
         if not ok(config):
             raise UserError(f"--{key}={config[key]!r} is out of range; expected {expected}")
     config["targets"] = parse_targets(config["targets"], "targets")
-    config["particle_targets"] = parse_targets(config["particle_targets"], "particle_targets")
+    if config["particle_targets"] != "range":
+        config["particle_targets"] = parse_targets(config["particle_targets"], "particle_targets")
     config["particles"] = parse_particles(config["particles"])
-    if not set(config["particle_targets"]) <= set(config["targets"]):
+    if config["particle_targets"] != "range" and not set(config["particle_targets"]) <= set(config["targets"]):
         raise UserError(f"--particle_targets={','.join(f'{t:g}' for t in config['particle_targets'])} are not all among "
                         f"--targets; expected some of {','.join(f'{t:g}' for t in config['targets'])}")
     check_memory(config)

@@ -29,7 +29,8 @@ def report(results: dict, gpu: dict | None) -> str:
     s = results["sections"]
     if "images_per_second" in s:
         gpu = results
-    lines = [*header_lines(results), *guidance_lines(s["guidance"]), *cache_lines(s["encode"], s["train_py_cache"]),
+    lines = [*header_lines(results), *guidance_lines(s["guidance"]), *particle_lines(s["particles"]),
+             *cache_lines(s["encode"], s["train_py_cache"]),
              *training_lines(s["training_loop"], s["end_to_end"]), *streaming_lines(s["streaming"]), *gpu_lines(gpu)]
     return "\n".join(lines) + "\n"
 
@@ -62,6 +63,23 @@ def guidance_lines(g: dict) -> list[str]:
         row("guided / guidance 0", g["ratio_guided_vs_g0"], 1.05),
         f"| peak memory, guided / guidance 0 | {g['memory_ratio_guided_vs_g0']:.3f} ({mib(g, 'ours_guided')} / "
         f"{mib(g, 'ours_g0')} MiB above the start) | <= 1.10 | {verdict(g['memory_ratio_guided_vs_g0'], 1.10)} |",
+        "",
+    ]
+
+
+def particle_lines(p: dict) -> list[str]:
+    return [
+        f"## Particles ({p['model']}, {p['size']} px, {p['steps']} DDPM steps, K = {p['particles']})",
+        "",
+        "One image from K particles (rcgdm/particles.py), its K denoised in one batch, against K images sampled plainly.",
+        "",
+        "| measure | value | goal | met |",
+        "| --- | --- | --- | --- |",
+        f"| K images, unguided (s) | {fmt(p['seconds']['unguided_k_images'])} | | |",
+        f"| K images, guided (s) | {fmt(p['seconds']['guided_k_images'])} | | |",
+        f"| one image from K particles (s) | {fmt(p['seconds']['one_image_k_particles'])} | | |",
+        row("K particles / K unguided images", p["ratio_particles_vs_unguided"], 1.05),
+        row("K particles / K guided images", p["ratio_particles_vs_guided"], 1.05),
         "",
     ]
 

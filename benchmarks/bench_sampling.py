@@ -79,3 +79,29 @@ def bench_images_per_second(model: str, device: torch.device, size: int, steps: 
         "ratio_guided_vs_unguided_time": paired_ratio(times["ours_guided"], times["ours_unguided"]),
         "ratio_unguided_vs_stock_time": paired_ratio(times["ours_unguided"], times["stock"]),
     }
+
+
+def bench_particles(model: str, device: torch.device, size: int, steps: int, particles: int, repeats: int) -> dict:
+    """One image from K particles (rcgdm/particles.py) against K images sampled plainly (unguided, and guided at the same
+    strength), DDPM steps, the K denoised in one batch: per particle, the SMC's own bookkeeping beside the sampling."""
+    from rcgdm.sampler import sample_particle_latents
+    from rcgdm.schedulers import make_scheduler
+
+    pipe = load_pipeline(model).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = make_scheduler("ddpm", pipe.scheduler.config)
+    steer = RewardGuidance(ThreeLayerConvNet().to(device).eval(), 1.0, 100.0)
+    common = {"num_inference_steps": steps, "height": size, "width": size, "progress_bar": False}
+    variants = {
+        "unguided_k_images": lambda: sample_latents(pipe, PROMPT, image_generators(0, range(particles)), None, **common),
+        "guided_k_images": lambda: sample_latents(pipe, PROMPT, image_generators(0, range(particles)), steer, **common),
+        "one_image_k_particles": lambda: sample_particle_latents(pipe, PROMPT, image_generators(0, [0]), steer, particles,
+                                                                 particles, **common),
+    }
+    times = interleaved(variants, repeats, device)
+    return {
+        "model": model, "size": size, "steps": steps, "particles": particles,
+        "seconds": {name: spread(t) for name, t in times.items()},
+        "ratio_particles_vs_unguided": paired_ratio(times["one_image_k_particles"], times["unguided_k_images"]),
+        "ratio_particles_vs_guided": paired_ratio(times["one_image_k_particles"], times["guided_k_images"]),
+    }

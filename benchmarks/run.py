@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from bench_encoding import bench_encode, bench_train_py_cache
 from bench_report import report
-from bench_sampling import bench_guidance, bench_images_per_second
+from bench_sampling import bench_guidance, bench_images_per_second, bench_particles
 from bench_streaming import bench_streaming
 from bench_training import bench_training_loop
 from timing import ROOT, machine
@@ -55,6 +55,7 @@ def run(quick: bool, only: set[str] | None = None) -> dict:
         size, steps = (64, 2) if quick else (192, 3)
         section("guidance", lambda: bench_guidance(sd, cpu, torch.float32, size, steps, 1, repeats))
         section("encode", lambda: bench_encode(sd, cpu, 64 if quick else 128, 4 if quick else 8, 4 if quick else 8, repeats))
+    section("particles", lambda: bench_particles(sd, device, size, steps, 4 if quick else 8, repeats))
     section("training_loop", lambda: bench_training_loop(device, 20 if quick else 100, 8 if quick else 64, repeats))
     section("streaming", lambda: bench_streaming(quick))
     with tempfile.TemporaryDirectory() as tmp:

@@ -282,7 +282,7 @@ def script_runs(tmp_path, reward_model_path=None, predictor_path=None) -> dict:
     """script -> (the run's name in its folder, its argv into tmp_path/out): each completes quickly if let through."""
     out = tmp_path / "out"
     sim = ["--dim=16", "--sub_dim=4", "--num_labelled=40", "--num_unlabelled=200", "--num_samples=100",
-           "--predictor_epochs=2", "--conditional_steps=20", "--targets=0,1"]
+           "--predictor_epochs=2", "--conditional_steps=20", "--targets=0,1", "--particles="]
     labels = tmp_path / "labels.npy"
     np.save(labels, np.linspace(0, 1, 16, dtype=np.float32)[:, None])
     return {

@@ -16,7 +16,8 @@ from rcgdm.simulation.theory import make_world
 from rcgdm.training import noise_level
 
 SMALL = ["--dim=16", "--sub_dim=4", "--num_labelled=120", "--num_unlabelled=3000", "--num_samples=600",
-         "--predictor_epochs=60", "--conditional_steps=1500", "--targets=0,1,3"]
+         "--predictor_epochs=60", "--conditional_steps=1500", "--targets=0,1,3", "--particles=1,16", "--particle_targets=1",
+         "--particle_steps=60"]
 
 
 def test_the_simulation_measures_the_three_claims(tmp_path, capsys):
@@ -24,7 +25,10 @@ def test_the_simulation_measures_the_three_claims(tmp_path, capsys):
     assert run_script("simulation.py", *SMALL, f"--out_dir={out}") == 0
     summary = json.loads((out / "summary.json").read_text())
     rows = {(r["target"], r["sampler"]): r for r in summary["rows"]}
-    assert len(rows) == 15 and all(isinstance(r[k], float) for r in rows.values() for k in ("reward_mean", "reward_std", "w2"))
+    assert len(rows) == 18 and all(isinstance(r[k], float) for r in rows.values() for k in ("reward_mean", "reward_std", "w2"))
+    one, many = rows[1.0, "smc_1"], rows[1.0, "smc_16"]  # particles correct the level-blind proposal's too wide law
+    assert many["reward_std"] < 0.6 * one["reward_std"] and many["w2"] < one["w2"], (one, many)
+    assert 0 < many["final_ess"] < 1 and rows[1.0, "smc_calibrated_16"]["particles"] == 16
     for a in (0.0, 1.0, 3.0):
         exact = rows[a, "exact"]  # the answer's own draws: the theory's mean reward, within sampling error
         assert abs(exact["reward_mean"] - exact["exact_reward"]) < 4 * exact["reward_se"]
@@ -52,6 +56,8 @@ def test_the_simulation_measures_the_three_claims(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(("flag", "message"), [("--targets=1,x", "--targets='1,x' is not a list"),
+                                               ("--particles=4,x", "--particles='4,x' is not a list of distinct counts"),
+                                               ("--particle_targets=5", "--particle_targets=5 are not all among --targets"),
                                                ("--sub_dim=64", "--sub_dim=64 is out of range"),
                                                ("--num_samples=8", "--num_samples=8 is out of range"),
                                                ("--dim=300000", "--dim=300000 is out of range; expected an integer "
@@ -70,8 +76,9 @@ def test_a_run_larger_than_the_machines_memory_is_one_line_before_anything_is_al
     flags = ["--dim=4096", "--num_unlabelled=10000000", "--num_samples=5000", f"--out_dir={tmp_path / 'sim'}"]
     assert run_script("simulation.py", *flags) == 2
     line = error_line(capsys.readouterr().err)
-    assert line.startswith("error: --dim=4096 with --num_unlabelled=10000000 and --num_samples=5000 needs at least 985 GB "
-                           "(984 GB of points, 1.07 GB of covariances), more than the") and not (tmp_path / "sim").exists()
+    assert line.startswith("error: --dim=4096 with --num_unlabelled=10000000 and --num_samples=5000 needs at least "
+                           "1.03e+03 GB (1.02e+03 GB of points, 1.07 GB of covariances), more than the")
+    assert not (tmp_path / "sim").exists()
 
 
 def test_the_curve_of_exact_errors_is_the_exact_label_variance():
@@ -120,11 +127,13 @@ def test_the_learned_networks_start_from_the_seed_and_leave_the_global_rng_alone
 
 def test_a_diverged_sampler_is_recorded_as_diverged_not_as_numbers(tmp_path, capsys):
     tiny = ["--dim=16", "--sub_dim=4", "--num_labelled=40", "--num_unlabelled=200", "--num_samples=100",
-            "--predictor_epochs=2", "--conditional_steps=20", "--targets=0,5", "--fixed_guidance=1e8"]
+            "--predictor_epochs=2", "--conditional_steps=20", "--targets=0,5", "--fixed_guidance=1e8", "--particles=",
+            "--particle_targets=0"]
     assert run_script("simulation.py", *tiny, f"--out_dir={tmp_path / 'sim'}") == 0
     rows = json.loads((tmp_path / "sim" / "summary.json").read_text())["rows"]  # strict JSON: no NaN in it
     fixed = [r for r in rows if r["sampler"] == "fixed"]
     assert len(fixed) == 2 and all(r["diverged"] and r["reward_mean"] is None and r["w2"] is None for r in fixed)
+    assert [r["sampler"] for r in rows if r["sampler"].startswith("smc")] == ["smc_calibrated_16"]  # --particles='': none
     assert not any(r["diverged"] for r in rows if r["sampler"] != "fixed")
     assert capsys.readouterr().out.count("diverged (NaN, inf or too large)") == 2
     assert (tmp_path / "sim" / "reward_vs_target.png").stat().st_size > 1000

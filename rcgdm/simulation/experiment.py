@@ -60,7 +60,7 @@ class Settings:
     conditional_steps: int
     seed: int
     particles: tuple[int, ...] = ()  # K of the rows smc_K
-    particle_targets: tuple[float, ...] = ()
+    particle_targets: tuple[float, ...] | str = "range"  # "range": the targets inside the labels' range
     particle_steps: int = 100
 
 
@@ -151,10 +151,12 @@ def draw_particles(learned: Learned, s: Settings, a: float, k: int, generator: t
 
 
 def particle_rows(learned: Learned, s: Settings, generator: torch.Generator) -> list[dict]:
-    """The rows smc_K (K in s.particles) and smc_calibrated_16 at each of s.particle_targets, with the share of
-    effective particles left after the final weight."""
-    rows = []
-    for a in tqdm(s.particle_targets, desc="particles"):
+    """The rows smc_K (K in s.particles) and smc_calibrated_16 at each of s.particle_targets (or, for "range", each
+    target inside the labelled points' range), with the share of effective particles left after the final weight."""
+    rows, targets = [], s.particle_targets
+    if targets == "range":
+        targets = [a for a in s.targets if float(learned.y.min()) <= a <= float(learned.y.max())]
+    for a in tqdm(targets, desc="particles"):
         kinds = [(f"smc_{k}", k, False) for k in s.particles]
         for name, k, calibrated in [*kinds, (f"smc_calibrated_{CALIBRATED_PARTICLES}", CALIBRATED_PARTICLES, True)]:
             points, trace = draw_particles(learned, s, a, k, generator, calibrated)
