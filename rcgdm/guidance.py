@@ -106,6 +106,16 @@ def reward_gradient(predictor: nn.Module, x_t: torch.Tensor, target: float, batc
     return loss_and_gradient(predictor, x_t, target, batch_mean, level, likelihood)[1]
 
 
+def guidance_label(guidance: float | str) -> str:
+    """A strength as text: "150", "auto", "posterior"."""
+    return guidance if isinstance(guidance, str) else f"{guidance:g}"
+
+
+def guidance_order(guidance: float | str) -> tuple:
+    """A sort key: numbers in order, then "auto", then "posterior"."""
+    return (1, guidance) if isinstance(guidance, str) else (0, guidance)
+
+
 GRAD_PATHS = ("xt", "x0")
 LIMIT_SIGNAL = 1e-6  # s at which a level-aware predictor's term stands for its limit at s = 0 (module docstring)
 

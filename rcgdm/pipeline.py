@@ -23,7 +23,7 @@ from rcgdm.cli import InputError, UserError
 from rcgdm.distributed import batches
 from rcgdm.evaluate import distribution_shift, predicted_reward
 from rcgdm.families import FAMILIES, Family, family_of_pipe
-from rcgdm.guidance import RewardGuidance
+from rcgdm.guidance import RewardGuidance, guidance_label
 from rcgdm.models import SD15, load_pipeline, model_facts
 from rcgdm.pipeline_checks import (
     check_call,
@@ -40,7 +40,6 @@ from rcgdm.rewards import Reward, load_reward
 from rcgdm.sampler import decode, sample_latents, sample_particle_latents
 from rcgdm.schedulers import check_particle_scheduler, check_step_count, check_steps, make_scheduler, token_count
 from rcgdm.seeds import image_generators
-from rcgdm.sweep.rows import guidance_label
 
 
 @dataclass(frozen=True)

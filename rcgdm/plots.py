@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
 from rcgdm.files.atomic import atomic_path
-from rcgdm.sweep.rows import guidance_label, guidance_order
+from rcgdm.guidance import guidance_label, guidance_order
 
 
 def save_figure(fig, path: str | Path) -> None:

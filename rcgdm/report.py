@@ -19,15 +19,13 @@ import torch
 from rcgdm import plots
 from rcgdm.files.atomic import save_json, save_text
 from rcgdm.files.png import load_png
+from rcgdm.guidance import guidance_label
 from rcgdm.image_distances import diversity, image_features, median_bandwidth, mmd2
 from rcgdm.sweep.auto import MAX_GUIDANCE
 from rcgdm.sweep.engine import SweepStats
+from rcgdm.sweep.outputs import REPORT_FILES
 from rcgdm.sweep.plan import Combo
-from rcgdm.sweep.rows import COLUMNS, combo_key, guidance_label
-
-# every file the report may write (a figure with nothing to draw is not)
-REPORT_FILES = ("results.csv", "summary.json", "reward_vs_target.png", "shift_vs_target.png", "reward_vs_compute.png",
-                "reward_vs_distance.png", "ess_per_step.png", "grid.png")
+from rcgdm.sweep.rows import COLUMNS, combo_key
 
 
 def write_report(out_dir: Path, combos: list[Combo], rows: list[dict], stats: SweepStats, record: dict,

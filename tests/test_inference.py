@@ -13,7 +13,7 @@ from PIL import Image
 
 from rcgdm.files.atomic import save_torch
 from rcgdm.predictor import ThreeLayerConvNet, predictor_checkpoint
-from rcgdm.report import REPORT_FILES
+from rcgdm.sweep.outputs import REPORT_FILES
 
 NAME = re.compile(r"^(\d+)_gt_(-?\d+\.\d{4})_pred_(-?\d+\.\d{4})\.png$")
 

@@ -11,10 +11,13 @@ from pathlib import Path
 from rcgdm.cli import UserError, check_creatable, writable_dir
 from rcgdm.files import run_folder
 from rcgdm.files.output_checks import refuse_inputs_as_outputs, refuse_outputs_inside_inputs
-from rcgdm.report import REPORT_FILES
 from rcgdm.sweep.plan import Combo
 from rcgdm.sweep.resume import FILE, RUN, ResumeLog, check_start, progress_files
 from rcgdm.sweep.rows import IMAGE_GLOB, is_image_name
+
+# every file the report (rcgdm/report.py) may write (a figure with nothing to draw is not)
+REPORT_FILES = ("results.csv", "summary.json", "reward_vs_target.png", "shift_vs_target.png", "reward_vs_compute.png",
+                "reward_vs_distance.png", "ess_per_step.png", "grid.png")
 
 
 def check_outputs(out_dir: Path, combos: list[Combo], inputs: dict[str, str], model_folder: Path | None, resume: bool,

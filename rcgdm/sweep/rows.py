@@ -38,16 +38,6 @@ def image_row(combo_key: tuple, image: int, seed: int, gt: float, pred: float, s
             "ess": ess}
 
 
-def guidance_label(guidance: float | str) -> str:
-    """A strength as text: "150", "auto", "posterior"."""
-    return guidance if isinstance(guidance, str) else f"{guidance:g}"
-
-
-def guidance_order(guidance: float | str) -> tuple:
-    """A sort key: numbers in order, then "auto", then "posterior"."""
-    return (1, guidance) if isinstance(guidance, str) else (0, guidance)
-
-
 def combo_key(row: dict) -> tuple:
     """(prompt, target, guidance, best_of) of a row (or of anything with those fields, as a dict)."""
     return tuple(row[field] for field in KEY)
