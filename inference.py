@@ -17,6 +17,11 @@ the run (rcgdm/report.py) results.csv, summary.json, reward_vs_target.png, shift
 (distribution shift: distance of the final latents to the predictor's training latents),
 reward_vs_compute.png (reward against UNet calls per image, for best-of-N), reward_vs_distance.png (reward against
 MMD^2 to the unguided images: what the guidance bought and cost) and grid.png.
+
+    python3 inference.py --target 1 --guidance 100 --scheduler ddpm --particles 8   # particles: rcgdm/particles.py
+
+--particles K samples each guided image from K particles (twisted SMC, exact as K grows for the likelihood the
+guidance steers by), at K times the UNet calls; the report adds their effective share per step (ess_per_step.png).
 """
 
 from __future__ import annotations
