@@ -170,6 +170,11 @@ def check_particles(args: argparse.Namespace) -> None:
                         "batch, and particles change it; expected one of the two")
 
 
+def particles_used(args: argparse.Namespace) -> int:
+    """--particles, or 1 for a run with no guided combination (unguided images never use particles)."""
+    return args.particles if any(g != 0 for g in args.guidance) else 1
+
+
 AUTO_TOLERANCE_STDS = 0.1  # --guidance auto's default tolerance, in label std (the predictor records it)
 
 
@@ -244,7 +249,7 @@ def main() -> None:
     with state.main_process_first():  # hub downloads happen once
         facts = model_facts(args.model)  # configs only; the family fills the settings left open
     fill_family_defaults(args, FAMILIES[facts["family"]])
-    if args.particles > 1 and any(g != 0 for g in args.guidance):
+    if particles_used(args) > 1:
         check_particle_scheduler(args.scheduler)  # the family's default, if none was asked for
     pipe = load(args, facts, state, device, dtype)  # every input is checked before any output folder exists
     if POSTERIOR in args.guidance:
@@ -289,7 +294,7 @@ def load(args: argparse.Namespace, facts: dict, state: PartialState, device: tor
             dtype=dtype, ignore_provenance=args.ignore_provenance, grad_path=args.grad_path, height=args.height,
             width=args.width, facts=facts,
         )
-    particles = args.particles if any(g != 0 for g in args.guidance) else 1
+    particles = particles_used(args)
     pipe.check(args.num_inference_steps, args.grad_path, args.height, args.width, args.distilled_guidance, particles)
     check_memory(args.num_images, args.bs, max(args.best_of), *pipe.image_size(args.height, args.width), device, particles)
     return pipe
