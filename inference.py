@@ -2,7 +2,7 @@
 
 At every denoising step, after classifier-free guidance, the noise prediction gets the term
     eps <- eps + sqrt(1 - alpha_bar_t) * guidance * grad_x 1/2 ||target - mu(x_t)||^2
-(rcgdm/guidance.py). Each image is then scored by the ground-truth reward (fake_dataset.py) and by
+(rcgdm/sampling/guidance.py). Each image is then scored by the ground-truth reward (fake_dataset.py) and by
 the predictor on its VAE re-encoding (train.py).
 
     python3 inference.py --target 1 --guidance 100 --num_images 100
@@ -18,7 +18,7 @@ the run (rcgdm/report.py) results.csv, summary.json, reward_vs_target.png, shift
 reward_vs_compute.png (reward against UNet calls per image, for best-of-N), reward_vs_distance.png (reward against
 MMD^2 to the unguided images: what the guidance bought and cost) and grid.png.
 
-    python3 inference.py --target 1 --guidance 100 --scheduler ddpm --particles 8   # particles: rcgdm/particles.py
+    python3 inference.py --target 1 --guidance 100 --scheduler ddpm --particles 8   # particles: rcgdm/sampling/particles.py
 
 --particles K samples each guided image from K particles (twisted SMC, exact as K grows for the likelihood the
 guidance steers by), at K times the UNet calls; the report adds their effective share per step (ess_per_step.png).
@@ -48,20 +48,20 @@ from rcgdm.cli import (
     text_problem,
     writable_dir,
 )
-from rcgdm.families import FAMILIES, Family
 from rcgdm.files import run_folder
 from rcgdm.files.atomic import remove_leftovers
 from rcgdm.files.locking import LOCK_FILE, refuse_if_locked
 from rcgdm.files.output_checks import refuse_nested_runs
 from rcgdm.files.provenance import package_versions, sha256_file
-from rcgdm.guidance import GRAD_PATHS
 from rcgdm.models import SD15, local_model_folder, model_facts, model_fingerprint
-from rcgdm.particles import MAX_PARTICLES
 from rcgdm.pipeline import RewardDirectedPipeline
 from rcgdm.pipeline_checks import check_memory
-from rcgdm.posterior import POSTERIOR
 from rcgdm.report import write_report
-from rcgdm.schedulers import SCHEDULERS, check_particle_scheduler, scheduler_support
+from rcgdm.sampling.families import FAMILIES, Family
+from rcgdm.sampling.guidance import GRAD_PATHS
+from rcgdm.sampling.particles import MAX_PARTICLES
+from rcgdm.sampling.posterior import POSTERIOR
+from rcgdm.sampling.schedulers import SCHEDULERS, check_particle_scheduler, scheduler_support
 from rcgdm.sweep.auto import AUTO
 from rcgdm.sweep.engine import SweepSettings, check_images_visible, run_sweep, unguided_first_images
 from rcgdm.sweep.outputs import RUN, check_outputs, finish, prepare_folders, run_dir
@@ -116,8 +116,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--best_of", type=positive_int, nargs="+", default=[1],
                    help="N candidates per image, keep the one whose predicted reward is closest to the target (default: 1)")
     p.add_argument("--particles", type=positive_int, default=1,
-                   help="K particles per guided image (twisted SMC: rcgdm/particles.py), needs --scheduler ddpm or euler_a "
-                        "(flow models: flow_euler), denoised --bs at a time (default: 1, none)")
+                   help="K particles per guided image (twisted SMC: rcgdm/sampling/particles.py), needs --scheduler ddpm or "
+                        "euler_a (flow models: flow_euler), denoised --bs at a time (default: 1, none)")
     return p.parse_args()
 
 
@@ -201,7 +201,7 @@ def family_defaults(setting: str) -> str:
 
 
 def fill_family_defaults(args: argparse.Namespace, family: Family) -> None:
-    """Steps, cfg, scheduler and distilled guidance left open take the model family's own (rcgdm/families.py)."""
+    """Steps, cfg, scheduler and distilled guidance left open take the model family's own (rcgdm/sampling/families.py)."""
     args.num_inference_steps, args.cfg, args.scheduler = family.fill(args.num_inference_steps, args.cfg, args.scheduler)
     if args.distilled_guidance is None:
         args.distilled_guidance = family.distilled_guidance

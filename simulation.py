@@ -13,7 +13,7 @@ in closed form (rcgdm/simulation/theory.py). Five samplers at each target a (rcg
 - conditional: the paper's meta-algorithm, a reward model fitted on the labelled points pseudo-labels the
   unlabelled ones and a conditional diffusion model is trained on them, sampled at y = a.
 
-and, at the targets inside the labels' range, particles (rcgdm/particles.py) over `particle_steps` DDPM steps:
+and, at the targets inside the labels' range, particles (rcgdm/sampling/particles.py) over `particle_steps` DDPM steps:
 smc_K for K in `particles` (the level-blind predictor at its posterior strength as the proposal, the exact
 p(y = a | x0) as the final weight) and smc_calibrated_16 (the calibrated predictor's likelihood throughout).
 
@@ -46,7 +46,7 @@ from rcgdm.config import read
 from rcgdm.files import run_folder
 from rcgdm.files.atomic import remove_leftovers, save_json
 from rcgdm.files.locking import LOCK_FILE, locked
-from rcgdm.particles import MAX_PARTICLES
+from rcgdm.sampling.particles import MAX_PARTICLES
 from rcgdm.simulation.bound import MEASURES, run_bound
 from rcgdm.simulation.experiment import Settings, memory_needed, run
 from rcgdm.simulation.figures import BOUND_FIGURE, FIGURES, draw_bound, draw_figures
@@ -66,7 +66,7 @@ fixed_guidance = 100.0
 predictor_epochs = 150
 calibrated_epochs = 60  # passes over the pseudo-labelled unlabelled points, in batches of 500
 conditional_steps = 3000
-particles = "1,4,16,64"  # K of the rows smc_K (rcgdm/particles.py); "" for none
+particles = "1,4,16,64"  # K of the rows smc_K (rcgdm/sampling/particles.py); "" for none
 particle_targets = "range"  # range: the targets inside the labels' range; else some of the targets (exact draws: the floor)
 particle_steps = 100  # DDPM steps for the particles (its ancestral step needs more than DDIM's 50)
 seed = 0

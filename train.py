@@ -7,7 +7,7 @@ schedule, with fresh noise, and a 3-layer residual ConvNet learns to predict the
 label from the noisy latent (it is not told t). MSE loss, Adam. For SDXL the same, on SDXL's VAE; for
 SD3 and FLUX the VAE's shift and scaling factors apply and the noise is flow matching's, (1 - sigma) x0 +
 sigma eps at the sigmas of the model's `num_inference_steps` schedule at `image_size` (FLUX.1-dev's shift
-depends on it) (rcgdm/families.py, rcgdm/training.py). FLUX's latents are the unpacked (16, h, w) ones.
+depends on it) (rcgdm/sampling/families.py, rcgdm/training.py). FLUX's latents are the unpacked (16, h, w) ones.
 
 predictor="calibrated" trains, in place of the paper's net, the same ConvNet told the noise level (alpha_bar, or
 sigma for SD3 and FLUX) with a second output, log Var(y | x_t), learned by the Gaussian likelihood of the labels with
@@ -44,16 +44,16 @@ from rcgdm import distributed, plots
 from rcgdm.cli import MAX_SEED, UserError, run_main, writable_dir
 from rcgdm.config import read
 from rcgdm.data import check_num_data, open_source
-from rcgdm.families import FAMILIES
 from rcgdm.files import run_folder
 from rcgdm.files.atomic import remove_leftovers, save_json, save_text, save_torch
 from rcgdm.files.locking import refuse_if_locked
 from rcgdm.files.output_checks import refuse_nested_runs
 from rcgdm.files.provenance import package_versions
 from rcgdm.models import load_scheduler, model_facts
-from rcgdm.posterior import fit_curve, posterior_fields
 from rcgdm.predictor import ThreeLayerConvNet, make_predictor, predictor_checkpoint
-from rcgdm.schedulers import check_step_count, is_flow, token_count
+from rcgdm.sampling.families import FAMILIES
+from rcgdm.sampling.posterior import fit_curve, posterior_fields
+from rcgdm.sampling.schedulers import check_step_count, is_flow, token_count
 from rcgdm.training import (
     TrainingData,
     load_labels,
@@ -250,7 +250,7 @@ def run_epochs(config: SimpleNamespace, data: TrainingData, model: tuple, histor
         errors, variances = validation_outputs(net, data.val_inputs, data.y_val, levels) if validating else (None, None)
         val_loss = errors.double().mean().item() if validating else None
         by_noise, variance_by_noise, curve = None, None, None
-        if validating and config.noise:  # by noise level, and the posterior strength's curve (rcgdm/posterior.py)
+        if validating and config.noise:  # by noise level, and the posterior strength's curve (rcgdm/sampling/posterior.py)
             by_noise = loss_by_noise_level(errors, data.val_timesteps)
             if variances is not None:  # the calibrated predictor's own variance: its posterior needs no curve
                 variance_by_noise = loss_by_noise_level(variances, data.val_timesteps)

@@ -71,7 +71,8 @@ def particle_lines(p: dict) -> list[str]:
     return [
         f"## Particles ({p['model']}, {p['size']} px, {p['steps']} DDPM steps, K = {p['particles']})",
         "",
-        "One image from K particles (rcgdm/particles.py), its K denoised in one batch, against K images sampled plainly.",
+        "One image from K particles (rcgdm/sampling/particles.py), its K denoised in one batch, against K images sampled "
+        "plainly.",
         "",
         "| measure | value | goal | met |",
         "| --- | --- | --- | --- |",

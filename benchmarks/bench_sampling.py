@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from timing import PROMPT, interleaved, paired_ratio, spread
 
-from rcgdm.guidance import RewardGuidance
 from rcgdm.memory import PeakMemory
 from rcgdm.models import load_pipeline
 from rcgdm.predictor import ThreeLayerConvNet
-from rcgdm.sampler import decode, sample_latents
+from rcgdm.sampling.guidance import RewardGuidance
+from rcgdm.sampling.sampler import decode, sample_latents
 from rcgdm.seeds import image_generators
 
 
@@ -82,10 +82,10 @@ def bench_images_per_second(model: str, device: torch.device, size: int, steps: 
 
 
 def bench_particles(model: str, device: torch.device, size: int, steps: int, particles: int, repeats: int) -> dict:
-    """One image from K particles (rcgdm/particles.py) against K images sampled plainly (unguided, and guided at the same
+    """One image from K particles (rcgdm/sampling/particles.py) against K images sampled plainly (unguided, and guided at the same
     strength), DDPM steps, the K denoised in one batch: per particle, the SMC's own bookkeeping beside the sampling."""
-    from rcgdm.sampler import sample_particle_latents
-    from rcgdm.schedulers import make_scheduler
+    from rcgdm.sampling.sampler import sample_particle_latents
+    from rcgdm.sampling.schedulers import make_scheduler
 
     pipe = load_pipeline(model).to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -187,7 +187,7 @@ def run_calibrated(out: Path, sizes: Sizes, seconds: dict, report: dict) -> None
 
 
 def run_particles(out: Path, sizes: Sizes, seconds: dict, report: dict) -> None:
-    """The paper's predictor at the demo's strength with PARTICLES particles per image (rcgdm/particles.py: DDPM steps)
+    """The paper's predictor at the demo's strength with PARTICLES particles per image (rcgdm/sampling/particles.py: DDPM steps)
     on the prompt "" at the same targets, beside unguided DDPM images."""
     mean, std = report["labels"]["mean"], report["labels"]["std"]
     sweep = ["--prompt", PROMPTS[0], "--target", *targets(mean, std), "--guidance", "0", f"{GUIDANCE:g}", "--scheduler",

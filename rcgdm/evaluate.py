@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rcgdm.latent_scaling import for_denoiser
+from rcgdm.sampling.latent_scaling import for_denoiser
 
 
 @torch.no_grad()

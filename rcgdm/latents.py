@@ -27,8 +27,8 @@ from tqdm import tqdm
 from rcgdm.cli import UserError
 from rcgdm.data import ImageSource, load_batch
 from rcgdm.distributed import batches, main_only_lock, my_share
-from rcgdm.latent_scaling import for_denoiser
 from rcgdm.latent_shards import ShardedLatents, shard_path, shard_problem, write_shard
+from rcgdm.sampling.latent_scaling import for_denoiser
 from rcgdm.seeds import image_generators
 
 CACHE_FORMAT = "rcgdm.latents/1"
@@ -74,7 +74,7 @@ def encode(
     progress: bool = True, bar: tqdm | None = None,
 ) -> torch.Tensor:
     """Images 0..N-1 (or the batches `only`), resized and scaled to [-1, 1] -> one latent_dist sample
-    each, in the denoiser's scale (rcgdm/latent_scaling.py): float32 (N, C, h, w) on the CPU. `bar`: a progress bar to
+    each, in the denoiser's scale (rcgdm/sampling/latent_scaling.py): float32 (N, C, h, w) on the CPU. `bar`: a progress bar to
     advance instead of a new one."""
     dtype = next(vae.parameters()).dtype
     todo = batches(spec.num_data, batch_size) if only is None else only  # a latent's last bits depend on its batch

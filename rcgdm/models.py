@@ -6,7 +6,7 @@ every load). `tiny-random` (random weights, for plumbing tests), `tiny-sdxl-rand
 FLUX.1-schnell, rcgdm/tiny/family_builds.py) and `sd15-random` (SD v1.5's architecture with random
 weights, ~4 GB, for benchmarks) are built once (offline, seeded) into the cache folder ``$RCGDM_CACHE_DIR``
 (default ``~/.cache/rcgdm``). All load through the same `from_pretrained` path as the real models; which
-pipeline class loads a model is its family's (rcgdm/families.py).
+pipeline class loads a model is its family's (rcgdm/sampling/families.py).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from rcgdm.cli import InputError, check_creatable
-from rcgdm.families import DIFFUSION_TYPES, FAMILIES, Family, family_of, refusal
 from rcgdm.files.atomic import atomic_folder
 from rcgdm.model_files import cached_snapshot, checked_folder, hub_offline, hub_revision
+from rcgdm.sampling.families import DIFFUSION_TYPES, FAMILIES, Family, family_of, refusal
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TINY = "tiny"
@@ -147,7 +147,7 @@ def _dtype_kwargs(dtype: torch.dtype) -> dict:
 
 def check_model_index(name: str) -> Family:
     """Read only `model_index.json` and refuse, before anything is imported or loaded, a model whose pipeline class is
-    not a supported family's (rcgdm/families.py); its components were checked with every config of the folder
+    not a supported family's (rcgdm/sampling/families.py); its components were checked with every config of the folder
     (rcgdm/model_files.py). -> the model's family."""
     from diffusers import DiffusionPipeline
 

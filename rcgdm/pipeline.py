@@ -22,23 +22,22 @@ import torch
 from rcgdm.cli import InputError, UserError
 from rcgdm.distributed import batches
 from rcgdm.evaluate import distribution_shift, predicted_reward
-from rcgdm.families import FAMILIES, Family, family_of_pipe
-from rcgdm.guidance import RewardGuidance, guidance_label
 from rcgdm.models import SD15, load_pipeline, model_facts
 from rcgdm.pipeline_checks import (
     check_call,
     check_load,
     check_memory,
     check_predictor,
-    check_sampling_inputs,
     checked_device,
     latent_size,
 )
-from rcgdm.posterior import POSTERIOR
 from rcgdm.predictor import TrainedPredictor, load_predictor
 from rcgdm.rewards import Reward, load_reward
-from rcgdm.sampler import decode, sample_latents, sample_particle_latents
-from rcgdm.schedulers import check_particle_scheduler, check_step_count, check_steps, make_scheduler, token_count
+from rcgdm.sampling.families import FAMILIES, Family, check_sampling_inputs, family_of_pipe
+from rcgdm.sampling.guidance import RewardGuidance, guidance_label
+from rcgdm.sampling.posterior import POSTERIOR
+from rcgdm.sampling.sampler import decode, sample_latents, sample_particle_latents
+from rcgdm.sampling.schedulers import check_particle_scheduler, check_step_count, check_steps, make_scheduler, token_count
 from rcgdm.seeds import image_generators
 
 
@@ -85,7 +84,7 @@ def best_of_n(candidates: Iterable[Scored], picks: dict) -> dict:
 @dataclass(frozen=True)
 class Sampling:
     """How each image is sampled: denoising steps, classifier-free guidance scale and FLUX.1-dev's distilled guidance
-    (None: the family's), the image size (None: the model's), and the particles per guided image (rcgdm/particles.py),
+    (None: the family's), the image size (None: the model's), and the particles per guided image (rcgdm/sampling/particles.py),
     denoised `particle_batch` at a time."""
 
     num_inference_steps: int | None = None
@@ -105,7 +104,7 @@ class RewardDirectedPipeline:
     """A diffusers pipeline of a supported family (StableDiffusionPipeline, StableDiffusionXLPipeline,
     StableDiffusion3Pipeline or FluxPipeline), a trained reward predictor and, optionally, the ground-truth reward its labels came
     from. Calling it samples with the paper's term added at every step and scores the images. Steps and the
-    classifier-free guidance scale default to the family's own (rcgdm/families.py)."""
+    classifier-free guidance scale default to the family's own (rcgdm/sampling/families.py)."""
 
     def __init__(self, base, predictor: TrainedPredictor, reward: Reward | None = None, reward_meta: dict | None = None):
         self.base = base  # the diffusers pipeline whose components sample: its unet or transformer, VAE, scheduler
@@ -133,7 +132,7 @@ class RewardDirectedPipeline:
         facts: dict | None = None,
     ) -> RewardDirectedPipeline:
         """Load `model` (hub id, local diffusers folder, tiny, tiny-random; SD 1.x/2.x, SDXL or SD3) with `scheduler`
-        (default: its family's, rcgdm/families.py), the predictor (train.py's checkpoint) and, if given, the ground-truth
+        (default: its family's, rcgdm/sampling/families.py), the predictor (train.py's checkpoint) and, if given, the ground-truth
         reward model (fake_dataset.py's; `user_reward` names a module:function reward it records). What configs and
         checkpoints can tell is checked before the pipeline's weights load; given the `grad_path` (and `height`,
         `width`) that calls will use, the predictor is checked for those too. `facts`: the model's configs as
@@ -230,11 +229,11 @@ class RewardDirectedPipeline:
         particles: int = 1,
     ) -> Scored:
         """Sample `num_images` images of `prompt` steered toward predicted reward `target` with strength `guidance`
-        (0: the plain model; "posterior": 1 / sigma_t^2 at each step, rcgdm/posterior.py), in batches of `batch_size`;
+        (0: the plain model; "posterior": 1 / sigma_t^2 at each step, rcgdm/sampling/posterior.py), in batches of `batch_size`;
         `cfg` is the classifier-free guidance scale; best_of N keeps, per image, the candidate whose predicted reward is
         closest to the target. Steps and cfg default to the family's; `distilled_guidance` is FLUX.1-dev's guidance
         embedding (default: its pipeline's 3.5). particles=K > 1 samples each guided image from K particles
-        (rcgdm/particles.py: twisted SMC, the term its proposal, exp(-guidance * loss) its weight), denoised
+        (rcgdm/sampling/particles.py: twisted SMC, the term its proposal, exp(-guidance * loss) its weight), denoised
         `batch_size` at a time, with a scheduler that steps them (ddpm, euler_a or flow_euler); the result's `ess` holds
         their effective share per step."""
         num_inference_steps, cfg = self.defaults(num_inference_steps, cfg)

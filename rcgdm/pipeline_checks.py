@@ -10,33 +10,16 @@ import torch
 
 from rcgdm.cli import MAX_SEED, InputError, finite32, text_problem
 from rcgdm.distributed import resolve_device
-from rcgdm.families import Family
-from rcgdm.guidance import GRAD_PATHS
-from rcgdm.particles import MAX_PARTICLES
-from rcgdm.posterior import POSTERIOR
 from rcgdm.predictor import TrainedPredictor
+from rcgdm.sampling.guidance import GRAD_PATHS
+from rcgdm.sampling.particles import MAX_PARTICLES
+from rcgdm.sampling.posterior import POSTERIOR
 
 
 def latent_size(sample_size: int, vae_scale_factor: int, height: int | None, width: int | None) -> tuple[int, int]:
     """The (h, w) of the latents sampled for images of height x width (default: the model's, sample_size latents)."""
     default = sample_size * vae_scale_factor
     return (height or default) // vae_scale_factor, (width or default) // vae_scale_factor
-
-
-def check_sampling_inputs(family: Family, scale: int, patch: int, height: int | None, width: int | None,
-                          distilled_guidance: float | None) -> None:
-    """InputError unless images of height x width (None: the model's) make whole latent tokens, a multiple of the
-    VAE's `scale` times the denoiser's `patch` (8 for SD and SDXL, 16 for SD3 and FLUX), and distilled guidance is
-    given only to a transformer with a guidance embedding (FLUX.1-dev). The API's, inference.py's and
-    sample_latents' one check of these."""
-    if distilled_guidance is not None and family.distilled_guidance is None:
-        raise InputError("distilled_guidance", f"{distilled_guidance:g} is given, but {family.label}'s denoiser has no "
-                                               "guidance embedding; expected none (FLUX.1-dev only)")
-    multiple = scale * patch
-    for name, value in (("height", height), ("width", width)):
-        if value is not None and value % multiple:
-            raise InputError(name, f"{value} is not a multiple of {multiple} ({family.label}: the VAE's {scale}x times "
-                                   f"{patch}x{patch} latent tokens); expected e.g. {value - value % multiple or multiple}")
 
 
 def check_predictor(predictor: TrainedPredictor, facts: dict, grad_path: str | None = None,
@@ -94,13 +77,10 @@ def check_call(**values) -> None:
     if not isinstance(prompt, str) or text_problem(prompt):
         problem = text_problem(prompt) if isinstance(prompt, str) else f"is a {type(prompt).__name__}"
         raise InputError("prompt", f"{ascii(prompt)[:80]} {problem}; expected a text prompt")
-    for name in ("target", "guidance", "cfg", "distilled_guidance"):
-        value = values[name]
-        if (name == "guidance" and value == POSTERIOR) or (name == "distilled_guidance" and value is None):
-            continue
-        if not finite32(value):  # each is used in float32
-            expected = {"guidance": f"a finite number or {POSTERIOR!r}", "distilled_guidance": "one, or None"}.get(name, "one")
-            raise InputError(name, f"{_shown(value)} is not a finite number in float32's range; expected {expected}")
+    check_steering(values["target"], values["guidance"], values["batch_mean"])
+    for name in ("cfg", "distilled_guidance"):
+        if not (name == "distilled_guidance" and values[name] is None):
+            check_number(name, values[name], "one, or None" if name == "distilled_guidance" else "one")
     for name, low, high in (("num_images", 1, MAX_SEED), ("best_of", 1, MAX_SEED), ("batch_size", 1, MAX_SEED),
                             ("particles", 1, MAX_PARTICLES),
                             ("seed", 0, MAX_SEED), ("height", 8, MAX_SIZE), ("width", 8, MAX_SIZE)):
@@ -111,11 +91,25 @@ def check_call(**values) -> None:
             raise InputError(name, f"{_shown(value)} is out of range; expected an integer from {low} to {high}")
         if name in ("height", "width") and value % 8:
             raise InputError(name, f"{value} is not a multiple of 8; expected e.g. {value - value % 8 or 8}")
-    if not isinstance(values["batch_mean"], bool):
-        raise InputError("batch_mean", f"{_shown(values['batch_mean'])} is not True or False; expected a bool")
     if values["particles"] > 1 and values["batch_mean"]:
         raise InputError("batch_mean", "True with particles: the original code's batch-mean strength depends on the batch, "
                                        "and particles change it; expected batch_mean=False")
+
+
+def check_number(name: str, value, expected: str = "one") -> None:
+    """InputError unless `value` is a finite number in float32's range (each is used in float32)."""
+    if not finite32(value):
+        raise InputError(name, f"{_shown(value)} is not a finite number in float32's range; expected {expected}")
+
+
+def check_steering(target, guidance, batch_mean) -> None:
+    """InputError unless the guidance settings are a number `target`, a number or "posterior" `guidance`, and a bool
+    `batch_mean`: the API's and rcgdm.steer's check."""
+    check_number("target", target)
+    if guidance != POSTERIOR:
+        check_number("guidance", guidance, f"a finite number or {POSTERIOR!r}")
+    if not isinstance(batch_mean, bool):
+        raise InputError("batch_mean", f"{_shown(batch_mean)} is not True or False; expected a bool")
 
 
 def _shown(value) -> str:

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
 from rcgdm.files.atomic import atomic_path
-from rcgdm.guidance import guidance_label, guidance_order
+from rcgdm.sampling.guidance import guidance_label, guidance_order
 
 
 def save_figure(fig, path: str | Path) -> None:
@@ -148,7 +148,7 @@ def reward_vs_compute(combos: list[dict], path: str | Path) -> dict[str, list[tu
 
 
 def ess_per_step(combos: list[dict], path: str | Path) -> bool:
-    """With particles (rcgdm/particles.py): their effective share before each step's resampling and after the final
+    """With particles (rcgdm/sampling/particles.py): their effective share before each step's resampling and after the final
     weight, averaged over a combination's images, one line per combination. -> whether there was anything to draw."""
     known = [c for c in combos if c.get("ess_per_step") is not None]
     if not known:

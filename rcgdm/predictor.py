@@ -9,10 +9,10 @@ Checkpoint format (``convnet.pth``), loadable with ``torch.load(weights_only=Tru
      "state_dict": {...}}
 
 `arch` is the paper's ThreeLayerConvNet (mu(x_t), level-blind; `posterior_levels` and `posterior_variances` record
-its errors by level, rcgdm/posterior.py) or CalibratedConvNet (told the level, and predicting log Var(y | x_t) beside
+its errors by level, rcgdm/sampling/posterior.py) or CalibratedConvNet (told the level, and predicting log Var(y | x_t) beside
 mu: `--guidance posterior` then follows its own Gaussian likelihood; train.py predictor="calibrated").
 
-Inference relies on `family` (sd, sdxl, sd3: rcgdm/families.py; absent in older checkpoints, which are all sd),
+Inference relies on `family` (sd, sdxl, sd3: rcgdm/sampling/families.py; absent in older checkpoints, which are all sd),
 `latent_channels` and `latent_size` (the latents it guides must match), `noised`
 (True: trained on noisy latents, for grad_path xt; False: clean ones, for x0), and `model` and
 `reward_model_sha256` (the predictor belongs to that model's VAE and that reward model's labels).
@@ -32,11 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from rcgdm.cli import InputError, finite32
-from rcgdm.families import FAMILIES
 from rcgdm.files.checkpoint import check_finite_state, load_checkpoint, plain_metadata
 from rcgdm.files.provenance import sha256_file
-from rcgdm.guidance import RewardGuidance, predicts_variance, signal_and_noise
-from rcgdm.posterior import POSTERIOR, PosteriorStrength, curve_problem
+from rcgdm.sampling.families import FAMILIES
+from rcgdm.sampling.guidance import RewardGuidance, predicts_variance, signal_and_noise
+from rcgdm.sampling.posterior import POSTERIOR, PosteriorStrength, curve_problem
 
 FORMAT = "rcgdm.predictor/1"
 ARCH = "ThreeLayerConvNet"
@@ -91,7 +91,7 @@ class CalibratedConvNet(ThreeLayerConvNet):
 
     It reads s x_t, the latent times its signal share s (sqrt(alpha_bar), or 1 - sigma), and the level as one more
     input channel. As s -> 0, x_t carries nothing about y, and the net's gradient in x_t vanishes like s, as the
-    exact E[y | x_t]'s does: the guidance term's limit at no signal (rcgdm/guidance.py) is then finite, where a
+    exact E[y | x_t]'s does: the guidance term's limit at no signal (rcgdm/sampling/guidance.py) is then finite, where a
     gradient that stayed would be divided by s. Without a level (scoring finished images) the inputs are clean."""
 
     takes_level = True
@@ -121,7 +121,7 @@ ARCHES = {ARCH: ThreeLayerConvNet, "CalibratedConvNet": CalibratedConvNet}
 
 
 def make_predictor(arch: str, latent_channels: int, family: str) -> ThreeLayerConvNet:
-    """A fresh net of `arch` for latents of `latent_channels` channels of a `family` (rcgdm/families.py)."""
+    """A fresh net of `arch` for latents of `latent_channels` channels of a `family` (rcgdm/sampling/families.py)."""
     if arch == ARCH:
         return ThreeLayerConvNet(latent_channels)
     return CalibratedConvNet(latent_channels, flow=FAMILIES[family].flow)
@@ -210,7 +210,7 @@ class TrainedPredictor:
 
     def posterior_strength(self) -> PosteriorStrength | None:
         """How guidance "posterior" steers: None for a calibrated net (its own Gaussian likelihood, strength 1), else
-        the strength 1 / sigma_t^2 from the curve train.py recorded (rcgdm/posterior.py); InputError without one."""
+        the strength 1 / sigma_t^2 from the curve train.py recorded (rcgdm/sampling/posterior.py); InputError without one."""
         if predicts_variance(self.net):
             return None
         levels, variances = self.meta.get("posterior_levels"), self.meta.get("posterior_variances")

@@ -19,8 +19,8 @@ import torch
 from rcgdm import plots
 from rcgdm.files.atomic import save_json, save_text
 from rcgdm.files.png import load_png
-from rcgdm.guidance import guidance_label
 from rcgdm.image_distances import diversity, image_features, median_bandwidth, mmd2
+from rcgdm.sampling.guidance import guidance_label
 from rcgdm.sweep.auto import MAX_GUIDANCE
 from rcgdm.sweep.engine import SweepStats
 from rcgdm.sweep.outputs import REPORT_FILES
@@ -131,7 +131,7 @@ def summarise(combos: list[Combo], rows: list[dict], stats: SweepStats) -> list[
 
 
 def particle_summary(rows: list[dict]) -> dict:
-    """A combination's particles (rcgdm/particles.py) from its rows: K (1 without), and their effective share at each
+    """A combination's particles (rcgdm/sampling/particles.py) from its rows: K (1 without), and their effective share at each
     step and after the final weight, averaged over the images (None without particles)."""
     traces = [row.get("ess") for row in rows]
     if None in traces or not traces:

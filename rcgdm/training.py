@@ -18,14 +18,14 @@ from tqdm import tqdm
 
 from rcgdm.cli import InputError, UserError
 from rcgdm.data import check_num_data, open_source
-from rcgdm.families import FAMILIES
 from rcgdm.files.provenance import sha256_file
-from rcgdm.guidance import predicts_variance, takes_level
 from rcgdm.latent_shards import LatentRows, ShardedLatents
 from rcgdm.latents import LatentSpec, cached_latents, vae_fingerprint
 from rcgdm.models import load_scheduler, load_vae
 from rcgdm.predictor import reference_sample
-from rcgdm.schedulers import is_flow, set_schedule, token_count
+from rcgdm.sampling.families import FAMILIES
+from rcgdm.sampling.guidance import predicts_variance, takes_level
+from rcgdm.sampling.schedulers import is_flow, set_schedule, token_count
 
 
 def load_labels(path: str | Path, num_data: int) -> torch.Tensor:

@@ -154,7 +154,7 @@ def mean_prediction(pipe, predictor, steer, images: int, steps: int, prompt: str
                     size: int | None = None) -> float:
     """The predictor's mean over the final latents of images 0..images-1 (seed 0) sampled with `steer` (None: unguided),
     size x size pixels (None: the model's)."""
-    from rcgdm.sampler import sample_latents
+    from rcgdm.sampling.sampler import sample_latents
     from rcgdm.seeds import image_generators
 
     latents = sample_latents(pipe, prompt, image_generators(0, range(images)), steer, steps, cfg, size, size,
@@ -163,12 +163,29 @@ def mean_prediction(pipe, predictor, steer, images: int, steps: int, prompt: str
         return predictor(latents).mean().item()
 
 
+def stock_images(pipe, family: str, steps: int, cfg: float, distilled: float | None = None, prompt: str = "a dog",
+                 size: int = 64) -> torch.Tensor:
+    """The stock pipeline's images 0 and 1 (seed 0) of `prompt`, size x size pixels: FLUX's true CFG against the empty
+    prompt, its distilled guidance and T5 length as the family's (schnell: diffusers' documented 256 tokens)."""
+    from rcgdm.sampling.families import FAMILIES
+    from rcgdm.seeds import image_generators
+
+    if family.startswith("flux"):
+        flux = FAMILIES[family]
+        extra = {"true_cfg_scale": cfg, "negative_prompt": "" if cfg > 1 else None, "max_sequence_length": flux.text_length,
+                 "guidance_scale": flux.distilled_guidance if distilled is None else distilled}
+    else:
+        extra = {"guidance_scale": cfg}
+    return pipe(prompt, num_images_per_prompt=2, generator=image_generators(0, range(2)), num_inference_steps=steps,
+                height=size, width=size, output_type="pt", **extra).images
+
+
 def levels_used(pipe, steer, monkeypatch, images: int, steps: int, prompt: str, cfg: float = 7.5,
                 size: int | None = None) -> tuple[list, torch.Tensor]:
     """Sample with `steer` (size x size pixels; None: the model's), recording the noise level the sampler hands the term
     at every model call -> (levels, latents)."""
-    from rcgdm.guidance import RewardGuidance
-    from rcgdm.sampler import sample_latents
+    from rcgdm.sampling.guidance import RewardGuidance
+    from rcgdm.sampling.sampler import sample_latents
     from rcgdm.seeds import image_generators
 
     used, real_apply = [], RewardGuidance.apply

@@ -13,9 +13,9 @@ from PIL import Image
 
 from rcgdm import plots
 from rcgdm.cli import UserError
-from rcgdm.guidance import RewardGuidance
 from rcgdm.predictor import ThreeLayerConvNet
 from rcgdm.rewards import Compressibility, build_reward, load_reward
+from rcgdm.sampling.guidance import RewardGuidance
 
 
 def test_compressibility_is_minus_the_jpeg_kilobytes():
@@ -123,7 +123,7 @@ def test_best_of_n_keeps_the_candidate_closest_to_the_target(tmp_path, reward_mo
     from rcgdm.pipeline import RewardDirectedPipeline
     from rcgdm.predictor import load_predictor
     from rcgdm.rewards import load_reward
-    from rcgdm.sampler import decode, sample_latents
+    from rcgdm.sampling.sampler import decode, sample_latents
     from rcgdm.seeds import image_generators
     from rcgdm.sweep.engine import SweepSettings, sample_draw
     from rcgdm.sweep.plan import Combo, draws

@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import error_line, inference_args, latent_labels, mean_prediction, read_rows, run_script
 
-from rcgdm.guidance import RewardGuidance
 from rcgdm.models import load_pipeline
 from rcgdm.predictor import CalibratedConvNet, ThreeLayerConvNet, load_predictor
+from rcgdm.sampling.guidance import RewardGuidance
 from rcgdm.training import predictor_loss
 
 F64 = torch.float64

@@ -1,4 +1,4 @@
-"""SDXL, SD3, SD3.5 and FLUX (rcgdm/families.py) on their tiny random builds: the stock pipelines at guidance 0, the
+"""SDXL, SD3, SD3.5 and FLUX (rcgdm/sampling/families.py) on their tiny random builds: the stock pipelines at guidance 0, the
 flow-matching derivation (FLUX's packing and dynamic shifting included), the direction of guidance, the three scripts end
 to end, and predictors kept to their family."""
 
@@ -10,16 +10,16 @@ import shutil
 
 import pytest
 import torch
-from conftest import error_line, levels_used, mean_prediction, read_rows, run_script
+from conftest import error_line, levels_used, mean_prediction, read_rows, run_script, stock_images
 from diffusers import FluxPipeline
 
 from rcgdm.cli import UserError
-from rcgdm.families import FAMILIES
-from rcgdm.guidance import RewardGuidance
 from rcgdm.models import load_pipeline, model_facts
 from rcgdm.predictor import ThreeLayerConvNet, load_predictor
-from rcgdm.sampler import decode, sample_latents
-from rcgdm.schedulers import make_scheduler
+from rcgdm.sampling.families import FAMILIES
+from rcgdm.sampling.guidance import RewardGuidance
+from rcgdm.sampling.sampler import decode, sample_latents
+from rcgdm.sampling.schedulers import make_scheduler
 from rcgdm.seeds import image_generators
 from rcgdm.training import noising_schedule
 
@@ -41,19 +41,6 @@ def pipes():
 def predictor(family: str, dtype=torch.float32) -> ThreeLayerConvNet:
     torch.manual_seed(0)
     return ThreeLayerConvNet(CHANNELS[family]).to(dtype).eval()
-
-
-def stock_images(pipe, family: str, steps: int, cfg: float, distilled: float | None = None) -> torch.Tensor:
-    """The stock pipeline's images 0 and 1 (seed 0): FLUX's true CFG against the empty prompt, its distilled guidance
-    and T5 length as the family's (schnell: diffusers' documented 256 tokens)."""
-    if family.startswith("flux"):
-        flux = FAMILIES[family]
-        extra = {"true_cfg_scale": cfg, "negative_prompt": "" if cfg > 1 else None, "max_sequence_length": flux.text_length,
-                 "guidance_scale": flux.distilled_guidance if distilled is None else distilled}
-    else:
-        extra = {"guidance_scale": cfg}
-    return pipe(PROMPT, num_images_per_prompt=2, generator=image_generators(0, range(2)), num_inference_steps=steps,
-                height=SIZE, width=SIZE, output_type="pt", **extra).images
 
 
 # (family, scheduler, scheduler config changes, cfg, FLUX's distilled guidance): each family's own scheduler and another;
@@ -133,7 +120,7 @@ def test_flux_guides_at_its_dynamically_shifted_sigmas_and_trains_at_them(pipes,
 
 
 def test_packing_is_diffusers_own_and_unpacking_its_inverse():
-    from rcgdm.sampler import pack, unpack
+    from rcgdm.sampling.sampler import pack, unpack
 
     latents = torch.randn(2, 16, 8, 6)
     assert torch.equal(pack(latents), FluxPipeline._pack_latents(latents, 2, 16, 8, 6))

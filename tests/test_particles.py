@@ -1,4 +1,4 @@
-"""The particle sampler (rcgdm/particles.py) against known answers: its ancestral step is diffusers' DDPM and Euler
+"""The particle sampler (rcgdm/sampling/particles.py) against known answers: its ancestral step is diffusers' DDPM and Euler
 ancestral steps, and for flow models keeps the flow's marginals exactly; systematic resampling; and in the simulation's
 Gaussian world its law against p(x0 | y = a): exact as the particles grow however poor the proposal, no worse than
 guidance with the exact predictor, and off when the final likelihood is wrong."""
@@ -11,9 +11,9 @@ import diffusers
 import pytest
 import torch
 
-from rcgdm.guidance import RewardGuidance, signal_and_noise
-from rcgdm.particles import Draws, ancestral_step, sample_particles, systematic
-from rcgdm.schedulers import next_levels, noise_levels
+from rcgdm.sampling.guidance import RewardGuidance, signal_and_noise
+from rcgdm.sampling.particles import Draws, ancestral_step, sample_particles, systematic
+from rcgdm.sampling.schedulers import next_levels, noise_levels
 from rcgdm.simulation.measures import fitted_w2
 from rcgdm.simulation.oracle import ExactLabelLaw, ExactLabelMean, ExactPosteriorStrength, exact_output
 from rcgdm.simulation.theory import make_world
@@ -142,8 +142,8 @@ def test_particles_sample_every_family_and_an_image_does_not_depend_on_its_batch
     transformers' rounding over batch sizes), each image's effective share recorded per step."""
     from rcgdm.models import load_pipeline
     from rcgdm.predictor import ThreeLayerConvNet
-    from rcgdm.sampler import sample_particle_latents
-    from rcgdm.schedulers import make_scheduler
+    from rcgdm.sampling.sampler import sample_particle_latents
+    from rcgdm.sampling.schedulers import make_scheduler
     from rcgdm.seeds import image_generators
 
     pipe = load_pipeline(model)
@@ -164,8 +164,8 @@ def test_particles_bring_the_predictor_closer_to_the_target_than_guidance_alone(
     exp(-guidance * 1/2 (target - mu(x0))^2))."""
     from rcgdm.models import load_pipeline
     from rcgdm.predictor import ThreeLayerConvNet
-    from rcgdm.sampler import sample_latents, sample_particle_latents
-    from rcgdm.schedulers import make_scheduler
+    from rcgdm.sampling.sampler import sample_latents, sample_particle_latents
+    from rcgdm.sampling.schedulers import make_scheduler
     from rcgdm.seeds import image_generators
 
     pipe = load_pipeline("tiny-random")

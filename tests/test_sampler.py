@@ -6,11 +6,11 @@ import pytest
 import torch
 from conftest import mean_prediction
 
-from rcgdm.guidance import RewardGuidance, reward_gradient
 from rcgdm.models import load_pipeline
 from rcgdm.predictor import ThreeLayerConvNet, load_predictor
-from rcgdm.sampler import decode, sample_latents
-from rcgdm.schedulers import make_scheduler
+from rcgdm.sampling.guidance import RewardGuidance, reward_gradient
+from rcgdm.sampling.sampler import decode, sample_latents
+from rcgdm.sampling.schedulers import make_scheduler
 from rcgdm.seeds import image_generators
 
 PROMPT = "a nice photo"

@@ -10,11 +10,11 @@ import torch
 from conftest import levels_used
 
 from rcgdm.cli import UserError
-from rcgdm.guidance import RewardGuidance
 from rcgdm.models import load_pipeline
 from rcgdm.predictor import ThreeLayerConvNet
-from rcgdm.sampler import sample_latents
-from rcgdm.schedulers import SCHEDULERS, make_scheduler
+from rcgdm.sampling.guidance import RewardGuidance
+from rcgdm.sampling.sampler import sample_latents
+from rcgdm.sampling.schedulers import SCHEDULERS, make_scheduler
 from rcgdm.seeds import image_generators
 
 STEPS = 6
@@ -41,7 +41,7 @@ def predictor():
     return ThreeLayerConvNet().double().eval()
 
 
-SCHEDULERS_NOISE = {  # written out here, apart from rcgdm.schedulers: which classes step on sigmas
+SCHEDULERS_NOISE = {  # written out here, apart from rcgdm.sampling.schedulers: which classes step on sigmas
     diffusers.PNDMScheduler: "alphas", diffusers.DDIMScheduler: "alphas", diffusers.DDPMScheduler: "alphas",
     diffusers.EulerDiscreteScheduler: "sigmas", diffusers.EulerAncestralDiscreteScheduler: "sigmas",
     diffusers.HeunDiscreteScheduler: "sigmas", diffusers.LMSDiscreteScheduler: "sigmas",
@@ -77,7 +77,7 @@ def test_the_term_uses_the_schedulers_own_noise_level_at_every_step(pipe, predic
 def test_at_that_noise_level_the_scheduler_denoises_back_to_x0(pipe, name, changes):
     """Independent of any formula: build the model input x_t = sqrt(a) x0 + sqrt(1 - a) eps at the level used, and
     the scheduler's own step, given eps, recovers x0 (the steps below return their x0 estimate)."""
-    from rcgdm.schedulers import noise_levels
+    from rcgdm.sampling.schedulers import noise_levels
 
     config = {**pipe.scheduler.config, **changes, "prediction_type": "epsilon", "clip_sample": False}
     scheduler = make_scheduler(name, config)
@@ -95,7 +95,7 @@ def test_at_that_noise_level_the_scheduler_denoises_back_to_x0(pipe, name, chang
 
 
 def test_zero_terminal_snr_leaves_that_step_alone(predictor):
-    """alpha_bar = 0: x_t is pure noise and the term is zero (rcgdm/guidance.py), never inf or NaN."""
+    """alpha_bar = 0: x_t is pure noise and the term is zero (rcgdm/sampling/guidance.py), never inf or NaN."""
     x_t, output = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.randn(2, 4, 8, 8, dtype=torch.float64)
     for kind in ("epsilon", "v_prediction", "sample"):
         for path in ("xt", "x0"):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import error_line, run_script
 
-from rcgdm.posterior import PosteriorStrength, _nondecreasing, fit_curve
+from rcgdm.sampling.posterior import PosteriorStrength, _nondecreasing, fit_curve
 from rcgdm.simulation.figures import FIGURES
 from rcgdm.simulation.theory import make_world
 from rcgdm.training import noise_level

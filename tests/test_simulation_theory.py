@@ -8,7 +8,7 @@ import diffusers
 import pytest
 import torch
 
-from rcgdm.guidance import RewardGuidance
+from rcgdm.sampling.guidance import RewardGuidance
 from rcgdm.simulation.measures import fitted_w2, gaussian_w2, mean_reward
 from rcgdm.simulation.oracle import ExactLabelLaw, ExactLabelMean, ExactPosteriorStrength, exact_output
 from rcgdm.simulation.sampling import sample_points

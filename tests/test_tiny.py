@@ -15,7 +15,7 @@ from rcgdm.cli import UserError
 from rcgdm.data import COLOURS, SHAPES, SyntheticShapes
 from rcgdm.demo import CFG
 from rcgdm.models import TINY_FOLDER, load_pipeline, resolve_model
-from rcgdm.sampler import decode, sample_latents
+from rcgdm.sampling.sampler import decode, sample_latents
 from rcgdm.seeds import image_generators
 from rcgdm.tiny.manifest import MANIFEST, verify_manifest
 from rcgdm.tiny.train import HELD_OUT_SEED, images_and_captions, psnr

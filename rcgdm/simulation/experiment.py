@@ -9,7 +9,7 @@ Samplers (each draws `num_samples` points at target a):
   Gaussian likelihood, grad log N(a; mu(x_t, t), v(x_t, t));
 - "conditional": the paper's meta-algorithm, the conditional model trained on pseudo-labels, sampled at y = a.
 
-Particles (rcgdm/particles.py), at `particle_targets` only (K particles cost K times a sampler's work), stepped by
+Particles (rcgdm/sampling/particles.py), at `particle_targets` only (K particles cost K times a sampler's work), stepped by
 DDPM's ancestral step over `particle_steps` steps: its own discretisation must be small, and the ancestral step's is
 larger than DDIM's at the same count (with the exact model and likelihood, 50 steps leave W2 1.4x the exact draws' and
 100 steps 1.1-1.2x):
@@ -27,10 +27,10 @@ import diffusers
 import torch
 from tqdm import tqdm
 
-from rcgdm.guidance import RewardGuidance
-from rcgdm.particles import Draws, Trace, sample_particles
-from rcgdm.posterior import PosteriorStrength
-from rcgdm.schedulers import next_levels, noise_levels
+from rcgdm.sampling.guidance import RewardGuidance
+from rcgdm.sampling.particles import Draws, Trace, sample_particles
+from rcgdm.sampling.posterior import PosteriorStrength
+from rcgdm.sampling.schedulers import next_levels, noise_levels
 from rcgdm.simulation import measures
 from rcgdm.simulation.learned import ConditionalEps, LearnedPredictor, pseudo_labels, train_conditional, train_predictor
 from rcgdm.simulation.oracle import exact_output

@@ -2,7 +2,7 @@
 
 - The predictor mu(x_t) learns the labels from noised points as train.py learns them from noised latents (the same
   `train_epoch`: a timestep drawn from the sampler's schedule per point, fresh noise, MSE, Adam); it is not told the
-  level. Its posterior-strength curve comes from its squared errors on held-out labelled points (rcgdm/posterior.py).
+  level. Its posterior-strength curve comes from its squared errors on held-out labelled points (rcgdm/sampling/posterior.py).
 - The paper's meta-algorithm: a reward model fitted on the clean labelled points (least squares) pseudo-labels the
   unlabelled ones, y = f(x) + N(0, s^2) with s its residual std, and a conditional network (x_t, y, level) -> eps is
   trained on them by denoising, then sampled at y = a.
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from rcgdm.posterior import calibration_by_level, fit_curve
+from rcgdm.sampling.posterior import calibration_by_level, fit_curve
 from rcgdm.training import noise_level, noised, train_epoch, validation_outputs
 
 
@@ -58,8 +58,8 @@ class CalibratedLinear(nn.Module):
 @dataclass(frozen=True)
 class LearnedPredictor:
     net: nn.Module  # (N, D) -> (N, 1), float64; or CalibratedLinear
-    curve: dict  # the posterior-strength curve from held-out labelled points, rcgdm/posterior.py
-    calibration: dict  # by level, on held-out labelled points: rcgdm.posterior.calibration_by_level
+    curve: dict  # the posterior-strength curve from held-out labelled points, rcgdm/sampling/posterior.py
+    calibration: dict  # by level, on held-out labelled points: rcgdm.sampling.posterior.calibration_by_level
 
 
 def train_predictor(train: tuple[torch.Tensor, torch.Tensor], held_out: tuple[torch.Tensor, torch.Tensor], scheduler,

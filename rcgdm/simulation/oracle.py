@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from rcgdm.guidance import signal_and_noise
+from rcgdm.sampling.guidance import signal_and_noise
 from rcgdm.simulation.theory import LinearGaussianWorld
 
 

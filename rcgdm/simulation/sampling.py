@@ -1,7 +1,7 @@
 """Sampling the simulation with a diffusers scheduler: the unconditional model plus the project's guidance term.
 
-The loop is the one rcgdm/sampler.py runs on images, on points (N, D): scale the input as the scheduler does, ask
-the model, add RewardGuidance's term at the level the scheduler sits at (rcgdm/schedulers.py), step.
+The loop is the one rcgdm/sampling/sampler.py runs on images, on points (N, D): scale the input as the scheduler does, ask
+the model, add RewardGuidance's term at the level the scheduler sits at (rcgdm/sampling/schedulers.py), step.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 import torch
 
-from rcgdm.guidance import RewardGuidance
-from rcgdm.schedulers import is_flow, noise_levels
+from rcgdm.sampling.guidance import RewardGuidance
+from rcgdm.sampling.schedulers import is_flow, noise_levels
 
 Model = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t (N, D), t, level) -> output (N, D)
 

@@ -24,7 +24,7 @@ At s = 0 (alpha_bar = 0, sigma = 1): E[y | x_t] = 0 and its gradient vanish, so 
 outputs that carry x0 do not. A v or flow model's output at s = 0 is -E[x0 | x_t, y] (v_prediction) or
 x_t - E[x0 | x_t, y] (flow), which conditioning on y = a moves by -S theta a / Var y. The project's formula,
 (output shift) = n g grad_x 1/2 (a - E[y | x_t])^2 / s, tends to exactly this as s -> 0, since the gradient is
-s theta^T S C_t^-1 (`limit_output_shift`; rcgdm/guidance.py uses the limit for predictors that know the level).
+s theta^T S C_t^-1 (`limit_output_shift`; rcgdm/sampling/guidance.py uses the limit for predictors that know the level).
 All in float64.
 """
 

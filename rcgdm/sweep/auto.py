@@ -32,8 +32,8 @@ import torch
 
 from rcgdm.cli import finite32
 from rcgdm.distributed import batches
-from rcgdm.guidance import RewardGuidance
 from rcgdm.pipeline import NonFiniteError
+from rcgdm.sampling.guidance import RewardGuidance
 
 PILOT_IMAGES = 4
 PILOT_STEPS = 20

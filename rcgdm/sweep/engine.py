@@ -49,7 +49,7 @@ class SweepSettings:
     grad_path: str = "xt"
     auto_tolerance: float = 0.0  # how close a pilot of --guidance auto must come to the target (rcgdm/sweep/auto.py)
     distilled_guidance: float | None = None  # FLUX.1-dev's guidance embedding (None: the family's)
-    particles: int = 1  # per guided image (rcgdm/particles.py), denoised batch_size at a time
+    particles: int = 1  # per guided image (rcgdm/sampling/particles.py), denoised batch_size at a time
 
     @property
     def sampling(self) -> Sampling:

@@ -20,7 +20,7 @@ Other parametrizations (the scheduler config's `prediction_type`). With x_t = sq
 - ``sample`` (the model predicts x0): eps = (x_t - sqrt(a) x0) / sqrt(1-a), so d eps = -sqrt(a) / sqrt(1-a) d x0:
   the eps shift is an x0 shift of -(eps shift) * sqrt(1-a) / sqrt(a).
 
-Flow matching (SD3; rcgdm/families.py), ``flow_prediction``. Here x_t = (1 - sigma) x0 + sigma eps, and the
+Flow matching (SD3; rcgdm/sampling/families.py), ``flow_prediction``. Here x_t = (1 - sigma) x0 + sigma eps, and the
 model predicts the velocity v = dx_t/dsigma = eps - x0 (diffusers' flow-matching schedulers step
 x <- x + (sigma_next - sigma) v). The score of x_t is -E[eps | x_t] / sigma, so, as above, conditioning on y
 shifts eps by
@@ -36,7 +36,7 @@ s = 1 - sigma, n = sigma (flow); the code below is written in s and n.
 Every type is guided through its equivalent eps (`as_eps`, used by the x0 gradient path too), and the
 shift is added to the model's own output (`RewardGuidance.apply`), so the scheduler steps exactly as it would
 with a model that had predicted the shifted eps. alpha_bar_t is the noise level the scheduler itself
-sits at (rcgdm/schedulers.py: alphas_cumprod[t], or 1 / (1 + sigma^2) for sigma schedulers); for flow matching
+sits at (rcgdm/sampling/schedulers.py: alphas_cumprod[t], or 1 / (1 + sigma^2) for sigma schedulers); for flow matching
 the level is the scheduler's sigma itself.
 
 Zero terminal SNR (alpha_bar_t = 0, the first step of schedules rescaled to zero SNR; sigma = 1 in flow matching,
@@ -53,7 +53,7 @@ does not vanish with s, so it has no limit there. Hence:
 - for any other predictor (the paper's ConvNet) the term is zero at that one step and the output is left as it is.
 
 The strength `guidance` is a number, or a function of the noise level (the posterior strength 1 / Var(y | x_t),
-rcgdm/posterior.py).
+rcgdm/sampling/posterior.py).
 
 A predictor that also predicts its variance (rcgdm/predictor.py's CalibratedConvNet: (mu, log v) per image) can be
 guided by its Gaussian likelihood itself (`likelihood=True`): the term is guidance * grad_x -log N(target; mu, v),
@@ -69,7 +69,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rcgdm.families import PREDICTION_TYPES
+from rcgdm.sampling.families import PREDICTION_TYPES
 
 
 def reward_loss(predictor: nn.Module, x: torch.Tensor, target: float, level: torch.Tensor | None = None,
@@ -241,7 +241,15 @@ class RewardGuidance:
                prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(`apply`'s shifted output, each image's energy (B,): the strength times `reward_loss` where mu looked, whose
         gradient the shift follows; 0 where the output is left as it is). exp(-energy) is the likelihood of y = target
-        that the term steers by (rcgdm/particles.py weighs particles with it)."""
+        that the term steers by (rcgdm/sampling/particles.py weighs particles with it)."""
+        shift, energy = self.shift(output, x_t, level, prediction_type)
+        return output + shift, energy
+
+    def shift(self, output: torch.Tensor, x_t: torch.Tensor, level: torch.Tensor | float,
+              prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(What `apply` adds to `output`, in its dtype, the energy of `guided`). On grad_path "xt" it depends on x_t and
+        the level alone, so that outputs combined affinely (classifier-free guidance) each take the same shift
+        (rcgdm/steering.py)."""
         level = _level(level, x_t)
         if takes_level(self.predictor):
             level = off_zero_signal(level, prediction_type)
@@ -254,7 +262,7 @@ class RewardGuidance:
                                 level, self.likelihood)
         shift = shift * output_per_eps(s, n, prediction_type)
         energy = torch.where(noisy, strength * loss, torch.zeros_like(loss))
-        return output + torch.where(noisy, shift, torch.zeros_like(shift)).to(output.dtype), energy
+        return torch.where(noisy, shift, torch.zeros_like(shift)).to(output.dtype), energy
 
     def strength(self, level: torch.Tensor) -> torch.Tensor | float:
         """The strength at a noise `level` (a tensor)."""

@@ -1,6 +1,6 @@
 """The samplers the guidance is exact for, and the noise level each one sits at, step by step.
 
-The paper's term is scaled by alpha_bar at the current step (rcgdm/guidance.py). Two kinds of
+The paper's term is scaled by alpha_bar at the current step (rcgdm/sampling/guidance.py). Two kinds of
 diffusers scheduler place their steps differently:
 
 - "alphas" (PNDM, DDIM, DDPM) step on integer training timesteps: alpha_bar = alphas_cumprod[t].
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from rcgdm.cli import InputError
-from rcgdm.families import DIFFUSION_TYPES, FLOW_PREDICTION, Family
+from rcgdm.sampling.families import DIFFUSION_TYPES, FLOW_PREDICTION, Family
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ SCHEDULERS = {
     "flow_heun": SchedulerSupport("FlowMatchHeunDiscreteScheduler", "flow", (FLOW_PREDICTION,)),
 }
 _BY_CLASS = {s.class_name: s for s in SCHEDULERS.values()}
-# Particles step ancestrally (rcgdm/particles.py): diffusers' two stochastic samplers, whose step is that ancestral
+# Particles step ancestrally (rcgdm/sampling/particles.py): diffusers' two stochastic samplers, whose step is that ancestral
 # step, and for flow models flow_euler's schedule
 PARTICLE_SCHEDULERS = ("ddpm", "euler_a", "flow_euler")
 EXPECTED = f"one of {', '.join(SCHEDULERS)} (or their class names)"
@@ -96,12 +96,7 @@ def make_scheduler(name: str, config, prediction_type: str | None = None):
     import diffusers
 
     support = check_steps(name, prediction_type or config.get("prediction_type", "epsilon"))
-    if support.noise != "flow" and config.get("use_flow_sigmas"):
-        raise InputError("scheduler", f"{name!r}: the model's scheduler config uses flow-matching sigmas; expected a "
-                        "diffusion (alpha_bar) schedule")
-    if support.noise == "flow" and config.get("stochastic_sampling"):
-        raise InputError("scheduler", f"{name!r}: the model's scheduler config sets stochastic_sampling; expected a "
-                        "deterministic flow schedule")
+    check_schedule(name, support, config)
     if support.class_name == "PNDMScheduler" and "skip_prk_steps" not in config:
         config = {**config, "skip_prk_steps": True}  # what every stock SD config sets: no Runge-Kutta warm-up
     try:
@@ -109,6 +104,17 @@ def make_scheduler(name: str, config, prediction_type: str | None = None):
     except Exception as err:  # a config option this class cannot take, or one needing a package not installed
         reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
         raise InputError("scheduler", f"{name!r} cannot be built from the model's scheduler config ({reason})") from None
+
+
+def check_schedule(name: str, support: SchedulerSupport, config) -> None:
+    """InputError if a scheduler `config` leaves the schedules the guidance is exact for: flow-matching sigmas on a
+    diffusion sampler, or stochastic flow sampling."""
+    if support.noise != "flow" and config.get("use_flow_sigmas"):
+        raise InputError("scheduler", f"{name!r}: the model's scheduler config uses flow-matching sigmas; expected a "
+                        "diffusion (alpha_bar) schedule")
+    if support.noise == "flow" and config.get("stochastic_sampling"):
+        raise InputError("scheduler", f"{name!r}: the model's scheduler config sets stochastic_sampling; expected a "
+                        "deterministic flow schedule")
 
 
 def dynamic_shift(config, tokens: int, family: Family) -> float:
@@ -178,6 +184,19 @@ def noise_levels(scheduler) -> torch.Tensor:
         sigma = scheduler.sigmas[:steps].detach().cpu().double()
         return 1 / (1 + sigma**2)  # sigma = inf (zero terminal SNR) gives 0
     return scheduler.alphas_cumprod.detach().cpu().double()[scheduler.timesteps.detach().cpu().long()]
+
+
+def step_position(scheduler, timestep: torch.Tensor) -> int | None:
+    """The entry of `scheduler.timesteps` that its next step() takes, as the scheduler finds it itself: its step index,
+    else its begin index, else the entry of `timestep` (a scheduler timestep, not FLUX's thousandths); None if none
+    holds it."""
+    for position in (getattr(scheduler, "step_index", None), getattr(scheduler, "begin_index", None)):
+        if position is not None:
+            return position
+    if hasattr(scheduler, "index_for_timestep"):
+        return scheduler.index_for_timestep(timestep)
+    matches = (scheduler.timesteps == timestep.to(scheduler.timesteps.device)).nonzero()  # alpha samplers: t names it
+    return int(matches[0, 0]) if len(matches) else None
 
 
 def next_levels(scheduler) -> torch.Tensor:

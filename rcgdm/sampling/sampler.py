@@ -1,4 +1,4 @@
-"""Reward-directed sampling over the components of a diffusers pipeline of a supported family (rcgdm/families.py).
+"""Reward-directed sampling over the components of a diffusers pipeline of a supported family (rcgdm/sampling/families.py).
 
 A short loop: encode the prompt, draw the initial latents (one torch.Generator per image), and at
 every scheduler step combine classifier-free guidance, add the reward-guidance term, and step.
@@ -17,12 +17,11 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from rcgdm.families import Family, family_of_pipe
-from rcgdm.guidance import RewardGuidance
-from rcgdm.latent_scaling import for_decoder
-from rcgdm.particles import Draws, Trace, sample_particles
-from rcgdm.pipeline_checks import check_sampling_inputs
-from rcgdm.schedulers import next_levels, noise_levels, set_schedule, token_count
+from rcgdm.sampling.families import Family, check_sampling_inputs, family_of_pipe
+from rcgdm.sampling.guidance import RewardGuidance
+from rcgdm.sampling.latent_scaling import for_decoder
+from rcgdm.sampling.particles import Draws, Trace, sample_particles
+from rcgdm.sampling.schedulers import next_levels, noise_levels, set_schedule, token_count
 
 
 @dataclass(frozen=True)
@@ -32,7 +31,7 @@ class Setup:
     family: Family
     size: tuple[int, int]  # (height, width) of the images
     channels: int  # of the latents
-    levels: torch.Tensor  # (steps,) the noise level at each step, float64 on the CPU (rcgdm/schedulers.py)
+    levels: torch.Tensor  # (steps,) the noise level at each step, float64 on the CPU (rcgdm/sampling/schedulers.py)
     prediction_type: str
 
 
@@ -103,8 +102,8 @@ def sample_particle_latents(
     progress_bar: bool = True,
     distilled_guidance: float | None = None,
 ) -> tuple[torch.Tensor, Trace]:
-    """`sample_latents` with `particles` K per image (rcgdm/particles.py), denoised `chunk` at a time -> (final latents
-    (B, C, h, w), the particles' Trace). The scheduler (ddpm, euler_a or flow_euler: rcgdm.schedulers.PARTICLE_SCHEDULERS)
+    """`sample_latents` with `particles` K per image (rcgdm/sampling/particles.py), denoised `chunk` at a time -> (final
+    latents (B, C, h, w), the particles' Trace). The scheduler (ddpm, euler_a or flow_euler: schedulers.PARTICLE_SCHEDULERS)
     gives the timesteps and levels; the particles are held as x_t = s x0 + n eps and stepped ancestrally. Each image's
     particles start from its generator's draws (K of them: the first is the image's own start without particles)."""
     run = setup(pipe, num_inference_steps, height, width, distilled_guidance)
@@ -163,7 +162,7 @@ def prompt_conditioning(pipe, family: Family, prompt: str, batch: int, use_cfg: 
                         distilled_guidance: float | None = None) -> list[dict]:
     """The denoiser's conditioning for `batch` images of `prompt`, a dict per denoiser call (with classifier-free
     guidance, unconditional first): text embeddings; SDXL adds the pooled embedding and the size/crop time ids
-    (original = target = `size`, no crop); SD3 the pooled projections; FLUX is rcgdm.sampler.flux_conditioning's."""
+    (original = target = `size`, no crop); SD3 the pooled projections; FLUX is rcgdm.sampling.sampler.flux_conditioning's."""
     device = pipe._execution_device
     if family.packed:
         return flux_conditioning(pipe, family, prompt, batch, use_cfg, size, distilled_guidance)

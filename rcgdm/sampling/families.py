@@ -4,7 +4,7 @@
 - SDXL (`StableDiffusionXLPipeline`): the same noise, two text encoders, and added conditioning (the pooled
   text embedding and size/crop time ids) at every UNet call.
 - SD3 (`StableDiffusion3Pipeline`): flow matching, x_t = (1 - sigma) x0 + sigma eps; the transformer predicts
-  the velocity eps - x0 (rcgdm/guidance.py derives the term for it); 16-channel latents, a VAE shift factor.
+  the velocity eps - x0 (rcgdm/sampling/guidance.py derives the term for it); 16-channel latents, a VAE shift factor.
   SD3.5 (large, medium) is the same pipeline class: its transformer's qk norm and dual attention layers are
   the transformer's own business; skip-layer guidance is off, as the stock pipeline's default.
 - FLUX (`FluxPipeline`): SD3's flow matching and latents, with the transformer reading them packed 2x2 into
@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rcgdm.cli import InputError
+
 DIFFUSION_TYPES = ("epsilon", "v_prediction", "sample")  # what a diffusion (alpha_bar) model's scheduler config may say
 FLOW_PREDICTION = "flow_prediction"  # the velocity eps - x0 of a flow-matching model
 PREDICTION_TYPES = (*DIFFUSION_TYPES, FLOW_PREDICTION)
@@ -36,7 +38,7 @@ class Family:
     flow: bool  # flow matching (sigma schedule, velocity output) rather than an alpha_bar schedule
     cfg: float  # the pipeline's own default classifier-free guidance scale (FLUX: true_cfg_scale)
     steps: int  # its default number of denoising steps
-    scheduler: str  # its model's scheduler, a short name of rcgdm/schedulers.py
+    scheduler: str  # its model's scheduler, a short name of rcgdm/sampling/schedulers.py
     label: str  # for messages and the README
     float32_vae: bool = False  # its VAE overflows in float16: with force_upcast its pipeline decodes in float32
     latents_of: str | None = None  # the family whose latents it shares (a predictor trained on either serves both)
@@ -108,8 +110,39 @@ def family_of_pipe(pipe) -> Family:
     return family_of(family.pipeline, dict(getattr(pipe, family.denoiser).config))
 
 
+DENOISERS = {"UNet2DConditionModel": "SD or SDXL", "SD3Transformer2DModel": "SD3", "FluxTransformer2DModel": "FLUX"}
+
+
+def family_of_denoiser(denoiser) -> Family | None:
+    """The family of a pipeline's denoiser module (any pipeline built on it: image-to-image, inpainting, ControlNet), or
+    None: SDXL's UNet takes the text and time ids (`addition_embed_type` "text_time"), SD's does not."""
+    config = dict(denoiser.config)
+    name = type(denoiser).__name__
+    if name == "UNet2DConditionModel":
+        pipeline = "StableDiffusionXLPipeline" if config.get("addition_embed_type") == "text_time" else "StableDiffusionPipeline"
+    else:
+        pipeline = {"SD3Transformer2DModel": "StableDiffusion3Pipeline", "FluxTransformer2DModel": "FluxPipeline"}.get(name)
+    return family_of(pipeline, config)
+
+
 def refusal(pipeline_class: str | None) -> str:
     """One line on why a pipeline class is not supported."""
     expected = ", ".join(dict.fromkeys(f"a {f.pipeline}" for f in FAMILIES.values()))
     reason = REFUSED.get(pipeline_class)
     return f"is a {pipeline_class!r}" + (f": {reason}" if reason else "") + f"; expected {expected}"
+
+
+def check_sampling_inputs(family: Family, scale: int, patch: int, height: int | None, width: int | None,
+                          distilled_guidance: float | None) -> None:
+    """InputError unless images of height x width (None: the model's) make whole latent tokens, a multiple of the
+    VAE's `scale` times the denoiser's `patch` (8 for SD and SDXL, 16 for SD3 and FLUX), and distilled guidance is
+    given only to a transformer with a guidance embedding (FLUX.1-dev). The API's, inference.py's and
+    sample_latents' one check of these."""
+    if distilled_guidance is not None and family.distilled_guidance is None:
+        raise InputError("distilled_guidance", f"{distilled_guidance:g} is given, but {family.label}'s denoiser has no "
+                                               "guidance embedding; expected none (FLUX.1-dev only)")
+    multiple = scale * patch
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and value % multiple:
+            raise InputError(name, f"{value} is not a multiple of {multiple} ({family.label}: the VAE's {scale}x times "
+                                   f"{patch}x{patch} latent tokens); expected e.g. {value - value % multiple or multiple}")

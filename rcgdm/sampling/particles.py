@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rcgdm.guidance import RewardGuidance, as_eps, as_x0, signal_and_noise
+from rcgdm.sampling.guidance import RewardGuidance, as_eps, as_x0, signal_and_noise
 
 MAX_PARTICLES = 4096  # per image: a bound on a count typed by hand
 ESS_THRESHOLD = 0.5  # resample an image's particles when their effective sample size falls below this share of K
