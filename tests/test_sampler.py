@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import mean_prediction
@@ -205,3 +208,11 @@ def test_guidance_moves_the_reward_toward_the_target_for_other_prediction_types(
         toward = 1 if target > unguided else -1  # the random UNet read as another type samples poorly: check the direction
         assert 0 < toward * (weak - unguided) < toward * (strong - unguided), (kind, target, unguided, weak, strong)
         assert abs(weak - target) < abs(unguided - target), (kind, target, unguided, weak)
+
+
+def test_the_sampling_core_imports_nothing_of_rcgdm_but_itself_and_the_cli():
+    """docs/layout.md: rcgdm/sampling/ is the bottom of the project, which its drivers use; it uses only rcgdm/cli.py."""
+    core = Path(__file__).resolve().parents[1] / "rcgdm" / "sampling"
+    imported = {node.module for path in core.glob("*.py") for node in ast.walk(ast.parse(path.read_text()))
+                if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("rcgdm")}
+    assert imported and {name for name in imported if not name.startswith("rcgdm.sampling.")} == {"rcgdm.cli"}

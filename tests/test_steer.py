@@ -26,6 +26,7 @@ from rcgdm.models import load_pipeline
 from rcgdm.pipeline import RewardDirectedPipeline
 from rcgdm.predictor import ThreeLayerConvNet, TrainedPredictor
 from rcgdm.seeds import image_generators
+from rcgdm.steering import token_grid
 
 MODELS = {"sd": "tiny-random", "sdxl": "tiny-sdxl-random", "sd3": "tiny-sd3-random", "flux": "tiny-flux-random"}
 CHANNELS = {"sd": 4, "sdxl": 4, "sd3": 16, "flux": 16}
@@ -183,3 +184,12 @@ def test_what_the_hook_cannot_guide_is_refused_in_one_line_before_any_step(pipes
     with pytest.raises(InputError, match="LCMScheduler"):
         steer(sd, trained("sd"), 1.0, 50.0).attach()
     assert not sd.unet._forward_hooks
+
+
+def test_flux_tokens_are_unpacked_by_the_pipelines_own_ids_and_other_layouts_are_refused(pipes):
+    ids = pipes["flux"]._prepare_latent_image_ids(1, 4, 6, "cpu", torch.float32)  # 8 x 12 latents: 4 x 6 tokens
+    assert token_grid(ids, 24) == (8, 12)
+    assert token_grid(torch.cat([ids, ids + 100]), 24) == (8, 12)  # tokens past the output's (FLUX Kontext's image)
+    for shuffled in (ids.flip(0), ids[:, [0, 2, 1]]):
+        with pytest.raises(InputError, match="row by row"):
+            token_grid(shuffled, 24)
