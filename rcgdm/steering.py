@@ -51,10 +51,11 @@ _STEERED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # denoiser ->
 
 @dataclass(frozen=True)
 class _Shifted:
-    """The shift last computed: where (the scheduler's step position) and at which x_t (B, C, h, w)."""
+    """The shift last computed: where (the scheduler's step position), at which x_t (B, C, h, w) and for which output."""
 
     position: int
     x_t: torch.Tensor
+    output: torch.Tensor
     shift: torch.Tensor
 
 
@@ -65,8 +66,8 @@ class Steering:
     def __init__(self, pipe, family: Family, guidance: RewardGuidance, predictor: TrainedPredictor):
         self.pipe, self.family, self.guidance, self.predictor = pipe, family, guidance, predictor
         self.denoiser = getattr(pipe, family.denoiser)
-        parameters = inspect.signature(self.denoiser.forward).parameters
-        self._input = "sample" if "sample" in parameters else "hidden_states"
+        self._signature = inspect.signature(self.denoiser.forward)
+        self._input = "sample" if "sample" in self._signature.parameters else "hidden_states"
         self._handle = None
         self._last: _Shifted | None = None
 
@@ -107,7 +108,7 @@ class Steering:
     def _hook(self, denoiser, args: tuple, kwargs: dict, output):
         if self.guidance.guidance == 0:
             return None
-        inputs = inspect.signature(denoiser.forward).bind(*args, **kwargs).arguments
+        inputs = self._signature.bind(*args, **kwargs).arguments
         sample = output[0] if isinstance(output, tuple) else output.sample
         shifted = self._shifted(sample, inputs[self._input], inputs["timestep"], inputs.get("img_ids"))
         if isinstance(output, tuple):
@@ -134,7 +135,7 @@ class Steering:
         """InputError for a call the hook cannot guide exactly: a scheduler swapped in that it cannot, guidance_rescale."""
         self._check_scheduler()
         rescale = getattr(self.pipe, "guidance_rescale", 0.0)
-        if rescale > 0 and getattr(self.pipe, "do_classifier_free_guidance", False):
+        if rescale > 0 and self._cfg:
             raise InputError("guidance_rescale", f"{rescale:g} rescales the classifier-free guidance output by its spread, "
                                                  "which no shift added to both halves survives; expected 0")
 
@@ -152,26 +153,30 @@ class Steering:
     def _cfg_halves(self, x_t: torch.Tensor) -> bool:
         """Whether the rows are classifier-free guidance's two halves (unconditional first) of one batch of images."""
         rows = len(x_t)
-        if not getattr(self.pipe, "do_classifier_free_guidance", False):
-            return False
-        return rows % 2 == 0 and torch.equal(x_t[: rows // 2], x_t[rows // 2:])
+        return self._cfg and rows % 2 == 0 and torch.equal(x_t[: rows // 2], x_t[rows // 2:])
+
+    @property
+    def _cfg(self) -> bool:
+        """Whether the pipeline's call runs classifier-free guidance in one batch of both halves."""
+        return getattr(self.pipe, "do_classifier_free_guidance", False)
 
     def _shift(self, output: torch.Tensor, x_t: torch.Tensor, halves: bool, position: int,
                level: torch.Tensor) -> torch.Tensor:
-        """The term's shift for each image of x_t (B, C, h, w); the one computed last where the step and x_t are its."""
+        """The term's shift for each image of x_t (B, C, h, w): the one computed last where the step and x_t are its and
+        the shift cannot depend on the output (grad_path "xt"), or the output is the same (the call repeated)."""
         last = self._last
-        again = last is not None and last.position == position and torch.equal(last.x_t, x_t)
-        combines = again or (getattr(self.pipe, "do_classifier_free_guidance", False) and not halves)
-        if self.guidance.grad_path == "x0" and combines:
+        same_step = last is not None and last.position == position and torch.equal(last.x_t, x_t)
+        if same_step and (self.guidance.grad_path == "xt" or torch.equal(last.output, output)):
+            return last.shift
+        if self.guidance.grad_path == "x0" and (same_step or (self._cfg and not halves)):
             raise InputError("grad_path", "'x0' needs the output this pipeline combines from several denoiser calls, which "
                                           "a hook on one call does not see; expected 'xt'")
-        if again:
-            return last.shift
+        combined = output
         if halves:  # grad_path x0 reads the combined output, as the pipeline forms it
             uncond, cond = output.chunk(2)
-            output = uncond + self.pipe.guidance_scale * (cond - uncond)
-        shift, _ = self.guidance.shift(output, x_t, level, self.prediction_type)
-        self._last = _Shifted(position, x_t.clone(), shift)
+            combined = uncond + self.pipe.guidance_scale * (cond - uncond)
+        shift, _ = self.guidance.shift(combined, x_t, level, self.prediction_type)
+        self._last = _Shifted(position, x_t.clone(), output.clone(), shift)
         return shift
 
 

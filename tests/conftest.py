@@ -163,6 +163,16 @@ def mean_prediction(pipe, predictor, steer, images: int, steps: int, prompt: str
         return predictor(latents).mean().item()
 
 
+def quiet_pipelines(models: dict[str, str]) -> dict:
+    """{name: the pipeline of each model, without progress bars}."""
+    from rcgdm.models import load_pipeline
+
+    pipes = {name: load_pipeline(model) for name, model in models.items()}
+    for pipe in pipes.values():
+        pipe.set_progress_bar_config(disable=True)
+    return pipes
+
+
 def stock_images(pipe, family: str, steps: int, cfg: float, distilled: float | None = None, prompt: str = "a dog",
                  size: int = 64) -> torch.Tensor:
     """The stock pipeline's images 0 and 1 (seed 0) of `prompt`, size x size pixels: FLUX's true CFG against the empty

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import error_line, levels_used, mean_prediction, read_rows, run_script, stock_images
+from conftest import error_line, levels_used, mean_prediction, quiet_pipelines, read_rows, run_script, stock_images
 from diffusers import FluxPipeline
 
 from rcgdm.cli import UserError
@@ -32,10 +32,7 @@ PROMPT, SIZE = "a dog", 64  # FLUX's default size is its pipeline's 1024 px: eve
 
 @pytest.fixture(scope="module")
 def pipes():
-    pipes = {family: load_pipeline(model) for family, model in MODELS.items()}
-    for pipe in pipes.values():
-        pipe.set_progress_bar_config(disable=True)
-    return pipes
+    return quiet_pipelines(MODELS)
 
 
 def predictor(family: str, dtype=torch.float32) -> ThreeLayerConvNet:

@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from conftest import stock_images
+from conftest import quiet_pipelines, stock_images
 from diffusers import (
     ControlNetModel,
     DDPMPipeline,
@@ -37,10 +37,7 @@ CFG_ROUNDING = 1e-4  # images in [0, 1]: the most the hook's shift added to both
 
 @pytest.fixture(scope="module")
 def pipes():
-    pipes = {family: load_pipeline(model) for family, model in MODELS.items()}
-    for pipe in pipes.values():
-        pipe.set_progress_bar_config(disable=True)
-    return pipes
+    return quiet_pipelines(MODELS)
 
 
 def trained(family: str, **meta) -> TrainedPredictor:
@@ -134,6 +131,8 @@ def test_the_pipeline_is_the_stock_one_after_the_context_and_after_an_exception_
         raise KeyboardInterrupt
     with pytest.raises(InputError), steer(pipe, predictor, 1.0, 50.0):  # refused inside the pipeline's own loop
         pipe(PROMPT, num_inference_steps=2, guidance_rescale=0.7)
+    with steer(pipe, trained("sd", noised=False), 1.0, 50.0, grad_path="x0"):  # a call repeated is not a second call
+        assert torch.equal(stock_images(pipe, "sd", 1, 1.0), stock_images(pipe, "sd", 1, 1.0))  # of one step
     plain = steer(pipe, predictor, 1.0, 50.0).attach()  # the same as a plain attach/detach pair
     plain.detach()
     plain.detach()
