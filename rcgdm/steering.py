@@ -211,7 +211,5 @@ def steer(pipe, predictor: TrainedPredictor | str | Path, target: float, guidanc
     check_steering(target, guidance, batch_mean)
     if not isinstance(predictor, TrainedPredictor):
         predictor = load_predictor(predictor)
-    config = denoiser.config
-    latent_channels = family.latent_channels(config.get("out_channels") or config["in_channels"])
-    check_predictor(predictor, {"family": family.name, "in_channels": latent_channels}, grad_path)
+    check_predictor(predictor, {"family": family.name, **family.latent_facts(dict(denoiser.config))}, grad_path)
     return Steering(pipe, family, predictor.steer(target, guidance, batch_mean, grad_path), predictor)

@@ -17,6 +17,7 @@ from diffusers import (
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionXLImg2ImgPipeline,
+    UNet2DConditionModel,
     UNet2DModel,
 )
 
@@ -92,6 +93,7 @@ def other_pipelines(pipes) -> dict:
     sd, sdxl = pipes["sd"], pipes["sdxl"]
     torch.manual_seed(0)
     controlnet = ControlNetModel.from_unet(sd.unet, conditioning_embedding_out_channels=(8, 8, 8, 8))
+    inpainting_unet = UNet2DConditionModel.from_config({**sd.unet.config, "in_channels": 9})  # latents, mask, image
     mask = torch.zeros(1, 1, SIZE, SIZE)
     mask[:, :, :, : SIZE // 2] = 1
     steps = {"num_inference_steps": 8, "height": SIZE, "width": SIZE}
@@ -99,6 +101,8 @@ def other_pipelines(pipes) -> dict:
         "img2img": (StableDiffusionImg2ImgPipeline(**sd.components),
                     {"image": picture(), "strength": 0.8, "num_inference_steps": 8}),
         "inpaint": (StableDiffusionInpaintPipeline(**sd.components), {"image": picture(), "mask_image": mask, **steps}),
+        "inpaint-9-channels": (StableDiffusionInpaintPipeline(**{**sd.components, "unet": inpainting_unet}),
+                               {"image": picture(), "mask_image": mask, **steps}),
         "controlnet": (StableDiffusionControlNetPipeline(**sd.components, controlnet=controlnet),
                        {"image": picture(), **steps}),
         "sdxl-img2img": (StableDiffusionXLImg2ImgPipeline(**sdxl.components),
@@ -106,7 +110,7 @@ def other_pipelines(pipes) -> dict:
     }
 
 
-@pytest.mark.parametrize("name", ["img2img", "inpaint", "controlnet", "sdxl-img2img"])
+@pytest.mark.parametrize("name", ["img2img", "inpaint", "inpaint-9-channels", "controlnet", "sdxl-img2img"])
 def test_steer_moves_other_pipelines_toward_targets_above_and_below(pipes, name):
     pipe, call = other_pipelines(pipes)[name]
     pipe.set_progress_bar_config(disable=True)

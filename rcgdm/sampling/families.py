@@ -72,9 +72,11 @@ class Family:
         return 2 if self.packed else denoiser_config.get("patch_size") or 1
 
     def latent_facts(self, denoiser_config: dict) -> dict:
-        """What the latents are, from the denoiser's config: "in_channels" (latent channels), "sample_size" (the
-        default latent size) and "patch_size" (`patch`)."""
-        return {"in_channels": self.latent_channels(denoiser_config["in_channels"]),
+        """What the latents are, from the denoiser's config: "in_channels" (latent channels: those the denoiser returns,
+        as many as it takes in text-to-image; an inpainting UNet takes mask channels too), "sample_size" (the default
+        latent size) and "patch_size" (`patch`)."""
+        returned = denoiser_config.get("out_channels") or denoiser_config["in_channels"]  # FLUX's may leave it unset
+        return {"in_channels": self.latent_channels(returned),
                 "sample_size": self.sample_size or denoiser_config["sample_size"], "patch_size": self.patch(denoiser_config)}
 
 
