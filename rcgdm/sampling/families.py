@@ -16,7 +16,9 @@
   `true_cfg_scale`, and costs a second transformer call per step.
 
 Each family keeps its own pipeline's defaults (classifier-free guidance scale, steps, scheduler) where SD 1.5's
-do not apply. Any other pipeline class is refused by name, with the reason where one is known.
+do not apply. Any other pipeline class is refused by name, with the reason where one is known. rcgdm.steer, inside any
+pipeline built on these denoisers (image-to-image, inpainting, ControlNet), tells the family by the denoiser instead
+(`family_of_denoiser`).
 """
 
 from __future__ import annotations
@@ -93,7 +95,8 @@ FAMILIES = {
 }
 _BY_PIPELINE = {family.pipeline: family for family in FAMILIES.values() if family.latents_of is None}
 REFUSED = {  # known families and why the term is not applied to them
-    "StableDiffusionXLImg2ImgPipeline": "an image-to-image pipeline (SDXL's refiner), not a text-to-image one",
+    "StableDiffusionXLImg2ImgPipeline": "an image-to-image pipeline (SDXL's refiner), not a text-to-image one (rcgdm.steer "
+                                        "guides it, inside the pipeline itself)",
 }
 
 
