@@ -72,8 +72,8 @@ class Steering:
         self._last: _Shifted | None = None
 
     def attach(self) -> Steering:
-        """Hook the term onto the denoiser; InputError if a steer is attached to it already or its scheduler is not one the
-        term is exact for."""
+        """Hook the term onto the denoiser (and move the predictor to the pipeline's device); InputError if a steer is
+        attached to it already or its scheduler is not one the term is exact for."""
         if self.denoiser in _STEERED:
             raise InputError("pipe", f"its {type(self.denoiser).__name__} is steered already; expected one steer at a time "
                                      "on a pipeline (leave the first context, or detach it, first)")

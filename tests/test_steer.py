@@ -130,6 +130,10 @@ def test_the_pipeline_is_the_stock_one_after_the_context_and_after_an_exception_
     before = stock_images(pipe, "sd", STEPS, 7.5)
     with steer(pipe, predictor, 1.0, 50.0):
         assert not torch.equal(stock_images(pipe, "sd", STEPS, 7.5), before)
+        x, t, text = torch.randn(1, 4, 8, 8), pipe.scheduler.timesteps[0], pipe.encode_prompt(PROMPT, "cpu", 1, False)[0]
+        as_output, as_tuple = pipe.unet(x, t, text), pipe.unet(x, t, text, return_dict=False)  # a user's own call
+        assert torch.equal(as_output.sample, as_tuple[0])
+        assert not torch.equal(as_output.sample, pipe.unet.forward(x, t, text).sample)  # forward itself runs no hook
     assert torch.equal(stock_images(pipe, "sd", STEPS, 7.5), before)
     with pytest.raises(KeyboardInterrupt), steer(pipe, predictor, 1.0, 50.0):
         raise KeyboardInterrupt
