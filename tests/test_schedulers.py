@@ -14,7 +14,7 @@ from rcgdm.models import load_pipeline
 from rcgdm.predictor import ThreeLayerConvNet
 from rcgdm.sampling.guidance import RewardGuidance
 from rcgdm.sampling.sampler import sample_latents
-from rcgdm.sampling.schedulers import SCHEDULERS, make_scheduler
+from rcgdm.sampling.schedulers import SCHEDULERS, make_scheduler, step_position
 from rcgdm.seeds import image_generators
 
 STEPS = 6
@@ -174,3 +174,14 @@ def test_pndm_from_another_schedulers_config_skips_the_runge_kutta_warm_up():
     kept = make_scheduler("pndm", diffusers.PNDMScheduler(skip_prk_steps=False).config)
     kept.set_timesteps(4)
     assert len(kept.timesteps) == 13
+
+
+def test_step_position_is_the_schedulers_own_lookup_and_none_where_it_holds_no_such_step():
+    euler, flow, ddim = (getattr(diffusers, name)() for name in ("EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler",
+                                                                 "DDIMScheduler"))
+    for scheduler in (euler, flow, ddim):
+        scheduler.set_timesteps(4)
+        assert step_position(scheduler, scheduler.timesteps[2]) == 2
+        assert step_position(scheduler, scheduler.timesteps[0] + 0.5) is None
+    flow.set_begin_index(1)  # an image-to-image pipeline's start
+    assert step_position(flow, flow.timesteps[3]) == 1

@@ -194,7 +194,10 @@ def step_position(scheduler, timestep: torch.Tensor) -> int | None:
         if position is not None:
             return position
     if hasattr(scheduler, "index_for_timestep"):
-        return scheduler.index_for_timestep(timestep)
+        try:
+            return scheduler.index_for_timestep(timestep)
+        except IndexError:  # diffusers' own lookup finds no entry (some schedulers return the last one instead)
+            return None
     matches = (scheduler.timesteps == timestep.to(scheduler.timesteps.device)).nonzero()  # alpha samplers: t names it
     return int(matches[0, 0]) if len(matches) else None
 
