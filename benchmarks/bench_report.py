@@ -74,8 +74,7 @@ def particle_lines(p: dict) -> list[str]:
         "One image from K particles (rcgdm/sampling/particles.py), its K denoised in one batch, against K images sampled "
         "plainly.",
         "",
-        "| measure | value | goal | met |",
-        "| --- | --- | --- | --- |",
+        *TABLE_HEAD,
         f"| K images, unguided (s) | {fmt(p['seconds']['unguided_k_images'])} | | |",
         f"| K images, guided (s) | {fmt(p['seconds']['guided_k_images'])} | | |",
         f"| one image from K particles (s) | {fmt(p['seconds']['one_image_k_particles'])} | | |",

@@ -205,7 +205,7 @@ def steer(pipe, predictor: TrainedPredictor | str | Path, target: float, guidanc
     family = None if denoiser is None else family_of_denoiser(denoiser)
     if family is None:
         found = "no unet or transformer" if denoiser is None else f"a {type(denoiser).__name__}"
-        supported = [f"{name} ({label})" for name, label in DENOISERS.items()]
+        supported = [f"{name} ({label})" for name, (label, _) in DENOISERS.items()]
         raise InputError("pipe", f"{type(pipe).__name__} has {found}; expected a pipeline whose denoiser is one of "
                                  + ", ".join(supported))
     check_steering(target, guidance, batch_mean)

@@ -88,6 +88,7 @@ def picture() -> torch.Tensor:
     return image
 
 
+@pytest.fixture(scope="module")
 def other_pipelines(pipes) -> dict:
     """Pipelines with no loop of rcgdm's, built on the tiny models' components, and a call of each."""
     sd, sdxl = pipes["sd"], pipes["sdxl"]
@@ -111,8 +112,8 @@ def other_pipelines(pipes) -> dict:
 
 
 @pytest.mark.parametrize("name", ["img2img", "inpaint", "inpaint-9-channels", "controlnet", "sdxl-img2img"])
-def test_steer_moves_other_pipelines_toward_targets_above_and_below(pipes, name):
-    pipe, call = other_pipelines(pipes)[name]
+def test_steer_moves_other_pipelines_toward_targets_above_and_below(other_pipelines, name):
+    pipe, call = other_pipelines[name]
     pipe.set_progress_bar_config(disable=True)
     predictor = trained("sdxl" if name.startswith("sdxl") else "sd")
     unguided = mean_predicted(pipe, predictor, call)

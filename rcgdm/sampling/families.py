@@ -115,18 +115,20 @@ def family_of_pipe(pipe) -> Family:
     return family_of(family.pipeline, dict(getattr(pipe, family.denoiser).config))
 
 
-DENOISERS = {"UNet2DConditionModel": "SD or SDXL", "SD3Transformer2DModel": "SD3", "FluxTransformer2DModel": "FLUX"}
+DENOISERS = {  # a denoiser class -> (the families it serves, the text-to-image pipeline of its family)
+    "UNet2DConditionModel": ("SD or SDXL", "StableDiffusionPipeline"),
+    "SD3Transformer2DModel": ("SD3", "StableDiffusion3Pipeline"),
+    "FluxTransformer2DModel": ("FLUX", "FluxPipeline"),
+}
 
 
 def family_of_denoiser(denoiser) -> Family | None:
     """The family of a pipeline's denoiser module (any pipeline built on it: image-to-image, inpainting, ControlNet), or
     None: SDXL's UNet takes the text and time ids (`addition_embed_type` "text_time"), SD's does not."""
     config = dict(denoiser.config)
-    name = type(denoiser).__name__
-    if name == "UNet2DConditionModel":
-        pipeline = "StableDiffusionXLPipeline" if config.get("addition_embed_type") == "text_time" else "StableDiffusionPipeline"
-    else:
-        pipeline = {"SD3Transformer2DModel": "StableDiffusion3Pipeline", "FluxTransformer2DModel": "FluxPipeline"}.get(name)
+    pipeline = DENOISERS.get(type(denoiser).__name__, (None, None))[1]
+    if pipeline == "StableDiffusionPipeline" and config.get("addition_embed_type") == "text_time":
+        pipeline = "StableDiffusionXLPipeline"
     return family_of(pipeline, config)
 
 
